@@ -1,0 +1,39 @@
+"""`epkit eplb` sub-commands through epkit's dispatcher, and node locality on a hand-made case."""
+
+import numpy as np
+
+from epkit.cli import main as epkit_main
+from epkit.eplb import Placement, node_locality
+
+
+def test_redundant_lists_valid_values(capsys):
+    assert epkit_main(["eplb", "redundant", "--model", "deepseek-ai/DeepSeek-V3-0324", "--ep", "24"]) == 0
+    assert "8, 32, 56, 80" in capsys.readouterr().out
+
+
+def test_simulate_and_compare_run(capsys, tmp_path):
+    csv = tmp_path / "sim.csv"
+    rc = epkit_main(["eplb", "simulate", "--ep", "8", "--nodes", "2", "--groups", "4", "--layers", "2", "--experts", "32",
+                     "--steps", "30", "--tokens", "256", "--eplb-config", '{"num_redundant_experts":8,"step_interval":20}',
+                     "--csv", str(csv)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "rearrangements=2" in out and csv.exists()
+    assert epkit_main(["eplb", "compare", "--reference", "--policies", "default,balanced"]) == 0
+    assert "dsv3_like_ep16_2nodes_r16" in capsys.readouterr().out
+
+
+def test_bad_settings_exit_2_with_message(capsys):
+    rc = epkit_main(["eplb", "simulate", "--ep", "8", "--layers", "1", "--experts", "30", "--steps", "2",
+                     "--eplb-config", '{"num_redundant_experts":1}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "num_redundant_experts=1" in err and "2, 10, 18" in err
+
+
+def test_node_locality_counts_remote_copies_and_nodes():
+    # 2 nodes × 1 rank × 2 slots: experts 0,1 on node 0; 2,3 on node 1
+    p = Placement.from_phy2log([[0, 1, 2, 3]])
+    routing = np.array([[[0, 1]], [[0, 2]]])  # token 0 on node 0, token 1 on node 1
+    loc = node_locality(p, routing, num_ranks=2, num_nodes=2)
+    assert loc["remote_copy_fraction"] == 0.25  # only token 1 → expert 0 leaves its node
+    assert loc["remote_nodes_per_token"] == 0.5
+    assert loc["nodes_per_token"] == 1.5

@@ -1,0 +1,77 @@
+"""The simulator's schedule, window and accounting, on small hand-made traces."""
+
+import numpy as np
+import pytest
+
+from epkit.eplb import Placement, rebalance, simulate, synthetic_trace
+from epkit.eplb.simulate import schedule
+from epkit.errors import TopologyError
+from epkit.topology import EPLBConfig
+
+
+def test_schedule_first_rearrangement_is_early_like_vllm():
+    rearranged, _ = schedule(10_000, 3000)
+    # counter starts at 3000 - 750: the first rearrangement follows step index 749, then every 3000
+    assert np.nonzero(rearranged)[0].tolist() == [749, 3749, 6749, 9749]
+    assert np.nonzero(schedule(10, 2)[0])[0].tolist() == [0, 2, 4, 6, 8]
+    assert np.nonzero(schedule(10, 8)[0])[0].tolist() == [1, 9]
+    _, logged = schedule(8, 8, log_interval=3)  # counter 6,7,0,1,2,3,4,5
+    assert logged.tolist() == [True, False, True, False, False, True, False, False]
+
+
+def test_rearrangement_uses_only_the_window():
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 100, size=(40, 2, 16)).astype(float)
+    load[:30, :, 0] += 10_000  # expert 0 hot long ago, outside the window
+    cfg = EPLBConfig(window_size=5, step_interval=40, num_redundant_experts=4)  # rearranges after step 9 and 49
+    df = simulate(load, cfg, num_ranks=4)
+    assert df.rearranged.sum() == 1 and df.step[df.rearranged].item() == 9
+    want = rebalance(load[5:10].sum(0), 20, 1, 1, 4)
+    np.testing.assert_array_equal(df.attrs["final_placement"].rank_loads(load[5:10].sum(0), 4),
+                                  want.rank_loads(load[5:10].sum(0), 4))
+
+
+def test_balancedness_rises_after_first_rearrangement_and_bytes_are_counted():
+    trace = synthetic_trace(60, 4, 64, tokens_per_step=2048, top_k=4, skew="zipf", skew_param=1.2, seed=1)
+    cfg = EPLBConfig(window_size=10, step_interval=40, num_redundant_experts=8, log_balancedness=True)
+    df = simulate(trace, cfg, "default", num_ranks=8, num_nodes=2, num_groups=4, bytes_per_expert=1000.0)
+    first = df.index[df.rearranged][0]
+    assert first == 9
+    assert df.balancedness[first + 1:].mean() > df.balancedness[: first + 1].mean() + 0.2
+    assert df.experts_moved[first] > 0 and df.bytes_moved[first] == df.experts_moved[first] * 1000.0
+    assert (df.experts_moved[~df.rearranged] == 0).all() and df.logged.all()
+    np.testing.assert_allclose(df.mean_rank_load, trace.load.sum(-1).sum(-1) / 8)
+    assert list(df.columns) == ["step", "balancedness", "mean_rank_load", "max_rank_load", "logged", "rearranged",
+                                "experts_moved", "bytes_moved", "rebalance_ms"]
+
+
+def test_sticky_moves_less_than_default_over_a_drifting_trace():
+    trace = synthetic_trace(200, 6, 64, tokens_per_step=2048, top_k=4, drift_every=50, drift_fraction=0.1, seed=2)
+    cfg = {"window_size": 20, "step_interval": 40, "num_redundant_experts": 16}
+    base = simulate(trace, cfg, "default", num_ranks=16, num_nodes=2, num_groups=4)
+    sticky = simulate(trace, cfg, "sticky", num_ranks=16, num_nodes=2, num_groups=4)
+    later = base.rearranged & (base.index > 20)  # after the first (from-scratch) rearrangement
+    assert sticky.experts_moved[later].sum() * 3 < base.experts_moved[later].sum()
+    assert sticky.balancedness[20:].mean() > base.balancedness[20:].mean() - 0.03
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"num_redundant_experts": 3}, r"num_redundant_experts=3.*67 physical experts.*EP size 8.*valid num_redundant_experts.*: 0, 8, 16"),
+    ({"window_size": 0}, r"window_size=0 must be >= 1"),
+    ({"step_interval": -5}, r"step_interval=-5 must be >= 1"),
+    ({"windowsize": 10}, r"unknown key\(s\) windowsize; valid keys: window_size"),
+])
+def test_invalid_settings_fail_with_clear_errors(config, match):
+    with pytest.raises(TopologyError, match=match):
+        simulate(np.ones((3, 1, 64)), config, num_ranks=8)
+
+
+def test_unknown_policy_lists_allowed():
+    with pytest.raises(TopologyError, match="allowed: default, global, refined, balanced, sticky"):
+        simulate(np.ones((3, 1, 64)), None, "fastest", num_ranks=8)
+
+
+def test_initial_placement_is_vllms_linear_one():
+    p = Placement.linear(1, 4, 6)
+    assert p.phy2log.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert p.log2phy[0, 0].tolist() == [0, 4] and p.log2phy[0, 3].tolist() == [3, -1]
