@@ -1,0 +1,383 @@
+"""Topology and EPLBConfig: one typed, self-checking description of an EP deployment.
+
+Fields follow vLLM's meaning (``tp`` is ``--tensor-parallel-size``, ``dp`` is
+``--data-parallel-size`` …). Every check runs in ``__post_init__`` and raises
+:class:`~epkit.errors.TopologyError` naming the field, the value and what is
+allowed, so a bad topology never renders a command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+from typing import Any, Mapping
+
+from epkit import vllm_versions
+from epkit.errors import TopologyError
+from epkit.models import ModelSpec
+
+ENGINES = ("vllm", "epkit")
+EPLB_POLICIES = ("default",)
+EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]+$")
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TopologyError(f"{owner}.{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise TopologyError(f"{owner}.{name}={value!r} must be {bound}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TopologyError(f"{owner}.{name}={value!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class EPLBConfig:
+    """vLLM's ``--eplb-config``. ``None`` means "vLLM's default" and is not rendered,
+    so a config renders exactly the keys its author set (as in the seed's examples)."""
+
+    window_size: int | None = None
+    step_interval: int | None = None
+    num_redundant_experts: int | None = None
+    log_balancedness: bool | None = None
+    log_balancedness_interval: int | None = None
+    use_async: bool | None = None
+    policy: str | None = None
+    communicator: str | None = None
+    enable_migration_batching: bool | None = None
+
+    # The defaults of epkit's default target release (epkit.vllm_versions has every release's).
+    DEFAULTS = dict(vllm_versions.release(vllm_versions.DEFAULT_VLLM_VERSION).eplb_keys)
+
+    def __post_init__(self) -> None:
+        owner = "eplb_config"
+        for name in ("window_size", "step_interval", "log_balancedness_interval"):
+            if getattr(self, name) is not None:
+                _check_int(owner, name, getattr(self, name), 1)
+        if self.num_redundant_experts is not None:
+            _check_int(owner, "num_redundant_experts", self.num_redundant_experts, 0)
+        for name in ("log_balancedness", "use_async", "enable_migration_batching"):
+            if getattr(self, name) is not None:
+                _check_bool(owner, name, getattr(self, name))
+        if self.policy is not None and self.policy not in EPLB_POLICIES:
+            raise TopologyError(f"{owner}.policy={self.policy!r} is not a vLLM EPLB policy; allowed: {', '.join(EPLB_POLICIES)}")
+        if self.communicator is not None and self.communicator not in EPLB_COMMUNICATORS:
+            raise TopologyError(
+                f"{owner}.communicator={self.communicator!r}; allowed: {', '.join(EPLB_COMMUNICATORS)}"
+            )
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "EPLBConfig":
+        """Build from a mapping with vLLM's keys; unknown keys list every valid one."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.keys()))
+        if unknown:
+            raise TopologyError(
+                f"eplb_config has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EPLBConfig":
+        """Parse the ``--eplb-config '{…}'`` JSON string."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TopologyError(f"eplb_config={text!r} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(data, dict):
+            raise TopologyError(f"eplb_config={text!r} must be a JSON object like '{{\"window_size\": 1000}}'")
+        return cls.from_dict(data)
+
+    def explicit(self) -> dict[str, Any]:
+        """The keys set by the user, in vLLM's documented order."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def resolved(self, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every key with the user's value or the (given release's) default."""
+        base = dict(self.DEFAULTS if defaults is None else defaults)
+        base.update(self.explicit())
+        return base
+
+    @property
+    def redundant(self) -> int:
+        return self.num_redundant_experts or 0
+
+    def to_json(self) -> str:
+        return json.dumps(self.explicit(), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One deployment: model, parallel sizes, backend, EPLB, placement over nodes."""
+
+    model: str
+    tp: int = 1
+    dp: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 8
+    dp_local: int | None = None
+    enable_expert_parallel: bool = False
+    all2all_backend: str | None = None
+    eplb: EPLBConfig | None = None
+    eplb_flag_style: str = "json"  # "json" -> --eplb-config '{…}'; "dotted" -> --eplb-config.key value
+    api_server_count: int | None = None
+    data_parallel_address: str | None = None
+    data_parallel_rpc_port: int | None = None
+    gloo_socket_ifname: str | None = None
+    nccl_socket_ifname: str | None = None
+    engine: str = "vllm"
+    vllm_version: str = vllm_versions.DEFAULT_VLLM_VERSION
+    allow_replaced_backend: bool = False
+    model_config: str | None = None  # path to config.json when `model` is not bundled
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        owner = "topology"
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise TopologyError(f"{owner}.model={self.model!r} must be a model name or path")
+        if self.engine not in ENGINES:
+            raise TopologyError(f"{owner}.engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
+        for name in ("tp", "dp", "nodes", "gpus_per_node"):
+            _check_int(owner, name, getattr(self, name), 1)
+        _check_bool(owner, "enable_expert_parallel", self.enable_expert_parallel)
+        _check_bool(owner, "allow_replaced_backend", self.allow_replaced_backend)
+        if self.dp_local is not None:
+            _check_int(owner, "dp_local", self.dp_local, 1)
+            if self.dp_local * self.nodes != self.dp:
+                raise TopologyError(
+                    f"{owner}.dp_local={self.dp_local} × nodes={self.nodes} = {self.dp_local * self.nodes} "
+                    f"must equal dp={self.dp}"
+                )
+        elif self.dp % self.nodes:
+            raise TopologyError(
+                f"{owner}.dp={self.dp} is not divisible by nodes={self.nodes}; every node runs the same number "
+                f"of DP ranks (dp must be a multiple of {self.nodes})"
+            )
+        if self.gpus_on_node > self.gpus_per_node:
+            raise TopologyError(
+                f"{owner}: tp={self.tp} × dp_local={self.dp_per_node} = {self.gpus_on_node} GPUs per node "
+                f"exceeds gpus_per_node={self.gpus_per_node}"
+            )
+        if self.eplb_flag_style not in ("json", "dotted"):
+            raise TopologyError(f"{owner}.eplb_flag_style={self.eplb_flag_style!r}; allowed: json, dotted")
+        if self.api_server_count is not None:
+            _check_int(owner, "api_server_count", self.api_server_count, 1)
+        if self.data_parallel_rpc_port is not None:
+            _check_int(owner, "data_parallel_rpc_port", self.data_parallel_rpc_port, 1, 65535)
+        if self.data_parallel_address is not None and (
+            not isinstance(self.data_parallel_address, str) or not self.data_parallel_address.strip()
+            or any(c.isspace() for c in self.data_parallel_address)
+        ):
+            raise TopologyError(
+                f"{owner}.data_parallel_address={self.data_parallel_address!r} must be a host name or IP address"
+            )
+        for name in ("gloo_socket_ifname", "nccl_socket_ifname"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _IFNAME.match(value)):
+                raise TopologyError(f"{owner}.{name}={value!r} must be a network interface name such as eth0")
+        if not all(isinstance(a, str) for a in self.extra_args):
+            raise TopologyError(f"{owner}.extra_args={list(self.extra_args)!r} must be a list of strings")
+        self._check_backend(owner)
+        self._check_experts(owner)
+
+    # ---- validation pieces ------------------------------------------------------
+    def _check_backend(self, owner: str) -> None:
+        release = vllm_versions.release(self.vllm_version)  # raises on an unknown version
+        if self.all2all_backend is None:
+            return
+        if self.engine == "vllm":
+            vllm_versions.check_backend(release.version, self.all2all_backend, self.allow_replaced_backend)
+        elif self.all2all_backend not in vllm_versions.all_backends() | {"all2all"}:
+            raise TopologyError(
+                f"{owner}.all2all_backend={self.all2all_backend!r} is not a known backend; allowed: "
+                f"{', '.join(sorted(vllm_versions.all_backends() | {'all2all'}))}"
+            )
+
+    def _check_experts(self, owner: str) -> None:
+        spec = self.spec
+        if self.eplb is not None:
+            if not isinstance(self.eplb, EPLBConfig):
+                raise TopologyError(f"{owner}.eplb={self.eplb!r} must be an EPLBConfig")
+            if not self.enable_expert_parallel:
+                raise TopologyError(
+                    f"{owner}.eplb is set but enable_expert_parallel=False; EPLB moves experts between EP ranks, "
+                    "so it needs enable_expert_parallel: true"
+                )
+            if self.tp * self.dp <= 1:
+                raise TopologyError(
+                    f"{owner}.eplb is set but ep_size=1 (tp={self.tp}, dp={self.dp}); EPLB needs tp × dp > 1"
+                )
+            release = vllm_versions.release(self.vllm_version)
+            if self.engine == "vllm":
+                missing = sorted(set(self.eplb.explicit()) - set(release.eplb_keys))
+                if missing:
+                    raise TopologyError(
+                        f"eplb_config.{missing[0]} is not an EPLB key of vLLM {release.version} "
+                        f"(vllm_version={self.vllm_version!r}); its keys: {', '.join(release.eplb_keys)}"
+                    )
+            resolved = self.eplb.resolved(release.eplb_keys)
+            if resolved.get("use_async") and resolved.get("communicator") in ("torch_nccl", "pynccl"):
+                raise TopologyError(
+                    f"eplb_config.communicator={resolved['communicator']!r} cannot be used with use_async=true "
+                    "(NCCL multi-stream conflicts in vLLM); use torch_gloo or nixl, or set use_async: false"
+                )
+            if resolved.get("use_async") and resolved.get("policy", "default") != "default":
+                raise TopologyError(
+                    f"eplb_config.policy={resolved['policy']!r} cannot be used with use_async=true; vLLM's async "
+                    "EPLB supports only the default policy"
+                )
+        if self.enable_expert_parallel and self.ep_size > 1:
+            physical = self.num_physical_experts
+            if physical % self.ep_size:
+                hint = ""
+                if self.redundant_experts:
+                    hint = f"; valid num_redundant_experts for EP={self.ep_size}: {', '.join(map(str, valid_redundant_experts(spec.num_experts, self.ep_size, limit=5)))} …"
+                raise TopologyError(
+                    f"{owner}: {spec.num_experts} routed experts + num_redundant_experts={self.redundant_experts} "
+                    f"= {physical} physical experts is not divisible by ep_size={self.ep_size} (tp × dp){hint}"
+                )
+        if self.redundant_experts and self.redundant_experts > spec.num_experts * self.ep_size:
+            raise TopologyError(
+                f"eplb_config.num_redundant_experts={self.redundant_experts} is more than the model's "
+                f"{spec.num_experts} experts can use on ep_size={self.ep_size}"
+            )
+
+    # ---- derived sizes ----------------------------------------------------------
+    @cached_property
+    def spec(self) -> ModelSpec:
+        """The model's sizes (from ``model_config`` when given, else the bundled ``model``)."""
+        return ModelSpec.load(self.model_config or self.model, name=self.model)
+
+    @property
+    def dp_per_node(self) -> int:
+        return self.dp_local if self.dp_local is not None else self.dp // self.nodes
+
+    @property
+    def gpus_on_node(self) -> int:
+        return self.tp * self.dp_per_node
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in the whole deployment."""
+        return self.tp * self.dp
+
+    @property
+    def ep_size(self) -> int:
+        """``EP_SIZE = TP_SIZE × DP_SIZE`` with expert parallelism on, else 1 (experts TP-sharded)."""
+        return self.tp * self.dp if self.enable_expert_parallel else 1
+
+    @property
+    def redundant_experts(self) -> int:
+        return self.eplb.redundant if self.eplb is not None else 0
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.spec.num_experts + self.redundant_experts
+
+    @property
+    def experts_per_rank(self) -> float:
+        """``(NUM_TOTAL_EXPERTS + NUM_REDUNDANT_EXPERTS) ÷ NUM_EP_RANKS`` per MoE layer."""
+        return self.num_physical_experts / self.ep_size
+
+    def node_start_rank(self, node: int) -> int:
+        """``--data-parallel-start-rank`` of a node: the local DP sizes of the nodes before it."""
+        if not 0 <= node < self.nodes:
+            raise TopologyError(f"node={node} must be in [0, {self.nodes - 1}]")
+        return node * self.dp_per_node
+
+    @property
+    def expert_bytes_per_rank(self) -> float:
+        """The seed's formula: ``NUM_MOE_LAYERS × BYTES_PER_EXPERT × (E + R) ÷ EP`` (all routed experts a rank holds)."""
+        spec = self.spec
+        if not self.enable_expert_parallel:
+            return spec.num_moe_layers * spec.bytes_per_expert * spec.num_experts / self.tp
+        return spec.num_moe_layers * spec.bytes_per_expert * self.experts_per_rank
+
+    @property
+    def eplb_overhead_bytes_per_rank(self) -> float:
+        """The redundant experts' share: ``NUM_MOE_LAYERS × BYTES_PER_EXPERT × R ÷ EP``."""
+        spec = self.spec
+        return spec.num_moe_layers * spec.bytes_per_expert * self.redundant_experts / self.ep_size
+
+    def warnings(self) -> list[str]:
+        """Things that are legal but probably not what the author meant."""
+        notes: list[str] = []
+        if self.all2all_backend and not self.enable_expert_parallel:
+            notes.append(
+                f"all2all_backend={self.all2all_backend!r} has no effect without enable_expert_parallel"
+            )
+        if self.engine == "vllm" and self.all2all_backend and self.enable_expert_parallel:
+            notes += vllm_versions.check_backend(self.vllm_version, self.all2all_backend, self.allow_replaced_backend)
+        if self.nodes > 1 and self.all2all_backend in ("pplx", "naive"):
+            notes.append(f"all2all_backend={self.all2all_backend!r} is meant for single-node deployments (seed)")
+        if self.nodes > 1 and not self.gloo_socket_ifname:
+            notes.append("multi-node on InfiniBand clusters: set gloo_socket_ifname (e.g. eth0) to avoid start-up hangs")
+        if self.api_server_count and self.api_server_count > self.dp:
+            notes.append(f"api_server_count={self.api_server_count} exceeds dp={self.dp}")
+        return notes
+
+    # ---- (de)serialisation --------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Topology":
+        """Build from YAML/JSON data; ``eplb`` may be a mapping or a JSON string (``--eplb-config``)."""
+        if not isinstance(data, Mapping):
+            raise TopologyError(f"a topology must be a mapping of fields, got {type(data).__name__}")
+        data = dict(data)
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise TopologyError(
+                f"topology has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
+            )
+        eplb = data.get("eplb")
+        if isinstance(eplb, str):
+            data["eplb"] = EPLBConfig.from_json(eplb)
+        elif isinstance(eplb, Mapping):
+            data["eplb"] = EPLBConfig.from_dict(eplb)
+        elif eplb is not None and not isinstance(eplb, EPLBConfig):
+            raise TopologyError(f"topology.eplb={eplb!r} must be a mapping of EPLB keys or a JSON string")
+        if "extra_args" in data:
+            extra = data["extra_args"]
+            if isinstance(extra, str) or not isinstance(extra, (list, tuple)):
+                raise TopologyError(f"topology.extra_args={extra!r} must be a list of strings")
+            data["extra_args"] = tuple(extra)
+        if "env" in data:
+            env = data["env"]
+            if not isinstance(env, Mapping) or not all(isinstance(k, str) for k in env):
+                raise TopologyError(f"topology.env={env!r} must be a mapping of variable names to values")
+            data["env"] = {k: str(v) for k, v in env.items()}
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "eplb":
+                value = value.explicit() if value is not None else None
+            elif f.name == "extra_args":
+                value = list(value)
+            elif f.name == "env":
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+def valid_redundant_experts(num_experts: int, ep_size: int, limit: int = 8) -> list[int]:
+    """The first ``limit`` values of ``num_redundant_experts`` that make ``E + R`` divisible by ``ep_size``."""
+    _check_int("valid_redundant_experts", "ep_size", ep_size, 1)
+    first = (-num_experts) % ep_size
+    return [first + i * ep_size for i in range(limit)]

@@ -1,0 +1,99 @@
+"""Check rendered commands with vLLM's own argument parser, in a separate environment.
+
+vLLM is far too heavy for epkit's own environment, so :data:`PARSER_SCRIPT` runs under
+the Python of a venv that has it (``scripts/vllm_venv.sh`` makes one). Each rendered
+argv is parsed there and compared with what the topology meant.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+from epkit.errors import TopologyError
+from epkit.render import NodeLaunch
+from epkit.topology import Topology
+
+PARSER_SCRIPT = Path(__file__).with_name("vllm_parse.py")
+
+
+def parse_with_vllm(argvs: Sequence[Sequence[str]], python: str | Path, timeout_s: float = 300) -> dict[str, Any]:
+    """Parse ``vllm serve`` argv lists with the vLLM installed for ``python``."""
+    python = Path(python)
+    if not python.exists():
+        raise TopologyError(
+            f"vllm python {str(python)!r} does not exist; create it with `bash scripts/vllm_venv.sh`"
+        )
+    proc = subprocess.run(
+        [str(python), str(PARSER_SCRIPT)],
+        input=json.dumps([list(a) for a in argvs]),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise TopologyError(f"vLLM's parser could not run under {python}: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def expected_values(topology: Topology, launch: NodeLaunch, address: str | None = None) -> dict[str, Any]:
+    """What vLLM should read from ``launch``'s argv for this topology."""
+    argv = launch.argv
+    headless = launch.role == "headless"
+    address = address or topology.data_parallel_address
+    expected: dict[str, Any] = {
+        "model": topology.model,
+        "tensor_parallel_size": topology.tp,
+        "data_parallel_size": topology.dp,
+        "data_parallel_size_local": topology.dp_per_node if (topology.nodes > 1 or topology.dp_local) else None,
+        "data_parallel_start_rank": topology.node_start_rank(launch.node_index) if headless else None,
+        "data_parallel_address": address,
+        "data_parallel_rpc_port": topology.data_parallel_rpc_port,
+        "enable_expert_parallel": topology.enable_expert_parallel,
+        "all2all_backend": topology.all2all_backend or "allgather_reducescatter",
+        "headless": headless,
+        "api_server_count": None if headless else topology.api_server_count,
+        "enable_eplb": topology.eplb is not None,
+    }
+    assert argv[2] == topology.model
+    return expected
+
+
+def compare(topology: Topology, launches: Sequence[NodeLaunch], results: Sequence[dict], version: str) -> list[str]:
+    """Disagreements between vLLM's parse ``results`` of ``launches`` and what the topology means."""
+    problems = []
+    for launch, result in zip(launches, results):
+        where = f"node {launch.node_index} ({launch.role})"
+        if not result["ok"]:
+            problems.append(f"{where}: vLLM {version} rejects the command: {result['error']}")
+            continue
+        got = result["values"]
+        for key, want in expected_values(topology, launch).items():
+            if got.get(key) != want:
+                problems.append(f"{where}: {key} parsed as {got.get(key)!r}, topology means {want!r}")
+        if topology.eplb is not None:
+            for key, want in topology.eplb.explicit().items():
+                have = (got.get("eplb_config") or {}).get(key)
+                if have != want:
+                    problems.append(f"{where}: eplb_config.{key} parsed as {have!r}, topology means {want!r}")
+    return problems
+
+
+def check_many(
+    items: Sequence[tuple[Topology, Sequence[NodeLaunch]]], python: str | Path
+) -> tuple[str, list[list[str]]]:
+    """Check several rendered topologies in one parser run; returns (vLLM version, problems per item)."""
+    argvs = [launch.argv for _, launches in items for launch in launches]
+    parsed = parse_with_vllm(argvs, python)
+    results, out, i = parsed["results"], [], 0
+    for topology, launches in items:
+        out.append(compare(topology, launches, results[i : i + len(launches)], parsed["vllm_version"]))
+        i += len(launches)
+    return parsed["vllm_version"], out
+
+
+def check_launches(topology: Topology, launches: Sequence[NodeLaunch], python: str | Path) -> list[str]:
+    """One line per disagreement between vLLM's reading and the topology (empty: all agree)."""
+    return check_many([(topology, launches)], python)[1][0]

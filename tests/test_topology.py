@@ -1,0 +1,147 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from epkit.errors import TopologyError
+from epkit.render import render
+from epkit.spec import PlanSpec
+from epkit.topology import EPLBConfig, Topology, valid_redundant_experts
+
+DS = "deepseek-ai/DeepSeek-V3-0324"
+QWEN = "Qwen/Qwen3-30B-A3B"
+BASE = dict(model=DS, tp=1, dp=8, enable_expert_parallel=True)
+TWO_NODE = dict(BASE, dp=16, nodes=2, data_parallel_address="10.0.0.1")
+
+# (name, spec dict, the field the message must name, another piece the message must contain)
+INVALID = [
+    ("dp_not_divisible_by_nodes", dict(BASE, dp=12, nodes=8, data_parallel_address="a"), "dp=12", "nodes=8"),
+    ("dp_local_times_nodes", dict(TWO_NODE, dp_local=4), "dp_local=4", "dp=16"),
+    ("gpus_per_node_exceeded", dict(BASE, tp=2, dp=8), "gpus_per_node=8", "16 GPUs"),
+    ("gpus_per_node_exceeded_dp_local", dict(TWO_NODE, gpus_per_node=4), "gpus_per_node=4", "8 GPUs"),
+    ("ep_not_dividing_experts", dict(BASE, model="mistralai/Mixtral-8x7B-v0.1", dp=6, gpus_per_node=8), "ep_size=6", "8 physical"),
+    ("ep_not_dividing_physical", dict(BASE, eplb={"num_redundant_experts": 2}), "num_redundant_experts=2", "0, 8, 16"),
+    ("redundant_without_eplb_is_eplb_without_ep", dict(model=DS, dp=8, eplb={"num_redundant_experts": 8}), "enable_expert_parallel", "EPLB"),
+    ("eplb_without_ep", dict(model=QWEN, dp=2, eplb={}), "enable_expert_parallel=False", "eplb"),
+    ("eplb_with_ep_size_one", dict(model=QWEN, enable_expert_parallel=True, eplb={}), "ep_size=1", "tp × dp > 1"),
+    ("unknown_backend", dict(BASE, all2all_backend="nccl_magic"), "all2all_backend", "'nccl_magic'"),
+    ("replaced_backend_for_version", dict(BASE, all2all_backend="pplx", vllm_version="0.32.0"), "all2all_backend", "allow_replaced_backend"),
+    ("naive_replaced", dict(BASE, all2all_backend="naive", vllm_version="0.26.0"), "all2all_backend", "'naive' but silently falls back to 'allgather_reducescatter'"),
+    ("unknown_vllm_version", dict(BASE, vllm_version="0.0.1"), "vllm_version", "'0.0.1'"),
+    ("malformed_eplb_json", dict(BASE, eplb='{"window_size": 10,'), "eplb_config=", "not valid JSON"),
+    ("eplb_json_not_object", dict(BASE, eplb="[1, 2]"), "eplb_config=", "JSON object"),
+    ("eplb_unknown_key", dict(BASE, eplb={"window": 10}), "window", "valid keys: window_size"),
+    ("eplb_window_zero", dict(BASE, eplb={"window_size": 0}), "eplb_config.window_size=0", ">= 1"),
+    ("eplb_interval_negative", dict(BASE, eplb={"step_interval": -5}), "eplb_config.step_interval=-5", ">= 1"),
+    ("eplb_redundant_negative", dict(BASE, eplb={"num_redundant_experts": -8}), "num_redundant_experts=-8", ">= 0"),
+    ("eplb_log_balancedness_not_bool", dict(BASE, eplb={"log_balancedness": "yes"}), "log_balancedness='yes'", "true or false"),
+    ("eplb_interval_not_int", dict(BASE, eplb={"log_balancedness_interval": 1.5}), "log_balancedness_interval=1.5", "integer"),
+    ("eplb_unknown_policy", dict(BASE, eplb={"policy": "magic"}), "policy='magic'", "default"),
+    ("eplb_unknown_communicator", dict(BASE, eplb={"communicator": "carrier_pigeon"}), "communicator='carrier_pigeon'", "torch_gloo"),
+    ("eplb_async_with_nccl", dict(BASE, eplb={"use_async": True, "communicator": "pynccl"}), "communicator='pynccl'", "use_async"),
+    ("eplb_key_unknown_to_release", dict(BASE, vllm_version="0.16.0", eplb={"communicator": "torch_gloo"}), "eplb_config.communicator", "0.16.0"),
+    ("tp_zero", dict(BASE, tp=0), "tp=0", ">= 1"),
+    ("dp_string", dict(BASE, dp="8"), "dp='8'", "integer"),
+    ("nodes_negative", dict(BASE, nodes=-1), "nodes=-1", ">= 1"),
+    ("api_server_count_zero", dict(BASE, api_server_count=0), "api_server_count=0", ">= 1"),
+    ("rpc_port_out_of_range", dict(BASE, data_parallel_rpc_port=70000), "data_parallel_rpc_port=70000", "65535"),
+    ("address_with_space", dict(BASE, data_parallel_address="10.0.0.1 --headless"), "data_parallel_address=", "host name"),
+    ("bad_ifname", dict(BASE, gloo_socket_ifname="eth0; rm -rf /"), "gloo_socket_ifname=", "interface"),
+    ("unknown_engine", dict(BASE, engine="sglang"), "engine='sglang'", "vllm, epkit"),
+    ("unknown_model", dict(BASE, model="acme/Nope-1T"), "model='acme/Nope-1T'", "model_config"),
+    ("unknown_topology_key", dict(BASE, tensor_parallel=2), "tensor_parallel", "valid keys"),
+    ("enable_ep_not_bool", dict(BASE, enable_expert_parallel="yes"), "enable_expert_parallel='yes'", "true or false"),
+    ("extra_args_string", dict(BASE, extra_args="--foo"), "extra_args", "list of strings"),
+    ("eplb_flag_style", dict(BASE, eplb_flag_style="yaml"), "eplb_flag_style='yaml'", "json, dotted"),
+    ("eplb_not_mapping", dict(BASE, eplb=5), "eplb=5", "mapping"),
+    ("backend_not_in_old_release", dict(BASE, all2all_backend="deepep_v2", vllm_version="0.16.0"), "all2all_backend", "does not accept 'deepep_v2'"),
+]
+
+# Valid topologies that must still be refused at render time.
+INVALID_AT_RENDER = [
+    ("multinode_without_address", dict(BASE, dp=16, nodes=2), "data_parallel_address", "nodes=2"),
+    ("extra_args_override_owned_flag", dict(BASE, extra_args=["--data-parallel-size", "4"]), "extra_args", "dp"),
+    ("extra_args_override_eplb", dict(BASE, extra_args=["--eplb-config.window_size=5"]), "extra_args", "eplb"),
+]
+
+
+def test_at_least_thirty_invalid_cases():
+    assert len(INVALID) + len(INVALID_AT_RENDER) >= 30
+
+
+@pytest.mark.parametrize("name,spec,field,also", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_topology_rejected(name, spec, field, also):
+    with pytest.raises(TopologyError) as info:
+        render(Topology.from_dict(spec))
+    message = str(info.value)
+    assert field in message, message
+    assert also in message, message
+
+
+@pytest.mark.parametrize("name,spec,field,also", INVALID_AT_RENDER, ids=[c[0] for c in INVALID_AT_RENDER])
+def test_invalid_at_render(name, spec, field, also):
+    topology = Topology.from_dict(spec)
+    with pytest.raises(TopologyError) as info:
+        render(topology)
+    assert field in str(info.value) and also in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name,spec,field,also", INVALID[:12] + INVALID_AT_RENDER[:1], ids=lambda x: x if isinstance(x, str) else "")
+def test_cli_prints_error_and_no_command(tmp_path, name, spec, field, also):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "epkit.cli", "plan", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "vllm serve" not in proc.stdout and proc.stdout == ""
+    assert field in proc.stderr and str(path) in proc.stderr
+
+
+def test_plan_options_validated():
+    with pytest.raises(TopologyError, match="plan has unknown key"):
+        PlanSpec.from_dict(dict(BASE, plan={"gpu": "H100"}))
+    with pytest.raises(TopologyError, match="gpu='B300'"):
+        PlanSpec.from_dict(dict(BASE, plan={"gpus": ["B300"]}))
+
+
+def test_derived_sizes_and_start_ranks():
+    t = Topology.from_dict(dict(TWO_NODE, dp_local=8))
+    assert t.ep_size == 16 and t.dp_per_node == 8
+    assert [t.node_start_rank(n) for n in range(2)] == [0, 8]
+    t3 = Topology(model=QWEN, tp=2, dp=6, nodes=3, gpus_per_node=4, data_parallel_address="h0")
+    assert t3.ep_size == 1 and t3.world_size == 12 and [t3.node_start_rank(n) for n in range(3)] == [0, 2, 4]
+    argvs = [l.argv for l in render(t3)]
+    assert [a[a.index("--data-parallel-start-rank") + 1] for a in argvs[1:]] == ["2", "4"]
+
+
+def test_experts_per_rank_formula():
+    t = Topology.from_dict(dict(BASE, eplb={"num_redundant_experts": 8}))
+    assert t.num_physical_experts == 264 and t.experts_per_rank == 33
+
+
+def test_valid_redundant_experts():
+    assert valid_redundant_experts(256, 8, limit=4) == [0, 8, 16, 24]
+    assert valid_redundant_experts(128, 48, limit=3) == [16, 64, 112]
+    assert all((256 + r) % 32 == 0 for r in valid_redundant_experts(256, 32))
+
+
+def test_eplb_json_and_dotted_render_same_keys():
+    eplb = EPLBConfig(window_size=1000, step_interval=3000, num_redundant_experts=2, log_balancedness=True)
+    base = dict(model=QWEN, dp=2, enable_expert_parallel=True, eplb=eplb)
+    js = render(Topology(**base))[0].argv
+    dotted = render(Topology(**base, eplb_flag_style="dotted"))[0].argv
+    assert js[js.index("--eplb-config") + 1] == '{"window_size":1000,"step_interval":3000,"num_redundant_experts":2,"log_balancedness":true}'
+    i = dotted.index("--eplb-config.log_balancedness")
+    assert dotted[i + 1] == "true" and "--eplb-config.window_size" in dotted
+
+
+def test_backend_replaced_opt_in_warns():
+    t = Topology.from_dict(dict(BASE, all2all_backend="pplx", vllm_version="0.32.0", allow_replaced_backend=True))
+    assert any("allgather_reducescatter" in w for w in t.warnings())
+
+
+def test_shell_line_is_pasteable():
+    t = Topology.from_dict(dict(model=QWEN, dp=2, enable_expert_parallel=True, eplb={"window_size": 10}))
+    line = render(t)[0].shell(multiline=False)
+    assert re.search(r"--eplb-config '\{\"window_size\":10\}'", line)

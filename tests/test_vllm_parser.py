@@ -1,0 +1,49 @@
+"""Rendered commands parse with vLLM's own argument parser to the values the topology means."""
+
+from pathlib import Path
+
+from epkit.render import render
+from epkit.spec import load_spec
+from epkit.topology import Topology
+from epkit.vllm_check import check_many, parse_with_vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXTRA_TOPOLOGIES = [
+    dict(model="Qwen/Qwen3-235B-A22B", tp=2, dp=8, nodes=4, gpus_per_node=4, enable_expert_parallel=True,
+         all2all_backend="deepep_high_throughput", data_parallel_address="node-0.cluster", data_parallel_rpc_port=29550,
+         api_server_count=2, eplb={"num_redundant_experts": 16, "window_size": 100, "step_interval": 200,
+                                   "log_balancedness": True, "log_balancedness_interval": 10, "use_async": False,
+                                   "communicator": "torch_nccl"}, eplb_flag_style="dotted"),
+    dict(model="Qwen/Qwen3-30B-A3B", tp=4, dp=1, enable_expert_parallel=True, all2all_backend="flashinfer_all2allv"),
+    dict(model="mistralai/Mixtral-8x7B-v0.1", tp=8, dp=1),
+    dict(model="openai/gpt-oss-120b", tp=1, dp=4, gpus_per_node=4, enable_expert_parallel=True,
+         eplb={"num_redundant_experts": 4, "use_async": True, "communicator": "torch_gloo"},
+         extra_args=["--max-model-len", "8192"]),
+]
+
+
+def test_every_seed_spec_and_more_parse_as_intended(vllm_python):
+    items = []
+    for path in sorted((ROOT / "launchers/seed").glob("*.yaml")):
+        topology = load_spec(path).topology
+        items.append((topology, render(topology)))
+    for spec in EXTRA_TOPOLOGIES:
+        topology = Topology.from_dict(spec)
+        items.append((topology, render(topology)))
+    version, problems = check_many(items, vllm_python)
+    assert version == "0.32.0"
+    assert len(items) >= 10
+    for (topology, _), found in zip(items, problems):
+        assert found == [], f"{topology.model}: {found}"
+
+
+def test_the_oracle_catches_a_wrong_command(vllm_python):
+    """The check is not vacuous: a command with a wrong flag or value is reported."""
+    parsed = parse_with_vllm([["vllm", "serve", "m", "--all2all-backend", "bogus"],
+                              ["vllm", "serve", "m", "--eplb-config", '{"window": 1}'],
+                              ["vllm", "serve", "m", "--data-parallel-size", "3"]], vllm_python)
+    bad_backend, bad_eplb, ok = parsed["results"]
+    assert not bad_backend["ok"] and "bogus" in bad_backend["error"]
+    assert not bad_eplb["ok"] and "window" in bad_eplb["error"]
+    assert ok["ok"] and ok["values"]["data_parallel_size"] == 3
