@@ -1,0 +1,53 @@
+"""Fixtures: a real paced streaming server in its own process, and the byte-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from epkit.bench.stream_server import write_byte_tokenizer
+
+
+class StreamServer:
+    """``python -m epkit.bench.stream_server`` on a free port; ``url``, ``log()``, ``stop()``."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "epkit.bench.stream_server", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"stream server did not start: {line!r}")
+        self.url = line.split()[-1]
+
+    def log(self, clear: bool = True) -> list[dict]:
+        req = urllib.request.Request(self.url + "/debug/requests", method="DELETE" if clear else "GET")
+        return json.load(urllib.request.urlopen(req))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def stream_server():
+    """Factory: ``stream_server("--ttft-ms", "50", ...)`` -> a started StreamServer, stopped after the test."""
+    started: list[StreamServer] = []
+
+    def start(*args: str) -> StreamServer:
+        s = StreamServer(*args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory) -> str:
+    return str(write_byte_tokenizer(tmp_path_factory.mktemp("byte-tokenizer")))

@@ -1,0 +1,51 @@
+"""Against a real server whose TTFT and inter-token gap are set, the client measures them to < 1 ms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epkit.bench import RandomWorkload, run
+
+TTFT_MS, ITL_MS, OUT = 40.0, 8.0, 25
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_measured_latencies_match_the_set_ones(stream_server, byte_tokenizer_dir, endpoint):
+    server = stream_server("--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS))
+    wl = RandomWorkload(num_prompts=24, input_len=64, output_len=OUT)
+    # Chat needs text: decode the random token ids with the server's (byte-level) tokenizer.
+    tokenizer = byte_tokenizer_dir if "chat" in endpoint else None
+    r = run(server.url, "m", wl, endpoint=endpoint, tokenizer=tokenizer, max_concurrency=2, progress=False)
+    m = r.metrics
+    assert m["completed"] == 24 and m["failed"] == 0
+    assert abs(m["median_ttft_ms"] - TTFT_MS) < 1.0, m["median_ttft_ms"]
+    assert abs(m["median_itl_ms"] - ITL_MS) < 1.0, m["median_itl_ms"]
+    assert abs(m["median_tpot_ms"] - ITL_MS) < 1.0, m["median_tpot_ms"]
+    assert abs(m["median_e2el_ms"] - (TTFT_MS + (OUT - 1) * ITL_MS)) < 2.0
+    # Token counts come from the server's usage chunk; throughput is tokens / duration.
+    assert m["total_output_tokens"] == 24 * OUT
+    # The prompt lengths epkit sampled are the ones the server counted.
+    assert m["total_input_tokens"] == r.requests["prompt_len"].sum()
+    if tokenizer is None:
+        assert m["total_input_tokens"] == 24 * 64
+    assert m["output_throughput"] == pytest.approx(m["total_output_tokens"] / m["duration"], rel=1e-12)
+    assert m["request_throughput"] == pytest.approx(24 / m["duration"], rel=1e-12)
+    # Each request lasts ~0.23 s, two at a time: 12 rounds.
+    assert m["duration"] == pytest.approx(12 * (TTFT_MS + (OUT - 1) * ITL_MS) / 1e3, rel=0.1)
+
+
+def test_chunk_times_match_the_servers_send_times(stream_server):
+    """Same monotonic clock in both processes: client arrival - server send is the timing error."""
+    server = stream_server("--ttft-ms", "20", "--itl-ms", "5")
+    r = run(server.url, "m", RandomWorkload(num_prompts=10, input_len=16, output_len=20), max_concurrency=1,
+            progress=False)
+    sent = {e["request_id"]: e["token_s"] for e in server.log()}
+    t0 = r.meta["t0_perf_counter_s"]
+    errors_ms = []
+    for row in r.requests.itertuples():
+        server_s = np.asarray(sent[f"epkit-{row.index}"]) - t0
+        assert len(server_s) == len(row.chunk_s) == 20
+        errors_ms += list((np.asarray(row.chunk_s) - server_s) * 1e3)
+    errors_ms = np.asarray(errors_ms)
+    assert np.median(errors_ms) < 1.0 and errors_ms.min() > 0, (np.median(errors_ms), errors_ms.min())
