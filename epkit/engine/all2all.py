@@ -1,0 +1,272 @@
+"""all2all backends: how an MoE layer's tokens reach the ranks that hold their experts and come back.
+
+``BACKENDS`` maps the word users pass to ``--all2all-backend`` to an implementation.
+Implemented over ``torch.distributed`` (gloo on CPU, NCCL on GPU):
+
+* ``allgather_reducescatter`` - all-gather every rank's tokens and routing, run the local
+  experts on every token routed to them, reduce-scatter the weighted partial sums.
+* ``naive`` - every rank broadcasts its tokens and routing in turn, local experts run,
+  one all-reduce of the partial sums; each rank keeps its own rows.
+* ``all_to_all`` - true dispatch/combine: each (token, expert) pair is sent with
+  ``all_to_all_single`` only to the rank owning the expert; outputs come back the same way
+  and are combined on the token's home rank.
+
+``pplx``, ``deepep_high_throughput``, ``deepep_low_latency``, ``flashinfer_all2allv`` and
+``mori`` name vendor kernels. The engine never runs another algorithm under their names: at
+startup it fails, naming the missing package and its install step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from epkit.errors import EngineError
+
+if TYPE_CHECKING:
+    import torch
+
+    from epkit.engine.moe import LocalExperts, Placement
+
+
+class Communicator:
+    """The collectives the engine uses, over one process group per DP deployment.
+
+    ``group`` carries tensors on the compute device (NCCL on GPU, gloo on CPU);
+    ``cpu_group`` (gloo) carries the small per-step control exchange.
+    """
+
+    def __init__(self, rank: int, world_size: int, group: Any = None, cpu_group: Any = None):
+        self.rank, self.world_size = rank, world_size
+        self.group, self.cpu_group = group, cpu_group if cpu_group is not None else group
+
+    def exchange_step_info(self, values: list[int]) -> list[list[int]]:
+        """All-gather a few integers from every rank (token counts, stop flags) on the CPU group."""
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.int64)
+        if self.world_size == 1:
+            return [values]
+        out = torch.empty(self.world_size * len(values), dtype=torch.int64)
+        _all_gather(out, mine, self.cpu_group)
+        return out.view(self.world_size, len(values)).tolist()
+
+    def all_gather(self, t: "torch.Tensor") -> "torch.Tensor":
+        import torch
+        import torch.distributed as dist
+
+        out = t.new_empty((self.world_size * t.shape[0], *t.shape[1:]))
+        _all_gather(out, t.contiguous(), self.group)
+        return out
+
+    def reduce_scatter(self, t: "torch.Tensor") -> "torch.Tensor":
+        import torch.distributed as dist
+
+        out = t.new_empty((t.shape[0] // self.world_size, *t.shape[1:]))
+        if hasattr(dist, "reduce_scatter_single"):
+            dist.reduce_scatter_single(out, t.contiguous(), group=self.group)
+        else:
+            dist.reduce_scatter_tensor(out, t.contiguous(), group=self.group)
+        return out
+
+    def all_reduce(self, t: "torch.Tensor") -> "torch.Tensor":
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def broadcast(self, t: "torch.Tensor", src: int) -> "torch.Tensor":
+        import torch.distributed as dist
+
+        dist.broadcast(t, src=src, group=self.group)
+        return t
+
+    def all_to_all(self, out: "torch.Tensor", t: "torch.Tensor", out_splits: list[int], in_splits: list[int]) -> "torch.Tensor":
+        import torch.distributed as dist
+
+        dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.group)
+        return out
+
+
+def _all_gather(out, t, group) -> None:
+    import torch.distributed as dist
+
+    # torch >= 2.13 renames all_gather_into_tensor to all_gather_single; the device image has 2.11.
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, t, group=group)
+    else:
+        dist.all_gather_into_tensor(out, t, group=group)
+
+
+class All2AllBackend(Protocol):
+    """An expert-parallel MoE exchange: ``backend(x, ids, weights, experts, counts) -> out``.
+
+    ``x`` is this rank's ``[n, hidden]`` tokens, ``ids``/``weights`` their top-k logical
+    experts and router weights, ``counts[r]`` the token count of every EP rank this step
+    (all ranks call every collective even with ``n == 0``). Returns ``[n, hidden]``.
+    """
+
+    name: str
+
+    def __call__(self, x, ids, weights, experts, counts: list[int]) -> "torch.Tensor": ...
+
+
+class _GatherBased:
+    """Shared part of the two backends that replicate all tokens to every rank."""
+
+    name = ""
+
+    def __init__(self, comm: Communicator, placement: "Placement", device: "torch.device"):
+        self.comm, self.placement = comm, placement
+        self.owner = placement.owner_table(device)
+        self.local_index = placement.local_index_table(device)
+
+    def _pack(self, x, ids, weights, capacity: int):
+        import torch
+
+        n, k = ids.shape
+        xp = x.new_zeros((capacity, x.shape[1]))
+        xp[:n] = x
+        meta = torch.zeros((capacity, 2 * k), dtype=torch.float32, device=x.device)
+        meta[:n, :k] = ids.float()  # expert ids < 2**24 are exact in float32
+        meta[:n, k:] = weights
+        return xp, meta
+
+    def _local_partial(self, gx, gmeta, counts: list[int], capacity: int, experts):
+        import torch
+
+        from epkit.engine.moe import weighted_sum
+
+        k = gmeta.shape[1] // 2
+        gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
+        rows = torch.arange(gx.shape[0], device=gx.device)
+        counts_t = torch.tensor(counts, device=gx.device)
+        valid = (rows % capacity) < counts_t[rows // capacity]
+        mine = (self.owner[gids] == self.comm.rank) & valid.unsqueeze(1)
+        token_idx, slot_idx = mine.nonzero(as_tuple=True)
+        chosen = gids[token_idx, slot_idx]
+        y = experts(gx[token_idx], self.local_index[chosen])
+        return weighted_sum(y, gw[token_idx, slot_idx], token_idx, gx.shape[0])
+
+
+class AllGatherReduceScatter(_GatherBased):
+    name = "allgather_reducescatter"
+
+    def __call__(self, x, ids, weights, experts, counts):
+        capacity = max(counts)
+        xp, meta = self._pack(x, ids, weights, capacity)
+        gx, gmeta = self.comm.all_gather(xp), self.comm.all_gather(meta)
+        partial = self._local_partial(gx, gmeta, counts, capacity, experts)
+        return self.comm.reduce_scatter(partial)[: x.shape[0]].to(x.dtype)
+
+
+class NaiveBroadcast(_GatherBased):
+    name = "naive"
+
+    def __call__(self, x, ids, weights, experts, counts):
+        import torch
+
+        capacity = max(counts)
+        xp, meta = self._pack(x, ids, weights, capacity)
+        gx_parts, gmeta_parts = [], []
+        for src in range(self.comm.world_size):
+            bx = xp if src == self.comm.rank else torch.empty_like(xp)
+            bm = meta if src == self.comm.rank else torch.empty_like(meta)
+            gx_parts.append(self.comm.broadcast(bx, src))
+            gmeta_parts.append(self.comm.broadcast(bm, src))
+        gx, gmeta = torch.cat(gx_parts), torch.cat(gmeta_parts)
+        partial = self.comm.all_reduce(self._local_partial(gx, gmeta, counts, capacity, experts))
+        start = self.comm.rank * capacity
+        return partial[start : start + x.shape[0]].to(x.dtype)
+
+
+class AllToAll:
+    """Dispatch each (token, expert) pair only to its owner; combine on the home rank."""
+
+    name = "all_to_all"
+
+    def __init__(self, comm: Communicator, placement: "Placement", device: "torch.device"):
+        self.comm = comm
+        self.owner = placement.owner_table(device)
+        self.local_index = placement.local_index_table(device)
+
+    def __call__(self, x, ids, weights, experts, counts):
+        import torch
+
+        from epkit.engine.moe import weighted_sum
+
+        n, k = ids.shape
+        world = self.comm.world_size
+        flat_ids = ids.reshape(-1)
+        token_idx = torch.arange(n, device=x.device).repeat_interleave(k)
+        dest = self.owner[flat_ids]
+        order = torch.argsort(dest, stable=True)
+        send_counts_t = torch.bincount(dest, minlength=world)
+        recv_counts_t = torch.empty_like(send_counts_t)
+        self.comm.all_to_all(recv_counts_t, send_counts_t, [1] * world, [1] * world)
+        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
+        send_x = x[token_idx[order]]
+        send_e = self.local_index[flat_ids[order]]
+        recv_x = x.new_empty((sum(recv_counts), x.shape[1]))
+        recv_e = send_e.new_empty(sum(recv_counts))
+        self.comm.all_to_all(recv_x, send_x, recv_counts, send_counts)
+        self.comm.all_to_all(recv_e, send_e, recv_counts, send_counts)
+        y = experts(recv_x, recv_e)
+        back = x.new_empty((n * k, x.shape[1]))
+        self.comm.all_to_all(back, y, send_counts, recv_counts)
+        y_pairs = torch.empty_like(back)
+        y_pairs[order] = back
+        return weighted_sum(y_pairs, weights.reshape(-1), token_idx, n).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class VendorBackend:
+    """A backend that exists only as a vendor kernel library; refused unless integrated."""
+
+    name: str
+    module: str
+    package: str
+    install: str
+
+    def check_available(self) -> None:
+        if importlib.util.find_spec(self.module) is None:
+            raise EngineError(
+                f"--all2all-backend {self.name} needs the {self.package} package (Python module {self.module!r}), "
+                f"which is not installed; install it with {self.install}, or choose one of the built-in "
+                f"backends: {', '.join(BUILTIN)}"
+            )
+        raise EngineError(
+            f"--all2all-backend {self.name}: {self.package} is installed, but the built-in engine has no "
+            f"integration with it yet (it will not run another algorithm under this name); serve with vLLM "
+            f"for this backend or choose one of: {', '.join(BUILTIN)}"
+        )
+
+
+EP_KERNELS = "vLLM's EP kernels installer (tools/ep_kernels, see the expert-parallel deployment guide)"
+BUILTIN = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveBroadcast, "all_to_all": AllToAll}
+VENDOR = {
+    "pplx": VendorBackend("pplx", "pplx_kernels", "pplx-kernels", EP_KERNELS),
+    "deepep_high_throughput": VendorBackend("deepep_high_throughput", "deep_ep", "DeepEP", EP_KERNELS),
+    "deepep_low_latency": VendorBackend("deepep_low_latency", "deep_ep", "DeepEP", EP_KERNELS),
+    "flashinfer_all2allv": VendorBackend(
+        "flashinfer_all2allv", "flashinfer", "flashinfer", "`pip install flashinfer-python` (FlashInfer, with MNNVL support)"
+    ),
+    "mori": VendorBackend("mori", "mori", "MoRI", "ROCm's MoRI build instructions (https://github.com/ROCm/mori)"),
+}
+BACKENDS: dict[str, Any] = {**BUILTIN, **VENDOR}
+
+
+def check_backend(name: str) -> None:
+    """Raise :class:`EngineError` at startup unless ``name`` can run on this machine."""
+    if name in VENDOR:
+        VENDOR[name].check_available()
+    elif name not in BUILTIN:
+        raise EngineError(f"all2all_backend={name!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def make_backend(name: str, comm: Communicator, placement: "Placement", device: "torch.device") -> All2AllBackend:
+    """Build the named built-in backend for this rank."""
+    check_backend(name)
+    return BUILTIN[name](comm, placement, device)

@@ -1,0 +1,143 @@
+"""``epkit serve``: the built-in engine's command line, spelled like ``vllm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from epkit.errors import EngineError
+
+# flag -> EngineConfig field, for the flags that map one to one.
+FLAG_FIELDS = {
+    "--served-model-name": "served_model_name",
+    "--host": "host",
+    "--port": "port",
+    "--api-key": "api_key",
+    "--seed": "seed",
+    "--dtype": "dtype",
+    "--device": "device",
+    "--load-format": "load_format",
+    "--max-model-len": "max_model_len",
+    "--max-num-seqs": "max_num_seqs",
+    "--max-num-batched-tokens": "max_num_batched_tokens",
+    "--block-size": "block_size",
+    "--kv-cache-memory-bytes": "kv_cache_memory_bytes",
+    "--gpu-memory-utilization": "gpu_memory_utilization",
+    "--tensor-parallel-size": "tensor_parallel_size",
+    "--data-parallel-size": "data_parallel_size",
+    "--data-parallel-size-local": "data_parallel_size_local",
+    "--data-parallel-start-rank": "data_parallel_start_rank",
+    "--data-parallel-address": "data_parallel_address",
+    "--data-parallel-rpc-port": "data_parallel_rpc_port",
+    "--api-server-count": "api_server_count",
+    "--all2all-backend": "all2all_backend",
+}
+INT_FIELDS = {"port", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_bytes",
+              "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local", "data_parallel_start_rank",
+              "data_parallel_rpc_port", "api_server_count"}
+SHORT = {"--tensor-parallel-size": "-tp", "--data-parallel-size": "-dp"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (``vllm serve`` spellings; ``--help`` lists every flag)."""
+    from epkit.engine.config import EngineConfig
+
+    defaults = EngineConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="epkit serve", description="Serve a Qwen3-MoE-family model with the built-in engine.")
+    p.add_argument("model", nargs="?", default=None, help="bundled model name or a directory with config.json")
+    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional argument")
+    for flag, name in FLAG_FIELDS.items():
+        names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
+        default = defaults[name].default
+        p.add_argument(*names, dest=name, type=int if name in INT_FIELDS else (float if name == "gpu_memory_utilization" else str),
+                       default=None, help=f"(default: {default})")
+    p.add_argument("--enable-expert-parallel", "-ep", dest="enable_expert_parallel", action="store_true")
+    p.add_argument("--headless", action="store_true", help="no API server: engine cores only (secondary nodes)")
+    p.add_argument("--enforce-eager", action="store_true", help="accepted; the built-in engine always runs eagerly")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=None)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enable-eplb", action="store_true")
+    p.add_argument("--eplb-config", default=None, help="JSON object (window_size, step_interval, num_redundant_experts, ...)")
+    p.add_argument("--write-model-dir", metavar="DIR", default=None,
+                   help="write config.json + tokenizer files for the model to DIR (for clients such as `vllm bench serve`) and exit")
+    p.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=None)
+    return p
+
+
+def _eplb_dotted(argv: list[str]) -> tuple[list[str], dict]:
+    """Pull ``--eplb-config.KEY VALUE`` pairs out of argv (vLLM's per-key spelling)."""
+    rest, extra = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--eplb-config."):
+            key, _, value = arg[len("--eplb-config."):].partition("=")
+            if not value:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            try:
+                extra[key] = json.loads(value)
+            except json.JSONDecodeError:
+                extra[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, extra
+
+
+def config_from_args(argv: list[str]):
+    """Parse ``epkit serve`` arguments into an :class:`EngineConfig` (raises EngineError on bad values)."""
+    from epkit.engine.config import EngineConfig
+
+    argv, dotted = _eplb_dotted(argv)
+    args = build_parser().parse_args(argv)
+    values = {name: getattr(args, name) for name in FLAG_FIELDS.values() if getattr(args, name) is not None}
+    model = args.model_flag or args.model
+    if model:
+        values["model"] = model
+    eplb = {}
+    if args.eplb_config:
+        try:
+            eplb = json.loads(args.eplb_config)
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"--eplb-config is not valid JSON: {exc}") from exc
+        if not isinstance(eplb, dict):
+            raise EngineError(f"--eplb-config must be a JSON object, got {args.eplb_config!r}")
+    eplb.update(dotted)
+    if args.startup_timeout_s is not None:
+        values["startup_timeout_s"] = args.startup_timeout_s
+    return EngineConfig(
+        **values,
+        enable_expert_parallel=args.enable_expert_parallel,
+        headless=args.headless,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=bool(args.enable_prefix_caching),
+        enable_eplb=args.enable_eplb,
+        eplb_config=eplb,
+    ), args.write_model_dir
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``epkit serve ARGS``; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [epkit serve] %(levelname)s %(message)s")
+    try:
+        cfg, model_dir = config_from_args(list(argv))
+        if model_dir:
+            from epkit.engine.model import read_model_config
+            from epkit.engine.tokenizer import write_model_dir
+
+            config, _ = read_model_config(cfg.model)
+            print(write_model_dir(config, model_dir))
+            return 0
+        from epkit.engine.launcher import serve
+
+        return serve(cfg)
+    except EngineError as exc:
+        print(f"epkit serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

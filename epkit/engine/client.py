@@ -1,0 +1,125 @@
+"""The API server's side of the engine cores: connections, routing, per-request streams."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from multiprocessing.connection import Client, Connection
+from typing import AsyncIterator, Callable
+
+from epkit.engine.config import EngineConfig
+from epkit.engine.core import STORE_PREFIX
+from epkit.engine.sequence import EngineRequest, RequestOutput, SamplingParams
+from epkit.errors import EngineError
+
+log = logging.getLogger("epkit.engine")
+
+
+class EngineClient:
+    """Sends requests to DP ranks (least loaded, or pinned) and streams their outputs back.
+
+    One reader thread per engine core hands outputs to the asyncio loop. If a core's
+    connection breaks, ``on_core_lost`` is called with a message (the server then exits).
+    """
+
+    def __init__(self, cfg: EngineConfig, store, server_index: int, on_core_lost: Callable[[str], None]):
+        self.cfg, self.server_index = cfg, server_index
+        self.on_core_lost = on_core_lost
+        self.dp_size = cfg.data_parallel_size
+        self.in_flight = [0] * self.dp_size  # requests this server has sent and not seen finish
+        self.core_stats = [(0, 0)] * self.dp_size  # (running, waiting) as each core last reported
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._send_locks = [threading.Lock() for _ in range(self.dp_size)]
+        self.conns: list[Connection] = []
+        self.closing = False
+        self.on_stats: Callable[[int, int, int], None] = lambda rank, running, waiting: None
+        self.on_output: Callable[[RequestOutput], None] = lambda out: None
+        authkey = store.get(STORE_PREFIX + "authkey")
+        deadline = time.time() + cfg.startup_timeout_s
+        for rank in range(self.dp_size):
+            key = f"{STORE_PREFIX}core/{rank}"
+            while True:
+                try:
+                    store.wait([key], _remaining(deadline))
+                    break
+                except RuntimeError as exc:  # store timeout: report which rank never came up
+                    raise EngineError(f"DP rank {rank} did not come up within {cfg.startup_timeout_s:.0f} s") from exc
+            host, port = store.get(key).decode().rsplit(":", 1)
+            self.conns.append(Client((host, int(port)), authkey=authkey))
+        for rank, conn in enumerate(self.conns):
+            threading.Thread(target=self._read, args=(rank, conn), daemon=True, name=f"core{rank}").start()
+
+    def _read(self, rank: int, conn: Connection) -> None:
+        while True:
+            try:
+                kind, outputs, stats = conn.recv()
+            except (EOFError, OSError) as exc:
+                if not self.closing:
+                    self.on_core_lost(f"lost the connection to engine core DP rank {rank} ({type(exc).__name__}); "
+                                      "the rank has died or the deployment is stopping")
+                return
+            _, running, waiting = stats
+            self.core_stats[rank] = (running, waiting)
+            self.on_stats(rank, running, waiting)
+            for out in outputs:
+                entry = self._queues.get(out.request_id)
+                if entry is not None:
+                    loop, queue, _ = entry
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def pick_rank(self, pinned: int | None) -> int:
+        """The pinned rank, else the rank with fewest in-flight requests (ties rotate)."""
+        if pinned is not None:
+            return pinned
+        low = min(self.in_flight)
+        candidates = [r for r, n in enumerate(self.in_flight) if n == low]
+        return candidates[next(self._rr) % len(candidates)]
+
+    def _post(self, rank: int, message: tuple) -> None:
+        with self._send_locks[rank]:
+            self.conns[rank].send(message)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, rank: int) -> AsyncIterator[RequestOutput]:
+        """Yield the outputs of one request until it finishes; aborts it if the consumer leaves."""
+        request_id = f"{self.server_index}-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue, rank)
+        self.in_flight[rank] += 1
+        finished = False
+        try:
+            self._post(rank, ("add", EngineRequest(request_id, tuple(prompt_ids), params)))
+            while True:
+                out: RequestOutput = await queue.get()
+                if out.finish_reason is not None:
+                    finished = True
+                self.on_output(out)
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            self.in_flight[rank] -= 1
+            if not finished and not self.closing:
+                try:
+                    self._post(rank, ("abort", request_id))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closing = True
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _remaining(deadline: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=max(1.0, deadline - time.time()))

@@ -1,0 +1,121 @@
+"""Engine settings: one frozen dataclass that checks itself, built from `vllm serve` flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from epkit.errors import EngineError
+
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy", "safetensors")
+EPLB_KEYS = ("window_size", "step_interval", "log_balancedness", "num_redundant_experts", "use_async", "policy")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise EngineError(message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one deployment of the built-in engine needs; every node gets the same values.
+
+    Field names and meanings follow `vllm serve` flags (``data_parallel_size`` is
+    ``--data-parallel-size``). ``__post_init__`` rejects bad values with an
+    :class:`EngineError` naming the field, the value and what is allowed.
+    """
+
+    model: str = "epkit-tiny-moe"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_size_local: int | None = None
+    data_parallel_start_rank: int = 0
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 29550
+    headless: bool = False
+    api_server_count: int = 1
+    enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
+    enable_eplb: bool = False
+    eplb_config: dict[str, Any] = field(default_factory=dict)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = False
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        from epkit.engine.all2all import BACKENDS  # local: all2all imports torch lazily too
+
+        _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
+        _check(self.load_format in LOAD_FORMATS, f"load_format={self.load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "data_parallel_size",
+                     "tensor_parallel_size", "api_server_count"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an integer >= 1")
+        _check(0 <= self.port <= 65535, f"port={self.port} must be in 0..65535")
+        _check(1 <= self.data_parallel_rpc_port <= 65535, f"data_parallel_rpc_port={self.data_parallel_rpc_port} must be in 1..65535")
+        _check(self.tensor_parallel_size == 1,
+               f"tensor_parallel_size={self.tensor_parallel_size}: the built-in engine supports only 1 "
+               "(attention is data-parallel; use --data-parallel-size and --enable-expert-parallel)")
+        _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len={self.max_model_len} must be >= 2")
+        local = self.dp_size_local
+        _check(1 <= local <= self.data_parallel_size,
+               f"data_parallel_size_local={local} must be in 1..data_parallel_size={self.data_parallel_size}")
+        _check(0 <= self.data_parallel_start_rank and self.data_parallel_start_rank + local <= self.data_parallel_size,
+               f"data_parallel_start_rank={self.data_parallel_start_rank} with data_parallel_size_local={local} "
+               f"exceeds data_parallel_size={self.data_parallel_size}")
+        _check(self.headless or self.data_parallel_start_rank == 0,
+               f"data_parallel_start_rank={self.data_parallel_start_rank} needs --headless: only the primary node "
+               "(start rank 0) runs the API server")
+        _check(self.all2all_backend in BACKENDS,
+               f"all2all_backend={self.all2all_backend!r}; allowed: {', '.join(BACKENDS)}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+               f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be > 0")
+        unknown = sorted(set(self.eplb_config) - set(EPLB_KEYS))
+        _check(not unknown, f"eplb_config has unknown keys {unknown}; valid keys: {', '.join(EPLB_KEYS)}")
+        _check(not self.enable_eplb,
+               "enable_eplb=True: EPLB is not yet supported in the built-in engine (issue 6); "
+               "drop --enable-eplb or serve with vLLM")
+        _check(not self.enable_prefix_caching,
+               "enable_prefix_caching=True is not supported by the built-in engine; pass --no-enable-prefix-caching")
+
+    # ---- derived ------------------------------------------------------------------
+    @property
+    def dp_size_local(self) -> int:
+        return self.data_parallel_size if self.data_parallel_size_local is None else self.data_parallel_size_local
+
+    @property
+    def local_dp_ranks(self) -> list[int]:
+        start = self.data_parallel_start_rank
+        return list(range(start, start + self.dp_size_local))
+
+    @property
+    def ep_size(self) -> int:
+        """EP_SIZE = TP_SIZE × DP_SIZE when expert parallelism is on, else 1 (experts replicated)."""
+        return self.tensor_parallel_size * self.data_parallel_size if self.enable_expert_parallel else 1
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)

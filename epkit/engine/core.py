@@ -1,0 +1,221 @@
+"""One engine-core process: a DP rank's scheduler and model runner, stepping in lockstep.
+
+Every loop: read new requests and aborts from the API servers, schedule, then exchange
+(token count, stop flag) with every DP rank over gloo. If any rank has tokens, every rank
+runs a forward pass - an idle rank with an empty (dummy) batch - so the MoE collectives
+line up. A stop flag from any rank stops all of them together; a lost peer raises, and the
+rank exits with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import timedelta
+from multiprocessing.connection import Client, Connection, Listener, wait
+
+from epkit.engine.config import EngineConfig
+from epkit.engine.sequence import EngineRequest, RequestOutput
+from epkit.errors import EngineError
+
+log = logging.getLogger("epkit.engine")
+
+IDLE_POLL_S = 0.005
+STORE_PREFIX = "epkit/"
+
+
+def set_parent_death_signal() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (no orphans after a SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def connect_store(cfg: EngineConfig, is_master: bool, timeout_s: float):
+    """The TCPStore at ``--data-parallel-address:--data-parallel-rpc-port`` (hosted by the primary)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(cfg.data_parallel_address, cfg.data_parallel_rpc_port, None, is_master,
+                         timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def local_address_towards(address: str) -> str:
+    """This host's IP on the route to ``address`` (what peers on other nodes can reach)."""
+    if address in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((address, 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class EngineCore:
+    """The loop of DP rank ``dp_rank``; see the module docstring."""
+
+    def __init__(self, cfg: EngineConfig, dp_rank: int, local_index: int):
+        import torch
+        import torch.distributed as dist
+
+        from epkit.engine.all2all import Communicator
+        from epkit.engine.block_manager import BlockManager
+        from epkit.engine.model import read_model_config
+        from epkit.engine.runner import ModelRunner, resolve_device
+        from epkit.engine.scheduler import Scheduler, SchedulerConfig
+
+        self.cfg, self.rank = cfg, dp_rank
+        self.stopping = False
+        device = resolve_device(cfg, local_index)
+        if device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("EPKIT_CPU_THREADS", "1")))
+        else:
+            torch.cuda.set_device(device)
+        self.store = connect_store(cfg, False, cfg.startup_timeout_s)
+        authkey = self.store.get(STORE_PREFIX + "authkey")
+        timeout = timedelta(seconds=cfg.startup_timeout_s)
+        prefix = dist.PrefixStore(STORE_PREFIX + "pg", self.store)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, store=prefix, rank=dp_rank, world_size=cfg.data_parallel_size, timeout=timeout, **kwargs)
+        cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        self.comm = Communicator(dp_rank, cfg.data_parallel_size, dist.group.WORLD, cpu_group)
+        model_config, model_dir = read_model_config(cfg.model)
+        self.runner = ModelRunner(cfg, model_config, model_dir, dp_rank, device, self.comm)
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id),
+            BlockManager(self.runner.num_blocks, cfg.block_size),
+        )
+        self._conns: list[Connection] = []
+        self._conns_lock = threading.Lock()
+        self._owner: dict[str, Connection] = {}
+        host = local_address_towards(cfg.data_parallel_address)
+        self._listener = Listener((host, 0), authkey=authkey)
+        threading.Thread(target=self._accept, daemon=True, name="accept").start()
+        self.store.set(f"{STORE_PREFIX}core/{dp_rank}", "%s:%d" % self._listener.address)
+        self.steps = 0
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                return
+            with self._conns_lock:
+                self._conns.append(conn)
+
+    # ---- messages ---------------------------------------------------------------------
+    def _drain(self, timeout: float) -> None:
+        with self._conns_lock:
+            conns = list(self._conns)
+        if not conns:
+            time.sleep(timeout)
+            return
+        for conn in wait(conns, timeout=timeout):
+            try:
+                while conn.poll():
+                    self._handle(conn, conn.recv())
+            except (EOFError, OSError):
+                log.error("DP rank %d: an API server disconnected", self.rank)
+                with self._conns_lock:
+                    self._conns.remove(conn)
+                for rid in [r for r, c in self._owner.items() if c is conn]:
+                    self._abort(rid)
+
+    def _handle(self, conn: Connection, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            request: EngineRequest = message[1]
+            self._owner[request.request_id] = conn
+            self.scheduler.add(request)
+        elif kind == "abort":
+            self._abort(message[1])
+
+    def _abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.runner.release(request_id)
+        self._owner.pop(request_id, None)
+
+    def _send(self, outputs: list[RequestOutput]) -> None:
+        by_conn: dict[int, tuple[Connection, list[RequestOutput]]] = {}
+        for out in outputs:
+            conn = self._owner.get(out.request_id)
+            if conn is None:
+                continue
+            by_conn.setdefault(id(conn), (conn, []))[1].append(out)
+            if out.finish_reason is not None:
+                self._owner.pop(out.request_id, None)
+                self.runner.release(out.request_id)
+        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting))
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            _, outs = by_conn.get(id(conn), (conn, []))
+            try:
+                conn.send(("out", outs, stats))
+            except (OSError, ValueError):
+                pass
+
+    # ---- loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Step until a stop flag is seen on any rank."""
+        busy = False
+        last_stats = None
+        while True:
+            self._drain(0 if busy else IDLE_POLL_S)
+            batch = self.scheduler.schedule() if not self.stopping else []
+            tokens = sum(n for _, n in batch)
+            info = self.comm.exchange_step_info([tokens, int(self.stopping)])
+            if any(stop for _, stop in info):
+                log.info("DP rank %d: stopping (requested by rank %s)", self.rank, [r for r, (_, s) in enumerate(info) if s])
+                return
+            counts = [n for n, _ in info]
+            busy = sum(counts) > 0
+            if not busy:
+                stats = (len(self.scheduler.running), len(self.scheduler.waiting))
+                if stats != last_stats:
+                    self._send([])
+                    last_stats = stats
+                continue
+            sampled = self.runner.execute(batch, counts)
+            self._send(self.scheduler.postprocess(batch, sampled))
+            last_stats = None
+            self.steps += 1
+
+
+def run_engine_core(cfg: EngineConfig, dp_rank: int, local_index: int) -> None:
+    """Process entry point for DP rank ``dp_rank``; exits 0 on a clean stop, 1 on an error."""
+    set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides what Ctrl-C stops
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [EngineCore_DP{dp_rank}] %(levelname)s %(message)s")
+    core: EngineCore | None = None
+
+    def _stop(signum, frame):
+        if core is not None:
+            core.stopping = True
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        core = EngineCore(cfg, dp_rank, local_index)
+        log.info("DP rank %d ready", dp_rank)
+        core.run()
+    except EngineError as exc:
+        log.error("DP rank %d: %s", dp_rank, exc)
+        os._exit(1)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # a lost peer surfaces as a RuntimeError/DistBackendError from gloo or NCCL
+        log.error("DP rank %d failed: %s: %s - stopping this rank (a peer rank may have died)", dp_rank, type(exc).__name__,
+                  str(exc).splitlines()[0] if str(exc) else "",
+                  exc_info=not isinstance(exc, RuntimeError) or "gloo" not in str(exc))
+        os._exit(1)
+    os._exit(0)

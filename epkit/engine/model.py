@@ -1,0 +1,283 @@
+"""Qwen3-MoE-family decoder: weights (dummy or safetensors) and the forward pass of one rank.
+
+Per layer: RMSNorm -> GQA attention (fused QKV, per-head q/k RMSNorm for Qwen3, RoPE, paged
+KV cache) -> RMSNorm -> MoE (softmax top-k router, SwiGLU experts via the all2all backend,
+optional gated shared expert) or a dense SwiGLU MLP for ``mlp_only_layers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from epkit.engine.moe import LocalExperts, Placement, route
+from epkit.errors import EngineError
+
+FAMILIES = ("qwen3_moe", "qwen2_moe")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers the forward pass needs, read from a ``config.json`` dict."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    intermediate_size: int
+    shared_expert_intermediate_size: int
+    moe_layers: tuple[int, ...]
+    norm_topk_prob: bool
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    eos_token_id: int
+    tie_word_embeddings: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelConfig":
+        model_type = config.get("model_type")
+        if model_type not in FAMILIES:
+            raise EngineError(f"model_type={model_type!r} is not served by the built-in engine; supported: {', '.join(FAMILIES)}")
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        layers, step = int(config["num_hidden_layers"]), int(config.get("decoder_sparse_step", 1) or 1)
+        mlp_only = {int(i) for i in config.get("mlp_only_layers") or ()}
+        eos = config.get("eos_token_id", 257)
+        return cls(
+            model_type=model_type,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            num_experts=int(config["num_experts"]),
+            top_k=int(config["num_experts_per_tok"]),
+            moe_intermediate_size=int(config["moe_intermediate_size"]),
+            intermediate_size=int(config.get("intermediate_size") or 0),
+            shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+            moe_layers=tuple(i for i in range(layers) if i not in mlp_only and (i + 1) % step == 0),
+            norm_topk_prob=bool(config.get("norm_topk_prob", model_type == "qwen3_moe")),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3_moe",
+        )
+
+    def kv_bytes_per_token(self, elem_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes
+
+
+def _seed(seed: int, *parts: Any) -> int:
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def init_tensor(shape: tuple[int, ...], std: float, seed: int, key: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A normal(0, std) tensor whose values depend only on (seed, key) - never on rank or placement."""
+    gen = torch.Generator(device=device).manual_seed(_seed(seed, *key))
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+
+class Weights:
+    """All tensors one rank holds; routed experts only for the logical experts it owns."""
+
+    def __init__(self, cfg: ModelConfig, placement: Placement, seed: int, device: torch.device, dtype: torch.dtype,
+                 model_dir: Path | None = None):
+        self.cfg, self.placement, self.device, self.dtype = cfg, placement, device, dtype
+        files = sorted(model_dir.glob("*.safetensors")) if model_dir is not None else []
+        self._files = files
+        self._seed = seed
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        self.embed = self._get(("embed",), "model.embed_tokens.weight", (cfg.vocab_size, h), 1.0, transpose=False)
+        self.layers: list[dict[str, Any]] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            layer: dict[str, Any] = {
+                "input_norm": self._ones(("in_norm", i), p + "input_layernorm.weight", h),
+                "post_norm": self._ones(("post_norm", i), p + "post_attention_layernorm.weight", h),
+                "qkv": self._qkv(i, p, h, qkv_out),
+                "o": self._get(("o", i), p + "self_attn.o_proj.weight", (cfg.num_heads * d, h), (cfg.num_heads * d) ** -0.5),
+            }
+            if cfg.qk_norm:
+                layer["q_norm"] = self._ones(("q_norm", i), p + "self_attn.q_norm.weight", d)
+                layer["k_norm"] = self._ones(("k_norm", i), p + "self_attn.k_norm.weight", d)
+            if i in cfg.moe_layers:
+                layer["router"] = self._get(("router", i), p + "mlp.gate.weight", (h, cfg.num_experts), h ** -0.5)
+                layer["experts"] = self._experts(i, p)
+                if cfg.shared_expert_intermediate_size:
+                    layer["shared"] = self._mlp(("shared", i), p + "mlp.shared_expert.", cfg.shared_expert_intermediate_size)
+                    layer["shared_gate"] = self._get(("shared_gate", i), p + "mlp.shared_expert_gate.weight", (h, 1), h ** -0.5)
+            else:
+                layer["mlp"] = self._mlp(("mlp", i), p + "mlp.", cfg.intermediate_size)
+            self.layers.append(layer)
+        self.norm = self._ones(("norm",), "model.norm.weight", h)
+        if cfg.tie_word_embeddings:
+            self.lm_head = self.embed.t()
+        else:
+            self.lm_head = self._get(("lm_head",), "lm_head.weight", (h, cfg.vocab_size), h ** -0.5)
+
+    # ---- sources ----------------------------------------------------------------------
+    def _read(self, name: str) -> torch.Tensor | None:
+        if not self._files:
+            return None
+        from safetensors import safe_open
+
+        for path in self._files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        raise EngineError(f"safetensors in {self._files[0].parent} lack tensor {name!r}")
+
+    def _get(self, key: tuple, name: str, shape: tuple[int, int], std: float, transpose: bool = True) -> torch.Tensor:
+        """``shape`` is the engine layout (in, out); checkpoints store (out, in)."""
+        loaded = self._read(name)
+        if loaded is None:
+            return init_tensor(shape, std, self._seed, key, self.device, self.dtype)
+        loaded = loaded.t() if transpose else loaded
+        if tuple(loaded.shape) != tuple(shape):
+            raise EngineError(f"tensor {name!r} has shape {tuple(loaded.shape)}, expected {shape} (after transpose)")
+        return loaded.to(self.device, self.dtype).contiguous()
+
+    def _ones(self, key: tuple, name: str, size: int) -> torch.Tensor:
+        loaded = self._read(name)
+        if loaded is None:
+            return torch.ones(size, device=self.device, dtype=self.dtype)
+        return loaded.to(self.device, self.dtype)
+
+    def _qkv(self, i: int, p: str, h: int, out: int) -> torch.Tensor:
+        cfg, d = self.cfg, self.cfg.head_dim
+        parts = [("q", cfg.num_heads * d), ("k", cfg.num_kv_heads * d), ("v", cfg.num_kv_heads * d)]
+        return torch.cat([self._get((n, i), f"{p}self_attn.{n}_proj.weight", (h, size), h ** -0.5) for n, size in parts], 1)
+
+    def _mlp(self, key: tuple, prefix: str, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cfg.hidden_size
+        gate = self._get((*key, "gate"), prefix + "gate_proj.weight", (h, inter), h ** -0.5)
+        up = self._get((*key, "up"), prefix + "up_proj.weight", (h, inter), h ** -0.5)
+        down = self._get((*key, "down"), prefix + "down_proj.weight", (inter, h), inter ** -0.5)
+        return torch.cat([gate, up], 1), down
+
+    def _experts(self, i: int, p: str) -> LocalExperts:
+        w13, w2 = [], []
+        for e in self.placement.local_experts:
+            a, b = self._mlp(("expert", i, e), f"{p}mlp.experts.{e}.", self.cfg.moe_intermediate_size)
+            w13.append(a)
+            w2.append(b)
+        return LocalExperts(torch.stack(w13), torch.stack(w2))
+
+
+def read_model_config(model: str) -> tuple[dict[str, Any], Path | None]:
+    """Resolve ``--model``: a directory with ``config.json`` or a name bundled with epkit."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise EngineError(f"model={model!r} is a directory without config.json")
+        try:
+            return json.loads(config_path.read_text()), path
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"{config_path} is not valid JSON: {exc}") from exc
+    from epkit.models import ModelSpec, bundled_model_names
+    from epkit.errors import TopologyError
+
+    try:
+        return dict(ModelSpec.load(model).raw), None
+    except TopologyError as exc:
+        raise EngineError(
+            f"model={model!r} is neither a directory with config.json nor a bundled model; "
+            f"bundled: {', '.join(bundled_model_names())}"
+        ) from exc
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w``; on CPU a single row is computed as part of two so its result matches a batch's."""
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return (torch.cat([x, x]) @ w)[:1]
+    return x @ w
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    h = linear(x, w13)
+    inter = w2.shape[0]
+    return linear(F.silu(h[:, :inter]) * h[:, inter:], w2)
+
+
+def rope_cache(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; ``x`` is ``[T, heads, head_dim]``, ``cos``/``sin`` are ``[T, head_dim/2]``."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+
+
+class MoEModel:
+    """The forward pass of one rank: embeddings to final hidden states, then logits."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, moe, max_len: int, device: torch.device):
+        self.cfg, self.w, self.moe = cfg, weights, moe
+        self.cos, self.sin = rope_cache(cfg, max_len, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                counts: list[int]) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` for this step's tokens; every rank calls it every step."""
+        from epkit.engine.attention import paged_attention
+
+        cfg = self.cfg
+        T, d = input_ids.shape[0], cfg.head_dim
+        nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
+        x = self.w.embed[input_ids]
+        cos, sin = self.cos[positions], self.sin[positions]
+        for i, layer in enumerate(self.w.layers):
+            h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
+            qkv = linear(h, layer["qkv"])
+            q = qkv[:, :nq].reshape(T, cfg.num_heads, d)
+            k = qkv[:, nq : nq + nkv].reshape(T, cfg.num_kv_heads, d)
+            v = qkv[:, nq + nkv :].reshape(T, cfg.num_kv_heads, d)
+            if cfg.qk_norm:
+                q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            attn = paged_attention(q, k, v, kv_caches[i][0], kv_caches[i][1], meta)
+            x = x + linear(attn, layer["o"])
+            h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
+            x = x + (self._moe(h, layer, counts) if "experts" in layer else swiglu(h, *layer["mlp"]))
+        return x
+
+    def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
+        ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob)
+        out = self.moe(h, ids, weights, layer["experts"], counts)
+        if "shared" in layer:
+            out = out + torch.sigmoid(linear(h, layer["shared_gate"])) * swiglu(h, *layer["shared"])
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[S, vocab]`` for the given final hidden rows."""
+        return linear(rms_norm(hidden, self.w.norm, self.cfg.rms_norm_eps), self.w.lm_head).float()

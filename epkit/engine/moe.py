@@ -1,0 +1,166 @@
+"""Expert placement and the grouped expert computation of one rank.
+
+Weights of routed expert ``e`` in layer ``l`` are a function of (seed, l, e) alone (see
+``model.init_tensor``), so moving an expert between ranks never changes its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which logical experts each EP rank holds: contiguous ranges, the first ``E % ep`` one larger.
+
+    This is vLLM's default linear placement (no redundant experts); an EPLB placement
+    would replace ``experts_of``.
+    """
+
+    num_experts: int
+    ep_size: int
+    ep_rank: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"ep_rank={self.ep_rank} must be in 0..{self.ep_size - 1}")
+        if self.num_experts < self.ep_size:
+            raise ValueError(f"num_experts={self.num_experts} is smaller than ep_size={self.ep_size}; every EP rank needs an expert")
+
+    def experts_of(self, rank: int) -> list[int]:
+        base, extra = divmod(self.num_experts, self.ep_size)
+        start = rank * base + min(rank, extra)
+        return list(range(start, start + base + (1 if rank < extra else 0)))
+
+    @property
+    def local_experts(self) -> list[int]:
+        return self.experts_of(self.ep_rank)
+
+    def owner_table(self, device: torch.device) -> torch.Tensor:
+        """``owner[e]`` = EP rank holding logical expert ``e``."""
+        owner = torch.empty(self.num_experts, dtype=torch.long)
+        for rank in range(self.ep_size):
+            owner[self.experts_of(rank)] = rank
+        return owner.to(device)
+
+    def local_index_table(self, device: torch.device) -> torch.Tensor:
+        """``local[e]`` = index of logical expert ``e`` among its owner's experts."""
+        local = torch.empty(self.num_experts, dtype=torch.long)
+        for rank in range(self.ep_size):
+            experts = self.experts_of(rank)
+            local[experts] = torch.arange(len(experts))
+        return local.to(device)
+
+
+def accumulation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(product dtype, accumulation dtype) for combining top-k expert outputs.
+
+    Each weighted expert output is rounded to the product dtype, then summed in a dtype
+    wide enough that the sum of k such values is exact for any order; so the combine is
+    the same whichever rank added which expert first (float32 -> float64; bf16 -> float32).
+    """
+    if dtype in (torch.float32, torch.float64):
+        return dtype, torch.float64
+    return torch.float32, torch.float32
+
+
+class LocalExperts:
+    """The routed experts one rank holds for one layer, run as grouped GEMMs.
+
+    ``w13`` is ``[E_local, hidden, 2 * intermediate]`` (gate then up), ``w2`` is
+    ``[E_local, intermediate, hidden]``. On CUDA with bf16 the rows are sorted by expert and
+    run through ``torch._grouped_mm``; elsewhere the rows are packed into a zero-padded
+    ``[E_local, capacity, hidden]`` block and run through ``torch.bmm`` (capacity >= 2, so a
+    row's result never depends on how many rows share its expert).
+    """
+
+    grouped_mm_ok: bool | None = None  # probed once per process on CUDA
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        self.w13, self.w2 = w13, w2
+        self.intermediate = w2.shape[1]
+
+    def __call__(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.w2.shape[2]))
+        if self._use_grouped_mm(x):
+            return self._grouped(x, expert_idx)
+        return self._padded_bmm(x, expert_idx)
+
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+            return False
+        if LocalExperts.grouped_mm_ok is None:
+            try:
+                a = torch.randn(32, 64, device=x.device, dtype=x.dtype)
+                b = torch.randn(2, 64, 32, device=x.device, dtype=x.dtype)
+                out = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=x.device, dtype=torch.int32))
+                LocalExperts.grouped_mm_ok = bool(torch.allclose(out[:16].float(), (a[:16] @ b[0]).float(), atol=0.5, rtol=0.05))
+            except RuntimeError:
+                LocalExperts.grouped_mm_ok = False
+        return LocalExperts.grouped_mm_ok
+
+    def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(expert_idx, stable=True)
+        counts = torch.bincount(expert_idx, minlength=self.w13.shape[0])
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(x[order], self.w13, offs=offs)
+        act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+        y = torch._grouped_mm(act, self.w2, offs=offs)
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+    def _padded_bmm(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        num_local = self.w13.shape[0]
+        order = torch.argsort(expert_idx, stable=True)
+        sorted_e = expert_idx[order]
+        counts = torch.bincount(expert_idx, minlength=num_local)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_e]
+        capacity = max(2, int(counts.max()))
+        packed = x.new_zeros((num_local, capacity, x.shape[1]))
+        packed[sorted_e, slot] = x[order]
+        h = torch.bmm(packed, self.w13)
+        act = F.silu(h[..., : self.intermediate]) * h[..., self.intermediate :]
+        y = torch.bmm(act, self.w2)[sorted_e, slot]
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sum ``weights[i] * y[i]`` into row ``token_idx[i]`` of a ``[num_tokens, hidden]`` tensor.
+
+    Products are rounded to the product dtype and added in the accumulation dtype (see
+    :func:`accumulation_dtypes`); the result stays in the accumulation dtype so partial
+    sums from several ranks can be reduced exactly before the final cast.
+    """
+    prod, acc = accumulation_dtypes(y.dtype)
+    products = (y.to(prod) * weights.to(prod).unsqueeze(1)).to(acc)
+    out = torch.zeros((num_tokens, y.shape[1]), dtype=acc, device=y.device)
+    return out.index_add_(0, token_idx, products)
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router: (top-k expert ids ``[T, k]``, their float32 weights ``[T, k]``)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+class ReplicatedMoE:
+    """MoE without expert parallelism: every rank holds every expert, no collective at all."""
+
+    name = "replicated"
+
+    def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
+        n, k = ids.shape
+        token_idx = torch.arange(n, device=x.device).repeat_interleave(k)
+        y = experts(x[token_idx], ids.reshape(-1))
+        return weighted_sum(y, weights.reshape(-1), token_idx, n).to(x.dtype)

@@ -1,0 +1,158 @@
+"""The model runner of one DP rank: owns the device, the weights, the KV cache and sampling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from epkit.engine.all2all import Communicator, make_backend
+from epkit.engine.attention import build_meta
+from epkit.engine.config import EngineConfig
+from epkit.engine.model import ModelConfig, MoEModel, Weights
+from epkit.engine.moe import Placement, ReplicatedMoE
+from epkit.engine.sequence import SamplingParams, Sequence
+from epkit.errors import EngineError
+
+log = logging.getLogger("epkit.engine")
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "half": torch.float16}
+CPU_KV_DEFAULT_BYTES = 512 * 2**20
+GPU_ACTIVATION_RESERVE_BYTES = 6 * 2**30
+
+
+def resolve_device(cfg: EngineConfig, local_index: int) -> torch.device:
+    """``cuda:<local index>`` when CUDA is wanted and present, else ``cpu``."""
+    want = cfg.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device='cuda' but torch.cuda.is_available() is False on this machine")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if local_index >= torch.cuda.device_count():
+            raise EngineError(f"DP rank needs GPU {local_index}, this node has {torch.cuda.device_count()}; "
+                              "lower --data-parallel-size-local")
+        return torch.device("cuda", local_index)
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: EngineConfig, model_config: dict, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact, fast enough) and the checkpoint dtype on GPU."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES.get(str(model_config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+
+
+class ModelRunner:
+    """Builds this rank's share of the model and runs one step for a scheduled batch."""
+
+    def __init__(self, cfg: EngineConfig, model_config: dict, model_dir: Path | None, dp_rank: int,
+                 device: torch.device, comm: Communicator):
+        self.cfg, self.device, self.comm = cfg, device, comm
+        self.mcfg = ModelConfig.from_dict(model_config)
+        self.dtype = resolve_dtype(cfg, model_config, device)
+        self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings
+        ep = cfg.ep_size
+        self.placement = Placement(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
+        load_dummy = cfg.load_format == "dummy"
+        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, None if load_dummy else model_dir)
+        moe = ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, self.placement, device)
+        self.model = MoEModel(self.mcfg, weights, moe, self.max_model_len, device)
+        self.block_size = cfg.block_size
+        self.num_blocks = self._num_blocks()
+        slots = self.num_blocks * self.block_size
+        shape = (slots, self.mcfg.num_kv_heads, self.mcfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
+                          for _ in range(self.mcfg.num_layers)]
+        self._generators: dict[str, torch.Generator] = {}
+        log.info("DP rank %d: %s %s, experts %d..%d of %d (ep=%d, %s), KV cache %d blocks x %d tokens",
+                 dp_rank, device, str(self.dtype).replace("torch.", ""), self.placement.local_experts[0],
+                 self.placement.local_experts[-1], self.mcfg.num_experts, ep, getattr(moe, "name", "?"),
+                 self.num_blocks, self.block_size)
+
+    def _num_blocks(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        block_bytes = self.mcfg.kv_bytes_per_token(elem) * self.block_size
+        if self.cfg.kv_cache_memory_bytes is not None:
+            budget = self.cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - GPU_ACTIVATION_RESERVE_BYTES
+        else:
+            budget = CPU_KV_DEFAULT_BYTES
+        num_blocks = budget // block_bytes
+        needed = -(-self.max_model_len // self.block_size)
+        if num_blocks < needed:
+            raise EngineError(
+                f"KV cache budget of {max(budget, 0) / 2**20:.1f} MiB holds {max(num_blocks, 0)} blocks of {self.block_size} "
+                f"tokens, fewer than one sequence of max_model_len={self.max_model_len} needs ({needed}); raise "
+                "--kv-cache-memory-bytes / --gpu-memory-utilization or lower --max-model-len"
+            )
+        return int(num_blocks)
+
+    # ---- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]], counts: list[int]) -> dict[str, int]:
+        """Run the forward pass for ``batch`` (possibly empty: a dummy step) and sample.
+
+        Returns request id -> sampled token for the sequences whose prompt is now fully
+        computed. ``counts`` is every DP rank's token count this step (for the MoE exchange).
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        seqs_meta = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq, new in batch:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + new])
+            positions.extend(range(start, start + new))
+            seqs_meta.append((start, new, seq.block_table))
+            if start + new == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
+                                    torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
+        if not sample_seqs:
+            return {}
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return dict(zip((s.request_id for s in sample_seqs), self._sample(logits, sample_seqs)))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        tokens = torch.argmax(logits, dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                tokens[i] = self._sample_one(logits[i], seq.params, self._generator(seq))
+        return tokens
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        gen = self._generators.get(seq.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            if seq.params.seed is not None:
+                gen.manual_seed(seq.params.seed)
+            else:
+                gen.seed()
+            self._generators[seq.request_id] = gen
+        return gen
+
+    @staticmethod
+    def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+        scaled = logits / params.temperature
+        if params.top_k > 0:
+            kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1])).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p
+            sorted_probs = sorted_probs * keep
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)

@@ -1,0 +1,124 @@
+"""Continuous batching: which sequences run this step and with how many new tokens.
+
+Running sequences go first (one decode token each, or the rest of a chunked prefill);
+waiting ones are admitted while ``max_num_seqs``, the token budget
+``max_num_batched_tokens`` and free KV blocks allow. When blocks run out, the most
+recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from epkit.engine.block_manager import BlockManager
+from epkit.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    eos_token_id: int
+
+
+class Scheduler:
+    """One DP rank's queue of requests; pure bookkeeping, no tensors."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, request: EngineRequest) -> Sequence:
+        seq = Sequence(request)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a request wherever it is; returns it if it was still queued or running."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.blocks.free(seq)
+                    seq.status, seq.finish_reason = Status.FINISHED, "abort"
+                    return seq
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's (sequence, new tokens) pairs, in row order; blocks are allocated for them."""
+        budget = self.config.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(seq, seq.num_computed_tokens + new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            self.blocks.allocate(seq, seq.num_computed_tokens + new)
+            batch.append((seq, new))
+            budget -= new
+            i += 1
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + new):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed_tokens + new)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, new))
+            budget -= new
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: list[tuple[Sequence, int]], sampled: dict[str, int]) -> list[RequestOutput]:
+        """Advance the step's sequences, append sampled tokens, finish and free what is done."""
+        outputs = []
+        for seq, new in batch:
+            seq.num_computed_tokens += new
+            if seq.request_id not in sampled:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            token = sampled[seq.request_id]
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                seq.status, seq.finish_reason = Status.FINISHED, reason
+                self.running.remove(seq)
+                self.blocks.free(seq)
+            outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and token == self.config.eos_token_id:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def needs_sampling(self, seq: Sequence, new: int) -> bool:
+        return seq.num_computed_tokens + new == seq.num_tokens

@@ -1,0 +1,334 @@
+"""The OpenAI-compatible HTTP API (FastAPI + uvicorn) in front of the DP engine cores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+
+from epkit.engine.client import EngineClient
+from epkit.engine.config import EngineConfig
+from epkit.engine.protocol import ApiError, ChatRequest, CompletionRequest, prompts_of
+from epkit.engine.sequence import SamplingParams
+from epkit.engine.tokenizer import ByteTokenizer
+
+log = logging.getLogger("epkit.engine")
+
+LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    """Prometheus metrics of one API server (names follow vLLM's, prefix ``epkit:``)."""
+
+    def __init__(self, model: str, dp_size: int):
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+        self.running = Gauge("epkit:num_requests_running", "Requests running, per DP rank", ["model_name", "dp_rank"], registry=r)
+        self.waiting = Gauge("epkit:num_requests_waiting", "Requests waiting, per DP rank", ["model_name", "dp_rank"], registry=r)
+        self.prompt_tokens = Counter("epkit:prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter("epkit:generation_tokens", "Tokens generated", labels, registry=r)
+        self.ttft = Histogram("epkit:time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("epkit:inter_token_latency_seconds", "Inter-token latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.e2e = Histogram("epkit:e2e_request_latency_seconds", "Request latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.success = Counter("epkit:request_success", "Finished requests", ["model_name", "finished_reason"], registry=r)
+        self.model = model
+        for rank in range(dp_size):
+            self.set_load(rank, 0, 0)
+
+    def set_load(self, rank: int, running: int, waiting: int) -> None:
+        self.running.labels(self.model, str(rank)).set(running)
+        self.waiting.labels(self.model, str(rank)).set(waiting)
+
+
+class StopChecker:
+    """Turns token deltas into text deltas, cutting at the first stop string (held back until sure)."""
+
+    def __init__(self, tokenizer: ByteTokenizer, stops: list[str]):
+        self.decoder, self.stops = tokenizer.stream_decoder(), stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token_ids: tuple[int, ...], final: bool) -> str:
+        self.text += self.decoder.push(list(token_ids), final=final)
+        cut = min((i for i in (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, end = True, cut
+            self.text = self.text[:cut]
+        else:
+            end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+
+class Api:
+    """Request handling shared by the endpoints; one per API server process."""
+
+    def __init__(self, cfg: EngineConfig, engine: EngineClient, tokenizer: ByteTokenizer, max_model_len: int, metrics: Metrics):
+        self.cfg, self.engine, self.tok, self.max_model_len, self.metrics = cfg, engine, tokenizer, max_model_len, metrics
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.cfg.model_name:
+            raise ApiError(404, f"The model `{name}` does not exist.", "model")
+
+    def pinned_rank(self, request: Request) -> int | None:
+        value = request.headers.get("x-data-parallel-rank")
+        if value is None:
+            return None
+        if not value.strip().isdigit() or not 0 <= int(value) < self.cfg.data_parallel_size:
+            raise ApiError(400, f"X-data-parallel-rank={value!r} must be an integer in 0..{self.cfg.data_parallel_size - 1}")
+        return int(value)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        bad = [t for t in prompt if not 0 <= t < self.tok.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary 0..{self.tok.vocab_size - 1}", "prompt")
+        return prompt
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], rank: int) -> AsyncIterator[tuple[str, int, str | None]]:
+        """Yield (text delta, tokens in it, finish reason or None) for one request."""
+        checker = StopChecker(self.tok, stops)
+        start = last = time.perf_counter()
+        first = True
+        metrics = self.metrics
+        metrics.prompt_tokens.labels(metrics.model).inc(len(prompt_ids))
+        gen = self.engine.generate(prompt_ids, params, rank)
+        try:
+            async for out in gen:
+                now = time.perf_counter()
+                (metrics.ttft if first else metrics.itl).labels(metrics.model).observe(now - last)
+                first, last = False, now
+                metrics.generation_tokens.labels(metrics.model).inc(len(out.new_token_ids))
+                delta = checker.push(out.new_token_ids, final=out.finish_reason is not None)
+                reason = "stop" if checker.stopped else out.finish_reason
+                if reason is not None:
+                    metrics.e2e.labels(metrics.model).observe(now - start)
+                    metrics.success.labels(metrics.model, reason).inc()
+                yield delta, len(out.new_token_ids), reason
+                if reason is not None:
+                    return
+        finally:
+            await gen.aclose()
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several async iterators, yielding (index, item) as items arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def build_app(api: Api) -> FastAPI:
+    """The FastAPI app: /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions."""
+    app = FastAPI(title="epkit serve")
+    cfg = api.cfg
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if cfg.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+                return JSONResponse(ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')").body(), 401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "epkit",
+                                            "root": cfg.model, "max_model_len": api.max_model_len}]}
+
+    async def parse(request: Request, model_cls):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        try:
+            parsed = model_cls.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0]))
+        api.check_model(parsed.model)
+        return parsed
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        rank = api.pinned_rank(request)
+        prompts = [api.encode(p) for p in prompts_of(req)]
+        params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens) for p in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        ranks = [api.engine.pick_rank(rank) for _ in prompts]
+        streams = [api.run(p, sp, req.stop_strings(), r) for p, sp, r in zip(prompts, params, ranks)]
+        prompt_tokens = sum(len(p) for p in prompts)
+
+        def chunk(i: int, text: str, reason: str | None) -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        if req.stream:
+            async def events():
+                completion = 0
+                async for i, (text, n, reason) in _merge(streams):
+                    completion += n
+                    payload = chunk(i, text, reason)
+                    if req.include_usage:
+                        payload["usage"] = None
+                    yield _sse(payload)
+                if req.include_usage:
+                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                                "choices": [], "usage": _usage(prompt_tokens, completion)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        texts, reasons, completion = [""] * len(prompts), [None] * len(prompts), 0
+        async for i, (text, n, reason) in _merge(streams):
+            texts[i] += text
+            reasons[i] = reason or reasons[i]
+            completion += n
+        choices = [chunk(i, t, r)["choices"][0] for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, completion)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req: ChatRequest = await parse(request, ChatRequest)
+        rank = api.engine.pick_rank(api.pinned_rank(request))
+        prompt = api.tok.encode(api.tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages]))
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = req.sampling_params(len(prompt), api.max_model_len, requested)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stream = api.run(prompt, params, req.stop_strings(), rank)
+
+        def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        if req.stream:
+            async def events():
+                completion = 0
+                yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                async for text, n, reason in stream:
+                    completion += n
+                    yield _sse(chunk({"content": text} if text else {}, reason))
+                if req.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
+                                "choices": [], "usage": _usage(len(prompt), completion)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, reason, completion = "", None, 0
+        async for delta, n, r in stream:
+            text, reason, completion = text + delta, r or reason, completion + n
+        return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": reason}],
+                "usage": _usage(len(prompt), completion)}
+
+    return app
+
+
+def run_api_server(cfg: EngineConfig, server_index: int) -> None:
+    """Process entry point of API server ``server_index``: connect to every core, then serve HTTP."""
+    import uvicorn
+
+    from epkit.engine.core import connect_store, set_parent_death_signal
+    from epkit.engine.model import read_model_config
+
+    set_parent_death_signal()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [ApiServer_{server_index}] %(levelname)s %(message)s")
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+    try:
+        model_config, model_dir = read_model_config(cfg.model)
+        tokenizer = ByteTokenizer(model_config, model_dir)
+        max_model_len = cfg.max_model_len or int(model_config.get("max_position_embeddings") or 4096)
+        store = connect_store(cfg, False, cfg.startup_timeout_s)
+
+        def core_lost(message: str) -> None:
+            failure.append(message)
+            log.error("%s; shutting the API server down", message)
+            if server is not None:
+                server.should_exit = True
+            else:
+                os._exit(1)
+
+        engine = EngineClient(cfg, store, server_index, core_lost)
+        metrics = Metrics(cfg.model_name, cfg.data_parallel_size)
+        engine.on_stats = metrics.set_load
+        app = build_app(Api(cfg, engine, tokenizer, max_model_len, metrics))
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if cfg.api_server_count > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((cfg.host, cfg.port))
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, access_log=False)
+        server = uvicorn.Server(config)
+    except Exception as exc:
+        log.error("API server %d failed to start: %s", server_index, exc)
+        os._exit(1)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            log.info("epkit serve ready: http://%s:%d/v1 (model %s, dp=%d, ep=%d, all2all %s, api server %d/%d)",
+                     cfg.host, sock.getsockname()[1], cfg.model_name, cfg.data_parallel_size, cfg.ep_size,
+                     cfg.all2all_backend if cfg.ep_size > 1 else "none", server_index + 1, cfg.api_server_count)
+        await task
+
+    asyncio.run(serve())
+    engine.close()
+    os._exit(1 if failure else 0)
