@@ -65,8 +65,8 @@ class EPLBConfig:
         for name in ("log_balancedness", "use_async", "enable_migration_batching"):
             if getattr(self, name) is not None:
                 _check_bool(owner, name, getattr(self, name))
-        if self.policy is not None and self.policy not in EPLB_POLICIES:
-            raise TopologyError(f"{owner}.policy={self.policy!r} is not a vLLM EPLB policy; allowed: {', '.join(EPLB_POLICIES)}")
+        if self.policy is not None and (not isinstance(self.policy, str) or not self.policy):
+            raise TopologyError(f"{owner}.policy={self.policy!r} must be a policy name such as 'default'")
         if self.communicator is not None and self.communicator not in EPLB_COMMUNICATORS:
             raise TopologyError(
                 f"{owner}.communicator={self.communicator!r}; allowed: {', '.join(EPLB_COMMUNICATORS)}"
@@ -218,6 +218,7 @@ class Topology:
                 raise TopologyError(
                     f"{owner}.eplb is set but ep_size=1 (tp={self.tp}, dp={self.dp}); EPLB needs tp × dp > 1"
                 )
+            self._check_eplb_policy()
             release = vllm_versions.release(self.vllm_version)
             if self.engine == "vllm":
                 missing = sorted(set(self.eplb.explicit()) - set(release.eplb_keys))
@@ -226,7 +227,7 @@ class Topology:
                         f"eplb_config.{missing[0]} is not an EPLB key of vLLM {release.version} "
                         f"(vllm_version={self.vllm_version!r}); its keys: {', '.join(release.eplb_keys)}"
                     )
-            resolved = self.eplb.resolved(release.eplb_keys)
+            resolved = self.eplb.resolved(release.eplb_keys) if self.engine == "vllm" else {}
             if resolved.get("use_async") and resolved.get("communicator") in ("torch_nccl", "pynccl"):
                 raise TopologyError(
                     f"eplb_config.communicator={resolved['communicator']!r} cannot be used with use_async=true "
@@ -251,6 +252,22 @@ class Topology:
             raise TopologyError(
                 f"eplb_config.num_redundant_experts={self.redundant_experts} is more than the model's "
                 f"{spec.num_experts} experts can use on ep_size={self.ep_size}"
+            )
+
+    def _check_eplb_policy(self) -> None:
+        policy = self.eplb.policy
+        if policy is None:
+            return
+        if self.engine == "vllm":
+            allowed = EPLB_POLICIES
+        else:  # the built-in engine runs epkit's own policies too
+            from epkit.eplb.policies import POLICIES
+
+            allowed = tuple(POLICIES)
+        if policy not in allowed:
+            raise TopologyError(
+                f"eplb_config.policy={policy!r} is not an EPLB policy of engine {self.engine!r}; "
+                f"allowed: {', '.join(allowed)}"
             )
 
     # ---- derived sizes ----------------------------------------------------------

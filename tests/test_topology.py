@@ -39,6 +39,7 @@ INVALID = [
     ("eplb_log_balancedness_not_bool", dict(BASE, eplb={"log_balancedness": "yes"}), "log_balancedness='yes'", "true or false"),
     ("eplb_interval_not_int", dict(BASE, eplb={"log_balancedness_interval": 1.5}), "log_balancedness_interval=1.5", "integer"),
     ("eplb_unknown_policy", dict(BASE, eplb={"policy": "magic"}), "policy='magic'", "default"),
+    ("eplb_epkit_policy_on_vllm", dict(BASE, eplb={"policy": "sticky"}), "policy='sticky'", "engine 'vllm'"),
     ("eplb_unknown_communicator", dict(BASE, eplb={"communicator": "carrier_pigeon"}), "communicator='carrier_pigeon'", "torch_gloo"),
     ("eplb_async_with_nccl", dict(BASE, eplb={"use_async": True, "communicator": "pynccl"}), "communicator='pynccl'", "use_async"),
     ("eplb_key_unknown_to_release", dict(BASE, vllm_version="0.16.0", eplb={"communicator": "torch_gloo"}), "eplb_config.communicator", "0.16.0"),
@@ -145,3 +146,10 @@ def test_shell_line_is_pasteable():
     t = Topology.from_dict(dict(model=QWEN, dp=2, enable_expert_parallel=True, eplb={"window_size": 10}))
     line = render(t)[0].shell(multiline=False)
     assert re.search(r"--eplb-config '\{\"window_size\":10\}'", line)
+
+
+def test_epkit_engine_accepts_epkit_policies():
+    t = Topology.from_dict(dict(model="epkit-tiny-moe", dp=2, enable_expert_parallel=True, engine="epkit",
+                                eplb={"policy": "sticky", "num_redundant_experts": 2}))
+    argv = render(t)[0].argv
+    assert argv[:2] == ("epkit", "serve") and '"policy":"sticky"' in argv[argv.index("--eplb-config") + 1]
