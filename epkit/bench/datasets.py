@@ -65,18 +65,28 @@ def _token_pool(tokenizer, vocab_size: int) -> np.ndarray:
     return np.array([t for t in range(tokenizer.vocab_size) if t not in special])
 
 
-def _to_prompt(tokenizer, ids: list[int]) -> tuple[str | list[int], int]:
-    """Token ids as the prompt (no tokenizer) or as text re-encoded to the same length (vLLM's way)."""
+def _to_prompt(tokenizer, ids: list[int], rng: np.random.Generator | None = None,
+               max_retry: int = 10) -> tuple[str | list[int], int]:
+    """Token ids as the prompt (no tokenizer), or as text whose re-encoding has the same length.
+
+    With a tokenizer this is vLLM's ``gen_prompt_decode_to_target_len``: decode, re-encode,
+    pad with random ids or truncate, up to ``max_retry`` times; the length is the final count.
+    """
     if tokenizer is None:
         return ids, len(ids)
-    target = len(ids)
-    text = tokenizer.decode(ids)
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    if len(enc) > target:
-        enc = enc[:target]
-        text = tokenizer.decode(enc)
-        enc = tokenizer.encode(text, add_special_tokens=False)
-    return text, len(enc)
+    target, seq, tries = len(ids), list(ids), max_retry
+    while True:
+        prompt = tokenizer.decode(seq)
+        seq = tokenizer.encode(prompt, add_special_tokens=False)
+        if tries <= 0 or len(seq) == target:
+            return prompt, len(seq)
+        if len(seq) < target:
+            pad = target - len(seq)
+            seq.extend((rng.integers(0, tokenizer.vocab_size, size=pad) if rng is not None
+                        else np.random.randint(0, tokenizer.vocab_size, size=pad)).tolist())
+        else:
+            seq = seq[:target]
+        tries -= 1
 
 
 @dataclass(frozen=True)
@@ -102,27 +112,36 @@ class RandomWorkload:
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"range_ratio={self.range_ratio!r} must be in [0, 1)")
 
-    def lengths(self, num_special_tokens: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_lens, output_lens, offsets), sampled exactly as vLLM's ``get_sampling_params``."""
-        rng = np.random.default_rng(self.seed)
+    def lengths(self, rng: np.random.Generator, num_special_tokens: int = 0,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_lens, output_lens, offsets), drawn exactly as vLLM's ``get_sampling_params``."""
         real_in = max(0, self.input_len - num_special_tokens)
         in_lo, in_hi = math.floor(real_in * (1 - self.range_ratio)), math.ceil(real_in * (1 + self.range_ratio))
         out_lo = max(math.floor(self.output_len * (1 - self.range_ratio)), 1)
         out_hi = max(math.ceil(self.output_len * (1 + self.range_ratio)), 1)
         input_lens = rng.integers(in_lo, in_hi + 1, size=self.num_prompts)
         output_lens = rng.integers(out_lo, out_hi + 1, size=self.num_prompts)
-        offsets = rng.integers(0, self.vocab_size, size=self.num_prompts)
+        offsets = rng.integers(0, vocab_size or self.vocab_size, size=self.num_prompts)
         return input_lens, output_lens, offsets
 
     def sample(self, tokenizer: Any | None = None) -> list[SampleRequest]:
+        # One generator drawn in vLLM's order (lengths, prefix, per-prompt fix-ups): with the
+        # same tokenizer and seed, the prompts are the ones `vllm bench serve` sends.
+        rng = np.random.default_rng(self.seed)
         pool = _token_pool(tokenizer, self.vocab_size)
         special = int(tokenizer.num_special_tokens_to_add()) if tokenizer is not None else 0
-        input_lens, output_lens, offsets = self.lengths(special)
-        prefix = np.random.default_rng(self.seed + 1).choice(pool, size=self.prefix_len).tolist()
+        vocab = tokenizer.vocab_size if tokenizer is not None else self.vocab_size
+        input_lens, output_lens, offsets = self.lengths(rng, special, vocab)
+        prefix: list[int] = []
+        if self.prefix_len > 0:
+            prefix = pool[rng.integers(0, len(pool), size=self.prefix_len)].tolist()
+            if tokenizer is not None:
+                text, _ = _to_prompt(tokenizer, prefix, rng)
+                prefix = tokenizer.encode(text, add_special_tokens=False)
         out = []
         for i in range(self.num_prompts):
             inner = pool[(offsets[i] + i + np.arange(input_lens[i])) % len(pool)].tolist()
-            prompt, n = _to_prompt(tokenizer, prefix + inner)
+            prompt, n = _to_prompt(tokenizer, prefix + inner, rng)
             if n < 1:
                 raise ValueError(f"input_len={self.input_len} with range_ratio={self.range_ratio} gave an empty prompt")
             out.append(SampleRequest(prompt, n, int(output_lens[i])))
@@ -154,7 +173,7 @@ class SharedPrefixWorkload:
         out = []
         for i in range(self.num_prompts):
             ids = prefixes[i % self.num_prefixes] + rng.choice(pool, size=self.suffix_len).tolist()
-            prompt, n = _to_prompt(tokenizer, ids)
+            prompt, n = _to_prompt(tokenizer, ids, rng)
             out.append(SampleRequest(prompt, n, self.output_len))
         rng.shuffle(out)
         return out
@@ -251,7 +270,7 @@ class TraceWorkload:
         t0 = rows[0][0]
         out = []
         for ts, n_in, n_out in rows:
-            prompt, n = _to_prompt(tokenizer, rng.choice(pool, size=max(n_in, 1)).tolist())
+            prompt, n = _to_prompt(tokenizer, rng.choice(pool, size=max(n_in, 1)).tolist(), rng)
             out.append(SampleRequest(prompt, n, max(n_out, 1), timestamp_s=(ts - t0) * self.time_scale_s))
         return out
 

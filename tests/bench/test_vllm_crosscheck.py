@@ -1,0 +1,200 @@
+"""Cross-check with a client nobody here wrote: `vllm bench serve` from the pinned vLLM venv.
+
+Both clients drive the same server with the same workload, interleaved (vLLM, epkit, vLLM,
+epkit); their headline numbers must agree within the run-to-run spread. The run also
+proves the metric definitions identical: epkit's metrics recomputed from vLLM's own
+per-request data (``--save-detailed``) equal the numbers vLLM printed.
+
+The target is one line: TARGET = "stream" (the paced test server, set TTFT and ITL) or
+"engine" (the built-in engine, ``epkit serve epkit-tiny-moe``); EPKIT_BENCH_TARGET overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epkit.bench import RandomWorkload, load_result, load_vllm_result
+from epkit.bench.cli import main as bench_main
+
+TARGET = os.environ.get("EPKIT_BENCH_TARGET", "stream")
+
+WORKLOAD = ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "30",
+            "--random-range-ratio", "0.5", "--num-prompts", "40", "--max-concurrency", "4", "--ignore-eos",
+            "--seed", "0", "--metric-percentiles", "50,90,99"]
+HEADLINE = {  # key -> absolute floor of the tolerance (ms or fraction for throughputs)
+    "median_ttft_ms": 0.5, "median_tpot_ms": 0.3, "median_itl_ms": 0.3, "mean_e2el_ms": 1.0,
+    "output_throughput": 0.03, "request_throughput": 0.03,
+}
+
+
+def vllm_executable() -> Path | None:
+    py = os.environ.get("EPKIT_VLLM_PYTHON")
+    venv = Path(py).parent.parent if py else Path(os.environ.get(
+        "EPKIT_VLLM_VENV", Path.home() / ".cache/epkit/vllm-venv"))
+    exe = venv / "bin" / "vllm"
+    return exe if exe.exists() else None
+
+
+VLLM = vllm_executable()
+pytestmark = pytest.mark.skipif(VLLM is None, reason="no vLLM venv (scripts/vllm_venv.sh creates it)")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, byte_tokenizer_dir):
+    """(base_url, model, tokenizer, server with a send log or None) both clients measure."""
+    if TARGET == "stream":
+        from tests.bench.conftest import StreamServer
+
+        server = StreamServer("--ttft-ms", "20", "--itl-ms", "5")
+        yield server.url, "stream-test", byte_tokenizer_dir, server
+        server.stop()
+        return
+    epkit = shutil.which("epkit") or str(Path(sys.executable).parent / "epkit")
+    port = 18731
+    proc = subprocess.Popen([epkit, "serve", "epkit-tiny-moe", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", proc, 300)
+        yield f"http://127.0.0.1:{port}", "epkit-tiny-moe", byte_tokenizer_dir, None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def send_overhead_ms(server, sends_s: dict[str, float]) -> float:
+    """Median time from a client's send stamp to the server's first byte of that request.
+
+    Both processes read CLOCK_MONOTONIC, so this is each client's own cost of sending; it
+    adds to its TTFT and E2EL and differs between clients by design, not by measurement."""
+    if server is None:
+        return 0.0
+    recv = {e["request_id"]: e["recv_s"] for e in server.log()}
+    return float(np.median([(recv[rid] - sent) * 1e3 for rid, sent in sends_s.items()]))
+
+
+def run_vllm(url: str, model: str, tokenizer: str, out: Path) -> dict:
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}  # the CPU wheel cannot infer a device otherwise
+    cmd = [str(VLLM), "bench", "serve", "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+           "--model", model, "--tokenizer", tokenizer, *WORKLOAD, "--percentile-metrics", "ttft,tpot,itl,e2el",
+           "--save-result", "--save-detailed", "--result-dir", str(out.parent), "--result-filename", out.name,
+           "--disable-tqdm"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def run_epkit(url: str, model: str, tokenizer: str, out: Path) -> dict:
+    assert bench_main(["--base-url", url, "--model", model, "--tokenizer", tokenizer, *WORKLOAD,
+                       "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+                       "--disable-tqdm"]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(target, tmp_path_factory):
+    url, model, tok, server = target
+    d = tmp_path_factory.mktemp("crosscheck")
+    out = {"vllm": [], "epkit": []}
+    if server is not None:
+        server.log()  # clear
+    for k in range(2):
+        v = run_vllm(url, model, tok, d / f"vllm{k}.json")
+        ids = {e["request_id"] for e in server.log(clear=False)} if server is not None else set()
+        prefix = next(iter(ids)).rsplit("-", 1)[0] + "-" if ids else ""
+        v["send_overhead_ms"] = send_overhead_ms(server, {f"{prefix}{i}": t for i, t in enumerate(v["start_times"])})
+        out["vllm"].append(v)
+        e = run_epkit(url, model, tok, d / f"epkit{k}.json")
+        res = load_result(d / f"epkit{k}.json")
+        t0 = res.meta["t0_perf_counter_s"]
+        e["send_overhead_ms"] = send_overhead_ms(server, {f"epkit-{r.index}": t0 + r.send_s
+                                                          for r in res.requests.itertuples()})
+        out["epkit"].append(e)
+    return d, out
+
+
+def test_headline_numbers_agree_within_run_to_run_spread(runs):
+    """TTFT and E2EL include each client's own send cost (measured against the server's log,
+    reported, and allowed for); everything else must agree within 3x the run-to-run spread."""
+    d, out = runs
+    over = {c: np.mean([r["send_overhead_ms"] for r in out[c]]) for c in out}
+    rows = [f"send overhead (ms): vllm {over['vllm']:.3f}  epkit {over['epkit']:.3f}"]
+    for key, floor in HEADLINE.items():
+        v = np.array([r[key] for r in out["vllm"]])
+        e = np.array([r[key] for r in out["epkit"]])
+        spread = max(np.ptp(v), np.ptp(e))
+        scale = abs(v.mean()) if "throughput" in key else 1.0
+        tol = max(3 * spread, floor * scale)
+        if key in ("median_ttft_ms", "mean_e2el_ms"):
+            tol += abs(over["vllm"] - over["epkit"])
+        rows.append(f"{key:<20} vllm {v.round(3)}  epkit {e.round(3)}  |diff| {abs(v.mean() - e.mean()):.3f}  "
+                    f"tol {tol:.3f}")
+        assert abs(v.mean() - e.mean()) <= tol, "\n".join(rows)
+    print("\n" + "\n".join(rows))
+    # Net of each client's send cost, the two see the same first token.
+    net = [np.mean([r["median_ttft_ms"] for r in out[c]]) - over[c] for c in ("vllm", "epkit")]
+    assert abs(net[0] - net[1]) < 1.0, net
+    (d / "comparison.txt").write_text("\n".join(rows))
+
+
+def test_same_requests_and_token_counts(runs):
+    _, out = runs
+    for v, e in zip(out["vllm"], out["epkit"]):
+        assert v["completed"] == e["completed"] == 40
+        assert v["total_output_tokens"] == e["total_output_tokens"]
+        # Same sampler, same seed, same tokenizer: the same prompts, so the server counts the same.
+        assert v["total_input_tokens"] == e["total_input_tokens"]
+    samples = RandomWorkload(num_prompts=40, input_len=64, output_len=30, range_ratio=0.5).sample(
+        load_vllm_tokenizer(runs))
+    assert [s.prompt_len for s in samples] == out["vllm"][0]["input_lens"]
+    assert [s.output_len for s in samples] == out["vllm"][0]["output_lens"]
+
+
+def load_vllm_tokenizer(runs):
+    from epkit.bench.datasets import load_tokenizer
+
+    return load_tokenizer(runs[1]["vllm"][0]["tokenizer_id"])
+
+
+def test_metrics_recomputed_from_vllms_raw_data_equal_vllms(runs):
+    d, out = runs
+    for k in range(2):
+        res = load_vllm_result(d / f"vllm{k}.json")
+        assert len(res.requests) == 40
+        mine = res.recompute(percentiles=(50, 90, 99))
+        for key, value in out["vllm"][k].items():
+            if key in mine and isinstance(value, (int, float)) and value is not None:
+                assert mine[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+def test_epkit_result_file_has_vllms_keys_and_a_request_table(runs):
+    d, out = runs
+    vllm_keys = {k for k in out["vllm"][0] if k not in ("send_overhead_ms", "input_lens", "output_lens", "ttfts", "itls", "latencies",
+                                                        "start_times", "generated_texts", "errors", "queue_times",
+                                                        "rtfx")}
+    assert vllm_keys <= set(out["epkit"][0]), vllm_keys - set(out["epkit"][0])
+    res = load_result(d / "epkit0.json")
+    assert len(res.requests) == 40 and res.requests["success"].all()
+    assert res.recompute(percentiles=(50, 90, 99))["median_ttft_ms"] == pytest.approx(out["epkit"][0]["median_ttft_ms"])
