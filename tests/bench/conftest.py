@@ -48,6 +48,20 @@ def stream_server():
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def module_stream_server():
+    """Like ``stream_server``, but the servers live for the whole test module."""
+    started: list[StreamServer] = []
+
+    def start(*args: str) -> StreamServer:
+        started.append(StreamServer(*args))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer_dir(tmp_path_factory) -> str:
     return str(write_byte_tokenizer(tmp_path_factory.mktemp("byte-tokenizer")))

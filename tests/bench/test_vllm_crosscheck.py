@@ -63,14 +63,11 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory, byte_tokenizer_dir):
+def target(module_stream_server, byte_tokenizer_dir):
     """(base_url, model, tokenizer, server with a send log or None) both clients measure."""
     if TARGET == "stream":
-        from tests.bench.conftest import StreamServer
-
-        server = StreamServer("--ttft-ms", "20", "--itl-ms", "5")
+        server = module_stream_server("--ttft-ms", "20", "--itl-ms", "5")
         yield server.url, "stream-test", byte_tokenizer_dir, server
-        server.stop()
         return
     epkit = shutil.which("epkit") or str(Path(sys.executable).parent / "epkit")
     port = 18731
