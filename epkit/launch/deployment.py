@@ -1,0 +1,268 @@
+"""``deploy(topology, executor) -> Deployment``: a running engine you can wait for, query and stop.
+
+    with deploy(topology, "local") as d:
+        d.wait_ready(timeout=300)
+        result = epkit.bench.run(d.url, topology.model, workload)
+
+Readiness is the primary's ``/health`` answering and ``/v1/models`` listing the model.
+While waiting, every node's process and log are watched: an engine that exits, an
+out-of-memory, an NCCL/Gloo error, or no log progress for ``hang_timeout_s`` ends the wait
+at once with a :class:`~epkit.launch.failure.Failure` (kind, message, log tail), raised as
+:class:`DeploymentFailed`. ``stop()`` (also on leaving the ``with`` block, on Ctrl-C and
+at interpreter exit) ends every process on every node and the Slurm job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from epkit.errors import LaunchError
+from epkit.launch.failure import Failure, classify_exit, match_log, tail
+from epkit.launch.node import NodeTask, node_file
+from epkit.render import render
+from epkit.topology import Topology
+
+# Start-up timeouts per engine: vLLM with DeepGEMM warm-up and CUDA graphs can take many minutes.
+STARTUP_TIMEOUT_S = {"vllm": 1800.0, "epkit": 300.0}
+HANG_TIMEOUT_S = {"vllm": 600.0, "epkit": 120.0}
+FAIL_FAST_KINDS = ("oom", "nccl", "gloo")
+_LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
+
+
+class DeploymentFailed(LaunchError):
+    """A deployment did not become ready (or stopped serving); ``failure`` says why."""
+
+    def __init__(self, failure: Failure, commands: list[str] | None = None):
+        self.failure = failure
+        self.commands = commands or []
+        msg = str(failure)
+        if failure.log_tail:
+            msg += "\n--- log tail ---\n" + "\n".join(failure.log_tail.splitlines()[-15:])
+        super().__init__(msg)
+
+
+def _executor(executor: Any) -> Any:
+    if isinstance(executor, str):
+        from epkit.launch import EXECUTORS
+
+        if executor not in EXECUTORS:
+            raise LaunchError(f"executor={executor!r}; choose from {', '.join(EXECUTORS)} (or pass an executor object)")
+        if executor == "slurm":
+            raise LaunchError("executor 'slurm' needs options (timeout_min at least): pass SlurmExecutor(timeout_min=…)")
+        return EXECUTORS[executor]()
+    return executor
+
+
+class Deployment:
+    """One started topology. Use :func:`deploy` to make one."""
+
+    def __init__(self, topology: Topology, executor: Any = "local", run_dir: str | Path | None = None,
+                 startup_timeout_s: float | None = None, hang_timeout_s: float | None = None,
+                 grace_s: float = 10.0, lease_timeout_s: float | None = 120.0, env: dict | None = None,
+                 preflight: bool | None = None):
+        self.executor = _executor(executor)
+        self.id = uuid.uuid4().hex[:12]
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"epkit-{self.id}-")).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        port, rpc_port = self.executor.pick_ports()
+        if topology.data_parallel_rpc_port is None:
+            topology = replace(topology, data_parallel_rpc_port=rpc_port)
+        self.topology = topology
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s or STARTUP_TIMEOUT_S[topology.engine]
+        self.hang_timeout_s = hang_timeout_s or HANG_TIMEOUT_S[topology.engine]
+        self.grace_s = grace_s
+        self.lease_timeout_s = lease_timeout_s
+        self.failure: Failure | None = None
+        self.ready = False
+        self.timing: dict[str, float] = {}
+        self._stopped = False
+        self._lease_stop = threading.Event()
+        is_slurm = getattr(self.executor, "name", "") == "slurm"
+        self.task = NodeTask(
+            deployment_id=self.id, run_dir=str(self.run_dir), topology=topology.to_dict(), port=port,
+            host="0.0.0.0" if is_slurm else "127.0.0.1", env=dict(env or {}), grace_s=grace_s,
+            lease_timeout_s=lease_timeout_s, preflight=is_slurm if preflight is None else preflight)
+        self._touch_lease()
+        t0 = time.monotonic()
+        if is_slurm:
+            self.handle = self.executor.launch(self.task, topology.nodes, topology.gpus_on_node)
+        else:
+            self.handle = self.executor.launch(self.task, topology.nodes)
+        self.timing["launch_s"] = time.monotonic() - t0
+        self._t_start = t0
+        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True, name=f"epkit-lease-{self.id}")
+        self._lease_thread.start()
+        _LIVE.add(self)
+
+    # ---- what users look at --------------------------------------------------------------
+    @property
+    def url(self) -> str | None:
+        """``http://host:port`` of the primary's API (None until the primary's host is known)."""
+        host = self.handle.primary_host()
+        return f"http://{host}:{self.port}" if host else None
+
+    @property
+    def model(self) -> str:
+        return self.topology.model
+
+    @property
+    def logs(self) -> dict[int, Path]:
+        """Each node's engine log."""
+        return {n: node_file(self.run_dir, n, "log") for n in range(self.topology.nodes)}
+
+    def log_tail(self, node: int = 0, lines: int = 40) -> str:
+        return tail(self.logs[node], lines)
+
+    def commands(self) -> list[str]:
+        """The shell line each node runs (Slurm: node 0's hostname is filled in once known)."""
+        out = []
+        for n in range(self.topology.nodes):
+            info = _read(node_file(self.run_dir, n, "json"))
+            if info.get("argv"):
+                from epkit.render import NodeLaunch
+
+                out.append(NodeLaunch(n, info["role"], tuple(info["argv"]), info.get("env", {})).shell(False))
+        if len(out) == self.topology.nodes:
+            return out
+        address = self.executor.address() or "$PRIMARY_HOSTNAME"
+        return [launch.shell(False) for launch in render(self.topology, address=address)]
+
+    def describe(self) -> dict:
+        return {"deployment_id": self.id, "run_dir": str(self.run_dir), "port": self.port, **self.handle.describe()}
+
+    # ---- readiness ------------------------------------------------------------------------
+    def check(self) -> Failure | None:
+        """A failure if any node has ended or logged a fatal error, else None."""
+        for n in range(self.topology.nodes):
+            info = _read(node_file(self.run_dir, n, "json"))
+            if "returncode" in info:
+                text = tail(self.logs[n], 200)
+                return classify_exit(info["returncode"], text, n, what=f"node {n}'s engine ({info.get('reason')})")
+            found = match_log(tail(self.logs[n], 200))
+            if found and found[0] in FAIL_FAST_KINDS:
+                return Failure(found[0], f"node {n}: {found[1]}", tail(self.logs[n], 40), n)
+        return self.handle.problem()
+
+    def wait_ready(self, timeout: float | None = None, poll_s: float = 0.25) -> "Deployment":
+        """Block until the API serves the model; raise :class:`DeploymentFailed` (after stopping) if not."""
+        timeout = timeout or self.startup_timeout_s
+        start = time.monotonic()
+        last_size, last_progress = -1, time.monotonic()
+        try:
+            while True:
+                failure = self.check()
+                if failure is None:
+                    size = sum(_size(p) for p in self.logs.values())
+                    if size != last_size:
+                        last_size, last_progress = size, time.monotonic()
+                    elif time.monotonic() - last_progress > self.hang_timeout_s and self._started():
+                        failure = Failure("hang", f"no log progress on any node for {self.hang_timeout_s:.0f} s "
+                                                  "while starting", self.log_tail(0))
+                    elif time.monotonic() - start > timeout:
+                        failure = Failure("timeout", f"not ready after {timeout:.0f} s", self.log_tail(0))
+                if failure is not None:
+                    self.failure = failure
+                    self.stop()
+                    raise DeploymentFailed(failure, self.commands())
+                if self.url and self._serves():
+                    self.ready = True
+                    self.timing["ready_s"] = time.monotonic() - self._t_start
+                    return self
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+
+    def _started(self) -> bool:
+        return all(node_file(self.run_dir, n, "json").exists() for n in range(self.topology.nodes))
+
+    def _serves(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                if r.status != 200:
+                    return False
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as r:
+                data = json.loads(r.read())
+            return any(m.get("id") == self.model for m in data.get("data", []))
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+
+    # ---- teardown ---------------------------------------------------------------------------
+    def _touch_lease(self) -> None:
+        (self.run_dir / "lease").write_text(str(time.time()))
+
+    def _lease_loop(self) -> None:
+        interval = max(1.0, min(10.0, (self.lease_timeout_s or 30.0) / 4))
+        while not self._lease_stop.wait(interval):
+            try:
+                self._touch_lease()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """End every process of every node (SIGTERM, SIGKILL after the grace period) and the job."""
+        if self._stopped:
+            return
+        self._stopped = True
+        t0 = time.monotonic()
+        (self.run_dir / "stop").write_text("stop")
+        try:
+            self.handle.stop(self.grace_s)
+        finally:
+            self._lease_stop.set()
+            _LIVE.discard(self)
+            self.timing["stop_s"] = time.monotonic() - t0
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else ("ready" if self.ready else "starting")
+        return f"Deployment({self.topology.model!r}, nodes={self.topology.nodes}, url={self.url!r}, {state})"
+
+
+def deploy(topology: Topology, executor: Any = "local", **options: Any) -> Deployment:
+    """Start ``topology`` on ``executor`` (``"local"``, a :class:`LocalExecutor` or a
+    :class:`SlurmExecutor`) and return the :class:`Deployment`; call ``wait_ready()`` next.
+    Options: ``run_dir``, ``startup_timeout_s``, ``hang_timeout_s``, ``grace_s``,
+    ``lease_timeout_s`` (nodes end themselves when the driver stops renewing its lease),
+    ``env``, ``preflight``."""
+    return Deployment(topology, executor, **options)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+@atexit.register
+def _stop_all() -> None:
+    for d in list(_LIVE):
+        try:
+            d.stop()
+        except Exception:
+            pass

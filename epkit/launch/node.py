@@ -1,0 +1,180 @@
+"""The per-node task: start one node's engine, supervise it, end it. Every executor runs this.
+
+``run_node(task)`` renders the node's command from the topology (under Slurm it learns its
+node index and the primary's hostname from the job environment), starts the engine in a
+process group of its own with its output in ``node<i>.log``, and returns when the engine
+exits or when the deployment must end: the driver wrote ``stop``, the driver's ``lease``
+went stale (the driver died), the primary finished (headless nodes), or a signal came
+(Slurm cancel/timeout, Ctrl-C). Ending means SIGTERM to the engine's group, SIGKILL after
+``grace_s``, then a scan for any straggler carrying the deployment's tag.
+
+Files in the run folder (shared between nodes, as submitit's folder must be): ``node<i>.json``
+(argv, pid, pgid, host; then returncode and reason), ``node<i>.log``, ``primary.done``.
+Run locally as ``python -m epkit.launch.node TASK.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from epkit.launch import procs
+
+# Flags of the primary's HTTP server, outside the topology (render.py owns the topology's flags).
+SERVER_FLAGS = {"host": "--host", "port": "--port"}
+END_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2")
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    """What one node needs to start its part of a deployment."""
+
+    deployment_id: str
+    run_dir: str
+    topology: dict[str, Any]
+    port: int
+    node: int | None = None  # None: from the Slurm job environment
+    address: str | None = None  # None: the first node's hostname from the Slurm job environment
+    host: str = "127.0.0.1"  # where the primary's HTTP server listens
+    env: dict[str, str] = field(default_factory=dict)
+    grace_s: float = 10.0
+    lease_timeout_s: float | None = None
+    poll_s: float = 0.2
+    preflight: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NodeTask":
+        return cls(**json.loads(text))
+
+
+def node_file(run_dir: str | Path, node: int, suffix: str) -> Path:
+    return Path(run_dir) / f"node{node}.{suffix}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _slurm_place(task: NodeTask) -> tuple[int, str]:
+    """(node index, primary address) from the Slurm job environment."""
+    import submitit
+
+    env = submitit.JobEnvironment()
+    return env.node, (task.address or env.hostnames[0])
+
+
+def engine_argv(topology_dict: dict, node: int, address: str | None, host: str, port: int) -> tuple[list[str], dict]:
+    """The node's rendered argv (plus the primary's --host/--port) and its extra env."""
+    from epkit.render import render
+    from epkit.topology import Topology
+
+    topo = Topology.from_dict(topology_dict)
+    launch = render(topo, address=address)[node]
+    argv = list(launch.argv)
+    if launch.role == "primary":
+        argv += [SERVER_FLAGS["host"], host, SERVER_FLAGS["port"], str(port)]
+    return argv, dict(launch.env)
+
+
+def _exec_argv(argv: list[str]) -> list[str]:
+    """The built-in engine runs with this interpreter, so a job uses the same environment."""
+    if argv[:2] == ["epkit", "serve"]:
+        return [sys.executable, "-m", "epkit.cli", *argv[1:]]
+    return argv
+
+
+def run_node(task: NodeTask) -> dict:
+    """Run one node of a deployment to its end; return what happened (also in ``node<i>.json``)."""
+    stop = threading.Event()
+    reason: list[str] = []
+
+    def on_signal(signum, _frame):
+        reason.append(f"signal {signal.Signals(signum).name}")
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for name in END_SIGNALS:  # replaces submitit's handlers: it bypasses SIGTERM and requeues on USR2
+            signal.signal(getattr(signal, name), on_signal)
+
+    if task.node is None or (task.address is None and task.topology.get("nodes", 1) > 1):
+        node, address = _slurm_place(task)
+    else:
+        node, address = task.node, task.address
+    run_dir = Path(task.run_dir)
+    info: dict[str, Any] = {"node": node, "role": "primary" if node == 0 else "headless",
+                            "hostname": socket.gethostname(), "address": address, "port": task.port,
+                            "supervisor_pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    preflight = None
+    if task.preflight:
+        from epkit.launch import doctor
+
+        preflight = doctor.collect(ports=[task.port, task.topology.get("data_parallel_rpc_port") or 0])
+        _write_json(node_file(run_dir, node, "preflight.json"), preflight)
+    argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
+    env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
+           "PYTHONUNBUFFERED": "1"}
+    info.update(argv=argv, env=env_add, started_at=time.time())
+    log_path = node_file(run_dir, node, "log")
+    with open(log_path, "ab", buffering=0) as log:
+        log.write(f"[epkit node {node}] {' '.join(argv)}\n".encode())
+        proc = subprocess.Popen(_exec_argv(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, cwd=run_dir)
+    info.update(pid=proc.pid, pgid=proc.pid)
+    _write_json(node_file(run_dir, node, "json"), info)
+
+    returncode = None
+    while True:
+        returncode = proc.poll()
+        if returncode is not None:
+            reason.append("engine exited")
+            break
+        if stop.wait(task.poll_s):
+            break
+        if (run_dir / "stop").exists():
+            reason.append("stop requested")
+            break
+        if node > 0 and (run_dir / "primary.done").exists():
+            reason.append("primary done")
+            break
+        if task.lease_timeout_s is not None:
+            try:
+                age = time.time() - (run_dir / "lease").stat().st_mtime
+            except OSError:
+                age = 0.0
+            if age > task.lease_timeout_s:
+                reason.append(f"driver lease expired ({age:.0f} s old)")
+                break
+    procs.terminate([proc.pid], task.deployment_id, node, grace_s=task.grace_s)
+    if returncode is None:
+        returncode = proc.poll()
+    info.update(returncode=returncode, reason=reason[0] if reason else "unknown", finished_at=time.time())
+    _write_json(node_file(run_dir, node, "json"), info)
+    if node == 0:
+        (run_dir / "primary.done").write_text(info["reason"])
+    info["preflight"] = preflight
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    task = NodeTask.from_json(Path(argv[0]).read_text())
+    info = run_node(task)
+    return 0 if info["returncode"] in (0, None, -15) or info["reason"] != "engine exited" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
