@@ -12,6 +12,9 @@ COMMANDS = {
     "serve": ("epkit.engine.cli", "run the built-in engine (takes `vllm serve` flags)"),
     "bench": ("epkit.bench.cli", "drive load at an OpenAI-compatible server"),
     "eplb": ("epkit.eplb.cli", "EPLB policies and the what-if simulator"),
+    "sweep": ("epkit.sweep_cli", "run (or --dry-run) a sweep of topologies x workloads; resumes"),
+    "doctor": ("epkit.launch.doctor", "preflight checks: GPUs, interfaces, ports, vLLM, EP kernels"),
+    "report": ("epkit.report_cli", "one offline HTML page: results table, Pareto frontier, CDFs"),
 }
 
 

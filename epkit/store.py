@@ -1,0 +1,109 @@
+"""The results store: one JSON per point under ``results/<sweep>/<topology_id>/``, written atomically.
+
+A point's file is ``BenchResult.to_vllm_json()`` (vLLM bench keys at the top level) whose
+``"epkit"`` dict also holds ``"point"`` (what ran, where, how it ended); a failed point
+writes the same file with ``status: failed``, its failure and no metrics. The request
+table lies next to it as ``<stem>.requests.parquet`` (written first, so a JSON never
+points at a missing table); node logs under ``<topology_id>/logs/``. The JSON is the
+resume index: a point whose file says ``ok`` is done. See docs/sweep.md for the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("ok", "failed")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe: inf -> "inf", NaN -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(obj, float) and (math.isinf(obj) or math.isnan(obj)):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResultStore:
+    """``root/<sweep>/``: the sweep's spec, one folder per topology, one JSON per point."""
+
+    def __init__(self, root: str | Path, sweep: str):
+        self.root = Path(root)
+        self.sweep = sweep
+        self.dir = self.root / sweep
+
+    def topology_dir(self, topology_id: str) -> Path:
+        return self.dir / topology_id
+
+    def logs_dir(self, topology_id: str) -> Path:
+        return self.topology_dir(topology_id) / "logs"
+
+    @staticmethod
+    def stem(workload_id: str, repeat: int, repeats: int) -> str:
+        return f"{workload_id}__r{repeat}" if repeats > 1 else workload_id
+
+    def point_path(self, topology_id: str, workload_id: str, repeat: int = 0, repeats: int = 1) -> Path:
+        return self.topology_dir(topology_id) / f"{self.stem(workload_id, repeat, repeats)}.json"
+
+    @staticmethod
+    def requests_path(json_path: Path) -> Path:
+        return json_path.with_name(json_path.stem + ".requests.parquet")
+
+    def status(self, path: Path) -> str | None:
+        """``"ok"``, ``"failed"`` or None (not run, or unreadable: then it runs again)."""
+        try:
+            doc = json.loads(path.read_text())
+            return doc["epkit"]["point"]["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_spec(self, text: str) -> Path:
+        path = self.dir / "sweep.yaml"
+        atomic_write_text(path, text)
+        return path
+
+    def write_point(self, path: Path, doc: dict, requests=None) -> Path:
+        """Write one point: its request table (if any) first, then its JSON, both atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rp = self.requests_path(path)
+        if requests is not None:
+            tmp = rp.with_name(f".{rp.name}.tmp{os.getpid()}")
+            requests.to_parquet(tmp, index=False)
+            os.replace(tmp, rp)
+        elif rp.exists():
+            rp.unlink()  # a failed retry must not leave an older run's table beside it
+        atomic_write_text(path, json.dumps(_plain(doc), indent=1))
+        return path
+
+    def append_event(self, topology_id: str, event: dict) -> None:
+        """One line per deployment in ``<topology_id>/deployments.jsonl`` (start-ups, failures, timings)."""
+        path = self.topology_dir(topology_id) / "deployments.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(_plain(event)) + "\n")
+
+    def points(self) -> list[Path]:
+        """Every point JSON in the sweep."""
+        return sorted(p for p in self.dir.glob("*/*.json"))

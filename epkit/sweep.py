@@ -1,0 +1,324 @@
+"""Sweeps: a YAML spec → topologies × workloads → one deployment per topology, every workload against it.
+
+```yaml
+name: quickstart
+model: epkit-tiny-moe
+engine: epkit                # or vllm (+ vllm_version)
+executor: local              # or slurm, with a `slurm:` block (timeout_min required)
+defaults: {enable_expert_parallel: true, gpus_per_node: 2}   # topology fields for every point
+topologies:                  # one block or a list; `grid` axes multiply, other keys are fixed
+  grid: {all2all_backend: [allgather_reducescatter, naive], dp: [1, 2]}
+workloads:
+  - {name: short, dataset: random, input_len: 32, output_len: 8, num_prompts: 8,
+     request_rate: [4, inf], repeats: 1}
+```
+
+Expanding and checking a spec is pure (:func:`load_sweep`, :func:`plan_sweep`); every
+topology, rendered command and workload is built before anything starts, and a bad one
+raises a :class:`~epkit.errors.TopologyError` naming the point. :func:`run_sweep` does the
+work and resumes: a point whose stored JSON says ``ok`` is skipped, a ``failed`` one is
+retried only with ``retry_failed``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from epkit.errors import TopologyError
+from epkit.topology import Topology
+
+SPEC_KEYS = ("name", "model", "engine", "vllm_version", "executor", "slurm", "defaults", "topologies", "workloads",
+             "plan", "run", "max_parallel", "results_dir")
+WORKLOAD_LOAD_KEYS = ("request_rate", "max_concurrency", "num_warmups", "max_requests", "duration_s", "burstiness",
+                      "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos")
+RUN_KEYS = ("startup_timeout_s", "hang_timeout_s", "grace_s", "lease_timeout_s", "request_timeout_s",
+            "point_estimate_s", "startup_estimate_s")
+PLAN_KEYS = ("gpu", "gpu_memory_utilization", "max_model_len", "allow_unfit")
+DRY_RUN_ADDRESS = "<node0-hostname>"
+
+
+@dataclass(frozen=True)
+class TopologyPoint:
+    id: str
+    topology: Topology
+
+
+@dataclass(frozen=True)
+class WorkloadPoint:
+    """One load step of one workload: dataset params + load shape; ``repeats`` runs of it."""
+
+    id: str
+    dataset: str
+    params: dict
+    load: dict  # request_rate, max_concurrency, num_warmups, max_requests, duration_s, burstiness
+    repeats: int = 1
+    endpoint: str = "/v1/completions"
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, **self.params, **self.load, "repeats": self.repeats,
+                "endpoint": self.endpoint}
+
+    def workload(self):
+        from epkit.bench import make_workload
+
+        return make_workload(self.dataset, **self.params)
+
+    def estimate_s(self, default: float) -> float:
+        rate, n = self.load.get("request_rate", math.inf), self.load.get("max_requests") or self.params.get("num_prompts")
+        if self.load.get("duration_s"):
+            return float(self.load["duration_s"])
+        if n and rate not in (math.inf, None):
+            return n / rate
+        return default
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    topologies: tuple[TopologyPoint, ...]
+    workloads: tuple[WorkloadPoint, ...]
+    executor: str = "local"
+    slurm: Mapping[str, Any] = field(default_factory=dict)
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    run: Mapping[str, Any] = field(default_factory=dict)
+    max_parallel: int = 1
+    results_dir: str = "results"
+    source_text: str = ""
+
+    @property
+    def num_points(self) -> int:
+        return len(self.topologies) * sum(w.repeats for w in self.workloads)
+
+    def make_executor(self):
+        from epkit.launch import LocalExecutor, SlurmExecutor
+
+        if self.executor == "slurm":
+            return SlurmExecutor.from_dict(self.slurm)
+        return LocalExecutor()
+
+
+# ---- expansion (pure) ------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return re.sub(r"[^A-Za-z0-9.+-]", "", str(value))
+
+
+def topology_id(t: Topology) -> str:
+    """A readable, stable id: engine, backend, sizes, EP, EPLB."""
+    parts = [t.engine, t.all2all_backend or "default", f"tp{t.tp}", f"dp{t.dp}", f"n{t.nodes}"]
+    parts.append("ep" if t.enable_expert_parallel else "noep")
+    if t.eplb is not None:
+        parts.append(f"eplb-r{t.redundant_experts}")
+    return "_".join(parts)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _rate(value: Any, where: str) -> float:
+    if value in ("inf", None):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TopologyError(f"{where}: request_rate={value!r} must be a number > 0 or inf")
+    return float(value)
+
+
+def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
+    """Every topology of the spec (fixed keys + the product of its blocks' ``grid`` axes)."""
+    base = {k: data[k] for k in ("model", "engine", "vllm_version") if data.get(k) is not None}
+    defaults = dict(data.get("defaults") or {})
+    blocks = data.get("topologies")
+    if blocks is None:
+        raise TopologyError("sweep: `topologies` is missing; give a block like {grid: {dp: [1, 2]}}")
+    out: list[TopologyPoint] = []
+    for b, block in enumerate(_as_list(blocks)):
+        if not isinstance(block, Mapping):
+            raise TopologyError(f"sweep: topologies[{b}]={block!r} must be a mapping of topology fields (+ grid)")
+        block = dict(block)
+        grid = block.pop("grid", None) or {}
+        given_id = block.pop("id", None)
+        if not isinstance(grid, Mapping):
+            raise TopologyError(f"sweep: topologies[{b}].grid must map topology fields to lists of values")
+        axes = list(grid)
+        for values in itertools.product(*(_as_list(grid[a]) for a in axes)):
+            combo = dict(zip(axes, values))
+            fields_ = {**base, **defaults, **block, **combo}
+            where = f"topologies[{b}]" + (f" {combo}" if combo else "")
+            try:
+                topo = Topology.from_dict(fields_)
+            except TopologyError as exc:
+                raise TopologyError(f"sweep point {where}: {exc}") from exc
+            tid = given_id if given_id and not combo else topology_id(topo)
+            if given_id and combo:
+                tid = f"{given_id}_{topology_id(topo)}"
+            out.append(TopologyPoint(tid, topo))
+    seen: dict[str, int] = {}
+    unique = []
+    for tp in out:  # same id from different extra_args/env: number them
+        n = seen.get(tp.id, 0)
+        seen[tp.id] = n + 1
+        unique.append(tp if n == 0 else TopologyPoint(f"{tp.id}_{n + 1}", tp.topology))
+    return unique
+
+
+def expand_workloads(items: Any) -> list[WorkloadPoint]:
+    """Every load step of every workload (rates × concurrencies)."""
+    from epkit.bench import DATASETS, LoadShape, make_workload
+
+    if not items:
+        raise TopologyError("sweep: `workloads` is missing or empty; give e.g. [{dataset: random, num_prompts: 8}]")
+    out = []
+    for i, item in enumerate(_as_list(items)):
+        if not isinstance(item, Mapping):
+            raise TopologyError(f"sweep: workloads[{i}]={item!r} must be a mapping")
+        item = dict(item)
+        dataset = item.pop("dataset", "random")
+        name = item.pop("name", None)
+        rates = [_rate(r, f"workloads[{i}]") for r in _as_list(item.pop("request_rate", math.inf))]
+        concs = _as_list(item.pop("max_concurrency", None))
+        repeats = item.pop("repeats", 1)
+        endpoint = item.pop("endpoint", "/v1/completions")
+        load_fixed = {k: item.pop(k) for k in ("num_warmups", "max_requests", "duration_s", "burstiness") if k in item}
+        if dataset not in DATASETS:
+            raise TopologyError(f"sweep: workloads[{i}].dataset={dataset!r}; choose from {', '.join(sorted(DATASETS))}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise TopologyError(f"sweep: workloads[{i}].repeats={repeats!r} must be an integer >= 1")
+        try:
+            make_workload(dataset, **item)
+        except (TypeError, ValueError) as exc:
+            raise TopologyError(f"sweep: workloads[{i}] ({name or dataset}): {exc}") from exc
+        base = name or "-".join([dataset] + [f"{k[0]}{_fmt(item[k])}" for k in ("input_len", "output_len") if k in item])
+        for rate, conc in itertools.product(rates, concs):
+            load = {"request_rate": rate, "max_concurrency": conc, **load_fixed}
+            try:
+                LoadShape(**{k: v for k, v in load.items()})
+            except (TypeError, ValueError) as exc:
+                raise TopologyError(f"sweep: workloads[{i}] ({base}) load {load}: {exc}") from exc
+            wid = base + (f"_rate{_fmt(rate)}" if len(rates) > 1 or not math.isinf(rate) else "")
+            wid += f"_conc{conc}" if conc is not None else ""
+            out.append(WorkloadPoint(wid, dataset, item, load, repeats, endpoint))
+    ids = [w.id for w in out]
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        raise TopologyError(f"sweep: workload ids {dup} appear twice; give the workloads distinct `name`s")
+    return out
+
+
+def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "") -> SweepSpec:
+    """Build and check a :class:`SweepSpec` from parsed YAML; every point is checked here."""
+    if not isinstance(data, Mapping):
+        raise TopologyError(f"{source}: the top level must be a mapping with keys {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise TopologyError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SPEC_KEYS)}")
+    name = data.get("name") or Path(source).stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", str(name)):
+        raise TopologyError(f"{source}: name={name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    executor = data.get("executor", "local")
+    if executor not in ("local", "slurm"):
+        raise TopologyError(f"{source}: executor={executor!r}; allowed: local, slurm")
+    for key, allowed in (("run", RUN_KEYS), ("plan", PLAN_KEYS)):
+        extra = sorted(set(data.get(key) or {}) - set(allowed))
+        if extra:
+            raise TopologyError(f"{source}: {key} has unknown key(s) {', '.join(extra)}; valid keys: {', '.join(allowed)}")
+    slurm = dict(data.get("slurm") or {})
+    if executor == "slurm":
+        from epkit.launch.slurm import SlurmExecutor
+
+        SlurmExecutor.from_dict(slurm)  # timeout_min and the keys are checked before anything starts
+    max_parallel = data.get("max_parallel", 1)
+    if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+        raise TopologyError(f"{source}: max_parallel={max_parallel!r} must be an integer >= 1")
+    if executor == "local" and max_parallel > 1:
+        raise TopologyError(f"{source}: max_parallel={max_parallel} needs executor: slurm (local runs one at a time)")
+    try:
+        topologies = expand_topologies(data)
+        workloads = expand_workloads(data.get("workloads"))
+    except TopologyError as exc:
+        raise TopologyError(f"{source}: {exc}") from exc
+    spec = SweepSpec(str(name), tuple(topologies), tuple(workloads), executor, slurm, dict(data.get("plan") or {}),
+                     dict(data.get("run") or {}), max_parallel, str(data.get("results_dir") or "results"), text)
+    for tp in topologies:  # every command renders, every memory plan fits (or is allowed not to)
+        _check_point(spec, tp, source)
+    return spec
+
+
+def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
+    from epkit.render import render
+
+    try:
+        render(tp.topology, address=DRY_RUN_ADDRESS if tp.topology.nodes > 1 else None)
+    except TopologyError as exc:
+        raise TopologyError(f"{source}: sweep point {tp.id}: {exc}") from exc
+    if spec.executor == "local" and tp.topology.engine == "vllm" and tp.topology.nodes > 1:
+        pass  # legal: several local "nodes" of vLLM need GPUs, which the memory plan cannot see
+    plan = memory_verdict(spec, tp)
+    if plan is not None and not plan.fits and not spec.plan.get("allow_unfit", False):
+        raise TopologyError(f"{source}: sweep point {tp.id} does not fit on {plan.gpu}: {plan.reason} "
+                            "(set plan.allow_unfit: true to run it anyway)")
+
+
+def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
+    """The memory plan on ``plan.gpu`` (None when the spec names no GPU)."""
+    if not spec.plan.get("gpu"):
+        return None
+    from epkit.plan import memory_plan
+
+    return memory_plan(tp.topology, spec.plan["gpu"], spec.plan.get("gpu_memory_utilization", 0.9),
+                       spec.plan.get("max_model_len"))
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep YAML; errors name the file and the point."""
+    path = Path(path)
+    if not path.is_file():
+        raise TopologyError(f"sweep spec {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_sweep(data, str(path), text)
+
+
+# ---- the plan a dry run prints (pure) ---------------------------------------------------------
+def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None = None) -> dict:
+    """Per topology: commands per node, memory verdict, points to run; totals and GPU-hours."""
+    from epkit.render import render
+
+    done = done or {}
+    startup_s = spec.run.get("startup_estimate_s", 600.0 if any(t.topology.engine == "vllm" for t in spec.topologies) else 30.0)
+    point_s = spec.run.get("point_estimate_s", 60.0)
+    rows, gpu_s, pending_total = [], 0.0, 0
+    for tp in spec.topologies:
+        address = None if tp.topology.nodes == 1 else (tp.topology.data_parallel_address
+                                                       if spec.executor == "local" else DRY_RUN_ADDRESS)
+        address = address or ("127.0.0.1" if spec.executor == "local" else DRY_RUN_ADDRESS)
+        commands = [launch.shell() for launch in render(tp.topology, address=address if tp.topology.nodes > 1 else None)]
+        plan = memory_verdict(spec, tp)
+        pending = [(w.id, r) for w in spec.workloads for r in range(w.repeats) if done.get((tp.id, w.id, r)) != "ok"]
+        seconds = startup_s + sum(w.estimate_s(point_s) * w.repeats for w in spec.workloads)
+        gpus = tp.topology.nodes * tp.topology.gpus_on_node
+        if pending:
+            gpu_s += gpus * seconds
+        pending_total += len(pending)
+        rows.append({"id": tp.id, "nodes": tp.topology.nodes, "gpus": gpus, "commands": commands,
+                     "memory": None if plan is None else {"gpu": plan.gpu, "fits": plan.fits, "reason": plan.reason},
+                     "warnings": tp.topology.warnings(), "points": sum(w.repeats for w in spec.workloads),
+                     "pending": len(pending)})
+    return {"sweep": spec.name, "executor": spec.executor, "deployments": len(spec.topologies),
+            "deployments_to_start": sum(1 for r in rows if r["pending"]), "points": spec.num_points,
+            "points_pending": pending_total, "gpu_hours": gpu_s / 3600.0, "topologies": rows,
+            "workloads": [{"id": w.id, **w.to_dict()} for w in spec.workloads]}
