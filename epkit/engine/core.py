@@ -24,7 +24,8 @@ from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
 
-IDLE_POLL_S = 0.005
+IDLE_POLL_S = (0.002, 0.02)  # right after work, and once idle for a while (saves CPU on idle ranks)
+IDLE_BACKOFF_STEPS = 200
 STORE_PREFIX = "epkit/"
 
 
@@ -167,9 +168,10 @@ class EngineCore:
     def run(self) -> None:
         """Step until a stop flag is seen on any rank."""
         busy = False
+        idle_steps = 0
         last_stats = None
         while True:
-            self._drain(0 if busy else IDLE_POLL_S)
+            self._drain(0 if busy else IDLE_POLL_S[idle_steps > IDLE_BACKOFF_STEPS])
             batch = self.scheduler.schedule() if not self.stopping else []
             tokens = sum(n for _, n in batch)
             info = self.comm.exchange_step_info([tokens, int(self.stopping)])
@@ -178,6 +180,7 @@ class EngineCore:
                 return
             counts = [n for n, _ in info]
             busy = sum(counts) > 0
+            idle_steps = 0 if busy else idle_steps + 1
             if not busy:
                 stats = (len(self.scheduler.running), len(self.scheduler.waiting))
                 if stats != last_stats:

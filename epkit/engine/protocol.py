@@ -39,6 +39,7 @@ class _Sampling(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
 
     @property
     def include_usage(self) -> bool:

@@ -97,8 +97,8 @@ class Api:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary 0..{self.tok.vocab_size - 1}", "prompt")
         return prompt
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], rank: int) -> AsyncIterator[tuple[str, int, str | None]]:
-        """Yield (text delta, tokens in it, finish reason or None) for one request."""
+    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], rank: int) -> AsyncIterator[tuple[str, tuple[int, ...], str | None]]:
+        """Yield (text delta, its token ids, finish reason or None) for one request."""
         checker = StopChecker(self.tok, stops)
         start = last = time.perf_counter()
         first = True
@@ -116,7 +116,7 @@ class Api:
                 if reason is not None:
                     metrics.e2e.labels(metrics.model).observe(now - start)
                     metrics.success.labels(metrics.model, reason).inc()
-                yield delta, len(out.new_token_ids), reason
+                yield delta, out.new_token_ids, reason
                 if reason is not None:
                     return
         finally:
@@ -213,16 +213,20 @@ def build_app(api: Api) -> FastAPI:
         streams = [api.run(p, sp, req.stop_strings(), r) for p, sp, r in zip(prompts, params, ranks)]
         prompt_tokens = sum(len(p) for p in prompts)
 
-        def chunk(i: int, text: str, reason: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
+        def chunk(i: int, text: str, reason: str | None, ids: list[int]) -> dict[str, Any]:
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            if req.return_token_ids:
+                choice["token_ids"] = list(ids)
+            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name, "choices": [choice]}
+
+        headers = {"x-data-parallel-rank": ",".join(map(str, ranks))}
 
         if req.stream:
             async def events():
                 completion = 0
-                async for i, (text, n, reason) in _merge(streams):
-                    completion += n
-                    payload = chunk(i, text, reason)
+                async for i, (text, ids, reason) in _merge(streams):
+                    completion += len(ids)
+                    payload = chunk(i, text, reason, ids)
                     if req.include_usage:
                         payload["usage"] = None
                     yield _sse(payload)
@@ -231,15 +235,16 @@ def build_app(api: Api) -> FastAPI:
                                 "choices": [], "usage": _usage(prompt_tokens, completion)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        texts, reasons, completion = [""] * len(prompts), [None] * len(prompts), 0
-        async for i, (text, n, reason) in _merge(streams):
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        texts, reasons, token_ids = [""] * len(prompts), [None] * len(prompts), [[] for _ in prompts]
+        async for i, (text, ids, reason) in _merge(streams):
             texts[i] += text
             reasons[i] = reason or reasons[i]
-            completion += n
-        choices = [chunk(i, t, r)["choices"][0] for i, (t, r) in enumerate(zip(texts, reasons))]
-        return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                "choices": choices, "usage": _usage(prompt_tokens, completion)}
+            token_ids[i].extend(ids)
+        choices = [chunk(i, t, r, ids)["choices"][0] for i, (t, r, ids) in enumerate(zip(texts, reasons, token_ids))]
+        completion = sum(len(ids) for ids in token_ids)
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
+                             "choices": choices, "usage": _usage(prompt_tokens, completion)}, headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -250,6 +255,7 @@ def build_app(api: Api) -> FastAPI:
         params = req.sampling_params(len(prompt), api.max_model_len, requested)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = api.run(prompt, params, req.stop_strings(), rank)
+        headers = {"x-data-parallel-rank": str(rank)}
 
         def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
@@ -259,22 +265,24 @@ def build_app(api: Api) -> FastAPI:
             async def events():
                 completion = 0
                 yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                async for text, n, reason in stream:
-                    completion += n
+                async for text, ids, reason in stream:
+                    completion += len(ids)
                     yield _sse(chunk({"content": text} if text else {}, reason))
                 if req.include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                                 "choices": [], "usage": _usage(len(prompt), completion)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, reason, completion = "", None, 0
-        async for delta, n, r in stream:
-            text, reason, completion = text + delta, r or reason, completion + n
-        return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": reason}],
-                "usage": _usage(len(prompt), completion)}
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        text, reason, token_ids = "", None, []
+        async for delta, ids, r in stream:
+            text, reason = text + delta, r or reason
+            token_ids.extend(ids)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        if req.return_token_ids:
+            choice["token_ids"] = token_ids
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                             "choices": [choice], "usage": _usage(len(prompt), len(token_ids))}, headers=headers)
 
     return app
 

@@ -1,0 +1,145 @@
+"""The OpenAI API as a user sees it, against `epkit serve` on CPU with DP=2 + EP (one deployment)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from deployments import Deployment, wait_gone
+
+API_KEY = "sk-epkit-test"
+MODEL = "epkit-tiny-moe"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("api"), ["-dp", "2", "--enable-expert-parallel", "--max-num-seqs", "128"],
+                   api_key=API_KEY)
+    d.wait_ready()
+    yield d
+    pids = d.pids()
+    d.stop()
+    assert not wait_gone(pids)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def running(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("epkit:num_requests_running{"))
+
+
+def test_models_complete_stream_and_chat(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens == len("Once upon a time".encode())
+    assert done.choices[0].finish_reason == "length" and done.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                          temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 8
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+
+
+def test_token_id_prompts_stop_and_sampling(client, server):
+    ids = client.completions.create(model=MODEL, prompt=[72, 105, 33], max_tokens=6, temperature=0)
+    text = client.completions.create(model=MODEL, prompt="Hi!", max_tokens=6, temperature=0)
+    assert ids.choices[0].text == text.choices[0].text and ids.usage.prompt_tokens == 3
+    full = text.choices[0].text
+    stop = full[2:4]
+    cut = client.completions.create(model=MODEL, prompt="Hi!", max_tokens=6, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[: full.index(stop)]
+    a, b = (client.completions.create(model=MODEL, prompt="Hi!", max_tokens=10, temperature=1.0, seed=5) for _ in "ab")
+    assert a.choices[0].text == b.choices[0].text
+    batch = client.completions.create(model=MODEL, prompt=["Hi!", "Bye"], max_tokens=4, temperature=0)
+    assert [c.index for c in sorted(batch.choices, key=lambda c: c.index)] == [0, 1] and batch.usage.completion_tokens == 8
+
+
+def test_pinning_header_and_least_loaded_routing(server):
+    headers = {**server.headers}
+    for rank in (0, 1):
+        r = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": str(rank)},
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["x-data-parallel-rank"] == str(rank)
+    bad = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": "7"},
+                     json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"model": "no-such-model", "prompt": "x"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x" * 600, "max_tokens": 4}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "x" * 100, "max_tokens": 500}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
+        ({"model": MODEL}, 400, "prompt"),
+        ('{"model": "epkit-tiny-moe", "prompt": ', 400, "not valid JSON"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, needle):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/completions", content=content,
+                   headers={**server.headers, "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["code"] == status and error["type"]
+
+
+def test_wrong_api_key_and_openai_exceptions(server, client):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, client):
+    body = {"model": MODEL, "prompt": "long story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert running(server) >= 1
+    deadline = time.time() + 20
+    while running(server) > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0, "the aborted request still holds a slot"
+    after = client.completions.create(model=MODEL, prompt="still serving?", max_tokens=4, temperature=0)
+    assert after.usage.completion_tokens == 4
+
+
+def test_256_concurrent_streams(server):
+    async def one(client: openai.AsyncOpenAI, i: int) -> int:
+        stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=8,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return sum([1 async for c in stream if c.choices and c.choices[0].text is not None])
+
+    async def main() -> list[int]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                                      http_client=httpx.AsyncClient(limits=limits, timeout=240)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(256)))
+
+    chunks = asyncio.run(main())
+    assert len(chunks) == 256 and all(n == 8 for n in chunks)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "epkit:time_to_first_token_seconds_count" in metrics and 'dp_rank="1"' in metrics
+    assert running(server) == 0
