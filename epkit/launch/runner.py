@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,9 @@ class SweepRunner:
         return opts
 
     def run_topology(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]]) -> None:
-        logs = self.store.logs_dir(tp.id)
+        # each deployment its own folder under logs/: an orphan of a killed driver never shares one
+        logs = self.store.logs_dir(tp.id) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         logs.mkdir(parents=True, exist_ok=True)
-        for stale in ("stop", "primary.done", "lease"):
-            (logs / stale).unlink(missing_ok=True)
-        for stale in logs.glob("node*.json"):
-            stale.unlink()
         started_at = _now()
         t0 = time.monotonic()
         deployment = None

@@ -124,8 +124,10 @@ class SlurmExecutor:
     def launch(self, task: NodeTask, nodes: int, gpus_per_node: int = 0) -> "SlurmHandle":
         import submitit
 
-        folder = self.folder or str(Path(task.run_dir) / "submitit")
-        ex = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster="slurm")
+        # A fresh folder per deployment: job ids restart after a controller reset, and submitit would
+        # take an old <folder>/<id>_0_result.pkl for this job's result.
+        folder = Path(self.folder or Path(task.run_dir) / "submitit") / task.deployment_id
+        ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
         ex.update_parameters(**self.parameters(nodes, gpus_per_node))
         job = ex.submit(run_node, task)
         return SlurmHandle(job, Path(task.run_dir), nodes, self.url_host)
