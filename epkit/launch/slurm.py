@@ -184,11 +184,9 @@ class SlurmHandle:
         """The node tasks end on the stop file; cancel the job if it has not ended after the grace period."""
         deadline = time.monotonic() + grace_s + 15.0
         while time.monotonic() < deadline:
-            if self.state(1.0).split()[0] in FINAL_STATES:
+            if self.state(0.5).split()[0] in FINAL_STATES:  # every task ended (sacct, not task 0's result file)
                 return
-            if self.job.done():
-                return
-            time.sleep(0.5)
+            time.sleep(0.25)
         self.job.cancel(check=False)
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and self.state(1.0).split()[0] not in FINAL_STATES:

@@ -1,0 +1,30 @@
+"""Fixtures for the launch tests: the real Slurm cluster (scripts/slurm_up.sh), process-table checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running 2-node Slurm cluster; started here when scripts/test.sh did not (needs root)."""
+    ok = shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    if not ok:
+        if os.geteuid() != 0:
+            pytest.skip("no Slurm cluster and not root: cannot run scripts/slurm_up.sh")
+        out = subprocess.run(["bash", str(ROOT / "scripts/slurm_up.sh")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    from submitit.slurm.slurm import SlurmJob
+
+    SlurmJob._results_timeout_s = 2  # test-friendly: do not wait 15 s for a cancelled job's result file
+    SlurmJob.watcher._delay_s = 1
+    return True
+
+
