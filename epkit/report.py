@@ -1,0 +1,112 @@
+"""``epkit report``: one self-contained HTML page for a results folder.
+
+The page holds the sweep's table (one row per stored result, failures with their message)
+and the figures of :mod:`epkit.plots`: the Pareto frontier, throughput and latency against
+load, TTFT/ITL CDFs and a per-topology comparison. plotly.js is inlined once, so the page
+opens offline and makes no network request.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from epkit import plots as P
+from epkit import results as R
+
+TABLE_COLUMNS = ["config", "status", "gpus", "output_throughput", "output_tok_s_per_gpu", "total_tok_s_per_gpu",
+                 "interactivity_pareto_tok_s", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms",
+                 "p99_itl_ms", "completed", "failed", "failure_message", "hardware", "git_commit", "source"]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px auto; max-width: 1280px; color: #222; }
+h1 { margin-bottom: 4px; } .meta { color: #666; margin-top: 0; }
+.figure { border: 1px solid #e4e4e4; border-radius: 6px; margin: 18px 0; padding: 6px; min-height: 460px; }
+table { border-collapse: collapse; font-size: 12px; width: 100%; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; }
+td:first-child, td:last-child { text-align: left; }
+tr.failed td { background: #fff0f0; }
+.scroll { overflow-x: auto; max-height: 520px; }
+"""
+
+
+def figures(runs: pd.DataFrame, reqs: pd.DataFrame | None = None, color: str | None = None,
+            x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu") -> dict[str, go.Figure]:
+    """The report's figures, by heading, for a frame :func:`epkit.results.load` built (and its
+    request frame, for the CDFs)."""
+    ok = runs[runs["status"] == "ok"]
+    out: dict[str, go.Figure] = {}
+    if not len(ok):
+        return out
+    out["Pareto frontier"] = P.pareto(ok, x=x, y=y, color=color)
+    out["Throughput vs load"] = P.metric_vs_load(ok, y=y)
+    out["TTFT vs load"] = P.metric_vs_load(ok, y="p99_ttft_ms" if "p99_ttft_ms" in ok else "median_ttft_ms")
+    out["TPOT vs load"] = P.metric_vs_load(ok, y="median_tpot_ms")
+    if reqs is not None and len(reqs):
+        top = reqs[reqs["source"].isin(R.heaviest_load(ok)["source"])]  # one curve per topology
+        top = top.assign(curve=top["topology"] + " | " + top["load"])
+        out["TTFT CDF"] = P.latency_cdf(top, "ttft_ms", color="curve",
+                                        heading="TTFT CDF (each topology at its heaviest load)")
+        out["ITL CDF"] = P.latency_cdf(top, "itl_ms", color="curve",
+                                       heading="ITL CDF (each topology at its heaviest load)")
+    out["Comparison"] = P.compare_bars(ok, y=y, x="topology", color="load",
+                                       heading=f"{P.title(y)} by topology and load (bars: mean over repeats; whiskers: min–max)")
+    return out
+
+
+def _table(runs: pd.DataFrame) -> str:
+    cols = [c for c in TABLE_COLUMNS if c in runs and runs[c].notna().any()]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    rows = []
+    for _, r in runs.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, float):
+                text = "" if pd.isna(v) else f"{v:.4g}"
+            else:
+                text = "" if v is None else str(v)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        cls = ' class="failed"' if r.get("status") != "ok" else ""
+        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def render(source: str | Path | Iterable[str | Path], title: str | None = None, color: str | None = None,
+           x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu") -> str:
+    """The report page for every result under ``source``, as one HTML string."""
+    runs = R.load(source)
+    reqs = R.requests(runs)
+    figs = figures(runs, reqs, color=color, x=x, y=y)
+    sources = [str(source)] if isinstance(source, (str, Path)) else [str(s) for s in source]
+    n_failed = int((runs["status"] != "ok").sum())
+    sweeps = sorted({str(s) for s in runs["sweep"].dropna()}) if "sweep" in runs else []
+    meta = (f"{len(runs)} result(s) from {html.escape(', '.join(sources))}"
+            + (f" · sweep(s): {html.escape(', '.join(sweeps))}" if sweeps else "")
+            + (f" · <b>{n_failed} failed</b>" if n_failed else "")
+            + f" · generated {_dt.datetime.now().isoformat(timespec='seconds')}")
+    parts = [f"<h1>{html.escape(title or 'epkit report')}</h1>", f'<p class="meta">{meta}</p>']
+    for i, (heading, fig) in enumerate(figs.items()):
+        body = fig.to_html(full_html=False, include_plotlyjs=False, config=P.show_config(),
+                           div_id=f"fig-{i}", default_height="460px")
+        parts.append(f'<h2>{html.escape(heading)}</h2><div class="figure">{body}</div>')
+    parts.append("<h2>Results</h2>" + _table(runs))
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title or 'epkit report')}</title><style>{_CSS}</style>"
+            f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+def write(source: str | Path | Iterable[str | Path], out: str | Path, **kwargs) -> Path:
+    """Write :func:`render`'s page to ``out`` and return its path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(source, **kwargs), encoding="utf-8")
+    return out

@@ -1,0 +1,53 @@
+"""`epkit report` on the committed sample results, loaded in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from epkit.cli import main as epkit_main
+
+from .chromium import chromium_binary, load_page
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report_html(sample_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert epkit_main(["report", str(sample_dir / "ladder"), "-o", str(out), "--title", "epkit sample: ladder"]) == 0
+    return out
+
+
+def test_report_is_self_contained(report_html):
+    text = report_html.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    # nothing to fetch: no external scripts, stylesheets or images
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"(https?:)?//", text)
+    assert "Plotly.newPlot" in text and text.count('class="plotly-graph-div"') >= 6
+    assert "Pareto frontier" in text and "TTFT CDF" in text and "ITL CDF" in text
+
+
+def test_report_cli_errors_name_the_path(tmp_path, capsys):
+    assert epkit_main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.html")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium (bash scripts/chromium.sh installs it)")
+def test_report_renders_in_headless_chromium(report_html, tmp_path):
+    shot = tmp_path / "report.png"
+    page = load_page(report_html, screenshot=shot)
+    assert page.console_errors == []
+    assert page.exceptions == []
+    assert [u for u in page.requests if not u.startswith(("file:", "data:", "blob:", "about:"))] == []
+    assert page.title == "epkit sample: ladder"
+    assert len(page.plots) >= 6
+    for plot in page.plots:  # every container drawn, with data in it
+        assert plot["svg"] > 0 and plot["traces"] > 0 and plot["points"] > 0 and plot["height"] > 300, plot
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("EPKIT_UPDATE_SCREENSHOT"):
+        shutil.copy(shot, ROOT / "docs" / "report.png")
