@@ -115,8 +115,7 @@ class SweepRunner:
         done = self.done()
         todo = [(tp, self.pending(tp, done)) for tp in self.spec.topologies if not self.only or tp.id in self.only]
         total = sum(len(p) for _, p in todo)
-        self.summary["points_skipped"] = sum(len(self.spec.workloads) for _ in todo) and (
-            sum(w.repeats for w in self.spec.workloads) * len(todo) - total)
+        self.summary["points_skipped"] = sum(w.repeats for w in self.spec.workloads) * len(todo) - total
         self.bar = tqdm(total=total, desc=f"sweep {self.spec.name}", unit="point", disable=not self.progress,
                         file=sys.stderr)
         todo = [(tp, p) for tp, p in todo if p]
