@@ -30,13 +30,33 @@ STORE_PREFIX = "epkit/"
 
 
 def set_parent_death_signal() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (no orphans after a SIGKILL)."""
+    """Exit when the launcher dies, even by SIGKILL, so no process outlives its deployment.
+
+    Children are forked by a fork server, so Linux's PR_SET_PDEATHSIG (which we also set)
+    would watch the fork server; the launcher's liveness comes from multiprocessing's
+    parent sentinel instead: a thread waits on it, then SIGTERMs this process and, if a
+    graceful stop has not finished within a few seconds, exits hard.
+    """
+    import multiprocessing
+
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        logging.getLogger("epkit.engine").error("the launcher (pid %s) died; exiting", parent.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def connect_store(cfg: EngineConfig, is_master: bool, timeout_s: float):

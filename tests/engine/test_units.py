@@ -1,0 +1,189 @@
+"""Pure parts of the engine: config checks, scheduler/KV bookkeeping, placement, tokenizer, weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epkit.engine.block_manager import BlockManager
+from epkit.engine.config import EngineConfig
+from epkit.engine.moe import LocalExperts, Placement
+from epkit.engine.scheduler import Scheduler, SchedulerConfig
+from epkit.engine.sequence import EngineRequest, SamplingParams, Status
+from epkit.errors import EngineError
+
+
+def test_config_errors_name_field_value_and_allowed():
+    with pytest.raises(EngineError, match=r"dtype='int8'.*allowed: auto, float32"):
+        EngineConfig(dtype="int8")
+    with pytest.raises(EngineError, match=r"data_parallel_size_local=3 must be in 1..data_parallel_size=2"):
+        EngineConfig(data_parallel_size=2, data_parallel_size_local=3)
+    with pytest.raises(EngineError, match=r"all2all_backend='x'; allowed: allgather_reducescatter, naive, all_to_all, pplx"):
+        EngineConfig(all2all_backend="x")
+    cfg = EngineConfig(data_parallel_size=4, data_parallel_size_local=2, data_parallel_start_rank=2, headless=True,
+                       enable_expert_parallel=True)
+    assert cfg.local_dp_ranks == [2, 3] and cfg.ep_size == 4
+    assert EngineConfig(data_parallel_size=4).ep_size == 1
+
+
+def test_placement_covers_every_expert_once_and_is_uneven_when_needed():
+    placements = [Placement(10, 4, r) for r in range(4)]
+    assert [len(p.local_experts) for p in placements] == [3, 3, 2, 2]
+    assert sorted(e for p in placements for e in p.local_experts) == list(range(10))
+    owner = placements[0].owner_table(torch.device("cpu"))
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="ep_size=8"):
+        Placement(4, 8, 0)
+
+
+def _scheduler(num_blocks: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_seqs, budget, 256, eos_token_id=2), BlockManager(num_blocks, 4))
+
+
+def _req(rid: str, n: int, max_tokens: int = 4) -> EngineRequest:
+    return EngineRequest(rid, tuple(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+
+def test_chunked_prefill_then_decode_and_finish():
+    s = _scheduler(num_blocks=16, budget=8)
+    s.add(_req("a", 10, max_tokens=2))
+    batch = s.schedule()
+    assert [(q.request_id, n) for q, n in batch] == [("a", 8)]
+    assert s.postprocess(batch, {}) == []  # prompt not finished: nothing sampled
+    batch = s.schedule()
+    assert [(q.request_id, n) for q, n in batch] == [("a", 2)]
+    out = s.postprocess(batch, {"a": 7})
+    assert out[0].new_token_ids == (7,) and out[0].finish_reason is None
+    batch = s.schedule()
+    assert [n for _, n in batch] == [1]
+    out = s.postprocess(batch, {"a": 8})
+    assert out[0].finish_reason == "length" and not s.has_work and s.blocks.num_free_blocks == 16
+
+
+def test_max_num_seqs_and_token_budget_bound_a_step():
+    s = _scheduler(num_blocks=64, max_seqs=2, budget=64)
+    for i in range(3):
+        s.add(_req(str(i), 5))
+    batch = s.schedule()
+    assert [q.request_id for q, _ in batch] == ["0", "1"] and len(s.waiting) == 1
+
+
+def test_preemption_frees_blocks_and_recomputes():
+    s = _scheduler(num_blocks=4)  # 16 token slots
+    s.add(_req("a", 7, max_tokens=8))
+    s.add(_req("b", 7, max_tokens=8))
+    for _ in range(3):  # 7-token prompts, one token per step: at 9 tokens each would need 3 of the 4 blocks
+        batch = s.schedule()
+        s.postprocess(batch, {q.request_id: 1 for q, n in batch if q.num_computed_tokens + n == q.num_tokens})
+        if s.num_preemptions:
+            break
+    assert s.num_preemptions == 1 and [q.request_id for q in s.running] == ["a"]
+    b = next(q for q in s.waiting if q.request_id == "b")
+    assert b.status is Status.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert b.output_token_ids == [1, 1]  # its generated tokens are kept and recomputed
+
+
+def test_abort_returns_blocks():
+    s = _scheduler(num_blocks=8)
+    s.add(_req("a", 6))
+    s.schedule()
+    assert s.blocks.num_free_blocks < 8
+    assert s.abort("a").finish_reason == "abort" and s.blocks.num_free_blocks == 8 and not s.has_work
+
+
+def test_expert_rows_do_not_depend_on_batch_composition():
+    g = torch.Generator().manual_seed(0)
+    experts = LocalExperts(torch.randn(4, 32, 48, generator=g), torch.randn(4, 24, 32, generator=g))
+    x = torch.randn(20, 32, generator=g)
+    idx = torch.randint(0, 4, (20,), generator=g)
+    full = experts(x, idx)
+    for rows in ([3], [0, 5], list(range(7)), [19, 2, 11]):
+        assert torch.equal(experts(x[rows], idx[rows]), full[rows])
+    h1 = x[0] @ experts.w13[idx[0]]
+    ref = (torch.nn.functional.silu(h1[:24]) * h1[24:]) @ experts.w2[idx[0]]
+    torch.testing.assert_close(full[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_depend_on_logical_expert_not_on_rank(tmp_path):
+    from epkit.engine.model import ModelConfig, Weights, read_model_config
+
+    config, _ = read_model_config("epkit-tiny-moe")
+    mcfg = ModelConfig.from_dict(config)
+    whole = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 3, torch.device("cpu"), torch.float32)
+    half = Weights(mcfg, Placement(mcfg.num_experts, 2, 1), 3, torch.device("cpu"), torch.float32)
+    n = mcfg.num_experts // 2
+    assert torch.equal(whole.layers[1]["experts"].w13[n:], half.layers[1]["experts"].w13)
+    assert torch.equal(whole.layers[0]["qkv"], half.layers[0]["qkv"])
+    other_seed = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 4, torch.device("cpu"), torch.float32)
+    assert not torch.equal(whole.embed, other_seed.embed)
+
+
+def test_safetensors_directory_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    from epkit.engine.model import ModelConfig, Weights, read_model_config
+    from epkit.engine.tokenizer import write_model_dir
+
+    config, _ = read_model_config("epkit-tiny-moe")
+    config = {**config, "num_hidden_layers": 1}
+    mcfg = ModelConfig.from_dict(config)
+    ref = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 0, torch.device("cpu"), torch.float32)
+    layer, d, h = ref.layers[0], mcfg.head_dim, mcfg.hidden_size
+    nq, nkv = mcfg.num_heads * d, mcfg.num_kv_heads * d
+    p = "model.layers.0."
+    tensors = {
+        "model.embed_tokens.weight": ref.embed, "model.norm.weight": ref.norm * 2, "lm_head.weight": ref.lm_head.t(),
+        p + "input_layernorm.weight": layer["input_norm"], p + "post_attention_layernorm.weight": layer["post_norm"],
+        p + "self_attn.q_proj.weight": layer["qkv"][:, :nq].t(), p + "self_attn.k_proj.weight": layer["qkv"][:, nq:nq + nkv].t(),
+        p + "self_attn.v_proj.weight": layer["qkv"][:, nq + nkv:].t(), p + "self_attn.o_proj.weight": layer["o"].t(),
+        p + "self_attn.q_norm.weight": layer["q_norm"], p + "self_attn.k_norm.weight": layer["k_norm"],
+        p + "mlp.gate.weight": layer["router"].t(),
+    }
+    inter = mcfg.moe_intermediate_size
+    for e in range(mcfg.num_experts):
+        w13, w2 = layer["experts"].w13[e], layer["experts"].w2[e]
+        tensors[f"{p}mlp.experts.{e}.gate_proj.weight"] = w13[:, :inter].t()
+        tensors[f"{p}mlp.experts.{e}.up_proj.weight"] = w13[:, inter:].t()
+        tensors[f"{p}mlp.experts.{e}.down_proj.weight"] = w2.t()
+    write_model_dir(config, tmp_path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    loaded = Weights(mcfg, Placement(mcfg.num_experts, 2, 1), 99, torch.device("cpu"), torch.float32, tmp_path)
+    assert torch.equal(loaded.norm, ref.norm * 2)  # read from the file, not generated
+    assert torch.equal(loaded.layers[0]["experts"].w13, layer["experts"].w13[mcfg.num_experts // 2:])
+    assert torch.equal(loaded.layers[0]["qkv"], layer["qkv"])
+
+
+def test_tokenizer_roundtrip_and_incremental_utf8():
+    from epkit.engine.model import read_model_config
+    from epkit.engine.tokenizer import ByteTokenizer
+
+    config, _ = read_model_config("epkit-tiny-moe")
+    tok = ByteTokenizer(config)
+    text = "naïve 🙂 <|im_start|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and ids[-1] >= 256
+    stream = tok.stream_decoder()
+    pieces = [stream.push([i]) for i in tok.encode("🙂")]
+    assert pieces[:-1] == ["", "", ""] and pieces[-1] == "🙂"
+
+
+def test_stop_strings_are_held_back_and_cut():
+    from epkit.engine.model import read_model_config
+    from epkit.engine.server import StopChecker
+    from epkit.engine.tokenizer import ByteTokenizer
+
+    config, _ = read_model_config("epkit-tiny-moe")
+    tok = ByteTokenizer(config)
+    checker = StopChecker(tok, ["END"])
+    out = "".join(checker.push((b,), final=False) for b in b"abcEN")
+    assert out == "abc"  # "EN" may start the stop string
+    out += checker.push((ord("D"),), final=False)
+    assert out == "abc" and checker.stopped
+
+
+def test_import_epkit_does_not_import_torch_or_the_server():
+    import subprocess
+    import sys
+
+    code = "import epkit, epkit.engine, sys; print('torch' in sys.modules, 'fastapi' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
