@@ -23,37 +23,41 @@ class AttentionMeta:
     per_seq: list[tuple[int, int, torch.Tensor]]  # (first row, new tokens, slots of the whole context)
     decode_rows: torch.Tensor | None = None  # [B] rows of batched single-token decodes
     decode_slots: torch.Tensor | None = None  # [B, max_ctx] slots, padded with 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] True where a slot is real
+    decode_mask: torch.Tensor | None = None  # [B, max_ctx] True where a slot is real
 
 
 def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: torch.device, batch_decode: bool) -> AttentionMeta:
     """``seqs`` holds (tokens already cached, new tokens, block table) per sequence, in row order."""
-    slot_mapping: list[int] = []
+    offsets = torch.arange(block_size)
+    slot_mapping: list[torch.Tensor] = []
     per_seq: list[tuple[int, int, torch.Tensor]] = []
     decode_rows: list[int] = []
-    decode_ctx: list[list[int]] = []
+    decode_tables: list[list[int]] = []
+    decode_ctx: list[int] = []
     row = 0
     for cached, new, table in seqs:
         ctx = cached + new
-        slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
-        slot_mapping.extend(slots[cached:])
         if batch_decode and new == 1:
             decode_rows.append(row)
-            decode_ctx.append(slots)
+            decode_tables.append(table)
+            decode_ctx.append(ctx)
+            slot_mapping.append(torch.tensor([table[cached // block_size] * block_size + cached % block_size]))
         else:
-            per_seq.append((row, new, torch.tensor(slots, dtype=torch.long, device=device)))
+            slots = (torch.tensor(table).unsqueeze(1) * block_size + offsets).flatten()[:ctx]
+            slot_mapping.append(slots[cached:])
+            per_seq.append((row, new, slots.to(device, non_blocking=True)))
         row += new
-    meta = AttentionMeta(torch.tensor(slot_mapping, dtype=torch.long, device=device), per_seq)
+    mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
+    meta = AttentionMeta(mapping.to(device), per_seq)
     if decode_rows:
-        width = max(len(s) for s in decode_ctx)
-        padded = torch.zeros((len(decode_ctx), width), dtype=torch.long)
-        mask = torch.zeros((len(decode_ctx), width), dtype=torch.bool)
-        for i, s in enumerate(decode_ctx):
-            padded[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-        meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-        meta.decode_slots = padded.to(device)
-        meta.decode_mask = mask.view(len(decode_ctx), 1, 1, width).to(device)
+        width = max(len(t) for t in decode_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+        max_ctx = max(decode_ctx)
+        slots = (tables.unsqueeze(2) * block_size + offsets).view(len(decode_rows), -1)[:, :max_ctx]
+        mask = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(decode_ctx).unsqueeze(1)
+        meta.decode_rows = torch.tensor(decode_rows).to(device)
+        meta.decode_slots = slots.to(device)
+        meta.decode_mask = mask.to(device)
     return meta
 
 
@@ -77,9 +81,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
         out[start : start + new] = o[0].transpose(0, 1)
     if meta.decode_rows is not None:
-        qq = q[meta.decode_rows].unsqueeze(2)
-        kk = k_cache[meta.decode_slots].transpose(1, 2)
-        vv = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=meta.decode_mask, enable_gqa=True)
-        out[meta.decode_rows] = o.squeeze(2)
+        out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta.decode_slots, meta.decode_mask)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence, GQA without expanding K/V: two batched matmuls and a masked softmax."""
+    B, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    qg = q.view(B, kv_heads, heads // kv_heads, d)
+    k = k_cache[slots].permute(0, 2, 3, 1)  # [B, kv_heads, d, ctx]
+    v = v_cache[slots].transpose(1, 2)  # [B, kv_heads, ctx, d]
+    scores = torch.matmul(qg, k).float() * d ** -0.5  # [B, kv_heads, group, ctx]
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(B, heads, d)

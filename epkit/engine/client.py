@@ -58,6 +58,10 @@ class EngineClient:
         while True:
             try:
                 kind, outputs, stats = conn.recv()
+                if kind == "stop":
+                    log.info("engine core DP rank %d stopped", rank)
+                    self.closing = True
+                    continue
             except (EOFError, OSError) as exc:
                 if not self.closing:
                     self.on_core_lost(f"lost the connection to engine core DP rank {rank} ({type(exc).__name__}); "

@@ -101,6 +101,10 @@ class LocalExperts:
                 LocalExperts.grouped_mm_ok = bool(torch.allclose(out[:16].float(), (a[:16] @ b[0]).float(), atol=0.5, rtol=0.05))
             except RuntimeError:
                 LocalExperts.grouped_mm_ok = False
+            import logging
+
+            logging.getLogger("epkit.engine").info(
+                "grouped expert GEMMs: %s", "torch._grouped_mm" if LocalExperts.grouped_mm_ok else "padded torch.bmm (fallback)")
         return LocalExperts.grouped_mm_ok
 
     def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:

@@ -187,3 +187,19 @@ def test_import_epkit_does_not_import_torch_or_the_server():
 
     code = "import epkit, epkit.engine, sys; print('torch' in sys.modules, 'fastapi' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
+
+
+def test_batched_decode_attention_matches_per_sequence_attention():
+    """The GPU path (one masked batched call for all single-token decodes) equals the per-sequence path."""
+    from epkit.engine.attention import build_meta, paged_attention
+
+    g = torch.Generator().manual_seed(0)
+    bs, kv_heads, heads, d = 4, 2, 4, 8
+    k_cache, v_cache = torch.randn(256, kv_heads, d, generator=g), torch.randn(256, kv_heads, d, generator=g)
+    seqs = [(5, 1, [3, 7]), (9, 1, [1, 2, 9]), (0, 6, [10, 11]), (2, 3, [20, 21])]
+    rows = sum(n for _, n, _ in seqs)
+    q = torch.randn(rows, heads, d, generator=g)
+    k, v = torch.randn(rows, kv_heads, d, generator=g), torch.randn(rows, kv_heads, d, generator=g)
+    per_seq = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, torch.device("cpu"), False))
+    batched = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, torch.device("cpu"), True))
+    torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
