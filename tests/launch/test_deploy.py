@@ -86,3 +86,39 @@ def test_scancel_leaves_no_process(slurm, tmp_path):
         assert no_leftovers([d.id]) == []
     finally:
         d.stop()
+
+
+def test_hang_is_detected_and_torn_down(tmp_path):
+    import json
+    import os
+    import signal
+
+    topo = Topology(model=TINY, engine="epkit")
+    d = deploy(topo, "local", run_dir=tmp_path, grace_s=2, hang_timeout_s=3.0)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "node0.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(json.loads((tmp_path / "node0.json").read_text())["pgid"], signal.SIGSTOP)  # a real hang
+    with pytest.raises(DeploymentFailed) as info:
+        d.wait_ready(120)
+    assert info.value.failure.kind == "hang"
+    assert no_leftovers([d.id]) == []  # stopped processes too: SIGKILL after the grace period
+
+
+def test_ctrl_c_while_waiting_stops_everything(tmp_path):
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    topo = Topology(model=TINY, engine="epkit")
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        d = deploy(topo, "local", run_dir=tmp_path, grace_s=2)
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            d.wait_ready(120)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert no_leftovers([d.id]) == []
