@@ -46,9 +46,13 @@ def test_all_four_notebooks_exist_and_are_thin():
         assert all(not c.get("outputs") for c in code), f"{path.name}: commit notebooks without outputs"
 
 
-@pytest.mark.parametrize("name", ["01_plan", "03_compare", "04_eplb"])
-def test_notebook_executes(name):
-    nb = execute(ROOT / "notebooks" / f"{name}.ipynb", {})
+SAMPLE = ROOT / "results" / "sample"
+
+
+@pytest.mark.parametrize("name, results", [("01_plan", None), ("03_compare", SAMPLE / "ladder"),
+                                           ("03_compare", SAMPLE / "quickstart"), ("04_eplb", None)])
+def test_notebook_executes(name, results):
+    nb = execute(ROOT / "notebooks" / f"{name}.ipynb", {"EPKIT_RESULTS": str(results)} if results else {})
     if name != "01_plan":
         assert len(outputs(nb, "application/vnd.plotly.v1+json")) >= 3
     else:

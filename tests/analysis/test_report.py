@@ -32,6 +32,14 @@ def test_report_is_self_contained(report_html):
     assert "Pareto frontier" in text and "TTFT CDF" in text and "ITL CDF" in text
 
 
+def test_report_on_the_quickstart_results(sample_dir, tmp_path):
+    """What `epkit report results/quickstart` gives after the README's main job (rate ladder, no concurrency cap)."""
+    out = tmp_path / "quickstart.html"
+    assert epkit_main(["report", str(sample_dir / "quickstart"), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "Pareto frontier by all2all backend" in text and "Request rate (req\\u002fs)" in text  # JSON-escaped in the figure
+
+
 def test_report_cli_errors_name_the_path(tmp_path, capsys):
     assert epkit_main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.html")]) == 2
     assert "nothing" in capsys.readouterr().err
