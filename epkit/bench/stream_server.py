@@ -33,7 +33,7 @@ FAULTS = ("500", "429", "close", "malformed", "empty")
 _LETTERS = b"abcdefghijklmnopqrstuvwxyz"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
             500: "Internal Server Error"}
-SPIN_S = 0.0015  # sleep until this close to a deadline, then spin: asyncio's timer rounds to 1 ms
+SPIN_S = 0.0015  # sleep until this close to a deadline, then poll: asyncio's timer rounds to 1 ms
 
 
 @dataclass
@@ -212,8 +212,9 @@ class _Conn(asyncio.Protocol):
         if left > SPIN_S or (left > 0 and not self.state.config.spin):
             await asyncio.sleep(left - (SPIN_S if self.state.config.spin else 0))
         if self.state.config.spin:
+            # Poll the loop rather than block it, so other streams' reads and writes go on.
             while time.perf_counter() < deadline:
-                pass
+                await asyncio.sleep(0)
         elif self.state.config.itl_ms == 0:
             await asyncio.sleep(0)  # let other streams and the reader in
 

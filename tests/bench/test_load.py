@@ -88,7 +88,7 @@ def test_trace_replay_sends_at_the_trace_timestamps(stream_server, tmp_path):
                                            "hash_ids": [i]}) for i, t in enumerate(stamps_ms)))
     r = run(server.url, "m", TraceWorkload(path=str(trace)), request_rate=1.0, progress=False)
     d = derive(r.requests)
-    np.testing.assert_allclose(d["send_s"], [(t - 1000) / 1e3 for t in stamps_ms], atol=3e-3)
+    np.testing.assert_allclose(d["send_s"], [(t - 1000) / 1e3 for t in stamps_ms], atol=10e-3)
     assert list(d["output_len"]) == [3, 4, 5, 6, 7] and list(d["input_len"]) == [20, 21, 22, 23, 24]
 
 
