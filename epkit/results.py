@@ -136,6 +136,7 @@ def _row(doc: dict, path: Path, index: int) -> dict:
     for key in ("hardware", "git_commit", "started_at", "finished_at"):
         value = point.get(key)
         row[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+    row.update({k: v for k, v in (point.get("timing") or {}).items() if not isinstance(v, (dict, list))})
     for key, value in workload.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, sort_keys=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,19 @@ def test_report_on_the_quickstart_results(sample_dir, tmp_path):
     assert epkit_main(["report", str(sample_dir / "quickstart"), "-o", str(out)]) == 0
     text = out.read_text()
     assert "Pareto frontier by all2all backend" in text and "Request rate (req\\u002fs)" in text  # JSON-escaped in the figure
+
+
+def test_report_of_a_sweep_where_every_point_failed(sample_dir, tmp_path):
+    for src in sorted((sample_dir / "quickstart").glob("*/*.json")):
+        doc = json.loads(src.read_text())
+        doc["epkit"]["point"].update(status="failed", failure={"kind": "oom", "message": "CUDA out of memory", "log_tail": ""})
+        dst = tmp_path / "q" / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps({"epkit": doc["epkit"]}))
+    out = tmp_path / "r.html"
+    assert epkit_main(["report", str(tmp_path / "q"), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "8 failed" in text and "CUDA out of memory" in text
 
 
 def test_report_cli_errors_name_the_path(tmp_path, capsys):
