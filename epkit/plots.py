@@ -141,8 +141,9 @@ def pareto(df: pd.DataFrame, x: str = "interactivity_pareto_tok_s", y: str = "ou
 
 
 def _load_axis(df: pd.DataFrame) -> str:
-    conc = df["max_concurrency"].dropna() if "max_concurrency" in df else pd.Series(dtype=float)
-    if conc.nunique() > 1:
+    conc = pd.to_numeric(df["max_concurrency"], errors="coerce").dropna() if "max_concurrency" in df else pd.Series(dtype=float)
+    rate = pd.to_numeric(df["request_rate"], errors="coerce") if "request_rate" in df else pd.Series(dtype=float)
+    if conc.nunique() > 1 or (len(conc) and not np.isfinite(rate).any()):
         return "max_concurrency"
     return "request_rate"
 

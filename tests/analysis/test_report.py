@@ -73,3 +73,16 @@ def test_report_renders_in_headless_chromium(report_html, tmp_path):
     assert shot.stat().st_size > 20_000
     if os.environ.get("EPKIT_UPDATE_SCREENSHOT"):
         shutil.copy(shot, ROOT / "docs" / "report.png")
+
+
+@pytest.mark.parametrize("folder", ["vllm", "quickstart", "ladder"])
+def test_every_report_figure_has_data(sample_dir, folder):
+    """A lone `vllm bench serve` file (no topology, unlimited rate) still fills every figure."""
+    from epkit import report, results
+
+    runs = results.load(sample_dir / folder)
+    figs = report.figures(runs, results.requests(runs))
+    assert len(figs) == 7
+    for name, fig in figs.items():
+        points = sum(len(t.z if getattr(t, "z", None) is not None else (t.x if t.x is not None else [])) for t in fig.data)
+        assert points > 0, name
