@@ -113,6 +113,9 @@ class All2AllBackend(Protocol):
     def __call__(self, x, ids, weights, experts, counts: list[int]) -> "torch.Tensor": ...
 
 
+SYNC_FREE_MAX_PAIRS = 16384  # gathered (token, slot) pairs up to which the sync-free GPU path is used
+
+
 class _GatherBased:
     """Shared part of the two backends that replicate all tokens to every rank."""
 
@@ -122,6 +125,8 @@ class _GatherBased:
         self.comm, self.placement = comm, placement
         self.owner = placement.owner_table(device)
         self.local_index = placement.local_index_table(device)
+        self._valid_key: tuple | None = None
+        self._valid = None
 
     def _pack(self, x, ids, weights, capacity: int):
         import torch
@@ -134,6 +139,17 @@ class _GatherBased:
         meta[:n, k:] = weights
         return xp, meta
 
+    def _valid_rows(self, counts: list[int], capacity: int, device) -> "torch.Tensor":
+        """Mask of real (unpadded) gathered rows; built once per step, reused by every layer."""
+        import torch
+
+        key = (tuple(counts), capacity)
+        if self._valid_key != key:
+            rows = torch.arange(len(counts) * capacity)
+            self._valid = ((rows % capacity) < torch.tensor(counts)[rows // capacity]).to(device)
+            self._valid_key = key
+        return self._valid
+
     def _local_partial(self, gx, gmeta, counts: list[int], capacity: int, experts):
         import torch
 
@@ -141,10 +157,15 @@ class _GatherBased:
 
         k = gmeta.shape[1] // 2
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
-        rows = torch.arange(gx.shape[0], device=gx.device)
-        counts_t = torch.tensor(counts, device=gx.device)
-        valid = (rows % capacity) < counts_t[rows // capacity]
-        mine = (self.owner[gids] == self.comm.rank) & valid.unsqueeze(1)
+        mine = (self.owner[gids] == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
+        if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
+            # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
+            # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.
+            token_idx = torch.arange(gx.shape[0], device=gx.device).repeat_interleave(k)
+            flat_mine = mine.reshape(-1)
+            expert_idx = torch.where(flat_mine, self.local_index[gids.reshape(-1)], experts.num_local)
+            y = experts.with_sentinel(gx[token_idx], expert_idx)
+            return weighted_sum(y, gw.reshape(-1), token_idx, gx.shape[0], mask=flat_mine)
         token_idx, slot_idx = mine.nonzero(as_tuple=True)
         chosen = gids[token_idx, slot_idx]
         y = experts(gx[token_idx], self.local_index[chosen])

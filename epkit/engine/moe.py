@@ -82,6 +82,41 @@ class LocalExperts:
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
         self.w13, self.w2 = w13, w2
         self.intermediate = w2.shape[1]
+        self.num_local = w13.shape[0]
+
+    sentinel_ok: bool | None = None  # probed once per process: trailing rows outside ``offs`` accepted
+
+    def supports_sentinel(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`with_sentinel` runs here (grouped GEMMs on CUDA that accept skipped trailing rows)."""
+        if not self._use_grouped_mm(x):
+            return False
+        if LocalExperts.sentinel_ok is None:
+            try:
+                a = torch.randn(48, 64, device=x.device, dtype=x.dtype)
+                b = torch.randn(2, 64, 32, device=x.device, dtype=x.dtype)
+                out = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=x.device, dtype=torch.int32))
+                LocalExperts.sentinel_ok = bool(torch.allclose(out[16:32].float(), (a[16:32] @ b[1]).float(), atol=0.5, rtol=0.05))
+            except RuntimeError:
+                LocalExperts.sentinel_ok = False
+            import logging
+
+            logging.getLogger("epkit.engine").info("sync-free MoE dispatch (sentinel rows): %s", LocalExperts.sentinel_ok)
+        return LocalExperts.sentinel_ok
+
+    def with_sentinel(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """Like ``__call__``, but rows whose index is ``num_local`` are skipped (their output is garbage).
+
+        Shapes stay fixed, so nothing waits for the GPU (no ``nonzero``, no ``.item()``).
+        """
+        order = torch.argsort(expert_idx, stable=True)
+        counts = torch.bincount(expert_idx, minlength=self.num_local + 1)[: self.num_local]
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(x[order], self.w13, offs=offs)
+        act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+        y = torch._grouped_mm(act, self.w2, offs=offs)
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
 
     def __call__(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -136,15 +171,19 @@ class LocalExperts:
         return out
 
 
-def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor, num_tokens: int,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``weights[i] * y[i]`` into row ``token_idx[i]`` of a ``[num_tokens, hidden]`` tensor.
 
     Products are rounded to the product dtype and added in the accumulation dtype (see
     :func:`accumulation_dtypes`); the result stays in the accumulation dtype so partial
-    sums from several ranks can be reduced exactly before the final cast.
+    sums from several ranks can be reduced exactly before the final cast. Rows where
+    ``mask`` is False contribute exactly zero, whatever ``y`` holds there.
     """
     prod, acc = accumulation_dtypes(y.dtype)
     products = (y.to(prod) * weights.to(prod).unsqueeze(1)).to(acc)
+    if mask is not None:
+        products = torch.where(mask.unsqueeze(1), products, torch.zeros((), dtype=acc, device=y.device))
     out = torch.zeros((num_tokens, y.shape[1]), dtype=acc, device=y.device)
     return out.index_add_(0, token_idx, products)
 

@@ -203,3 +203,23 @@ def test_batched_decode_attention_matches_per_sequence_attention():
     per_seq = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, torch.device("cpu"), False))
     batched = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, torch.device("cpu"), True))
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
+
+
+def test_sync_free_sentinel_path_matches_the_gathered_path():
+    """The GPU path that pushes every (token, slot) pair through one grouped GEMM, masking pairs routed
+    elsewhere, gives the same partial sums as the path that first selects the local pairs."""
+    from epkit.engine.all2all import AllGatherReduceScatter, Communicator
+
+    g = torch.Generator().manual_seed(1)
+    placement = Placement(8, 2, 1)
+    experts = LocalExperts(torch.randn(4, 16, 24, generator=g), torch.randn(4, 12, 16, generator=g))
+    backend = AllGatherReduceScatter(Communicator(1, 2), placement, torch.device("cpu"))
+    counts, capacity, k = [5, 3], 5, 2
+    gx = torch.randn(10, 16, generator=g)
+    ids = torch.randint(0, 8, (10, k), generator=g).float()
+    gmeta = torch.cat([ids, torch.rand(10, k, generator=g)], 1)
+    gathered = backend._local_partial(gx, gmeta, counts, capacity, experts)
+    experts.supports_sentinel = lambda x: True  # force the sentinel path (torch._grouped_mm also runs on CPU)
+    sentinel = backend._local_partial(gx, gmeta, counts, capacity, experts)
+    torch.testing.assert_close(sentinel, gathered, rtol=1e-4, atol=1e-4)
+    assert sentinel[8:].abs().sum() == 0  # padded rows of rank 1 (count 3) stay zero
