@@ -251,7 +251,6 @@ def write_byte_tokenizer(directory: str | Path) -> Path:
 
 def _byte_of(ch: str) -> int:
     # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to 256+.
-    table = {}
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
