@@ -2,13 +2,15 @@
 # The main job: set up, then run the local sweep on the built-in engine (CPU, a few minutes):
 # 2 all2all backends × DP ∈ {1, 2}, one deployment per topology, a short rate ladder each.
 # Results land in results/quickstart/ (re-running resumes: finished points are skipped).
-# Then plan every seed deployment (per-node commands, sizes, memory).
+# Then the HTML report of those results, then a plan of every seed deployment.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 cd "$root"
 echo "=================== epkit sweep launchers/local/quickstart.yaml"
 epkit sweep launchers/local/quickstart.yaml
+echo "=================== epkit report results/quickstart"
+epkit report results/quickstart -o results/quickstart/report.html
 for spec in launchers/seed/*.yaml; do
   echo "=================== epkit plan $spec"
   epkit plan "$spec"
