@@ -27,7 +27,7 @@ from epkit.errors import EngineError
 if TYPE_CHECKING:
     import torch
 
-    from epkit.engine.moe import LocalExperts, Placement
+    from epkit.engine.moe import LocalExperts
 
 
 class Communicator:
@@ -121,10 +121,8 @@ class _GatherBased:
 
     name = ""
 
-    def __init__(self, comm: Communicator, placement: "Placement", device: "torch.device"):
-        self.comm, self.placement = comm, placement
-        self.owner = placement.owner_table(device)
-        self.local_index = placement.local_index_table(device)
+    def __init__(self, comm: Communicator, device: "torch.device"):
+        self.comm = comm
         self._valid_key: tuple | None = None
         self._valid = None
 
@@ -157,18 +155,18 @@ class _GatherBased:
 
         k = gmeta.shape[1] // 2
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
-        mine = (self.owner[gids] == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
+        owner, local = experts.map.locate(gids)
+        mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
             # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
             # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.
             token_idx = torch.arange(gx.shape[0], device=gx.device).repeat_interleave(k)
             flat_mine = mine.reshape(-1)
-            expert_idx = torch.where(flat_mine, self.local_index[gids.reshape(-1)], experts.num_local)
+            expert_idx = torch.where(flat_mine, local.reshape(-1), experts.num_local)
             y = experts.with_sentinel(gx[token_idx], expert_idx)
             return weighted_sum(y, gw.reshape(-1), token_idx, gx.shape[0], mask=flat_mine)
         token_idx, slot_idx = mine.nonzero(as_tuple=True)
-        chosen = gids[token_idx, slot_idx]
-        y = experts(gx[token_idx], self.local_index[chosen])
+        y = experts(gx[token_idx], local[token_idx, slot_idx])
         return weighted_sum(y, gw[token_idx, slot_idx], token_idx, gx.shape[0])
 
 
@@ -208,10 +206,8 @@ class AllToAll:
 
     name = "all_to_all"
 
-    def __init__(self, comm: Communicator, placement: "Placement", device: "torch.device"):
+    def __init__(self, comm: Communicator, device: "torch.device"):
         self.comm = comm
-        self.owner = placement.owner_table(device)
-        self.local_index = placement.local_index_table(device)
 
     def __call__(self, x, ids, weights, experts, counts):
         import torch
@@ -220,16 +216,16 @@ class AllToAll:
 
         n, k = ids.shape
         world = self.comm.world_size
-        flat_ids = ids.reshape(-1)
+        owner, local = experts.map.locate(ids)
         token_idx = torch.arange(n, device=x.device).repeat_interleave(k)
-        dest = self.owner[flat_ids]
+        dest = owner.reshape(-1)
         order = torch.argsort(dest, stable=True)
         send_counts_t = torch.bincount(dest, minlength=world)
         recv_counts_t = torch.empty_like(send_counts_t)
         self.comm.all_to_all(recv_counts_t, send_counts_t, [1] * world, [1] * world)
         send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
         send_x = x[token_idx[order]]
-        send_e = self.local_index[flat_ids[order]]
+        send_e = local.reshape(-1)[order]
         recv_x = x.new_empty((sum(recv_counts), x.shape[1]))
         recv_e = send_e.new_empty(sum(recv_counts))
         self.comm.all_to_all(recv_x, send_x, recv_counts, send_counts)
@@ -287,7 +283,7 @@ def check_backend(name: str) -> None:
         raise EngineError(f"all2all_backend={name!r}; allowed: {', '.join(BACKENDS)}")
 
 
-def make_backend(name: str, comm: Communicator, placement: "Placement", device: "torch.device") -> All2AllBackend:
-    """Build the named built-in backend for this rank."""
+def make_backend(name: str, comm: Communicator, device: "torch.device") -> All2AllBackend:
+    """Build the named built-in backend for this rank (expert locations come with each layer's experts)."""
     check_backend(name)
-    return BUILTIN[name](comm, placement, device)
+    return BUILTIN[name](comm, device)

@@ -76,24 +76,30 @@ class EngineClient:
                     loop, queue, _ = entry
                     loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    def pick_rank(self, pinned: int | None) -> int:
-        """The pinned rank, else the rank with fewest in-flight requests (ties rotate)."""
+    def reserve(self, pinned: int | None) -> "Ticket":
+        """Count a request against the pinned rank, else the rank with fewest in-flight requests (ties rotate).
+
+        The count is taken now, not when the response starts streaming, so a burst of
+        requests spreads evenly; the ticket gives it back when the request ends.
+        """
         if pinned is not None:
-            return pinned
-        low = min(self.in_flight)
-        candidates = [r for r, n in enumerate(self.in_flight) if n == low]
-        return candidates[next(self._rr) % len(candidates)]
+            rank = pinned
+        else:
+            low = min(self.in_flight)
+            candidates = [r for r, n in enumerate(self.in_flight) if n == low]
+            rank = candidates[next(self._rr) % len(candidates)]
+        return Ticket(self, rank)
 
     def _post(self, rank: int, message: tuple) -> None:
         with self._send_locks[rank]:
             self.conns[rank].send(message)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, rank: int) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, ticket: "Ticket") -> AsyncIterator[RequestOutput]:
         """Yield the outputs of one request until it finishes; aborts it if the consumer leaves."""
         request_id = f"{self.server_index}-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
+        rank = ticket.rank
         self._queues[request_id] = (asyncio.get_running_loop(), queue, rank)
-        self.in_flight[rank] += 1
         finished = False
         try:
             self._post(rank, ("add", EngineRequest(request_id, tuple(prompt_ids), params)))
@@ -107,7 +113,7 @@ class EngineClient:
                     return
         finally:
             self._queues.pop(request_id, None)
-            self.in_flight[rank] -= 1
+            ticket.release()
             if not finished and not self.closing:
                 try:
                     self._post(rank, ("abort", request_id))
@@ -121,6 +127,19 @@ class EngineClient:
                 conn.close()
             except OSError:
                 pass
+
+
+class Ticket:
+    """A request counted against DP rank ``rank`` until :meth:`release` (idempotent)."""
+
+    def __init__(self, client: EngineClient, rank: int):
+        self.client, self.rank, self.released = client, rank, False
+        client.in_flight[rank] += 1
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.in_flight[self.rank] -= 1
 
 
 def _remaining(deadline: float):

@@ -92,9 +92,8 @@ class EngineConfig:
                f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be > 0")
         unknown = sorted(set(self.eplb_config) - set(EPLB_KEYS))
         _check(not unknown, f"eplb_config has unknown keys {unknown}; valid keys: {', '.join(EPLB_KEYS)}")
-        _check(not self.enable_eplb,
-               "enable_eplb=True: EPLB is not yet supported in the built-in engine (issue 6); "
-               "drop --enable-eplb or serve with vLLM")
+        _check(not self.enable_eplb or (self.enable_expert_parallel and self.data_parallel_size > 1),
+               "enable_eplb=True needs expert parallelism: pass --enable-expert-parallel with --data-parallel-size > 1")
         _check(not self.enable_prefix_caching,
                "enable_prefix_caching=True is not supported by the built-in engine; pass --no-enable-prefix-caching")
 

@@ -50,6 +50,12 @@ def serve(cfg: EngineConfig) -> int:
     mcfg = ModelConfig.from_dict(model_config)
     if cfg.ep_size > mcfg.num_experts:
         raise EngineError(f"ep_size={cfg.ep_size} exceeds num_experts={mcfg.num_experts}: every EP rank needs an expert")
+    if cfg.enable_eplb:
+        from epkit.engine.rebalance import resolve_eplb_config
+
+        eplb = resolve_eplb_config(cfg.eplb_config, mcfg.num_experts, cfg.ep_size)
+        if eplb["use_async"]:
+            log.warning("eplb_config.use_async=true: the built-in engine rebalances synchronously between steps")
     try:
         store = connect_store(cfg, not cfg.headless, cfg.startup_timeout_s)
     except (RuntimeError, OSError) as exc:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class Weights:
     """All tensors one rank holds; routed experts only for the logical experts it owns."""
 
     def __init__(self, cfg: ModelConfig, placement: Placement, seed: int, device: torch.device, dtype: torch.dtype,
-                 model_dir: Path | None = None):
+                 model_dir: Path | None = None, experts_of_layer: Callable[[int], list[int]] | None = None):
         self.cfg, self.placement, self.device, self.dtype = cfg, placement, device, dtype
         files = sorted(model_dir.glob("*.safetensors")) if model_dir is not None else []
         self._files = files
@@ -119,8 +119,10 @@ class Weights:
                 layer["q_norm"] = self._ones(("q_norm", i), p + "self_attn.q_norm.weight", d)
                 layer["k_norm"] = self._ones(("k_norm", i), p + "self_attn.k_norm.weight", d)
             if i in cfg.moe_layers:
+                layer["moe_pos"] = cfg.moe_layers.index(i)
                 layer["router"] = self._get(("router", i), p + "mlp.gate.weight", (h, cfg.num_experts), h ** -0.5)
-                layer["experts"] = self._experts(i, p)
+                ids = experts_of_layer(layer["moe_pos"]) if experts_of_layer else placement.local_experts
+                layer["experts"] = self.build_experts(i, ids)
                 if cfg.shared_expert_intermediate_size:
                     layer["shared"] = self._mlp(("shared", i), p + "mlp.shared_expert.", cfg.shared_expert_intermediate_size)
                     layer["shared_gate"] = self._get(("shared_gate", i), p + "mlp.shared_expert_gate.weight", (h, 1), h ** -0.5)
@@ -173,10 +175,11 @@ class Weights:
         down = self._get((*key, "down"), prefix + "down_proj.weight", (inter, h), inter ** -0.5)
         return torch.cat([gate, up], 1), down
 
-    def _experts(self, i: int, p: str) -> LocalExperts:
+    def build_experts(self, i: int, logical_ids: list[int]) -> LocalExperts:
+        """Layer ``i``'s routed experts for the given logical ids, in that (slot) order."""
         w13, w2 = [], []
-        for e in self.placement.local_experts:
-            a, b = self._mlp(("expert", i, e), f"{p}mlp.experts.{e}.", self.cfg.moe_intermediate_size)
+        for e in logical_ids:
+            a, b = self._mlp(("expert", i, e), f"model.layers.{i}.mlp.experts.{e}.", self.cfg.moe_intermediate_size)
             w13.append(a)
             w2.append(b)
         return LocalExperts(torch.stack(w13), torch.stack(w2))
@@ -244,6 +247,7 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: Weights, moe, max_len: int, device: torch.device):
         self.cfg, self.w, self.moe = cfg, weights, moe
         self.cos, self.sin = rope_cache(cfg, max_len, device)
+        self.record_routing: Callable[[int, torch.Tensor], None] | None = None  # EPLB load statistics
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 counts: list[int]) -> torch.Tensor:
@@ -273,6 +277,8 @@ class MoEModel:
 
     def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
         ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob)
+        if self.record_routing is not None:
+            self.record_routing(layer["moe_pos"], ids)
         out = self.moe(h, ids, weights, layer["experts"], counts)
         if "shared" in layer:
             out = out + torch.sigmoid(linear(h, layer["shared_gate"])) * swiglu(h, *layer["shared"])

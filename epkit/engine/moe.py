@@ -55,6 +55,37 @@ class Placement:
         return local.to(device)
 
 
+class StaticExpertMap:
+    """Where each logical expert of a layer lives under a fixed :class:`Placement` (no replicas)."""
+
+    def __init__(self, placement: Placement, device: torch.device):
+        self.owner = placement.owner_table(device)
+        self.local = placement.local_index_table(device)
+
+    def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owner EP rank, index among the owner's local experts) for every entry of ``ids``."""
+        return self.owner[ids], self.local[ids]
+
+
+class ReplicatedExpertMap:
+    """One layer of an EPLB placement: a logical expert has one or more physical slots.
+
+    Slot ``s`` lives on EP rank ``s // slots_per_rank`` at local index ``s % slots_per_rank``.
+    The i-th (token, expert) entry of a call uses replica ``i % replicas`` - a deterministic
+    spread; the choice never changes a token's output, since replicas hold the same weights.
+    """
+
+    def __init__(self, log2phy, logcnt, slots_per_rank: int, device: torch.device):
+        self.log2phy = torch.as_tensor(log2phy, dtype=torch.long).to(device)
+        self.logcnt = torch.as_tensor(logcnt, dtype=torch.long).to(device)
+        self.slots_per_rank = slots_per_rank
+
+    def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spread = torch.arange(ids.numel(), device=ids.device).view(ids.shape) % self.logcnt[ids]
+        slot = self.log2phy[ids, spread]
+        return slot // self.slots_per_rank, slot % self.slots_per_rank
+
+
 def accumulation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """(product dtype, accumulation dtype) for combining top-k expert outputs.
 
@@ -83,6 +114,7 @@ class LocalExperts:
         self.w13, self.w2 = w13, w2
         self.intermediate = w2.shape[1]
         self.num_local = w13.shape[0]
+        self.map: StaticExpertMap | ReplicatedExpertMap | None = None  # set by the runner
 
     sentinel_ok: bool | None = None  # probed once per process: trailing rows outside ``offs`` accepted
 

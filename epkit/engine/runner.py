@@ -11,7 +11,8 @@ from epkit.engine.all2all import Communicator, make_backend
 from epkit.engine.attention import build_meta
 from epkit.engine.config import EngineConfig
 from epkit.engine.model import ModelConfig, MoEModel, Weights
-from epkit.engine.moe import Placement, ReplicatedMoE
+from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
+from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
 from epkit.engine.sequence import SamplingParams, Sequence
 from epkit.errors import EngineError
 
@@ -56,10 +57,24 @@ class ModelRunner:
         self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings
         ep = cfg.ep_size
         self.placement = Placement(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
+        self.rebalancer: Rebalancer | None = None
+        if cfg.enable_eplb:
+            eplb = resolve_eplb_config(cfg.eplb_config, self.mcfg.num_experts, ep)
+            num_nodes = max(1, cfg.data_parallel_size // cfg.dp_size_local)
+            self.rebalancer = Rebalancer(eplb, len(self.mcfg.moe_layers), self.mcfg.num_experts, ep, dp_rank, num_nodes,
+                                         device, comm.all_reduce)
         load_dummy = cfg.load_format == "dummy"
-        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, None if load_dummy else model_dir)
-        moe = ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, self.placement, device)
+        experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
+        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, None if load_dummy else model_dir,
+                          experts_of_layer)
+        static_map = StaticExpertMap(self.placement, device)
+        for layer in weights.layers:
+            if "experts" in layer:
+                layer["experts"].map = self.rebalancer.expert_map(layer["moe_pos"]) if self.rebalancer else static_map
+        moe = ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, device)
         self.model = MoEModel(self.mcfg, weights, moe, self.max_model_len, device)
+        if self.rebalancer is not None:
+            self.model.record_routing = self.rebalancer.record
         self.block_size = cfg.block_size
         self.num_blocks = self._num_blocks()
         slots = self.num_blocks * self.block_size
@@ -67,10 +82,10 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
-        log.info("DP rank %d: %s %s, experts %d..%d of %d (ep=%d, %s), KV cache %d blocks x %d tokens",
-                 dp_rank, device, str(self.dtype).replace("torch.", ""), self.placement.local_experts[0],
-                 self.placement.local_experts[-1], self.mcfg.num_experts, ep, getattr(moe, "name", "?"),
-                 self.num_blocks, self.block_size)
+        held = (f"{self.rebalancer.slots_per_rank} expert slots of {self.rebalancer.num_physical} (EPLB)" if self.rebalancer
+                else f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
+        log.info("DP rank %d: %s %s, %s (ep=%d, %s), KV cache %d blocks x %d tokens", dp_rank, device,
+                 str(self.dtype).replace("torch.", ""), held, ep, getattr(moe, "name", "?"), self.num_blocks, self.block_size)
 
     def _num_blocks(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -117,6 +132,8 @@ class ModelRunner:
         meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
+        if self.rebalancer is not None:
+            self.rebalancer.end_step(self.model.w.layers, self.model.w.build_experts)
         if not sample_seqs:
             return {}
         logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])

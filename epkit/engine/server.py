@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import uuid
+import weakref
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -97,14 +98,21 @@ class Api:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary 0..{self.tok.vocab_size - 1}", "prompt")
         return prompt
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], rank: int) -> AsyncIterator[tuple[str, tuple[int, ...], str | None]]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], pinned: int | None):
+        """(stream of one request, the DP rank it goes to); the rank's count is released even if never streamed."""
+        ticket = self.engine.reserve(pinned)
+        stream = self.run(prompt_ids, params, stops, ticket)
+        weakref.finalize(stream, ticket.release)
+        return stream, ticket.rank
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], ticket) -> AsyncIterator[tuple[str, tuple[int, ...], str | None]]:
         """Yield (text delta, its token ids, finish reason or None) for one request."""
         checker = StopChecker(self.tok, stops)
         start = last = time.perf_counter()
         first = True
         metrics = self.metrics
         metrics.prompt_tokens.labels(metrics.model).inc(len(prompt_ids))
-        gen = self.engine.generate(prompt_ids, params, rank)
+        gen = self.engine.generate(prompt_ids, params, ticket)
         try:
             async for out in gen:
                 now = time.perf_counter()
@@ -209,8 +217,7 @@ def build_app(api: Api) -> FastAPI:
         prompts = [api.encode(p) for p in prompts_of(req)]
         params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        ranks = [api.engine.pick_rank(rank) for _ in prompts]
-        streams = [api.run(p, sp, req.stop_strings(), r) for p, sp, r in zip(prompts, params, ranks)]
+        streams, ranks = zip(*(api.stream(p, sp, req.stop_strings(), rank) for p, sp in zip(prompts, params)))
         prompt_tokens = sum(len(p) for p in prompts)
 
         def chunk(i: int, text: str, reason: str | None, ids: list[int]) -> dict[str, Any]:
@@ -249,12 +256,12 @@ def build_app(api: Api) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req: ChatRequest = await parse(request, ChatRequest)
-        rank = api.engine.pick_rank(api.pinned_rank(request))
+        pinned = api.pinned_rank(request)
         prompt = api.tok.encode(api.tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages]))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(len(prompt), api.max_model_len, requested)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = api.run(prompt, params, req.stop_strings(), rank)
+        stream, rank = api.stream(prompt, params, req.stop_strings(), pinned)
         headers = {"x-data-parallel-rank": str(rank)}
 
         def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:

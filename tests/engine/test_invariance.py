@@ -20,6 +20,16 @@ CONFIGS = {
     "dp2-ep-naive": (["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "naive"], []),
     "dp2-ep-all_to_all": (["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "all_to_all"], []),
     "dp4-ep-allgather_reducescatter": (["-dp", "4", "--enable-expert-parallel"], []),
+    "dp2-ep-eplb": (["-dp", "2", "--enable-expert-parallel", "--enable-eplb", "--eplb-config",
+                     '{"window_size": 4, "step_interval": 3, "num_redundant_experts": 2, "log_balancedness": true}'], []),
+    "two-nodes-dp4-ep-all_to_all-eplb": (
+        ["-dp", "4", "--data-parallel-size-local", "2", "--enable-expert-parallel", "--all2all-backend", "all_to_all",
+         "--enable-eplb", "--eplb-config.step_interval", "2", "--eplb-config.num_redundant_experts", "4",
+         "--eplb-config.policy", "balanced"],
+        [["-dp", "4", "--data-parallel-size-local", "2", "--data-parallel-start-rank", "2", "--enable-expert-parallel",
+          "--all2all-backend", "all_to_all", "--enable-eplb", "--eplb-config.step_interval", "2",
+          "--eplb-config.num_redundant_experts", "4", "--eplb-config.policy", "balanced"]],
+    ),
     "two-nodes-dp4-ep-all_to_all": (
         ["-dp", "4", "--data-parallel-size-local", "2", "--enable-expert-parallel", "--all2all-backend", "all_to_all"],
         [["-dp", "4", "--data-parallel-size-local", "2", "--data-parallel-start-rank", "2", "--enable-expert-parallel",
@@ -61,5 +71,8 @@ def test_baseline_is_deterministic_and_not_degenerate(baseline, deploy):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_same_tokens_as_dp1(name, baseline, deploy):
     args, headless = CONFIGS[name]
-    got = outputs(deploy(args, headless))
+    deployment = deploy(args, headless)
+    got = outputs(deployment)
     assert got == baseline
+    if "eplb" in name:  # the placement really changed while these tokens were generated
+        assert "EPLB rebalance 3 at step" in deployment.nodes[0].log()

@@ -18,12 +18,14 @@ def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_every_process(tmp_path, sig):
-    d = Deployment(tmp_path, ["-dp", "2", "--enable-expert-parallel"]).wait_ready()
-    d.complete("warm up", max_tokens=2)
+@pytest.mark.parametrize("sig, api_servers", [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_signal_stops_every_process(tmp_path, sig, api_servers):
+    d = Deployment(tmp_path, ["-dp", "2", "--enable-expert-parallel", "--api-server-count", str(api_servers)]).wait_ready()
+    for _ in range(4):  # with two API servers sharing the port, requests reach both
+        d.complete("warm up", max_tokens=2)
     pids = d.pids()
-    assert len(pids) >= 4, pids  # launcher, fork server, 2 engine cores, API server
+    assert len(pids) >= 4 + api_servers, pids  # launcher, fork server, 2 engine cores, API servers
+    assert d.nodes[0].log().count("epkit serve ready") == api_servers
     codes = d.stop(sig)
     assert codes == [0], d.nodes[0].log()[-2000:]
     assert not wait_gone(pids), "orphans after " + sig.name
@@ -82,7 +84,9 @@ def test_vendor_backend_fails_at_startup_naming_the_package():
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--enable-eplb"], "not yet supported in the built-in engine"),
+        (["--enable-eplb"], "enable_eplb=True needs expert parallelism"),
+        (["-dp", "2", "--enable-expert-parallel", "--enable-eplb", "--eplb-config", '{"num_redundant_experts": 1}'],
+         "valid values: 0, 2"),
         (["--tensor-parallel-size", "2"], "tensor_parallel_size=2"),
         (["--all2all-backend", "magic"], "all2all_backend='magic'"),
         (["--data-parallel-start-rank", "1", "-dp", "2", "--data-parallel-size-local", "1"], "needs --headless"),

@@ -74,6 +74,14 @@ def test_pinning_header_and_least_loaded_routing(server):
         r = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": str(rank)},
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200 and r.headers["x-data-parallel-rank"] == str(rank)
+    async def burst() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            rs = await asyncio.gather(*(c.post(server.url + "/v1/completions", headers=headers,
+                                               json={"model": MODEL, "prompt": f"p{i}", "max_tokens": 4}) for i in range(8)))
+        return [r.headers["x-data-parallel-rank"] for r in rs]
+
+    ranks = asyncio.run(burst())
+    assert sorted(ranks) == ["0"] * 4 + ["1"] * 4  # least-loaded routing splits a burst evenly
     bad = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": "7"},
                      json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert bad.status_code == 400

@@ -209,11 +209,13 @@ def test_sync_free_sentinel_path_matches_the_gathered_path():
     """The GPU path that pushes every (token, slot) pair through one grouped GEMM, masking pairs routed
     elsewhere, gives the same partial sums as the path that first selects the local pairs."""
     from epkit.engine.all2all import AllGatherReduceScatter, Communicator
+    from epkit.engine.moe import StaticExpertMap
 
     g = torch.Generator().manual_seed(1)
     placement = Placement(8, 2, 1)
     experts = LocalExperts(torch.randn(4, 16, 24, generator=g), torch.randn(4, 12, 16, generator=g))
-    backend = AllGatherReduceScatter(Communicator(1, 2), placement, torch.device("cpu"))
+    experts.map = StaticExpertMap(placement, torch.device("cpu"))
+    backend = AllGatherReduceScatter(Communicator(1, 2), torch.device("cpu"))
     counts, capacity, k = [5, 3], 5, 2
     gx = torch.randn(10, 16, generator=g)
     ids = torch.randint(0, 8, (10, k), generator=g).float()
@@ -223,3 +225,22 @@ def test_sync_free_sentinel_path_matches_the_gathered_path():
     sentinel = backend._local_partial(gx, gmeta, counts, capacity, experts)
     torch.testing.assert_close(sentinel, gathered, rtol=1e-4, atol=1e-4)
     assert sentinel[8:].abs().sum() == 0  # padded rows of rank 1 (count 3) stay zero
+
+
+def test_eplb_map_sends_every_expert_to_a_slot_that_holds_it_and_spreads_replicas():
+    from epkit.engine.moe import ReplicatedExpertMap
+    from epkit.engine.rebalance import resolve_eplb_config
+    from epkit.eplb.placement import Placement as SlotPlacement
+
+    phy2log = [[0, 1, 2, 0, 3, 0]]  # 4 experts, 6 slots on 3 ranks (2 each); expert 0 has 3 replicas
+    placement = SlotPlacement.from_phy2log(phy2log, 4)
+    m = ReplicatedExpertMap(placement.log2phy[0], placement.logcnt[0], 2, torch.device("cpu"))
+    ids = torch.tensor([[0, 1], [0, 3], [0, 2], [2, 0]])
+    owner, local = m.locate(ids)
+    slot = owner * 2 + local
+    assert (torch.tensor(phy2log[0])[slot] == ids).all()
+    assert len(set(slot[ids == 0].tolist())) == 3  # expert 0's four entries use all three replicas
+    with pytest.raises(EngineError, match=r"num_redundant_experts=1: 32 experts \+ 1 = 33 .* EP size 2; valid values: 0, 2"):
+        resolve_eplb_config({"num_redundant_experts": 1}, 32, 2)
+    with pytest.raises(EngineError, match="policy='best'; allowed: default"):
+        resolve_eplb_config({"policy": "best"}, 32, 2)
