@@ -27,8 +27,6 @@ from epkit.errors import EngineError
 if TYPE_CHECKING:
     import torch
 
-    from epkit.engine.moe import LocalExperts
-
 
 class Communicator:
     """The collectives the engine uses, over one process group per DP deployment.

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from multiprocessing.connection import Client, Connection, Listener, wait
+from multiprocessing.connection import Connection, Listener, wait
 
 from epkit.engine.config import EngineConfig
 from epkit.engine.sequence import EngineRequest, RequestOutput

@@ -139,7 +139,11 @@ class Weights:
     def _read(self, name: str) -> torch.Tensor | None:
         if not self._files:
             return None
-        from safetensors import safe_open
+        try:
+            from safetensors import safe_open
+        except ImportError as exc:
+            raise EngineError(f"{self._files[0].parent} holds *.safetensors but the safetensors package is missing; "
+                              "`pip install safetensors` or pass --load-format dummy") from exc
 
         for path in self._files:
             with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from deployments import ROOT, Deployment, alive, process_tree, wait_gone
+from deployments import ROOT, Deployment, process_tree, wait_gone
 
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
