@@ -97,11 +97,15 @@ def test_pinning_header_and_least_loaded_routing(server):
         ({"model": MODEL, "prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
         ({"model": MODEL}, 400, "prompt"),
         ('{"model": "epkit-tiny-moe", "prompt": ', 400, "not valid JSON"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n=2"),
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, needle):
     content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(server.url + "/v1/completions", content=content,
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    r = httpx.post(server.url + path, content=content,
                    headers={**server.headers, "content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
