@@ -30,14 +30,14 @@ class EngineClient:
         self.on_core_lost = on_core_lost
         self.dp_size = cfg.data_parallel_size
         self.in_flight = [0] * self.dp_size  # requests this server has sent and not seen finish
-        self.core_stats = [(0, 0)] * self.dp_size  # (running, waiting) as each core last reported
+        self.core_stats = [(0, 0, 0)] * self.dp_size  # (running, waiting, preemptions) as each core last reported
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._ids = itertools.count()
         self._rr = itertools.count()
         self._send_locks = [threading.Lock() for _ in range(self.dp_size)]
         self.conns: list[Connection] = []
         self.closing = False
-        self.on_stats: Callable[[int, int, int], None] = lambda rank, running, waiting: None
+        self.on_stats: Callable[[int, int, int, int], None] = lambda rank, running, waiting, preemptions: None
         self.on_output: Callable[[RequestOutput], None] = lambda out: None
         authkey = store.get(STORE_PREFIX + "authkey")
         deadline = time.time() + cfg.startup_timeout_s
@@ -67,9 +67,9 @@ class EngineClient:
                     self.on_core_lost(f"lost the connection to engine core DP rank {rank} ({type(exc).__name__}); "
                                       "the rank has died or the deployment is stopping")
                 return
-            _, running, waiting = stats
-            self.core_stats[rank] = (running, waiting)
-            self.on_stats(rank, running, waiting)
+            _, running, waiting, preemptions = stats
+            self.core_stats[rank] = (running, waiting, preemptions)
+            self.on_stats(rank, running, waiting, preemptions)
             for out in outputs:
                 entry = self._queues.get(out.request_id)
                 if entry is not None:

@@ -174,7 +174,7 @@ class EngineCore:
             if out.finish_reason is not None:
                 self._owner.pop(out.request_id, None)
                 self.runner.release(out.request_id)
-        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting))
+        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions)
         self._broadcast(("out", [], stats), {key: ("out", outs, stats) for key, (_, outs) in by_conn.items()})
 
     def _broadcast(self, message: tuple, per_conn: dict[int, tuple] | None = None) -> None:
@@ -199,7 +199,7 @@ class EngineCore:
             info = self.comm.exchange_step_info([tokens, int(self.stopping)])
             if any(stop for _, stop in info):
                 log.info("DP rank %d: stopping (requested by rank %s)", self.rank, [r for r, (_, s) in enumerate(info) if s])
-                self._broadcast(("stop", [], (self.rank, 0, 0)))
+                self._broadcast(("stop", [], (self.rank, 0, 0, self.scheduler.num_preemptions)))
                 return
             counts = [n for n, _ in info]
             busy = sum(counts) > 0

@@ -42,13 +42,19 @@ class Metrics:
         self.itl = Histogram("epkit:inter_token_latency_seconds", "Inter-token latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
         self.e2e = Histogram("epkit:e2e_request_latency_seconds", "Request latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
         self.success = Counter("epkit:request_success", "Finished requests", ["model_name", "finished_reason"], registry=r)
+        self.preemptions = Counter("epkit:num_preemptions", "Sequences preempted for KV space, per DP rank",
+                                   ["model_name", "dp_rank"], registry=r)
+        self._preempted = [0] * dp_size
         self.model = model
         for rank in range(dp_size):
             self.set_load(rank, 0, 0)
 
-    def set_load(self, rank: int, running: int, waiting: int) -> None:
+    def set_load(self, rank: int, running: int, waiting: int, preemptions: int = 0) -> None:
         self.running.labels(self.model, str(rank)).set(running)
         self.waiting.labels(self.model, str(rank)).set(waiting)
+        if preemptions > self._preempted[rank]:
+            self.preemptions.labels(self.model, str(rank)).inc(preemptions - self._preempted[rank])
+            self._preempted[rank] = preemptions
 
 
 class StopChecker:
