@@ -6,7 +6,7 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUTD=${OUT:-/tmp/out}; mkdir -p "$OUTD"
-NAME=${NAME:-epkit_dp4ep}; RUNS=${RUNS:-inf c64}
+NAME=${NAME:-epkit_dp4ep}; RUNS=${RUNS-inf c64}  # RUNS="" runs only the warm-up
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUTD/gpus.txt"
