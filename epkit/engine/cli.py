@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-eplb", action="store_true")
     p.add_argument("--eplb-config", default=None, help="JSON object (window_size, step_interval, num_redundant_experts, ...)")
+    p.add_argument("--hf-overrides", default=None,
+                   help="JSON object merged into the model's config.json (e.g. '{\"router_skew\": 3.0}' for a skewed router)")
     p.add_argument("--write-model-dir", metavar="DIR", default=None,
                    help="write config.json + tokenizer files for the model to DIR (for clients such as `vllm bench serve`) and exit")
     p.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=None)
@@ -106,6 +108,14 @@ def config_from_args(argv: list[str]):
         if not isinstance(eplb, dict):
             raise EngineError(f"--eplb-config must be a JSON object, got {args.eplb_config!r}")
     eplb.update(dotted)
+    if args.hf_overrides:
+        try:
+            overrides = json.loads(args.hf_overrides)
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"--hf-overrides is not valid JSON: {exc}") from exc
+        if not isinstance(overrides, dict):
+            raise EngineError(f"--hf-overrides must be a JSON object, got {args.hf_overrides!r}")
+        values["hf_overrides"] = overrides
     if args.startup_timeout_s is not None:
         values["startup_timeout_s"] = args.startup_timeout_s
     return EngineConfig(
@@ -125,10 +135,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg, model_dir = config_from_args(list(argv))
         if model_dir:
-            from epkit.engine.model import read_model_config
+            from epkit.engine.model import model_config_of
             from epkit.engine.tokenizer import write_model_dir
 
-            config, _ = read_model_config(cfg.model)
+            config, _ = model_config_of(cfg)
             print(write_model_dir(config, model_dir))
             return 0
         from epkit.engine.launcher import serve

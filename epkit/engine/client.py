@@ -39,6 +39,9 @@ class EngineClient:
         self.closing = False
         self.on_stats: Callable[[int, int, int, int], None] = lambda rank, running, waiting, preemptions: None
         self.on_output: Callable[[RequestOutput], None] = lambda out: None
+        self.on_eplb_stats: Callable[[dict], None] = lambda stats: None
+        self._eplb_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._eplb_lock: asyncio.Lock | None = None
         authkey = store.get(STORE_PREFIX + "authkey")
         deadline = time.time() + cfg.startup_timeout_s
         for rank in range(self.dp_size):
@@ -62,14 +65,22 @@ class EngineClient:
                     log.info("engine core DP rank %d stopped", rank)
                     self.closing = True
                     continue
+                if kind == "eplb":
+                    waiter = self._eplb_waiters.pop(rank, None)
+                    if waiter is not None:
+                        loop, future = waiter
+                        loop.call_soon_threadsafe(lambda f=future, p=outputs: f.done() or f.set_result(p))
+                    outputs = []
             except (EOFError, OSError) as exc:
                 if not self.closing:
                     self.on_core_lost(f"lost the connection to engine core DP rank {rank} ({type(exc).__name__}); "
                                       "the rank has died or the deployment is stopping")
                 return
-            _, running, waiting, preemptions = stats
+            _, running, waiting, preemptions, *extra = stats
             self.core_stats[rank] = (running, waiting, preemptions)
             self.on_stats(rank, running, waiting, preemptions)
+            if extra and extra[0]:
+                self.on_eplb_stats(extra[0])
             for out in outputs:
                 entry = self._queues.get(out.request_id)
                 if entry is not None:
@@ -119,6 +130,23 @@ class EngineClient:
                     self._post(rank, ("abort", request_id))
                 except OSError:
                     pass
+
+    async def eplb_dumps(self, timeout: float = 60.0) -> list[dict | None]:
+        """Every DP rank's :meth:`Rebalancer.dump` (None where EPLB is off), in rank order."""
+        if self._eplb_lock is None:
+            self._eplb_lock = asyncio.Lock()
+        async with self._eplb_lock:
+            loop = asyncio.get_running_loop()
+            futures = []
+            for rank in range(self.dp_size):
+                future = loop.create_future()
+                self._eplb_waiters[rank] = (loop, future)
+                futures.append(future)
+                self._post(rank, ("eplb_dump",))
+            try:
+                return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+            finally:
+                self._eplb_waiters.clear()
 
     def close(self) -> None:
         self.closing = True

@@ -11,12 +11,39 @@ from epkit.errors import EngineError
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy", "safetensors")
-EPLB_KEYS = ("window_size", "step_interval", "log_balancedness", "num_redundant_experts", "use_async", "policy")
+# vLLM's --eplb-config keys (the same set as epkit.topology.EPLBConfig; a unit test keeps them equal).
+EPLB_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness", "log_balancedness_interval",
+             "use_async", "policy", "communicator", "enable_migration_batching")
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise EngineError(message)
+
+
+EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
+
+
+def check_eplb_values(config: dict[str, Any]) -> None:
+    """Type and range checks of the ``--eplb-config`` values given (no model needed).
+
+    Raises :class:`EngineError` naming the key, the value and what is allowed.
+    """
+    for key in ("window_size", "step_interval", "log_balancedness_interval"):
+        if key in config:
+            value = config[key]
+            _check(not isinstance(value, bool) and isinstance(value, int) and value >= 1,
+                   f"eplb_config.{key}={value!r} must be an integer >= 1")
+    if "num_redundant_experts" in config:
+        value = config["num_redundant_experts"]
+        _check(not isinstance(value, bool) and isinstance(value, int) and value >= 0,
+               f"eplb_config.num_redundant_experts={value!r} must be an integer >= 0")
+    for key in ("log_balancedness", "use_async", "enable_migration_batching"):
+        if key in config:
+            _check(isinstance(config[key], bool), f"eplb_config.{key}={config[key]!r} must be true or false")
+    if config.get("communicator") is not None:
+        _check(config["communicator"] in EPLB_COMMUNICATORS,
+               f"eplb_config.communicator={config['communicator']!r}; allowed: {', '.join(EPLB_COMMUNICATORS)} (or null)")
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,7 @@ class EngineConfig:
     all2all_backend: str = "allgather_reducescatter"
     enable_eplb: bool = False
     eplb_config: dict[str, Any] = field(default_factory=dict)
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
     enforce_eager: bool = False
     enable_prefix_caching: bool = False
     startup_timeout_s: float = 600.0
@@ -90,10 +118,15 @@ class EngineConfig:
                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
                f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be > 0")
+        _check(isinstance(self.hf_overrides, dict) and all(isinstance(k, str) for k in self.hf_overrides),
+               f"hf_overrides={self.hf_overrides!r} must be a JSON object of config.json keys")
+        _check(isinstance(self.eplb_config, dict), f"eplb_config={self.eplb_config!r} must be a JSON object")
         unknown = sorted(set(self.eplb_config) - set(EPLB_KEYS))
         _check(not unknown, f"eplb_config has unknown keys {unknown}; valid keys: {', '.join(EPLB_KEYS)}")
         _check(not self.enable_eplb or (self.enable_expert_parallel and self.data_parallel_size > 1),
                "enable_eplb=True needs expert parallelism: pass --enable-expert-parallel with --data-parallel-size > 1")
+        if self.eplb_config:
+            check_eplb_values(self.eplb_config)
         _check(not self.enable_prefix_caching,
                "enable_prefix_caching=True is not supported by the built-in engine; pass --no-enable-prefix-caching")
 

@@ -88,7 +88,7 @@ class EngineCore:
 
         from epkit.engine.all2all import Communicator
         from epkit.engine.block_manager import BlockManager
-        from epkit.engine.model import read_model_config
+        from epkit.engine.model import model_config_of
         from epkit.engine.runner import ModelRunner, resolve_device
         from epkit.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -108,7 +108,7 @@ class EngineCore:
         dist.init_process_group(backend, store=prefix, rank=dp_rank, world_size=cfg.data_parallel_size, timeout=timeout, **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
         self.comm = Communicator(dp_rank, cfg.data_parallel_size, dist.group.WORLD, cpu_group)
-        model_config, model_dir = read_model_config(cfg.model)
+        model_config, model_dir = model_config_of(cfg)
         self.runner = ModelRunner(cfg, model_config, model_dir, dp_rank, device, self.comm)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id),
@@ -122,6 +122,7 @@ class EngineCore:
         threading.Thread(target=self._accept, daemon=True, name="accept").start()
         self.store.set(f"{STORE_PREFIX}core/{dp_rank}", "%s:%d" % self._listener.address)
         self.steps = 0
+        self._eplb_sent = -1
 
     def _accept(self) -> None:
         while True:
@@ -158,6 +159,13 @@ class EngineCore:
             self.scheduler.add(request)
         elif kind == "abort":
             self._abort(message[1])
+        elif kind == "eplb_dump":
+            rebalancer = self.runner.rebalancer
+            payload = rebalancer.dump() if rebalancer is not None else None
+            try:
+                conn.send(("eplb", payload, self._stats()))
+            except (OSError, ValueError):
+                pass
 
     def _abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -174,8 +182,17 @@ class EngineCore:
             if out.finish_reason is not None:
                 self._owner.pop(out.request_id, None)
                 self.runner.release(out.request_id)
-        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions)
+        stats = self._stats()
         self._broadcast(("out", [], stats), {key: ("out", outs, stats) for key, (_, outs) in by_conn.items()})
+
+    def _stats(self) -> tuple:
+        """(rank, running, waiting, preemptions[, EPLB stats when rank 0's changed since last sent])."""
+        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions)
+        rebalancer = self.runner.rebalancer
+        if rebalancer is not None and self.rank == 0 and rebalancer.stats_version != self._eplb_sent:
+            self._eplb_sent = rebalancer.stats_version
+            stats += (dict(rebalancer.stats),)
+        return stats
 
     def _broadcast(self, message: tuple, per_conn: dict[int, tuple] | None = None) -> None:
         with self._conns_lock:

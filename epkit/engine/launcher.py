@@ -42,11 +42,11 @@ def _api_entry(cfg: EngineConfig, index: int) -> None:
 def serve(cfg: EngineConfig) -> int:
     """Run this node's part of the deployment until a signal or a failure; returns the exit code."""
     from epkit.engine.all2all import check_backend
-    from epkit.engine.model import ModelConfig, read_model_config
+    from epkit.engine.model import ModelConfig, model_config_of
 
     if cfg.ep_size > 1:
         check_backend(cfg.all2all_backend)
-    model_config, _ = read_model_config(cfg.model)
+    model_config, _ = model_config_of(cfg)
     mcfg = ModelConfig.from_dict(model_config)
     if cfg.ep_size > mcfg.num_experts:
         raise EngineError(f"ep_size={cfg.ep_size} exceeds num_experts={mcfg.num_experts}: every EP rank needs an expert")

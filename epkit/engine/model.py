@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from epkit.engine.moe import LocalExperts, Placement, route
+from epkit.engine.moe import LocalExperts, Placement, route, router_bias
 from epkit.errors import EngineError
 
 FAMILIES = ("qwen3_moe", "qwen2_moe")
@@ -46,6 +46,7 @@ class ModelConfig:
     eos_token_id: int
     tie_word_embeddings: bool
     qk_norm: bool
+    router_skew: float = 0.0
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelConfig":
@@ -56,6 +57,10 @@ class ModelConfig:
         layers, step = int(config["num_hidden_layers"]), int(config.get("decoder_sparse_step", 1) or 1)
         mlp_only = {int(i) for i in config.get("mlp_only_layers") or ()}
         eos = config.get("eos_token_id", 257)
+        skew = config.get("router_skew", 0.0)
+        if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not 0 <= skew < 1e4:
+            raise EngineError(f"router_skew={skew!r} (config.json / --hf-overrides) must be a number >= 0 "
+                              "(0 = unbiased router; 2-4 = strongly skewed)")
         return cls(
             model_type=model_type,
             vocab_size=int(config["vocab_size"]),
@@ -77,6 +82,7 @@ class ModelConfig:
             eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_norm=model_type == "qwen3_moe",
+            router_skew=float(skew),
         )
 
     def kv_bytes_per_token(self, elem_bytes: int) -> int:
@@ -189,6 +195,12 @@ class Weights:
         return LocalExperts(torch.stack(w13), torch.stack(w2))
 
 
+def model_config_of(cfg) -> tuple[dict[str, Any], Path | None]:
+    """The engine config's model ``config.json`` with ``--hf-overrides`` applied (as vLLM does)."""
+    config, path = read_model_config(cfg.model)
+    return {**config, **cfg.hf_overrides}, path
+
+
 def read_model_config(model: str) -> tuple[dict[str, Any], Path | None]:
     """Resolve ``--model``: a directory with ``config.json`` or a name bundled with epkit."""
     path = Path(model).expanduser()
@@ -252,6 +264,7 @@ class MoEModel:
         self.cfg, self.w, self.moe = cfg, weights, moe
         self.cos, self.sin = rope_cache(cfg, max_len, device)
         self.record_routing: Callable[[int, torch.Tensor], None] | None = None  # EPLB load statistics
+        self.router_bias = router_bias(cfg.num_experts, cfg.router_skew, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 counts: list[int]) -> torch.Tensor:
@@ -280,7 +293,7 @@ class MoEModel:
         return x
 
     def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
-        ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob)
+        ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob, self.router_bias)
         if self.record_routing is not None:
             self.record_routing(layer["moe_pos"], ids)
         out = self.moe(h, ids, weights, layer["experts"], counts)

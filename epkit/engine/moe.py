@@ -115,6 +115,13 @@ class LocalExperts:
         self.intermediate = w2.shape[1]
         self.num_local = w13.shape[0]
         self.map: StaticExpertMap | ReplicatedExpertMap | None = None  # set by the runner
+        # EPLB: ``[E_local]`` float tensor (a row of the rebalancer's per-step slot load) that every
+        # call adds its (token, expert) pairs per local slot to, on the device; None when EPLB is off.
+        self.load: torch.Tensor | None = None
+
+    def _count(self, counts: torch.Tensor) -> None:
+        if self.load is not None:
+            self.load += counts[: self.num_local].to(self.load.dtype)
 
     sentinel_ok: bool | None = None  # probed once per process: trailing rows outside ``offs`` accepted
 
@@ -142,6 +149,7 @@ class LocalExperts:
         """
         order = torch.argsort(expert_idx, stable=True)
         counts = torch.bincount(expert_idx, minlength=self.num_local + 1)[: self.num_local]
+        self._count(counts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.w13, offs=offs)
         act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
@@ -177,6 +185,7 @@ class LocalExperts:
     def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(expert_idx, stable=True)
         counts = torch.bincount(expert_idx, minlength=self.w13.shape[0])
+        self._count(counts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.w13, offs=offs)
         act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
@@ -190,6 +199,7 @@ class LocalExperts:
         order = torch.argsort(expert_idx, stable=True)
         sorted_e = expert_idx[order]
         counts = torch.bincount(expert_idx, minlength=num_local)
+        self._count(counts)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_e]
         capacity = max(2, int(counts.max()))
@@ -220,9 +230,24 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor
     return out.index_add_(0, token_idx, products)
 
 
-def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax router: (top-k expert ids ``[T, k]``, their float32 weights ``[T, k]``)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
+def router_bias(num_experts: int, skew: float, device: torch.device) -> torch.Tensor | None:
+    """The skewed router's float32 logit bias: ``-skew * e / (E - 1)`` for expert ``e`` (None if ``skew`` is 0).
+
+    Expert 0 gets the largest boost and expert ``E - 1`` none, so low-numbered experts (the
+    first EP ranks under the linear placement) are hot: a deterministic imbalance for EPLB.
+    """
+    if not skew:
+        return None
+    return (-float(skew) * torch.arange(num_experts, dtype=torch.float32) / max(1, num_experts - 1)).to(device)
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router: (top-k expert ids ``[T, k]``, their float32 weights ``[T, k]``); ``bias`` is added to the logits."""
+    logits = router_logits.float()
+    if bias is not None:
+        logits = logits + bias
+    probs = torch.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ class ModelRunner:
             eplb = resolve_eplb_config(cfg.eplb_config, self.mcfg.num_experts, ep)
             num_nodes = max(1, cfg.data_parallel_size // cfg.dp_size_local)
             self.rebalancer = Rebalancer(eplb, len(self.mcfg.moe_layers), self.mcfg.num_experts, ep, dp_rank, num_nodes,
-                                         device, comm.all_reduce)
+                                         device, comm.all_reduce, comm.all_gather, cfg.model_name)
         load_dummy = cfg.load_format == "dummy"
         experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
         weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, None if load_dummy else model_dir,
@@ -70,7 +71,10 @@ class ModelRunner:
         static_map = StaticExpertMap(self.placement, device)
         for layer in weights.layers:
             if "experts" in layer:
-                layer["experts"].map = self.rebalancer.expert_map(layer["moe_pos"]) if self.rebalancer else static_map
+                if self.rebalancer:
+                    self.rebalancer.attach(layer["experts"], layer["moe_pos"])
+                else:
+                    layer["experts"].map = static_map
         moe = ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, device)
         self.model = MoEModel(self.mcfg, weights, moe, self.max_model_len, device)
         if self.rebalancer is not None:
@@ -115,6 +119,7 @@ class ModelRunner:
         Returns request id -> sampled token for the sequences whose prompt is now fully
         computed. ``counts`` is every DP rank's token count this step (for the MoE exchange).
         """
+        started = time.perf_counter()
         ids: list[int] = []
         positions: list[int] = []
         seqs_meta = []
@@ -132,12 +137,14 @@ class ModelRunner:
         meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
         hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
                                     torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
-        if self.rebalancer is not None:
-            self.rebalancer.end_step(self.model.w.layers, self.model.w.build_experts)
-        if not sample_seqs:
-            return {}
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return dict(zip((s.request_id for s in sample_seqs), self._sample(logits, sample_seqs)))
+        sampled: dict[str, int] = {}
+        if sample_seqs:
+            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
+            sampled = dict(zip((s.request_id for s in sample_seqs), self._sample(logits, sample_seqs)))
+        if self.rebalancer is not None:  # after sampling: the step time includes the GPU's work (tolist syncs)
+            self.rebalancer.end_step(self.model.w.layers, self.model.w.build_experts,
+                                     time.perf_counter() - started if sample_seqs else None)
+        return sampled
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         tokens = torch.argmax(logits, dim=-1).tolist()

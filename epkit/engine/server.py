@@ -45,9 +45,38 @@ class Metrics:
         self.preemptions = Counter("epkit:num_preemptions", "Sequences preempted for KV space, per DP rank",
                                    ["model_name", "dp_rank"], registry=r)
         self._preempted = [0] * dp_size
+        # EPLB (rank 0 reports; see docs/engine.md): the last measured step and the last rearrangement
+        self.eplb_balancedness = Gauge("epkit:eplb_balancedness", "EPLB: mean / max tokens per EP rank (vLLM's measure) "
+                                       "at the last logged step", labels, registry=r)
+        self.eplb_avg_tokens = Gauge("epkit:eplb_avg_tokens", "EPLB: sum over MoE layers of the mean tokens per EP rank "
+                                     "at the last logged step", labels, registry=r)
+        self.eplb_max_tokens = Gauge("epkit:eplb_max_tokens", "EPLB: sum over MoE layers of the max tokens per EP rank "
+                                     "at the last logged step", labels, registry=r)
+        self.eplb_rank_tokens = Gauge("epkit:eplb_rank_tokens", "EPLB: (token, expert) pairs computed by each EP rank's "
+                                      "slots, all MoE layers, at the last logged step", ["model_name", "dp_rank"], registry=r)
+        self.eplb_rearrangements = Gauge("epkit:eplb_rearrangements", "EPLB: rearrangements so far", labels, registry=r)
+        self.eplb_window_balancedness = Gauge("epkit:eplb_window_balancedness", "EPLB: balancedness of the last window "
+                                              "under the old and the new placement", ["model_name", "placement"], registry=r)
+        self.eplb_median_step = Gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
+                                      "two rearrangements", labels, registry=r)
         self.model = model
         for rank in range(dp_size):
             self.set_load(rank, 0, 0)
+
+    def set_eplb(self, stats: dict) -> None:
+        m = self.model
+        if "balancedness" in stats:
+            self.eplb_balancedness.labels(m).set(stats["balancedness"])
+            self.eplb_avg_tokens.labels(m).set(stats["avg_tokens"])
+            self.eplb_max_tokens.labels(m).set(stats["max_tokens"])
+            for rank, tokens in enumerate(stats.get("rank_tokens") or []):
+                self.eplb_rank_tokens.labels(m, str(rank)).set(tokens)
+        self.eplb_rearrangements.labels(m).set(stats.get("rearrangements", 0))
+        if "window_balancedness_before" in stats:
+            self.eplb_window_balancedness.labels(m, "before").set(stats["window_balancedness_before"])
+            self.eplb_window_balancedness.labels(m, "after").set(stats["window_balancedness_after"])
+            if stats.get("median_step_ms") == stats.get("median_step_ms"):  # not NaN
+                self.eplb_median_step.labels(m).set(stats["median_step_ms"] / 1e3)
 
     def set_load(self, rank: int, running: int, waiting: int, preemptions: int = 0) -> None:
         self.running.labels(self.model, str(rank)).set(running)
@@ -136,6 +165,68 @@ class Api:
             await gen.aclose()
 
 
+def stitch_trace(dumps: list[dict | None], model: str, last: int | None = None) -> dict[str, Any]:
+    """Every rank's slot loads as one ``epkit-eplb-trace`` JSON document (``kind: physical``).
+
+    Rank ``r`` holds physical slots ``r*S .. r*S+S-1``; steps are the engine steps every rank
+    recorded (lockstep), the last ``last`` of them if given. ``epkit.eplb.read_trace`` reads it.
+    """
+    import numpy as np
+
+    from epkit.eplb.readers import TRACE_FORMAT, TRACE_VERSION
+
+    if not dumps or any(d is None for d in dumps):
+        raise ApiError(404, "EPLB is not enabled on this deployment (start it with --enable-eplb)")
+    common = set(dumps[0]["steps"]).intersection(*(d["steps"] for d in dumps[1:]))
+    steps = sorted(common)[-last:] if last else sorted(common)
+    load = np.concatenate([d["load"][[d["steps"].index(s) for s in steps]] for d in dumps], axis=-1)
+    maps = dumps[0]["maps"]
+
+    def map_at(step: int):
+        current = maps[0][1]
+        for first, m in maps:
+            if first <= step:
+                current = m
+        return current
+
+    doc: dict[str, Any] = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "kind": "physical", "model": model,
+                           "num_logical_experts": dumps[0]["num_logical_experts"], "num_ranks": len(dumps),
+                           "eplb_config": dumps[0]["config"], "steps": []}
+    current = None
+    for i, step in enumerate(steps):
+        entry: dict[str, Any] = {"step": step, "load": load[i].astype(np.int64).tolist()}
+        m = map_at(step)
+        if current is None:
+            doc["physical_to_logical"] = m
+        elif m != current:
+            entry["physical_to_logical"] = m
+        current = m
+        doc["steps"].append(entry)
+    if current is None:
+        doc["physical_to_logical"] = maps[-1][1]
+    return doc
+
+
+def trace_npz(doc: dict[str, Any]) -> bytes:
+    """The same trace in epkit's NPZ layout (``load[T, L, P]``, ``physical_to_logical[T, L, P]``, ``step``)."""
+    import io
+
+    import numpy as np
+
+    maps, current = [], doc["physical_to_logical"]
+    for entry in doc["steps"]:
+        current = entry.get("physical_to_logical", current)
+        maps.append(current)
+    num_layers = len(doc["physical_to_logical"])
+    num_slots = len(doc["physical_to_logical"][0]) if num_layers else 0
+    buf = io.BytesIO()
+    np.savez_compressed(buf, load=np.array([e["load"] for e in doc["steps"]], dtype=np.int64).reshape(-1, num_layers, num_slots),
+                        physical_to_logical=np.array(maps, dtype=np.int64).reshape(-1, num_layers, num_slots),
+                        step=np.array([e["step"] for e in doc["steps"]], dtype=np.int64), kind=np.array("physical"),
+                        num_logical_experts=np.array(int(doc["num_logical_experts"])), version=np.array(doc["version"]))
+    return buf.getvalue()
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -194,6 +285,23 @@ def build_app(api: Api) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/eplb/loads")
+    async def eplb_loads(request: Request):
+        """Per-step, per-physical-expert token counts of the last recorded steps (docs/eplb.md trace format)."""
+        last = request.query_params.get("steps")
+        fmt = request.query_params.get("format", "json")
+        if last is not None and (not last.isdigit() or int(last) < 1):
+            raise ApiError(400, f"steps={last!r} must be a positive integer", "steps")
+        if fmt not in ("json", "npz"):
+            raise ApiError(400, f"format={fmt!r}; allowed: json, npz", "format")
+        if not cfg.enable_eplb:
+            raise ApiError(404, "EPLB is not enabled on this deployment (start it with --enable-eplb)")
+        doc = stitch_trace(await api.engine.eplb_dumps(), cfg.model_name, int(last) if last else None)
+        if fmt == "npz":
+            return Response(trace_npz(doc), media_type="application/octet-stream",
+                            headers={"content-disposition": "attachment; filename=eplb_trace.npz"})
+        return JSONResponse(doc)
 
     @app.get("/v1/models")
     async def models():
@@ -304,14 +412,14 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
     import uvicorn
 
     from epkit.engine.core import connect_store, set_parent_death_signal
-    from epkit.engine.model import read_model_config
+    from epkit.engine.model import model_config_of
 
     set_parent_death_signal()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [ApiServer_{server_index}] %(levelname)s %(message)s")
     failure: list[str] = []
     server: uvicorn.Server | None = None
     try:
-        model_config, model_dir = read_model_config(cfg.model)
+        model_config, model_dir = model_config_of(cfg)
         tokenizer = ByteTokenizer(model_config, model_dir)
         max_model_len = cfg.max_model_len or int(model_config.get("max_position_embeddings") or 4096)
         store = connect_store(cfg, False, cfg.startup_timeout_s)
@@ -327,6 +435,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
         engine = EngineClient(cfg, store, server_index, core_lost)
         metrics = Metrics(cfg.model_name, cfg.data_parallel_size)
         engine.on_stats = metrics.set_load
+        engine.on_eplb_stats = metrics.set_eplb
         app = build_app(Api(cfg, engine, tokenizer, max_model_len, metrics))
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

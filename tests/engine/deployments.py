@@ -95,8 +95,11 @@ class Deployment:
                     raise AssertionError(f"node exited with {node.proc.returncode} before ready:\n{node.log()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    assert "epkit serve ready" in self.nodes[0].log()
-                    return self
+                    for _ in range(50):  # the ready line is logged just after the socket starts answering
+                        if "epkit serve ready" in self.nodes[0].log():
+                            return self
+                        time.sleep(0.1)
+                    raise AssertionError("healthy but no 'epkit serve ready' line:\n" + self.nodes[0].log()[-2000:])
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)

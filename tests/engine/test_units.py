@@ -244,3 +244,53 @@ def test_eplb_map_sends_every_expert_to_a_slot_that_holds_it_and_spreads_replica
         resolve_eplb_config({"num_redundant_experts": 1}, 32, 2)
     with pytest.raises(EngineError, match="policy='best'; allowed: default"):
         resolve_eplb_config({"policy": "best"}, 32, 2)
+
+
+def test_engine_accepts_exactly_the_eplb_keys_of_topology_and_checks_values():
+    from epkit.engine.config import EPLB_KEYS, EngineConfig
+    from epkit.engine.rebalance import EPLB_DEFAULTS
+    from epkit.errors import EngineError
+    from epkit.topology import EPLBConfig
+
+    assert list(EPLB_KEYS) == EPLBConfig.keys() and set(EPLB_DEFAULTS) == set(EPLB_KEYS)
+    full = {"window_size": 4, "step_interval": 8, "num_redundant_experts": 2, "log_balancedness": True,
+            "log_balancedness_interval": 2, "use_async": False, "policy": "default", "communicator": "torch_gloo",
+            "enable_migration_batching": True}
+    EngineConfig(data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True, eplb_config=full)
+    for bad, needle in [({"window_size": 0}, "window_size=0"), ({"step_interval": True}, "step_interval=True"),
+                        ({"log_balancedness_interval": -1}, "log_balancedness_interval=-1"),
+                        ({"communicator": "x"}, "communicator='x'"), ({"wndow_size": 3}, "valid keys")]:
+        with pytest.raises(EngineError, match=needle):
+            EngineConfig(data_parallel_size=2, enable_expert_parallel=True, enable_eplb=True, eplb_config=bad)
+
+
+def test_router_skew_biases_routing_toward_low_expert_ids():
+    from epkit.engine.moe import route, router_bias
+
+    torch.manual_seed(0)
+    logits = torch.randn(4096, 32)
+    ids, _ = route(logits, 4, True, router_bias(32, 3.0, torch.device("cpu")))
+    counts = torch.bincount(ids.reshape(-1), minlength=32)
+    assert counts[:16].sum() > 2 * counts[16:].sum()
+    assert router_bias(32, 0.0, torch.device("cpu")) is None
+
+
+def test_stitched_dump_reads_back_as_a_trace(tmp_path):
+    import json
+
+    import numpy as np
+
+    from epkit.engine.server import stitch_trace, trace_npz
+    from epkit.eplb import read_trace
+
+    p2l_a = [[0, 1, 2, 0], [0, 1, 2, 1]]
+    p2l_b = [[2, 1, 0, 1], [0, 1, 2, 1]]
+    dumps = [{"steps": [3, 4, 5], "load": np.arange(12, dtype=np.float32).reshape(3, 2, 2) + r,
+              "maps": [(0, p2l_a), (5, p2l_b)], "num_logical_experts": 3, "config": {}} for r in range(2)]
+    doc = stitch_trace(dumps, "m")
+    assert [s["step"] for s in doc["steps"]] == [3, 4, 5] and "physical_to_logical" in doc["steps"][2]
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    (tmp_path / "t.npz").write_bytes(trace_npz(doc))
+    a, b = read_trace(tmp_path / "t.json"), read_trace(tmp_path / "t.npz")
+    assert a.load.shape == (3, 2, 3) and np.array_equal(a.load, b.load)
+    assert a.load[0, 0].tolist() == [2, 1, 1]
