@@ -19,6 +19,9 @@ from epkit.errors import TopologyError
 from epkit.models import ModelSpec
 
 ENGINES = ("vllm", "epkit")
+# Backends only the built-in engine has (its true all_to_all dispatch/combine). Whether a vendor
+# backend can run is the engine's call at start-up: it fails naming the missing package.
+EPKIT_ONLY_BACKENDS = frozenset({"all_to_all"})
 EPLB_POLICIES = ("default",)
 EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]+$")
@@ -198,10 +201,10 @@ class Topology:
             return
         if self.engine == "vllm":
             vllm_versions.check_backend(release.version, self.all2all_backend, self.allow_replaced_backend)
-        elif self.all2all_backend not in vllm_versions.all_backends() | {"all2all"}:
+        elif self.all2all_backend not in vllm_versions.all_backends() | EPKIT_ONLY_BACKENDS:
             raise TopologyError(
                 f"{owner}.all2all_backend={self.all2all_backend!r} is not a known backend; allowed: "
-                f"{', '.join(sorted(vllm_versions.all_backends() | {'all2all'}))}"
+                f"{', '.join(sorted(vllm_versions.all_backends() | EPKIT_ONLY_BACKENDS))}"
             )
 
     def _check_experts(self, owner: str) -> None:

@@ -153,3 +153,10 @@ def test_epkit_engine_accepts_epkit_policies():
                                 eplb={"policy": "sticky", "num_redundant_experts": 2}))
     argv = render(t)[0].argv
     assert argv[:2] == ("epkit", "serve") and '"policy":"sticky"' in argv[argv.index("--eplb-config") + 1]
+
+
+def test_epkit_engine_backends():
+    t = Topology(model="epkit-tiny-moe", dp=2, enable_expert_parallel=True, engine="epkit", all2all_backend="all_to_all")
+    assert ("--all2all-backend", "all_to_all") == render(t)[0].argv[-2:]
+    with pytest.raises(TopologyError, match="all_to_all"):
+        Topology(model="epkit-tiny-moe", dp=2, enable_expert_parallel=True, all2all_backend="all_to_all")  # vllm
