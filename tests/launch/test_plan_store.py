@@ -21,9 +21,11 @@ CLUSTER_SPECS = sorted((ROOT / "launchers/cluster").glob("*.yaml"))
 def test_quickstart_expands_to_one_deployment_per_topology():
     spec = load_sweep(ROOT / "launchers/local/quickstart.yaml")
     plan = plan_sweep(spec)
-    assert plan["deployments"] == len(spec.topologies) == 4
-    assert plan["points"] == 4 * len(spec.workloads)
-    assert len({t.id for t in spec.topologies}) == 4
+    # 2 backends × DP ∈ {1, 2} with EPLB off, plus DP=2 with EPLB on
+    assert plan["deployments"] == len(spec.topologies) == 5
+    assert plan["points"] == 5 * sum(w.repeats for w in spec.workloads)
+    assert len({t.id for t in spec.topologies}) == 5
+    assert sum(t.topology.eplb is not None for t in spec.topologies) == 1
 
 
 @pytest.mark.parametrize("path", CLUSTER_SPECS, ids=lambda p: p.stem)
