@@ -158,7 +158,7 @@ class _GatherBased:
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
             # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
             # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.
-            token_idx = torch.arange(gx.shape[0], device=gx.device).repeat_interleave(k)
+            token_idx = torch.div(torch.arange(gx.shape[0] * k, device=gx.device), k, rounding_mode="floor")
             flat_mine = mine.reshape(-1)
             expert_idx = torch.where(flat_mine, local.reshape(-1), experts.num_local)
             y = experts.with_sentinel(gx[token_idx], expert_idx)

@@ -86,6 +86,15 @@ class ReplicatedExpertMap:
         return slot // self.slots_per_rank, slot % self.slots_per_rank
 
 
+def count_rows(expert_idx: torch.Tensor, bins: int) -> torch.Tensor:
+    """Rows per expert index (``[bins]``, int64) without a host sync.
+
+    ``torch.bincount`` on CUDA reads ``min()``/``max()`` back to the host (two syncs per call);
+    a scatter-add of ones gives the same counts for indices in ``0..bins-1`` and never waits.
+    """
+    return torch.zeros(bins, dtype=torch.long, device=expert_idx.device).scatter_add_(0, expert_idx, torch.ones_like(expert_idx))
+
+
 def accumulation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """(product dtype, accumulation dtype) for combining top-k expert outputs.
 
@@ -148,7 +157,7 @@ class LocalExperts:
         Shapes stay fixed, so nothing waits for the GPU (no ``nonzero``, no ``.item()``).
         """
         order = torch.argsort(expert_idx, stable=True)
-        counts = torch.bincount(expert_idx, minlength=self.num_local + 1)[: self.num_local]
+        counts = count_rows(expert_idx, self.num_local + 1)[: self.num_local]
         self._count(counts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.w13, offs=offs)
@@ -184,7 +193,7 @@ class LocalExperts:
 
     def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         order = torch.argsort(expert_idx, stable=True)
-        counts = torch.bincount(expert_idx, minlength=self.w13.shape[0])
+        counts = count_rows(expert_idx, self.w13.shape[0])
         self._count(counts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.w13, offs=offs)
@@ -261,6 +270,6 @@ class ReplicatedMoE:
 
     def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
         n, k = ids.shape
-        token_idx = torch.arange(n, device=x.device).repeat_interleave(k)
+        token_idx = torch.div(torch.arange(n * k, device=x.device), k, rounding_mode="floor")  # no host sync
         y = experts(x[token_idx], ids.reshape(-1))
         return weighted_sum(y, weights.reshape(-1), token_idx, n).to(x.dtype)

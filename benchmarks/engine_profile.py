@@ -1,0 +1,418 @@
+"""Where one decode step of the built-in engine goes (issue 8): timing, host syncs, torch-profiler breakdown.
+
+Starts ``--dp`` processes (one per GPU, NCCL + a gloo control group, like ``epkit serve``), builds
+each rank's ``ModelRunner`` with dummy weights and runs steady decode steps: ``--batch`` sequences
+per rank, each with ``--ctx`` tokens of context, one new token each (the context is not advanced,
+so every step has the same shapes). For each batch size and each variant it reports:
+
+* wall ms per step (``ModelRunner.execute``: meta build, forward, logits, greedy sampling);
+* host syncs per step (``torch.cuda.set_sync_debug_mode``), GPU kernel time per step;
+* a torch-profiler breakdown by region (rank 0): host (CPU) ms and GPU kernel ms of attention,
+  expert GEMMs, all-gather / reduce-scatter, routing, combine, logits + sampling, meta build;
+  GPU kernels also by name category.
+
+Variants: ``before`` = the MoE code as of 905545f (``torch.bincount`` and ``repeat_interleave``,
+which read back to the host every MoE layer), ``after`` = the engine as it is, ``graph`` = the
+engine's forward captured once in a CUDA graph and replayed (a prototype, not in the engine: it
+shows what a decode step costs with the host out of the way). Example (2 GPUs):
+
+    python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+import warnings
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REGIONS = ("meta", "attention", "route", "experts", "combine", "all_gather", "reduce_scatter", "logits", "sample")
+KERNEL_CATS = [  # first match wins
+    ("nccl", r"nccl"),
+    ("grouped_gemm (experts)", r"grouped|Grouped|cutlass.*[Gg]roup|ptr_array"),
+    ("gemm (dense)", r"gemm|Gemm|GEMM|sm90_xmma|cutlass|nvjet|matmul"),
+    ("softmax/topk/sort", r"softmax|topk|sort|Sort|radix|bitonic|cub"),
+    ("index/gather/scatter", r"index|gather|scatter|Index|Scatter"),
+    ("elementwise/reduce", r"elementwise|reduce|Reduce|vectorized|unrolled|fill|copy|Copy"),
+]
+
+
+def old_with_sentinel(self, x, expert_idx):
+    """LocalExperts.with_sentinel as of 905545f (bincount: 2 host syncs per call on CUDA)."""
+    import torch.nn.functional as F
+
+    order = torch.argsort(expert_idx, stable=True)
+    counts = torch.bincount(expert_idx, minlength=self.num_local + 1)[: self.num_local]
+    self._count(counts)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    h = torch._grouped_mm(x[order], self.w13, offs=offs)
+    act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+    y = torch._grouped_mm(act, self.w2, offs=offs)
+    out = torch.empty_like(y)
+    out[order] = y
+    return out
+
+
+def old_local_partial(self, gx, gmeta, counts, capacity, experts):
+    """_GatherBased._local_partial as of 905545f (repeat_interleave)."""
+    from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
+    from epkit.engine.moe import weighted_sum
+
+    k = gmeta.shape[1] // 2
+    gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
+    owner, local = experts.map.locate(gids)
+    mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
+    if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
+        token_idx = torch.arange(gx.shape[0], device=gx.device).repeat_interleave(k)
+        flat_mine = mine.reshape(-1)
+        expert_idx = torch.where(flat_mine, local.reshape(-1), experts.num_local)
+        y = experts.with_sentinel(gx[token_idx], expert_idx)
+        return weighted_sum(y, gw.reshape(-1), token_idx, gx.shape[0], mask=flat_mine)
+    token_idx, slot_idx = mine.nonzero(as_tuple=True)
+    y = experts(gx[token_idx], local[token_idx, slot_idx])
+    return weighted_sum(y, gw[token_idx, slot_idx], token_idx, gx.shape[0])
+
+
+def wrap(obj, attr: str, region: str) -> None:
+    fn = getattr(obj, attr)
+
+    def wrapped(*a, **kw):
+        with torch.profiler.record_function("R:" + region):
+            return fn(*a, **kw)
+
+    setattr(obj, attr, wrapped)
+
+
+def annotate(runner) -> None:
+    """Wrap the engine's functions in profiler ranges (instance / module attributes only)."""
+    import epkit.engine.all2all as a2a
+    import epkit.engine.attention as attention
+    import epkit.engine.model as model
+    import epkit.engine.moe as moe
+    import epkit.engine.runner as runner_mod
+
+    wrap(runner_mod, "build_meta", "meta")
+    wrap(attention, "paged_attention", "attention")
+    wrap(model, "route", "route")
+    wrap(moe, "weighted_sum", "combine")
+    wrap(runner.comm, "all_gather", "all_gather")
+    wrap(runner.comm, "reduce_scatter", "reduce_scatter")
+    wrap(runner.model, "logits", "logits")
+    wrap(runner, "_sample", "sample")
+    for name in ("with_sentinel", "_grouped"):
+        fn = getattr(moe.LocalExperts, name)
+
+        def method(self, *a, _fn=fn, **kw):
+            with torch.profiler.record_function("R:experts"):
+                return _fn(self, *a, **kw)
+
+        setattr(moe.LocalExperts, name, method)
+    del a2a
+
+
+def set_variant(variant: str, saved: dict) -> None:
+    import epkit.engine.all2all as a2a
+    import epkit.engine.moe as moe
+
+    if not saved:
+        saved["ws"], saved["lp"] = moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial
+    if variant == "before":
+        def ws(self, x, idx):
+            with torch.profiler.record_function("R:experts"):
+                return old_with_sentinel(self, x, idx)
+
+        moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = ws, old_local_partial
+    else:
+        moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = saved["ws"], saved["lp"]
+
+
+def make_batch(runner, batch: int, ctx: int, rank: int):
+    from epkit.engine.block_manager import BlockManager
+    from epkit.engine.sequence import EngineRequest, SamplingParams, Sequence
+
+    bm = BlockManager(runner.num_blocks, runner.block_size)
+    seqs = []
+    for i in range(batch):
+        s = Sequence(EngineRequest(f"r{rank}-{i}", tuple((7 * i + j) % 256 for j in range(ctx)),
+                                   SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)))
+        bm.allocate(s, ctx)
+        s.num_computed_tokens = ctx - 1
+        seqs.append(s)
+    return [(s, 1) for s in seqs]
+
+
+def count_syncs(fn) -> int:
+    if not torch.cuda.is_available():
+        return -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int, comm) -> list[float]:
+    out = []
+    for _ in range(steps):
+        dist.barrier(group=comm.cpu_group)
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def profile_breakdown(fn, steps: int, trace_path: str | None) -> dict:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("R:step"):
+                fn()
+            sync()
+    regions = {}
+    for e in prof.key_averages():
+        if e.key.startswith("R:"):
+            regions[e.key[2:]] = {"host_ms": e.cpu_time_total / 1000 / steps,
+                                  "gpu_ms": getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000 / steps,
+                                  "calls_per_step": e.count / steps}
+    kernels: dict[str, float] = defaultdict(float)
+    launches = 0
+    top: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if str(e.device_type).endswith("CUDA") and not e.key.startswith("R:"):  # kernels, not the GPU spans of our ranges
+            dt = getattr(e, "self_device_time_total", 0) / 1000 / steps
+            cat = next((c for c, pat in KERNEL_CATS if re.search(pat, e.key)), "other")
+            kernels[cat] += dt
+            top[e.key[:90]] += dt
+            launches += e.count
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    return {"regions": regions, "gpu_kernels_ms": dict(kernels), "gpu_kernel_total_ms": sum(kernels.values()),
+            "kernel_launches_per_step": launches / steps,
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def graph_step(runner, batch, counts):
+    """Capture runner.model.forward for this batch once; return a step function that replays it."""
+    from epkit.engine.attention import build_meta
+
+    dev = runner.device
+    ids, positions, seqs_meta = [], [], []
+    for seq, new in batch:
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids[start : start + new])
+        positions.extend(range(start, start + new))
+        seqs_meta.append((start, new, seq.block_table))
+    meta = build_meta(seqs_meta, runner.block_size, dev, batch_decode=True)
+    ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+    pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+    fwd = lambda: runner.model.forward(ids_t, pos_t, meta, runner.kv_caches, counts)  # noqa: E731
+    with torch.inference_mode():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fwd()
+        torch.cuda.current_stream().wait_stream(s)
+        sync()
+        dist.barrier(group=runner.comm.cpu_group)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            hidden = fwd()
+    seqs = [s for s, _ in batch]
+
+    def step():
+        with torch.inference_mode():
+            g.replay()
+            logits = runner.model.logits(hidden)
+            return runner._sample(logits, seqs)
+
+    step.keep = (ids_t, pos_t, meta, hidden)  # the graph reads these addresses: they must outlive the capture
+    return step
+
+
+def rank_main(rank: int, args) -> None:
+    from epkit.engine.all2all import Communicator
+    from epkit.engine.config import EngineConfig
+    from epkit.engine.model import model_config_of
+    from epkit.engine.runner import ModelRunner, resolve_device
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    cfg = EngineConfig(model=args.model, load_format="dummy", device=args.device, data_parallel_size=args.dp,
+                       enable_expert_parallel=args.dp > 1, all2all_backend=args.backend, max_model_len=args.max_model_len,
+                       max_num_seqs=max(args.batches), kv_cache_memory_bytes=args.kv_bytes)
+    device = resolve_device(cfg, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.dp, **kw)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    comm = Communicator(rank, args.dp, dist.group.WORLD, cpu_group)
+    mc, mdir = model_config_of(cfg)
+    t0 = time.perf_counter()
+    runner = ModelRunner(cfg, mc, mdir, rank, device, comm)
+    build_s = time.perf_counter() - t0
+    annotate(runner)
+    saved: dict = {}
+    report = {"rank": rank, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dp": args.dp, "backend": args.backend, "model": args.model, "ctx": args.ctx,
+              "build_s": round(build_s, 1), "results": []}
+    # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
+    plan = [(b, v) for b in args.batches for v in args.variants if v != "graph"]
+    plan += [(b, v) for b in args.batches for v in args.variants if v == "graph"]
+    batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
+    for batch_size, variant in plan:
+        batch = batches[batch_size]
+        counts = [batch_size] * args.dp
+        res = {"batch_per_rank": batch_size, "variant": variant}
+        try:
+            if variant == "graph":
+                if device.type != "cuda":
+                    continue
+                set_variant("after", saved)
+                fn = graph_step(runner, batch, counts)
+            else:
+                set_variant(variant, saved)
+                fn = lambda: runner.execute(batch, counts)  # noqa: E731
+            for _ in range(args.warmup):
+                fn()
+            sync()
+            res["syncs_per_step"] = count_syncs(fn)
+            ms = timed(fn, args.steps, comm)
+            res["wall_ms"] = {"median": sorted(ms)[len(ms) // 2], "min": min(ms), "mean": sum(ms) / len(ms)}
+            trace = os.path.join(args.out, f"trace_b{batch_size}_{variant}.json") if args.trace and rank == 0 else None
+            res["profile"] = profile_breakdown(fn, args.profile_steps, trace)
+        except Exception as exc:  # a failed variant (e.g. graph capture) must not lose the others
+            res["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            sync()
+        report["results"].append(res)
+        if rank == 0:
+            w = res.get("wall_ms", {})
+            print(f"B={batch_size}/rank {variant:6s} wall median {w.get('median', float('nan')):8.2f} ms  "
+                  f"syncs {res.get('syncs_per_step')}  gpu kernels "
+                  f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
+        with open(os.path.join(args.out, f"profile_rank{rank}.json"), "w") as f:  # after every result
+            json.dump(report, f, indent=1)
+        dist.barrier(group=comm.cpu_group)
+    dist.barrier(group=comm.cpu_group)
+    dist.destroy_process_group()
+
+
+def summarize(path: str) -> str:
+    """A markdown table of the rank-0 report."""
+    rep = json.load(open(path))
+    lines = [f"{rep['device']} x{rep['dp']}, DP={rep['dp']} + EP, {rep['backend']}, {rep['model']}, ctx {rep['ctx']}, torch {rep['torch']}"]
+    for res in rep["results"]:
+        if "error" in res:
+            lines.append(f"B={res['batch_per_rank']} {res['variant']}: ERROR {res['error']}")
+            continue
+        p = res["profile"]
+        lines.append(f"\nB={res['batch_per_rank']}/rank {res['variant']}: wall {res['wall_ms']['median']:.2f} ms/step "
+                     f"(min {res['wall_ms']['min']:.2f}), syncs/step {res['syncs_per_step']}, GPU kernels "
+                     f"{p['gpu_kernel_total_ms']:.2f} ms/step, launches/step {p['kernel_launches_per_step']:.0f}")
+        lines.append("| region | host ms | GPU ms | calls |\n|---|---|---|---|")
+        for name, r in sorted(p["regions"].items(), key=lambda kv: -kv[1]["host_ms"]):
+            lines.append(f"| {name} | {r['host_ms']:.2f} | {r['gpu_ms']:.2f} | {r['calls_per_step']:.0f} |")
+        lines.append("| kernel category | GPU ms |\n|---|---|")
+        for name, v in sorted(p["gpu_kernels_ms"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {v:.2f} |")
+    return "\n".join(lines)
+
+
+def trace_summary(name: str) -> str:
+    """Per-step breakdown from a rank-0 chrome trace (``--trace``): kernels by category, host and GPU ms per region.
+
+    GPU ms of a region = kernels whose launch lies inside it; NCCL kernels (own stream) land in
+    "outside", and their time includes waiting for the peer rank, not just the transfer.
+    """
+    import bisect
+    import gzip
+
+    opener = gzip.open if name.endswith(".gz") else open
+    ev = json.load(opener(name, "rt"))["traceEvents"]
+    n = max(1, sum(1 for e in ev if e.get("cat") == "user_annotation" and e["name"] == "R:step"))
+    step_ms = sum(e["dur"] for e in ev if e.get("cat") == "user_annotation" and e["name"] == "R:step") / 1000 / n
+    kern = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    cats: dict[str, float] = defaultdict(float)
+    for e in kern:
+        cats[next((c for c, pat in KERNEL_CATS if re.search(pat, e["name"])), "other")] += e["dur"] / 1000 / n
+    reg = sorted((e for e in ev if e.get("cat") == "user_annotation" and e["name"].startswith("R:") and e["name"] != "R:step"),
+                 key=lambda e: e["ts"])
+    host: dict[str, float] = defaultdict(float)
+    for e in reg:
+        host[e["name"][2:]] += e["dur"] / 1000 / n
+    launches = {e["args"]["correlation"]: e for e in ev if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    starts = [e["ts"] for e in reg]
+    gpu: dict[str, float] = defaultdict(float)
+    for k in kern:
+        where, launch = "outside (norms, qkv/o-proj, rope, router GEMM, residuals; NCCL)", launches.get(k["args"].get("correlation"))
+        if launch:
+            i = bisect.bisect_right(starts, launch["ts"]) - 1
+            for j in range(i, max(-1, i - 6), -1):
+                if reg[j]["ts"] <= launch["ts"] <= reg[j]["ts"] + reg[j]["dur"]:
+                    where = reg[j]["name"][2:]
+                    break
+        gpu[where] += k["dur"] / 1000 / n
+
+    def fmt(d):
+        return ", ".join(f"{key} {v:.2f}" for key, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    return "\n".join([f"== {os.path.basename(name)}: {n} steps, step host span {step_ms:.1f} ms, GPU kernels {sum(cats.values()):.1f} ms "
+                      f"(NCCL {cats.get('nccl', 0):.1f}), kernels/step {len(kern) / n:.0f}, CUDA runtime calls/step {len(launches) / n:.0f}",
+                      "  kernels by category (ms): " + fmt(cats), "  host ms by region: " + fmt(host), "  GPU ms by region: " + fmt(gpu)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dp", type=int, default=2)
+    ap.add_argument("--batch", default="16,128", help="decode sequences per rank, comma-separated")
+    ap.add_argument("--ctx", type=int, default=576, help="context tokens of each sequence (512 prompt + ~64 generated)")
+    ap.add_argument("--model", default="epkit-qwen3-30b-a3b-shape")
+    ap.add_argument("--backend", default="allgather_reducescatter")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--variants", default="before,after,graph")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-bytes", type=int, default=16 * 2**30)
+    ap.add_argument("--port", type=int, default=29571)
+    ap.add_argument("--trace", action="store_true", help="also write rank 0's chrome traces")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/engine_profile"))
+    ap.add_argument("--summarize", default=None, help="print the table of an existing profile_rank0.json and exit")
+    ap.add_argument("--trace-summary", nargs="+", default=None, help="print the breakdown of chrome traces and exit")
+    args = ap.parse_args()
+    if args.trace_summary:
+        print("\n".join(trace_summary(t) for t in args.trace_summary))
+        return
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    args.batches = [int(b) for b in args.batch.split(",")]
+    args.variants = args.variants.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    mp.spawn(rank_main, args=(args,), nprocs=args.dp, join=True)
+    print(summarize(os.path.join(args.out, "profile_rank0.json")))
+
+
+if __name__ == "__main__":
+    main()
