@@ -156,16 +156,7 @@ class LocalExperts:
 
         Shapes stay fixed, so nothing waits for the GPU (no ``nonzero``, no ``.item()``).
         """
-        order = torch.argsort(expert_idx, stable=True)
-        counts = count_rows(expert_idx, self.num_local + 1)[: self.num_local]
-        self._count(counts)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(x[order], self.w13, offs=offs)
-        act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
-        y = torch._grouped_mm(act, self.w2, offs=offs)
-        out = torch.empty_like(y)
-        out[order] = y
-        return out
+        return self._grouped_by(x, expert_idx, count_rows(expert_idx, self.num_local + 1)[: self.num_local])
 
     def __call__(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -192,8 +183,11 @@ class LocalExperts:
         return LocalExperts.grouped_mm_ok
 
     def _grouped(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        return self._grouped_by(x, expert_idx, count_rows(expert_idx, self.w13.shape[0]))
+
+    def _grouped_by(self, x: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One grouped GEMM pair over rows sorted by expert; rows past ``counts``' total are skipped."""
         order = torch.argsort(expert_idx, stable=True)
-        counts = count_rows(expert_idx, self.w13.shape[0])
         self._count(counts)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.w13, offs=offs)
