@@ -13,8 +13,11 @@ so every step has the same shapes). For each batch size and each variant it repo
 
 Variants: ``before`` = the MoE code as of 905545f (``torch.bincount`` and ``repeat_interleave``,
 which read back to the host every MoE layer), ``after`` = the engine as it is, ``graph`` = the
-engine's forward captured once in a CUDA graph and replayed (a prototype, not in the engine: it
-shows what a decode step costs with the host out of the way). Example (2 GPUs):
+engine's forward captured once in a CUDA graph and replayed (the prototype that preceded the
+engine's decode graphs), ``engine-graph`` = ``ModelRunner.execute`` with every rank's step shape,
+i.e. the engine's own decode CUDA graphs (``epkit/engine/graphs.py``: padded to a capture size and
+a context bucket, captured on first use, replayed after); it also reports how many greedy tokens
+equal the eager step's. Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
 """
@@ -277,8 +280,9 @@ def rank_main(rank: int, args) -> None:
               "torch": torch.__version__, "dp": args.dp, "backend": args.backend, "model": args.model, "ctx": args.ctx,
               "build_s": round(build_s, 1), "results": []}
     # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
-    plan = [(b, v) for b in args.batches for v in args.variants if v != "graph"]
-    plan += [(b, v) for b in args.batches for v in args.variants if v == "graph"]
+    graphs = ("graph", "engine-graph")
+    plan = [(b, v) for b in args.batches for v in args.variants if v not in graphs]
+    plan += [(b, v) for b in args.batches for v in args.variants if v in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
     for batch_size, variant in plan:
         batch = batches[batch_size]
@@ -290,6 +294,17 @@ def rank_main(rank: int, args) -> None:
                     continue
                 set_variant("after", saved)
                 fn = graph_step(runner, batch, counts)
+            elif variant == "engine-graph":
+                if runner.graphs is None:
+                    raise RuntimeError("the runner has no decode graphs (see its 'decode steps:' log line)")
+                set_variant("after", saved)
+                shapes = [(1, args.ctx)] * args.dp
+                eager = runner.execute(batch, counts)
+                t0 = time.perf_counter()
+                graphed = runner.execute(batch, counts, shapes)  # captures
+                res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
+                res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
+                fn = lambda: runner.execute(batch, counts, shapes)  # noqa: E731
             else:
                 set_variant(variant, saved)
                 fn = lambda: runner.execute(batch, counts)  # noqa: E731
@@ -307,7 +322,9 @@ def rank_main(rank: int, args) -> None:
         report["results"].append(res)
         if rank == 0:
             w = res.get("wall_ms", {})
-            print(f"B={batch_size}/rank {variant:6s} wall median {w.get('median', float('nan')):8.2f} ms  "
+            extra = (f" match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
+                     if variant == "engine-graph" else "")
+            print(f"B={batch_size}/rank {variant:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
                   f"syncs {res.get('syncs_per_step')}  gpu kernels "
                   f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
         with open(os.path.join(args.out, f"profile_rank{rank}.json"), "w") as f:  # after every result

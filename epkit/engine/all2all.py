@@ -118,11 +118,13 @@ class _GatherBased:
     """Shared part of the two backends that replicate all tokens to every rank."""
 
     name = ""
+    graph_safe = True  # no host reads inside a step (with the sync-free expert path): CUDA graphs can hold it
 
     def __init__(self, comm: Communicator, device: "torch.device"):
         self.comm = comm
         self._valid_key: tuple | None = None
         self._valid = None
+        self.static_valid = None  # set by a padded (CUDA-graph) step: its fixed mask of real gathered rows
 
     def _pack(self, x, ids, weights, capacity: int):
         import torch
@@ -139,6 +141,8 @@ class _GatherBased:
         """Mask of real (unpadded) gathered rows; built once per step, reused by every layer."""
         import torch
 
+        if self.static_valid is not None:
+            return self.static_valid
         key = (tuple(counts), capacity)
         if self._valid_key != key:
             rows = torch.arange(len(counts) * capacity)
@@ -203,9 +207,11 @@ class AllToAll:
     """Dispatch each (token, expert) pair only to its owner; combine on the home rank."""
 
     name = "all_to_all"
+    graph_safe = False  # split sizes are read on the host every layer
 
     def __init__(self, comm: Communicator, device: "torch.device"):
         self.comm = comm
+        self.static_valid = None
 
     def __call__(self, x, ids, weights, experts, counts):
         import torch

@@ -24,6 +24,7 @@ class AttentionMeta:
     decode_rows: torch.Tensor | None = None  # [B] rows of batched single-token decodes
     decode_slots: torch.Tensor | None = None  # [B, max_ctx] slots, padded with 0
     decode_mask: torch.Tensor | None = None  # [B, max_ctx] True where a slot is real
+    all_decode: bool = False  # every row is a single-token decode (decode_rows would be 0..T-1)
 
 
 def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: torch.device, batch_decode: bool) -> AttentionMeta:
@@ -66,6 +67,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Write this step's K/V into the cache, attend, return ``[T, heads * head_dim]``."""
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
+    if meta.all_decode:  # a captured decode step: one batched call, no per-sequence work
+        out = _batched_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask)
+        return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
     out = torch.empty_like(q)
     for start, new, slots in meta.per_seq:
         ctx = slots.shape[0]

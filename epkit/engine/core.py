@@ -213,12 +213,14 @@ class EngineCore:
             self._drain(0 if busy else IDLE_POLL_S[idle_steps > IDLE_BACKOFF_STEPS])
             batch = self.scheduler.schedule() if not self.stopping else []
             tokens = sum(n for _, n in batch)
-            info = self.comm.exchange_step_info([tokens, int(self.stopping)])
-            if any(stop for _, stop in info):
-                log.info("DP rank %d: stopping (requested by rank %s)", self.rank, [r for r, (_, s) in enumerate(info) if s])
+            info = self.comm.exchange_step_info([tokens, int(self.stopping), *self.runner.step_shape(batch)])
+            if any(stop for _, stop, *_ in info):
+                log.info("DP rank %d: stopping (requested by rank %s)", self.rank, [r for r, (_, s, *_) in enumerate(info) if s])
+                if self.runner.graphs is not None:
+                    log.info("DP rank %d: %s", self.rank, self.runner.graphs.summary(self.steps))
                 self._broadcast(("stop", [], (self.rank, 0, 0, self.scheduler.num_preemptions)))
                 return
-            counts = [n for n, _ in info]
+            counts = [n for n, *_ in info]
             busy = sum(counts) > 0
             idle_steps = 0 if busy else idle_steps + 1
             if not busy:
@@ -227,7 +229,7 @@ class EngineCore:
                     self._send([])
                     last_stats = stats
                 continue
-            sampled = self.runner.execute(batch, counts)
+            sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
             self._send(self.scheduler.postprocess(batch, sampled))
             last_stats = None
             self.steps += 1

@@ -263,7 +263,8 @@ class MoEModel:
     def __init__(self, cfg: ModelConfig, weights: Weights, moe, max_len: int, device: torch.device):
         self.cfg, self.w, self.moe = cfg, weights, moe
         self.cos, self.sin = rope_cache(cfg, max_len, device)
-        self.record_routing: Callable[[int, torch.Tensor], None] | None = None  # EPLB load statistics
+        self.record_routing: Callable[..., None] | None = None  # EPLB load statistics
+        self.row_mask: torch.Tensor | None = None  # [T] real rows of a padded (CUDA-graph) step; None = all rows
         self.router_bias = router_bias(cfg.num_experts, cfg.router_skew, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -295,7 +296,7 @@ class MoEModel:
     def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
         ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob, self.router_bias)
         if self.record_routing is not None:
-            self.record_routing(layer["moe_pos"], ids)
+            self.record_routing(layer["moe_pos"], ids, self.row_mask)
         out = self.moe(h, ids, weights, layer["experts"], counts)
         if "shared" in layer:
             out = out + torch.sigmoid(linear(h, layer["shared_gate"])) * swiglu(h, *layer["shared"])

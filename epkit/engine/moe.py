@@ -261,6 +261,8 @@ class ReplicatedMoE:
     """MoE without expert parallelism: every rank holds every expert, no collective at all."""
 
     name = "replicated"
+    graph_safe = True
+    static_valid = None  # every row is computed locally: padding rows only cost compute
 
     def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
         n, k = ids.shape

@@ -104,10 +104,20 @@ class Rebalancer:
         experts.map = self.expert_map(moe_pos)
         experts.load = self.slot_load[moe_pos]
 
-    def record(self, moe_pos: int, ids: torch.Tensor) -> None:
-        """Add this step's routing of one MoE layer (``ids`` is ``[tokens, top_k]`` logical experts); no host sync."""
+    def record(self, moe_pos: int, ids: torch.Tensor, row_mask: torch.Tensor | None = None) -> None:
+        """Add this step's routing of one MoE layer (``ids`` is ``[tokens, top_k]`` logical experts); no host sync.
+
+        ``row_mask`` (``[tokens]``) marks the real rows of a padded step; padding rows count nothing."""
         flat = ids.reshape(-1)
-        self.step_load[moe_pos].index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float32, device=flat.device))
+        if row_mask is None:
+            ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+        else:
+            ones = row_mask.unsqueeze(1).expand(ids.shape).reshape(-1).to(torch.float32)
+        self.step_load[moe_pos].index_add_(0, flat, ones)
+
+    def load_buffers(self) -> list[torch.Tensor]:
+        """The device tensors a forward step adds load to (saved and restored around a graph's warm-up run)."""
+        return [self.step_load, self.slot_load]
 
     def end_step(self, layers: list[dict[str, Any]], build: Callable[[int, list[int]], LocalExperts],
                  step_time: float | None = None) -> None:

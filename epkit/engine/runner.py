@@ -11,6 +11,7 @@ import torch
 from epkit.engine.all2all import Communicator, make_backend
 from epkit.engine.attention import build_meta
 from epkit.engine.config import EngineConfig
+from epkit.engine.graphs import DecodeGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
@@ -81,11 +82,16 @@ class ModelRunner:
             self.model.record_routing = self.rebalancer.record
         self.block_size = cfg.block_size
         self.num_blocks = self._num_blocks()
-        slots = self.num_blocks * self.block_size
+        slots = (self.num_blocks + 1) * self.block_size  # + one scratch block for the padding rows of decode graphs
         shape = (slots, self.mcfg.num_kv_heads, self.mcfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
+        mode, why = graph_mode(self)
+        self.graphs = DecodeGraphs(self, mode) if mode != "off" else None
+        log.info("DP rank %d: decode steps: %s%s", dp_rank, why,
+                 f" (batch sizes {self.graphs.sizes[0]}..{self.graphs.sizes[-1]}, context buckets of "
+                 f"{self.graphs.ctx_step} up to {self.graphs.max_ctx})" if self.graphs else "")
         held = (f"{self.rebalancer.slots_per_rank} expert slots of {self.rebalancer.num_physical} (EPLB)" if self.rebalancer
                 else f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
         log.info("DP rank %d: %s %s, %s (ep=%d, %s), KV cache %d blocks x %d tokens", dp_rank, device,
@@ -101,7 +107,7 @@ class ModelRunner:
             budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - GPU_ACTIVATION_RESERVE_BYTES
         else:
             budget = CPU_KV_DEFAULT_BYTES
-        num_blocks = budget // block_bytes
+        num_blocks = budget // block_bytes - 1  # one block of the budget is the decode graphs' scratch block
         needed = -(-self.max_model_len // self.block_size)
         if num_blocks < needed:
             raise EngineError(
@@ -112,14 +118,34 @@ class ModelRunner:
         return int(num_blocks)
 
     # ---- one step ---------------------------------------------------------------------
+    @staticmethod
+    def step_shape(batch: list[tuple[Sequence, int]]) -> tuple[int, int]:
+        """(1 if every row is a single-token decode that samples, else 0; longest context) of this rank's batch."""
+        decode = all(new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, new in batch)
+        return int(decode), max((seq.num_computed_tokens + new for seq, new in batch), default=0)
+
     @torch.inference_mode()
-    def execute(self, batch: list[tuple[Sequence, int]], counts: list[int]) -> dict[str, int]:
+    def execute(self, batch: list[tuple[Sequence, int]], counts: list[int],
+                shapes: list[tuple[int, int]] | None = None) -> dict[str, int]:
         """Run the forward pass for ``batch`` (possibly empty: a dummy step) and sample.
 
         Returns request id -> sampled token for the sequences whose prompt is now fully
-        computed. ``counts`` is every DP rank's token count this step (for the MoE exchange).
+        computed. ``counts`` is every DP rank's token count this step (for the MoE exchange),
+        ``shapes`` every rank's :meth:`step_shape`; when all ranks decode only, the step runs
+        through a decode graph (see :mod:`epkit.engine.graphs`).
         """
         started = time.perf_counter()
+        key = None
+        if self.graphs is not None and shapes is not None and all(decode for decode, _ in shapes):
+            key = self.graphs.plan(counts, max(ctx for _, ctx in shapes))
+        if key is not None:
+            hidden = self.graphs.run(batch, counts, key)
+            sampled = {}
+            if batch:
+                seqs = [seq for seq, _ in batch]
+                sampled = dict(zip((s.request_id for s in seqs), self._sample(self.model.logits(hidden), seqs)))
+            self._end_step(started, bool(batch))
+            return sampled
         ids: list[int] = []
         positions: list[int] = []
         seqs_meta = []
@@ -141,10 +167,13 @@ class ModelRunner:
         if sample_seqs:
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
             sampled = dict(zip((s.request_id for s in sample_seqs), self._sample(logits, sample_seqs)))
+        self._end_step(started, bool(sample_seqs))
+        return sampled
+
+    def _end_step(self, started: float, sampled: bool) -> None:
         if self.rebalancer is not None:  # after sampling: the step time includes the GPU's work (tolist syncs)
             self.rebalancer.end_step(self.model.w.layers, self.model.w.build_experts,
-                                     time.perf_counter() - started if sample_seqs else None)
-        return sampled
+                                     time.perf_counter() - started if sampled else None)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         tokens = torch.argmax(logits, dim=-1).tolist()

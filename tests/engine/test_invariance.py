@@ -38,6 +38,16 @@ CONFIGS = {
 }
 
 
+# The same deployments with every all-decode step run as a padded decode-graph step on fixed
+# buffers (EPKIT_DECODE_GRAPHS=emulate: the CUDA-graph path without the capture, so on CPU).
+PADDED = {
+    "dp1": [],
+    "dp2-ep-allgather_reducescatter": ["-dp", "2", "--enable-expert-parallel"],
+    "dp4-ep-naive-eplb": ["-dp", "4", "--enable-expert-parallel", "--all2all-backend", "naive", "--enable-eplb",
+                          "--eplb-config", '{"window_size": 4, "step_interval": 3, "num_redundant_experts": 4}'],
+}
+
+
 def outputs(deployment) -> list[list[int]]:
     """Token ids for every prompt (sent concurrently, so ranks batch them differently), plus one seeded sample."""
     jobs = [dict(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS]
@@ -76,3 +86,28 @@ def test_same_tokens_as_dp1(name, baseline, deploy):
     assert got == baseline
     if "eplb" in name:  # the placement really changed while these tokens were generated
         assert "EPLB rebalance 3 at step" in deployment.nodes[0].log()
+
+
+@pytest.mark.parametrize("name", list(PADDED))
+def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
+    """Padding every rank to one capture size and context bucket (scratch KV block, masked MoE rows) changes no token."""
+    import re
+
+    monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
+    deployment = deploy(PADDED[name])
+    assert outputs(deployment) == baseline
+    deployment.stop()
+    log = deployment.nodes[0].log()
+    padded, total = map(int, re.search(r"DP rank 0: (\d+) of (\d+) forward steps ran as emulated decode graphs", log).groups())
+    assert padded >= 20 and total - padded <= 5, (padded, total)  # 24 tokens each: all steps but the prefills
+    if "eplb" in name:
+        assert "EPLB rebalance 3 at step" in log
+
+
+def test_all_to_all_decodes_eager_and_says_why(deploy, monkeypatch):
+    monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
+    deployment = deploy(["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "all_to_all"])
+    deployment.complete("hello", max_tokens=4)
+    assert "the all_to_all backend reads its split sizes on the host every layer" in deployment.nodes[0].log()
+    deployment.stop()
+    assert "forward steps ran as" not in deployment.nodes[0].log()

@@ -294,3 +294,12 @@ def test_stitched_dump_reads_back_as_a_trace(tmp_path):
     a, b = read_trace(tmp_path / "t.json"), read_trace(tmp_path / "t.npz")
     assert a.load.shape == (3, 2, 3) and np.array_equal(a.load, b.load)
     assert a.load[0, 0].tolist() == [2, 1, 1]
+
+
+def test_decode_graph_capture_sizes_follow_vllm():
+    from epkit.engine.graphs import capture_sizes
+
+    assert capture_sizes(256) == [1, 2, 4, *range(8, 257, 8)]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(1024, largest=64)[-1] == 64

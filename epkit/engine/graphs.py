@@ -1,0 +1,211 @@
+"""CUDA graphs for decode steps: capture a step's forward once per shape, then replay it.
+
+Eager decode on a GPU is bound by the host: a 48-layer step launches ~6,000 kernels and
+the GPU idles most of the step (docs/benchmarks.md, issue 8). A step in which every DP rank
+runs only single-token decodes has a shape known ahead: ``B`` sequences of one token, each
+reading at most ``C`` cached tokens. Every rank pads its batch to the same capture size
+``B`` (the smallest one that holds the largest rank's batch, from the counts all ranks
+exchange each step) and its context to the same bucket ``C``, so all ranks replay the same
+graph and the MoE collectives inside it line up. Prefill and mixed steps stay eager.
+
+Inputs live in fixed device buffers that every graph reads (views of the largest size):
+token ids, positions, the KV slot of each new token, block tables, context lengths, and
+the mask of real rows across ranks. Padding rows read and write one scratch KV block that
+no sequence owns, attend to that one slot, and are masked out of the MoE exchange (they
+contribute nothing to any real row and are not counted as expert load), so a padded step
+computes the same real rows as an eager one. Graphs are captured lazily, the first time a
+(B, C) shape occurs, on every rank at the same step; an EPLB rearrangement replaces expert
+weights and maps, so it drops every graph (they are captured again when next needed).
+
+``EPKIT_DECODE_GRAPHS=emulate`` runs exactly this padded, fixed-buffer step without
+capturing it (on CPU too), so the padding and masking are tested where no GPU is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from epkit.engine.attention import AttentionMeta
+
+if TYPE_CHECKING:
+    from epkit.engine.runner import ModelRunner
+    from epkit.engine.sequence import Sequence
+
+log = logging.getLogger("epkit.engine")
+
+CTX_BUCKET = 256  # context lengths are padded up to a multiple of this (and of the block size)
+MAX_CAPTURE_SIZE = 256  # vLLM's classic default largest decode graph
+
+
+def capture_sizes(max_num_seqs: int, largest: int = MAX_CAPTURE_SIZE) -> list[int]:
+    """vLLM's decode capture sizes: 1, 2, 4, then multiples of 8, up to ``min(max_num_seqs, largest)``."""
+    top = max(1, min(max_num_seqs, largest))
+    sizes = [s for s in [1, 2, 4, *range(8, top + 8, 8)] if s < top] + [top]
+    return sorted(set(sizes))
+
+
+def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
+    """("cuda" | "emulate" | "off", why) for this runner."""
+    want = os.environ.get("EPKIT_DECODE_GRAPHS", "auto")
+    if want not in ("auto", "emulate", "off"):
+        return "off", f"EPKIT_DECODE_GRAPHS={want!r} is not one of auto, emulate, off"
+    if runner.cfg.enforce_eager or want == "off":
+        return "off", "--enforce-eager" if runner.cfg.enforce_eager else "EPKIT_DECODE_GRAPHS=off"
+    if not getattr(runner.model.moe, "graph_safe", False):
+        return "off", (f"the {runner.model.moe.name} backend reads its split sizes on the host every layer, "
+                       "which a CUDA graph cannot hold; decode runs eager")
+    if want == "emulate":
+        return "emulate", "EPKIT_DECODE_GRAPHS=emulate (padded fixed-buffer steps, not captured)"
+    if runner.device.type != "cuda":
+        return "off", "no CUDA device"
+    probe = torch.zeros((1, 1), device=runner.device, dtype=runner.dtype)
+    experts = next(layer["experts"] for layer in runner.model.w.layers if "experts" in layer)
+    ok = experts.supports_sentinel(probe) if runner.cfg.ep_size > 1 else experts._use_grouped_mm(probe)
+    if not ok:
+        return "off", (f"sync-free expert GEMMs (torch._grouped_mm, bf16) are unavailable for dtype "
+                       f"{str(runner.dtype).replace('torch.', '')}; decode runs eager")
+    return "cuda", "CUDA graphs for decode steps"
+
+
+class DecodeGraphs:
+    """The fixed decode buffers of one rank and its captured graphs, keyed by (batch size, context bucket)."""
+
+    def __init__(self, runner: "ModelRunner", mode: str):
+        self.runner, self.mode = runner, mode
+        cfg, dev = runner.cfg, runner.device
+        self.world, self.rank = runner.comm.world_size, runner.comm.rank
+        # every (row, expert) pair of every rank goes through the sync-free grouped GEMM: keep it under its limit
+        from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
+
+        pair_cap = SYNC_FREE_MAX_PAIRS // (self.world * runner.mcfg.top_k) if runner.cfg.ep_size > 1 else MAX_CAPTURE_SIZE
+        self.sizes = capture_sizes(cfg.max_num_seqs, min(MAX_CAPTURE_SIZE, max(1, pair_cap)))
+        self.max_batch = self.sizes[-1]
+        bs = runner.block_size
+        self.ctx_step = bs * -(-CTX_BUCKET // bs)
+        self.max_ctx = self.ctx_step * -(-runner.max_model_len // self.ctx_step)
+        self.width = self.max_ctx // bs
+        self.scratch_block = runner.num_blocks  # the KV cache has one block more than the block manager hands out
+        B = self.max_batch
+        pin = dev.type == "cuda"
+        host = dict(ids=(B,), pos=(B,), slot=(B,), ctx=(B,), tables=(B, self.width), valid=(self.world * B,))
+        self.host = {k: torch.zeros(shape, dtype=torch.long, pin_memory=pin) for k, shape in host.items()}
+        self.dev = {k: torch.zeros(shape, dtype=torch.long, device=dev) for k, shape in host.items()}
+        self.offsets = torch.arange(bs, device=dev)
+        self.ctx_range = torch.arange(self.max_ctx, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        self.epoch = self._epoch()
+        self.steps = 0  # padded steps run (replays, or emulated steps)
+        self.captures = 0
+        self.capture_s = 0.0
+
+    def _epoch(self) -> int:
+        rebalancer = self.runner.rebalancer
+        return rebalancer.num_rebalances if rebalancer is not None else 0
+
+    # ---- shapes -----------------------------------------------------------------------
+    def plan(self, counts: list[int], max_ctx: int) -> tuple[int, int] | None:
+        """The (batch size, context bucket) every rank uses this step, or None when it runs eager."""
+        n = max(counts)
+        if n > self.max_batch or max_ctx > self.max_ctx:
+            return None
+        batch = next(s for s in self.sizes if s >= n)
+        return batch, max(self.ctx_step, self.ctx_step * -(-max_ctx // self.ctx_step))
+
+    # ---- one step ---------------------------------------------------------------------
+    def run(self, batch: list[tuple["Sequence", int]], counts: list[int], key: tuple[int, int]) -> torch.Tensor:
+        """Final hidden states of ``batch``'s rows (all single-token decodes), through the graph for ``key``."""
+        size, ctx = key
+        self._fill(batch, counts, size, ctx)
+        if self._epoch() != self.epoch:
+            self.drop("EPLB rearranged the experts")
+            self.epoch = self._epoch()
+        if self.mode == "emulate":
+            out = self._forward(size, ctx)
+        else:
+            entry = self.graphs.get(key) or self._capture(key)
+            entry[0].replay()
+            out = entry[1]
+        self.steps += 1
+        return out[: len(batch)]
+
+    def _fill(self, batch: list[tuple["Sequence", int]], counts: list[int], size: int, ctx: int) -> None:
+        h = {k: v.numpy() for k, v in self.host.items()}
+        bs = self.runner.block_size
+        width = ctx // bs
+        h["ids"][:size] = 0
+        h["pos"][:size] = 0
+        h["slot"][:size] = self.scratch_block * bs  # padding rows write and read the scratch block only
+        h["ctx"][:size] = 1
+        h["tables"][:size, :width] = 0
+        h["tables"][:size, 0] = self.scratch_block
+        for i, (seq, _) in enumerate(batch):
+            p = seq.num_computed_tokens
+            table = seq.block_table
+            h["ids"][i] = seq.token_ids[p]
+            h["pos"][i] = p
+            h["ctx"][i] = p + 1
+            h["slot"][i] = table[p // bs] * bs + p % bs
+            h["tables"][i, : len(table)] = table
+        valid = h["valid"][: self.world * size].reshape(self.world, size)
+        valid[:] = np.arange(size)[None, :] < np.asarray(counts)[:, None]
+        for k in ("ids", "pos", "slot", "ctx", "tables"):
+            self.dev[k][:size].copy_(self.host[k][:size], non_blocking=True)
+        self.dev["valid"][: self.world * size].copy_(self.host["valid"][: self.world * size], non_blocking=True)
+
+    def _forward(self, size: int, ctx: int) -> torch.Tensor:
+        """The padded step on the fixed buffers: what a graph captures and replays."""
+        runner = self.runner
+        model, bs, d = runner.model, runner.block_size, self.dev
+        width = ctx // bs
+        slots = (d["tables"][:size, :width].unsqueeze(2) * bs + self.offsets).reshape(size, ctx)
+        mask = self.ctx_range[:ctx].unsqueeze(0) < d["ctx"][:size].unsqueeze(1)
+        meta = AttentionMeta(d["slot"][:size], [], decode_slots=slots, decode_mask=mask, all_decode=True)
+        valid = d["valid"][: self.world * size].bool()
+        model.moe.static_valid = valid
+        model.row_mask = valid.view(self.world, size)[self.rank]
+        try:
+            return model.forward(d["ids"][:size], d["pos"][:size], meta, runner.kv_caches, [size] * self.world)
+        finally:
+            model.moe.static_valid = None
+            model.row_mask = None
+
+    def _capture(self, key: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+        """Warm up once (lazy initialisation; rewrites the same K/V), then capture; every rank does this at the same step."""
+        size, ctx = key
+        started = time.perf_counter()
+        loads = self.runner.rebalancer.load_buffers() if self.runner.rebalancer is not None else []
+        saved = [t.clone() for t in loads]
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(size, ctx)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(loads, saved):  # the warm-up must not count as expert load
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(size, ctx)
+        elapsed = time.perf_counter() - started
+        self.capture_s += elapsed
+        self.captures += 1
+        self.graphs[key] = (graph, out)
+        log.info("DP rank %d: captured the decode CUDA graph for batch %d, context %d in %.2f s (%d graphs)",
+                 self.rank, size, ctx, elapsed, len(self.graphs))
+        return self.graphs[key]
+
+    def summary(self, total_steps: int) -> str:
+        what = "replayed from CUDA graphs" if self.mode == "cuda" else "ran as emulated decode graphs"
+        return (f"{self.steps} of {total_steps} forward steps {what}; {self.captures} captures "
+                f"({self.capture_s:.1f} s), {len(self.graphs)} graphs held")
+
+    def drop(self, why: str) -> None:
+        if self.graphs:
+            log.info("DP rank %d: dropping %d decode CUDA graphs (%s)", self.rank, len(self.graphs), why)
+        self.graphs.clear()
