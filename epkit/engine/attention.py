@@ -3,7 +3,8 @@
 The cache of one layer is ``[num_blocks * block_size, kv_heads, head_dim]``; a sequence's
 tokens live at the slots its block table names. Sequences with several new tokens
 (prefill, chunked prefill) run one fused SDPA call each; on GPU, single-token decodes run
-as one batched, masked SDPA call. On CPU every sequence runs alone so that its result does
+as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
+self-check, else a gather of the cached K/V and two masked matmuls. On CPU every sequence runs alone so that its result does
 not depend on which other sequences share the step (the engine's invariance guarantee).
 """
 
@@ -22,8 +23,10 @@ class AttentionMeta:
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     per_seq: list[tuple[int, int, torch.Tensor]]  # (first row, new tokens, slots of the whole context)
     decode_rows: torch.Tensor | None = None  # [B] rows of batched single-token decodes
-    decode_slots: torch.Tensor | None = None  # [B, max_ctx] slots, padded with 0
-    decode_mask: torch.Tensor | None = None  # [B, max_ctx] True where a slot is real
+    decode_tables: torch.Tensor | None = None  # [B, W] block tables of those rows, padded with 0
+    decode_ctx: torch.Tensor | None = None  # [B] tokens each of them attends to (cached + the new one)
+    decode_len: int = 0  # columns of the PyTorch path's gathered context (>= every decode_ctx)
+    block_size: int = 16
     all_decode: bool = False  # every row is a single-token decode (decode_rows would be 0..T-1)
 
 
@@ -49,16 +52,13 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
             per_seq.append((row, new, slots.to(device, non_blocking=True)))
         row += new
     mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
-    meta = AttentionMeta(mapping.to(device), per_seq)
+    meta = AttentionMeta(mapping.to(device), per_seq, block_size=block_size)
     if decode_rows:
         width = max(len(t) for t in decode_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-        max_ctx = max(decode_ctx)
-        slots = (tables.unsqueeze(2) * block_size + offsets).view(len(decode_rows), -1)[:, :max_ctx]
-        mask = torch.arange(max_ctx).unsqueeze(0) < torch.tensor(decode_ctx).unsqueeze(1)
         meta.decode_rows = torch.tensor(decode_rows).to(device)
-        meta.decode_slots = slots.to(device)
-        meta.decode_mask = mask.to(device)
+        meta.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables]).to(device)
+        meta.decode_ctx = torch.tensor(decode_ctx).to(device)
+        meta.decode_len = max(decode_ctx)
     return meta
 
 
@@ -68,7 +68,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     if meta.all_decode:  # a captured decode step: one batched call, no per-sequence work
-        out = _batched_decode(q, k_cache, v_cache, meta.decode_slots, meta.decode_mask)
+        out = _batched_decode(q, k_cache, v_cache, meta)
         return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
     out = torch.empty_like(q)
     for start, new, slots in meta.per_seq:
@@ -85,15 +85,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
         out[start : start + new] = o[0].transpose(0, 1)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta.decode_slots, meta.decode_mask)
+        out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
 
 
-def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                    mask: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence, GQA without expanding K/V: two batched matmuls and a masked softmax."""
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """One query token per sequence: the Triton paged kernel where it is checked, else gather + matmul."""
+    from epkit.engine.kernels import decode_kernel_enabled, paged_decode_attention
+
+    if decode_kernel_enabled(q, k_cache, meta.block_size, torch_decode):
+        return paged_decode_attention(q, k_cache, v_cache, meta.decode_tables, meta.decode_ctx, meta.block_size)
+    return torch_decode(q, k_cache, v_cache, meta.decode_tables, meta.decode_ctx, meta.block_size, meta.decode_len)
+
+
+def torch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, ctx_lens: torch.Tensor,
+                 block_size: int, length: int | None = None) -> torch.Tensor:
+    """GQA decode without expanding K/V: gather each sequence's first ``length`` cached slots, two batched matmuls, masked softmax."""
     B, heads, d = q.shape
     kv_heads = k_cache.shape[1]
+    slots = (tables.unsqueeze(2) * block_size + torch.arange(block_size, device=q.device)).reshape(B, -1)
+    if length is not None:
+        slots = slots[:, :length]
+    mask = torch.arange(slots.shape[1], device=q.device).unsqueeze(0) < ctx_lens.unsqueeze(1)
     qg = q.view(B, kv_heads, heads // kv_heads, d)
     k = k_cache[slots].permute(0, 2, 3, 1)  # [B, kv_heads, d, ctx]
     v = v_cache[slots].transpose(1, 2)  # [B, kv_heads, ctx, d]

@@ -96,8 +96,12 @@ class DecodeGraphs:
         host = dict(ids=(B,), pos=(B,), slot=(B,), ctx=(B,), tables=(B, self.width), valid=(self.world * B,))
         self.host = {k: torch.zeros(shape, dtype=torch.long, pin_memory=pin) for k, shape in host.items()}
         self.dev = {k: torch.zeros(shape, dtype=torch.long, device=dev) for k, shape in host.items()}
-        self.offsets = torch.arange(bs, device=dev)
-        self.ctx_range = torch.arange(self.max_ctx, device=dev)
+        # The paged kernel reads each sequence's own context length: one context bucket (the longest) serves all.
+        from epkit.engine.attention import torch_decode
+        from epkit.engine.kernels import decode_kernel_enabled
+
+        probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
+        self.paged_kernel = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.epoch = self._epoch()
@@ -116,6 +120,8 @@ class DecodeGraphs:
         if n > self.max_batch or max_ctx > self.max_ctx:
             return None
         batch = next(s for s in self.sizes if s >= n)
+        if self.paged_kernel:
+            return batch, self.max_ctx
         return batch, max(self.ctx_step, self.ctx_step * -(-max_ctx // self.ctx_step))
 
     # ---- one step ---------------------------------------------------------------------
@@ -164,9 +170,8 @@ class DecodeGraphs:
         runner = self.runner
         model, bs, d = runner.model, runner.block_size, self.dev
         width = ctx // bs
-        slots = (d["tables"][:size, :width].unsqueeze(2) * bs + self.offsets).reshape(size, ctx)
-        mask = self.ctx_range[:ctx].unsqueeze(0) < d["ctx"][:size].unsqueeze(1)
-        meta = AttentionMeta(d["slot"][:size], [], decode_slots=slots, decode_mask=mask, all_decode=True)
+        meta = AttentionMeta(d["slot"][:size], [], decode_tables=d["tables"][:size, :width], decode_ctx=d["ctx"][:size],
+                             decode_len=ctx, block_size=bs, all_decode=True)
         valid = d["valid"][: self.world * size].bool()
         model.moe.static_valid = valid
         model.row_mask = valid.view(self.world, size)[self.rank]

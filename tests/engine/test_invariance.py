@@ -42,6 +42,8 @@ CONFIGS = {
 # buffers (EPKIT_DECODE_GRAPHS=emulate: the CUDA-graph path without the capture, so on CPU).
 PADDED = {
     "dp1": [],
+    # ... and with the Triton paged decode-attention kernel, run by Triton's interpreter on CPU
+    "dp2-ep-allgather_reducescatter-triton": ["-dp", "2", "--enable-expert-parallel"],
     "dp2-ep-allgather_reducescatter": ["-dp", "2", "--enable-expert-parallel"],
     "dp4-ep-naive-eplb": ["-dp", "4", "--enable-expert-parallel", "--all2all-backend", "naive", "--enable-eplb",
                           "--eplb-config", '{"window_size": 4, "step_interval": 3, "num_redundant_experts": 4}'],
@@ -94,6 +96,9 @@ def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
     import re
 
     monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
+    if "triton" in name:
+        pytest.importorskip("triton", reason="the dev extra installs Triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     deployment = deploy(PADDED[name])
     assert outputs(deployment) == baseline
     deployment.stop()
@@ -102,6 +107,8 @@ def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
     assert padded >= 20 and total - padded <= 5, (padded, total)  # 24 tokens each: all steps but the prefills
     if "eplb" in name:
         assert "EPLB rebalance 3 at step" in log
+    kernel = "decode attention: Triton paged kernel (checked against PyTorch)"
+    assert (kernel in log) == ("triton" in name), log[-2000:]
 
 
 def test_all_to_all_decodes_eager_and_says_why(deploy, monkeypatch):

@@ -1,0 +1,68 @@
+"""The Triton paged decode-attention kernel against the PyTorch computation.
+
+Run by Triton's interpreter (TRITON_INTERPRET=1, on CPU) in a subprocess, since Triton reads
+that variable when a kernel is first launched. On a GPU `benchmarks/engine_profile.py` and the
+engine's own start-up self-check compare the compiled kernel with the same reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="the dev extra installs Triton")
+
+CHECK = r"""
+import json, torch
+from epkit.engine.attention import torch_decode
+from epkit.engine.kernels import decode_kernel_enabled, paged_decode_attention, unsupported_reason
+torch.manual_seed(0)
+out = []
+# (heads, kv_heads, head_dim, block_size, dtype): Qwen3-30B-A3B (32/4/128), the tiny model (4/2/64), MHA, fp16
+for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 16, torch.float32),
+                                   (8, 8, 32, 32, torch.float32), (16, 4, 64, 16, torch.float16)]:
+    blocks, B, W = 48, 6, 7
+    kc = torch.randn(blocks * bs, kvh, dim).to(dtype)
+    vc = torch.randn(blocks * bs, kvh, dim).to(dtype)
+    q = torch.randn(B, heads, dim).to(dtype)
+    tables = torch.randperm(blocks)[: B * W].view(B, W).clone()
+    # contexts: one token, exactly one block, one past a block, a whole table, a tile (64) boundary, mid-block
+    ctx = torch.tensor([1, bs, bs + 1, W * bs, 64, 2 * bs + 5])
+    got = paged_decode_attention(q, kc, vc, tables, ctx, bs).float()
+    want = torch_decode(q, kc, vc, tables, ctx, bs).float()
+    # a sequence sees only its own blocks: changing another table's blocks leaves it unchanged
+    kc2 = kc.clone(); kc2[tables[0, 1:].repeat_interleave(bs) * bs + torch.arange(bs).repeat(W - 1)] = 1e3
+    same = paged_decode_attention(q[:1], kc2, vc, tables[:1], ctx[:1], bs).float()
+    out.append(dict(case=[heads, kvh, dim, bs, str(dtype)], err=(got - want).abs().max().item(),
+                    scale=want.abs().max().item(), own_blocks_only=(same - got[:1]).abs().max().item()))
+bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
+enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
+print(json.dumps(dict(cases=out, bad=bad, enabled=enabled)))
+"""
+
+
+def test_paged_decode_kernel_matches_pytorch():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    for case in result["cases"]:
+        tol = 1e-5 if case["case"][-1] == "torch.float32" else 2e-3
+        assert case["err"] <= tol * max(1.0, case["scale"]), case
+        assert case["own_blocks_only"] == 0.0, case
+    assert result["bad"] == "head_dim=48 is not a power of two >= 16"
+    assert result["enabled"] is True  # the start-up self-check passes, so the engine would use it
+
+
+def test_without_interpreter_cpu_stays_on_pytorch():
+    import torch
+
+    from epkit.engine.kernels import unsupported_reason
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter forced for the whole run")
+    assert unsupported_reason(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64)).startswith("device cpu")
