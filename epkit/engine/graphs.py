@@ -6,7 +6,9 @@ runs only single-token decodes has a shape known ahead: ``B`` sequences of one t
 reading at most ``C`` cached tokens. Every rank pads its batch to the same capture size
 ``B`` (the smallest one that holds the largest rank's batch, from the counts all ranks
 exchange each step) and its context to the same bucket ``C``, so all ranks replay the same
-graph and the MoE collectives inside it line up. Prefill and mixed steps stay eager.
+graph and the MoE collectives inside it line up. With the Triton paged decode kernel (which reads
+each sequence's own length on the device) there is one bucket, the longest context; the PyTorch
+attention path pads to multiples of 256 tokens. Prefill and mixed steps stay eager.
 
 Inputs live in fixed device buffers that every graph reads (views of the largest size):
 token ids, positions, the KV slot of each new token, block tables, context lengths, and
