@@ -1,4 +1,4 @@
-"""Triton kernels of the GPU path: paged decode attention.
+"""Triton kernels of the GPU path: paged decode attention, fused RMSNorm and fused (q/k-norm +) RoPE.
 
 ``paged_decode_attention`` computes one query token per sequence against that sequence's
 cached K/V, reading the cache in place through its block table (no gathered copy of the
@@ -8,11 +8,17 @@ tiles of ``BLOCK_N`` tokens with an online softmax in float32, and writes ``[B, 
 The loop bound is each sequence's own context length, read on the device, so one launch serves
 any context and a CUDA graph can hold it.
 
-It is used only where it was checked: on first use :func:`decode_kernel_enabled` runs it on a
-small random case against the plain PyTorch computation and logs the outcome; a missing Triton,
-an unsupported shape or dtype, or a mismatch leaves attention on the PyTorch path (and says so).
-``EPKIT_DECODE_ATTENTION=torch`` forces the PyTorch path (for A/B runs). On CPU the kernel runs
-only under ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how the tests check it.
+``rms_norm`` and ``norm_rope`` replace chains of ~8 and ~16 small PyTorch kernels (float cast,
+square, mean, rsqrt, products, casts; RoPE's halves, products and concatenation) with one launch
+each, rounding where the PyTorch code rounds (normalised value to the model dtype before the
+weight, the weighted value to the model dtype before RoPE), so results match it to float32
+rounding. A decode step launches several thousand kernels; these are the most numerous.
+
+Each kernel is used only where it was checked: on first use (per device, dtype and shape family)
+it runs a small random case against the plain PyTorch computation and logs the outcome; a missing
+Triton, an unsupported shape, or a mismatch leaves that computation on PyTorch (and says so).
+``EPKIT_DECODE_ATTENTION=torch`` / ``EPKIT_FUSED_NORMS=0`` force the PyTorch paths (A/B runs). On
+CPU the kernels run only under ``TRITON_INTERPRET=1`` (Triton's interpreter), as in the tests.
 """
 
 from __future__ import annotations
@@ -71,6 +77,46 @@ if triton is not None:
                  mask=gmask[:, None])
 
 
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        cmask = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cmask, other=0.0)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+        y = (xf * rstd).to(x.dtype) * w
+        tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_t, stride_h, eps,
+                          HALF: tl.constexpr, NORM: tl.constexpr):
+        row = tl.program_id(0)
+        t = row // H
+        h = row % H
+        i = tl.arange(0, HALF)
+        base = x_ptr + t * stride_t + h * stride_h
+        x1 = tl.load(base + i)
+        x2 = tl.load(base + HALF + i)
+        if NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
+            x1 = (f1 * rstd).to(x1.dtype) * tl.load(w_ptr + i)
+            x2 = (f2 * rstd).to(x2.dtype) * tl.load(w_ptr + HALF + i)
+            x1 = x1.to(out_ptr.dtype.element_ty)
+            x2 = x2.to(out_ptr.dtype.element_ty)
+        p = tl.load(pos_ptr + t)
+        c = tl.load(cos_ptr + p * HALF + i)
+        s = tl.load(sin_ptr + p * HALF + i)
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        out = out_ptr + row * (2 * HALF)
+        tl.store(out + i, (a * c - b * s).to(out_ptr.dtype.element_ty))
+        tl.store(out + HALF + i, (b * c + a * s).to(out_ptr.dtype.element_ty))
+
+
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     """Why the kernel cannot serve these shapes (None when it can)."""
     if triton is None:
@@ -107,7 +153,94 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of ``x`` (``[..., D]``, last dim contiguous, rows evenly strided) in one launch."""
+    D = x.shape[-1]
+    rows = x.reshape(-1, D) if x.dim() != 2 else x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), eps, D=D, BLOCK=triton.next_power_of_2(D))
+    return out
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> torch.Tensor:
+    """Per-head RMSNorm (when ``weight`` is given) then rotate-half RoPE at ``positions``, in one launch.
+
+    ``x`` is ``[T, heads, head_dim]`` (head_dim contiguous; any token and head strides, e.g. a slice
+    of the fused QKV output); ``cos``/``sin`` are the ``[max_len, head_dim / 2]`` float32 tables."""
+    T, H, D = x.shape
+    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T:
+        _norm_rope_kernel[(T * H,)](x, weight if weight is not None else x, positions, cos, sin, out, H, x.stride(0),
+                                    x.stride(1), eps, HALF=D // 2, NORM=weight is not None)
+    return out
+
+
 _checked: dict[tuple, bool] = {}
+
+
+def _usable(name: str, key: tuple, x: torch.Tensor, check) -> bool:
+    """Whether kernel ``name`` serves ``key``: Triton present, a device it runs on, ``check()`` (None = passed) on first use."""
+    if key in _checked:
+        return _checked[key]
+    if triton is None:
+        why = "Triton is not installed"
+    elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why = f"device {x.device.type}"
+    else:
+        try:
+            why = check()
+        except Exception as exc:  # a compile or launch failure: stay on PyTorch, say why
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    _checked[key] = why is None
+    if x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        log.info("%s: %s", name, "Triton kernel (checked against PyTorch)" if why is None else f"PyTorch ({why})")
+    return why is None
+
+
+def _max_err(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> str | None:
+    err = (got.float() - want.float()).abs().max().item()
+    tol = (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
+    return None if err <= tol else f"self-check max error {err:.3g} > {tol:.3g}"
+
+
+def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
+    """Whether :func:`rms_norm` serves ``x``'s device, dtype and row length (checked once against ``reference(x, w, eps)``)."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+    D = x.shape[-1]
+
+    def check() -> str | None:
+        if D > 16384:
+            return f"row length {D} > 16384"
+        gen = torch.Generator(device=x.device).manual_seed(1)
+        xx = (torch.randn((5, 3, D), generator=gen, device=x.device) * 3).to(x.dtype)[:, 1]  # strided rows
+        w = (torch.rand(D, generator=gen, device=x.device) + 0.5).to(x.dtype)
+        return _max_err(rms_norm(xx, w, 1e-6), reference(xx, w, 1e-6), x.dtype, 4.0)
+
+    return _usable("RMSNorm", ("rms_norm", x.device, x.dtype, D), x, check)
+
+
+def norm_rope_enabled(x: torch.Tensor, with_norm: bool, reference) -> bool:
+    """Whether :func:`norm_rope` serves ``x`` (``[T, heads, head_dim]``); ``reference(x, w, eps, pos, cos, sin)`` is PyTorch's."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+    D = x.shape[-1]
+
+    def check() -> str | None:
+        if D < 2 or (D // 2) & (D // 2 - 1) or D % 2 or x.stride(-1) != 1:
+            return f"head_dim={D} is not twice a power of two with a contiguous last dimension"
+        gen = torch.Generator(device=x.device).manual_seed(2)
+        qkv = torch.randn((4, 7 * D), generator=gen, device=x.device).to(x.dtype)
+        xx = qkv[:, D : 4 * D].reshape(4, 3, D)  # a strided slice, like q or k of the fused QKV output
+        w = (torch.rand(D, generator=gen, device=x.device) + 0.5).to(x.dtype) if with_norm else None
+        ang = torch.rand((64, D // 2), generator=gen, device=x.device) * 6
+        cos, sin = ang.cos(), ang.sin()
+        pos = torch.tensor([0, 5, 63, 17], device=x.device)
+        return _max_err(norm_rope(xx, w, 1e-6, pos, cos, sin), reference(xx, w, 1e-6, pos, cos, sin), x.dtype, 4.0)
+
+    return _usable("q/k-norm + RoPE" if with_norm else "RoPE", ("norm_rope", x.device, x.dtype, D, with_norm), x, check)
 
 
 def decode_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, reference) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -224,9 +225,35 @@ def read_model_config(model: str) -> tuple[dict[str, Any], Path | None]:
         ) from exc
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether :mod:`epkit.engine.kernels` may serve ``x`` (CUDA, or the interpreter); each kernel still checks itself."""
+    return x.device.type == "cuda" or TRITON_INTERPRET
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: one fused Triton launch where it passed its check, else PyTorch."""
+    if use_triton(x):
+        from epkit.engine import kernels
+
+        if kernels.rms_norm_enabled(x, torch_rms_norm):
+            return kernels.rms_norm(x, weight, eps)
+    return torch_rms_norm(x, weight, eps)
+
+
+def torch_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """Per-head RMSNorm (if ``weight``) then RoPE at ``positions`` (``cos``/``sin`` are the whole tables)."""
+    if weight is not None:
+        x = torch_rms_norm(x, weight, eps)
+    return apply_rope(x, cos[positions], sin[positions])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -276,17 +303,28 @@ class MoEModel:
         T, d = input_ids.shape[0], cfg.head_dim
         nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
         x = self.w.embed[input_ids]
-        cos, sin = self.cos[positions], self.sin[positions]
+        eps = cfg.rms_norm_eps
+        fused = False
+        if use_triton(x):
+            from epkit.engine import kernels
+
+            probe = x.new_empty((T, cfg.num_heads, d))
+            fused = kernels.norm_rope_enabled(probe, cfg.qk_norm, torch_norm_rope)
+        cos, sin = (None, None) if fused else (self.cos[positions], self.sin[positions])
         for i, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
             qkv = linear(h, layer["qkv"])
             q = qkv[:, :nq].reshape(T, cfg.num_heads, d)
             k = qkv[:, nq : nq + nkv].reshape(T, cfg.num_kv_heads, d)
             v = qkv[:, nq + nkv :].reshape(T, cfg.num_kv_heads, d)
-            if cfg.qk_norm:
-                q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-                k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if fused:  # one launch each for q and k: q/k-norm + RoPE
+                q = kernels.norm_rope(q, layer.get("q_norm"), eps, positions, self.cos, self.sin)
+                k = kernels.norm_rope(k, layer.get("k_norm"), eps, positions, self.cos, self.sin)
+            else:
+                if cfg.qk_norm:
+                    q = torch_rms_norm(q, layer["q_norm"], eps)
+                    k = torch_rms_norm(k, layer["k_norm"], eps)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             attn = paged_attention(q, k, v, kv_caches[i][0], kv_caches[i][1], meta)
             x = x + linear(attn, layer["o"])
             h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)

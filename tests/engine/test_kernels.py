@@ -39,9 +39,28 @@ for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 1
     same = paged_decode_attention(q[:1], kc2, vc, tables[:1], ctx[:1], bs).float()
     out.append(dict(case=[heads, kvh, dim, bs, str(dtype)], err=(got - want).abs().max().item(),
                     scale=want.abs().max().item(), own_blocks_only=(same - got[:1]).abs().max().item()))
+# fused RMSNorm and q/k-norm + RoPE against the PyTorch chains they replace
+from epkit.engine import kernels
+from epkit.engine.model import rope_cache, torch_norm_rope, torch_rms_norm, ModelConfig
+fused = []
+for D, dtype in [(256, torch.float32), (2048, torch.float32), (100, torch.float32), (64, torch.float16)]:
+    x = (torch.randn(9, 3, D) * 4).to(dtype)[:, 2]  # strided rows
+    w = (torch.rand(D) + 0.5).to(dtype)
+    fused.append(("rms", D, str(dtype), (kernels.rms_norm(x, w, 1e-6).float() - torch_rms_norm(x, w, 1e-6).float()).abs().max().item()))
+for D, dtype, norm in [(128, torch.float32, True), (64, torch.float32, False), (64, torch.float16, True)]:
+    qkv = (torch.randn(6, 8 * D) * 3).to(dtype)
+    x = qkv[:, 2 * D : 6 * D].reshape(6, 4, D)  # q of a fused QKV row: token stride 8*D, head stride D
+    w = (torch.rand(D) + 0.5).to(dtype) if norm else None
+    cfg = ModelConfig.from_dict({"model_type": "qwen3_moe", "vocab_size": 300, "hidden_size": 4 * D, "num_hidden_layers": 1,
+                                 "num_attention_heads": 4, "head_dim": D, "num_experts": 4, "num_experts_per_tok": 2,
+                                 "moe_intermediate_size": 8, "rope_theta": 1e6})
+    cos, sin = rope_cache(cfg, 4096, torch.device("cpu"))
+    pos = torch.tensor([0, 1, 4095, 77, 300, 2])
+    got = kernels.norm_rope(x, w, 1e-6, pos, cos, sin).float()
+    fused.append(("norm_rope" if norm else "rope", D, str(dtype), (got - torch_norm_rope(x, w, 1e-6, pos, cos, sin).float()).abs().max().item()))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
-print(json.dumps(dict(cases=out, bad=bad, enabled=enabled)))
+print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused)))
 """
 
 
@@ -56,6 +75,9 @@ def test_paged_decode_kernel_matches_pytorch():
         assert case["own_blocks_only"] == 0.0, case
     assert result["bad"] == "head_dim=48 is not a power of two >= 16"
     assert result["enabled"] is True  # the start-up self-check passes, so the engine would use it
+    for name, dim, dtype, err in result["fused"]:
+        # float32: reduction order only; float16: at most one rounding step of the stored value
+        assert err <= (2e-5 if dtype == "torch.float32" else 1.6e-2), (name, dim, dtype, err)
 
 
 def test_without_interpreter_cpu_stays_on_pytorch():
