@@ -17,7 +17,10 @@ engine's forward captured once in a CUDA graph and replayed (the prototype that 
 engine's decode graphs), ``engine-graph`` = ``ModelRunner.execute`` with every rank's step shape,
 i.e. the engine's own decode CUDA graphs (``epkit/engine/graphs.py``: padded to a capture size and
 a context bucket, captured on first use, replayed after); it also reports how many greedy tokens
-equal the eager step's. Example (2 GPUs):
+equal the eager step's; ``engine-graph-torch`` = the same with the Triton kernels off (PyTorch
+attention gather, RMSNorm and RoPE chains: ``EPKIT_DECODE_ATTENTION=torch EPKIT_FUSED_NORMS=0``), so
+one call measures what the kernels are worth. ``after`` runs with the kernels as the engine picks
+them (``--eager-torch`` turns them off there too). Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
 """
@@ -135,6 +138,21 @@ def set_variant(variant: str, saved: dict) -> None:
         moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = ws, old_local_partial
     else:
         moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = saved["ws"], saved["lp"]
+
+
+def use_torch_kernels(on: bool, runner) -> None:
+    """Switch the engine's Triton kernels off (PyTorch paths) or back on; captured graphs are dropped."""
+    from epkit.engine import kernels
+
+    for key, value in (("EPKIT_DECODE_ATTENTION", "torch"), ("EPKIT_FUSED_NORMS", "0")):
+        if on:
+            os.environ[key] = value
+        else:
+            os.environ.pop(key, None)
+    kernels._checked.clear()
+    if runner.graphs is not None:
+        runner.graphs.drop("kernel choice changed")
+        runner.graphs.paged_kernel = not on and runner.graphs.paged_kernel_checked
 
 
 def make_batch(runner, batch: int, ctx: int, rank: int):
@@ -280,7 +298,7 @@ def rank_main(rank: int, args) -> None:
               "torch": torch.__version__, "dp": args.dp, "backend": args.backend, "model": args.model, "ctx": args.ctx,
               "build_s": round(build_s, 1), "results": []}
     # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
-    graphs = ("graph", "engine-graph")
+    graphs = ("graph", "engine-graph", "engine-graph-torch")
     plan = [(b, v) for b in args.batches for v in args.variants if v not in graphs]
     plan += [(b, v) for b in args.batches for v in args.variants if v in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
@@ -294,10 +312,11 @@ def rank_main(rank: int, args) -> None:
                     continue
                 set_variant("after", saved)
                 fn = graph_step(runner, batch, counts)
-            elif variant == "engine-graph":
+            elif variant.startswith("engine-graph"):
                 if runner.graphs is None:
                     raise RuntimeError("the runner has no decode graphs (see its 'decode steps:' log line)")
                 set_variant("after", saved)
+                use_torch_kernels(variant.endswith("-torch"), runner)
                 shapes = [(1, args.ctx)] * args.dp
                 eager = runner.execute(batch, counts)
                 t0 = time.perf_counter()
@@ -307,6 +326,7 @@ def rank_main(rank: int, args) -> None:
                 fn = lambda: runner.execute(batch, counts, shapes)  # noqa: E731
             else:
                 set_variant(variant, saved)
+                use_torch_kernels(args.eager_torch, runner)
                 fn = lambda: runner.execute(batch, counts)  # noqa: E731
             for _ in range(args.warmup):
                 fn()
@@ -323,7 +343,7 @@ def rank_main(rank: int, args) -> None:
         if rank == 0:
             w = res.get("wall_ms", {})
             extra = (f" match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
-                     if variant == "engine-graph" else "")
+                     if variant.startswith("engine-graph") else "")
             print(f"B={batch_size}/rank {variant:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
                   f"syncs {res.get('syncs_per_step')}  gpu kernels "
                   f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
@@ -408,6 +428,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--variants", default="before,after,graph")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--eager-torch", action="store_true", help="eager variants without the Triton kernels")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--max-model-len", type=int, default=2048)

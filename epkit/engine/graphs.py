@@ -103,7 +103,7 @@ class DecodeGraphs:
         from epkit.engine.kernels import decode_kernel_enabled
 
         probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
-        self.paged_kernel = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
+        self.paged_kernel = self.paged_kernel_checked = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.epoch = self._epoch()
