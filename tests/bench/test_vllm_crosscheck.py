@@ -206,7 +206,7 @@ def test_metrics_recomputed_from_vllms_raw_data_equal_vllms(runs):
 
 
 def test_epkit_result_file_has_vllms_keys_and_a_request_table(runs):
-    d, out = runs
+    d, out, _ = runs
     vllm_keys = {k for k in out["vllm"][0] if k not in ("send_overhead_ms", "input_lens", "output_lens", "ttfts", "itls", "latencies",
                                                         "start_times", "generated_texts", "errors", "queue_times",
                                                         "rtfx")}
