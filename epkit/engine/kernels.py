@@ -1,4 +1,5 @@
-"""Triton kernels of the GPU path: paged decode attention, fused RMSNorm and fused (q/k-norm +) RoPE.
+"""Triton kernels of the GPU path: paged decode attention, fused RMSNorm, fused (q/k-norm +) RoPE
+and the fused router (softmax, top-k, renormalisation).
 
 ``paged_decode_attention`` computes one query token per sequence against that sequence's
 cached K/V, reading the cache in place through its block table (no gathered copy of the
@@ -8,7 +9,7 @@ tiles of ``BLOCK_N`` tokens with an online softmax in float32, and writes ``[B, 
 The loop bound is each sequence's own context length, read on the device, so one launch serves
 any context and a CUDA graph can hold it.
 
-``rms_norm`` and ``norm_rope`` replace chains of ~8 and ~16 small PyTorch kernels (float cast,
+``rms_norm``, ``norm_rope`` and ``route`` replace chains of ~8 and ~16 small PyTorch kernels (float cast,
 square, mean, rsqrt, products, casts; RoPE's halves, products and concatenation) with one launch
 each, rounding where the PyTorch code rounds (normalised value to the model dtype before the
 weight, the weighted value to the model dtype before RoPE), so results match it to float32
@@ -117,6 +118,34 @@ if triton is not None:
         tl.store(out + HALF + i, (b * c + a * s).to(out_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, E, K: tl.constexpr, KPAD: tl.constexpr,
+                      BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+        t = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        logit = tl.load(logits_ptr + t * stride_l + e, mask=emask, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            logit = logit + tl.load(bias_ptr + e, mask=emask, other=0.0)
+        z = tl.exp(logit - tl.max(logit, 0))
+        p = z / tl.sum(z, 0)
+        p = tl.where(emask, p, -1.0)
+        kk = tl.arange(0, KPAD)
+        top_w = tl.zeros([KPAD], tl.float32)
+        top_i = tl.zeros([KPAD], tl.int64)
+        for j in tl.static_range(K):
+            best = tl.max(p, 0)
+            idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)  # the lowest expert id among equal weights
+            top_w = tl.where(kk == j, best, top_w)
+            top_i = tl.where(kk == j, idx.to(tl.int64), top_i)
+            p = tl.where(e == idx, -1.0, p)
+        if RENORM:
+            top_w = top_w / tl.sum(top_w, 0)
+        kmask = kk < K
+        tl.store(ids_ptr + t * K + kk, top_i, mask=kmask)
+        tl.store(w_ptr + t * K + kk, top_w, mask=kmask)
+
+
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     """Why the kernel cannot serve these shapes (None when it can)."""
     if triton is None:
@@ -177,6 +206,19 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
     return out
 
 
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax router of :func:`epkit.engine.moe.route` in one launch: (ids ``[T, k]`` int64, float32 weights)."""
+    T, E = router_logits.shape
+    ids = torch.empty((T, top_k), dtype=torch.long, device=router_logits.device)
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=router_logits.device)
+    if T:
+        _route_kernel[(T,)](router_logits, bias if bias is not None else router_logits, ids, weights, router_logits.stride(0), E,
+                            K=top_k, KPAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E),
+                            HAS_BIAS=bias is not None, RENORM=norm_topk_prob)
+    return ids, weights
+
+
 _checked: dict[tuple, bool] = {}
 
 
@@ -220,6 +262,28 @@ def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
         return _max_err(rms_norm(xx, w, 1e-6), reference(xx, w, 1e-6), x.dtype, 4.0)
 
     return _usable("RMSNorm", ("rms_norm", x.device, x.dtype, D), x, check)
+
+
+def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: torch.Tensor | None, reference) -> bool:
+    """Whether :func:`route` serves these router logits (checked once against ``reference``: ids and weights)."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+    E = logits.shape[-1]
+
+    def check() -> str | None:
+        if E > 4096 or logits.stride(-1) != 1:
+            return f"{E} experts (at most 4096, contiguous)"
+        gen = torch.Generator(device=logits.device).manual_seed(3)
+        ll = (torch.randn((33, E), generator=gen, device=logits.device) * 2).to(logits.dtype)
+        bb = bias if bias is None else torch.linspace(0, -3, E, device=logits.device)
+        got_i, got_w = route(ll, top_k, norm_topk_prob, bb)
+        want_i, want_w = reference(ll, top_k, norm_topk_prob, bb)
+        if not torch.equal(got_i, want_i):
+            return "self-check: different experts chosen"
+        return _max_err(got_w, want_w, torch.float32)
+
+    key = ("route", logits.device, logits.dtype, E, top_k, norm_topk_prob, bias is not None)
+    return _usable("router softmax + top-k", key, logits, check)
 
 
 def norm_rope_enabled(x: torch.Tensor, with_norm: bool, reference) -> bool:

@@ -332,7 +332,15 @@ class MoEModel:
         return x
 
     def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
-        ids, weights = route(linear(h, layer["router"]), self.cfg.top_k, self.cfg.norm_topk_prob, self.router_bias)
+        logits, cfg = linear(h, layer["router"]), self.cfg
+        ids = None
+        if use_triton(logits):
+            from epkit.engine import kernels
+
+            if kernels.route_enabled(logits, cfg.top_k, cfg.norm_topk_prob, self.router_bias, route):
+                ids, weights = kernels.route(logits, cfg.top_k, cfg.norm_topk_prob, self.router_bias)
+        if ids is None:
+            ids, weights = route(logits, cfg.top_k, cfg.norm_topk_prob, self.router_bias)
         if self.record_routing is not None:
             self.record_routing(layer["moe_pos"], ids, self.row_mask)
         out = self.moe(h, ids, weights, layer["experts"], counts)

@@ -107,7 +107,8 @@ def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
     assert padded >= 20 and total - padded <= 5, (padded, total)  # 24 tokens each: all steps but the prefills
     if "eplb" in name:
         assert "EPLB rebalance 3 at step" in log
-    for kernel in ("decode attention: Triton paged kernel", "RMSNorm: Triton kernel", "q/k-norm + RoPE: Triton kernel"):
+    for kernel in ("decode attention: Triton paged kernel", "RMSNorm: Triton kernel", "q/k-norm + RoPE: Triton kernel",
+                   "router softmax + top-k: Triton kernel"):
         assert (kernel in log) == ("triton" in name), (kernel, log[-2000:])
 
 

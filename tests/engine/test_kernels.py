@@ -58,9 +58,19 @@ for D, dtype, norm in [(128, torch.float32, True), (64, torch.float32, False), (
     pos = torch.tensor([0, 1, 4095, 77, 300, 2])
     got = kernels.norm_rope(x, w, 1e-6, pos, cos, sin).float()
     fused.append(("norm_rope" if norm else "rope", D, str(dtype), (got - torch_norm_rope(x, w, 1e-6, pos, cos, sin).float()).abs().max().item()))
+# the fused router: same experts, same weights (Qwen3-30B: 128 experts top-8; the tiny model: 32 top-4 with skew bias)
+from epkit.engine.moe import route, router_bias
+routes = []
+for E, K, norm, skew, dtype in [(128, 8, True, 0.0, torch.float32), (32, 4, True, 3.0, torch.float32),
+                                (60, 4, False, 0.0, torch.float16), (64, 6, True, 0.0, torch.float32)]:
+    logits = torch.randn(40, E).to(dtype)
+    bias = router_bias(E, skew, torch.device("cpu"))
+    gi, gw = kernels.route(logits, K, norm, bias)
+    wi, ww = route(logits, K, norm, bias)
+    routes.append((E, K, torch.equal(gi, wi), (gw - ww).abs().max().item()))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
-print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused)))
+print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes)))
 """
 
 
@@ -78,6 +88,8 @@ def test_paged_decode_kernel_matches_pytorch():
     for name, dim, dtype, err in result["fused"]:
         # float32: reduction order only; float16: at most one rounding step of the stored value
         assert err <= (2e-5 if dtype == "torch.float32" else 1.6e-2), (name, dim, dtype, err)
+    for experts, k, same_ids, err in result["routes"]:
+        assert same_ids and err <= 1e-6, (experts, k, same_ids, err)
 
 
 def test_without_interpreter_cpu_stays_on_pytorch():
