@@ -81,11 +81,13 @@ class EngineClient:
             self.on_stats(rank, running, waiting, preemptions)
             if extra and extra[0]:
                 self.on_eplb_stats(extra[0])
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for out in outputs:
                 entry = self._queues.get(out.request_id)
                 if entry is not None:
-                    loop, queue, _ = entry
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                    by_loop.setdefault(entry[0], []).append((entry[1], out))
+            for loop, items in by_loop.items():  # one wake-up of the event loop per step, not one per token
+                loop.call_soon_threadsafe(_deliver, items)
 
     def reserve(self, pinned: int | None) -> "Ticket":
         """Count a request against the pinned rank, else the rank with fewest in-flight requests (ties rotate).
@@ -168,6 +170,11 @@ class Ticket:
         if not self.released:
             self.released = True
             self.client.in_flight[self.rank] -= 1
+
+
+def _deliver(items: list) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 def _remaining(deadline: float):

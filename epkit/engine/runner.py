@@ -15,7 +15,7 @@ from epkit.engine.graphs import DecodeGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
-from epkit.engine.sequence import SamplingParams, Sequence
+from epkit.engine.sequence import Sequence
 from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
@@ -86,7 +86,9 @@ class ModelRunner:
         shape = (slots, self.mcfg.num_kv_heads, self.mcfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
-        self._generators: dict[str, torch.Generator] = {}
+        self._generators: dict[str, torch.Generator] = {}  # per request with a seed
+        self._unseeded = torch.Generator(device=device)
+        self._unseeded.seed()
         mode, why = graph_mode(self)
         self.graphs = DecodeGraphs(self, mode) if mode != "off" else None
         log.info("DP rank %d: decode steps: %s%s", dp_rank, why,
@@ -176,36 +178,50 @@ class ModelRunner:
                                      time.perf_counter() - started if sampled else None)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        tokens = torch.argmax(logits, dim=-1).tolist()
+        """One token per row: argmax for greedy rows, a batched draw for the others; one host sync in all."""
+        tokens = torch.argmax(logits, dim=-1)
+        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = self._draw(logits[index], [seqs[i] for i in rows])
+        return tokens.tolist()
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Temperature, top-k, top-p per row, then one sample per row without a host sync.
+
+        The sample is ``argmax(p / E)`` with ``E ~ Exp(1)`` drawn per token, which picks token
+        ``i`` with probability ``p_i / sum(p)`` - a multinomial draw, batched. Rows without a
+        ``seed`` share one draw from the runner's generator; a request with a ``seed`` draws its
+        noise from its own seeded generator, so its tokens depend only on its logits and its
+        seed, not on the rest of the batch (the invariance tests rely on it)."""
+        dev, params = logits.device, [seq.params for seq in seqs]
+        scaled = logits / torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype).unsqueeze(1)
+        vocab = scaled.shape[-1]
+        if any(p.top_k > 0 for p in params):
+            ks = [min(p.top_k, vocab) if p.top_k > 0 else 1 for p in params]
+            top = torch.topk(scaled, max(ks), dim=-1).values
+            kth = top.gather(1, torch.tensor(ks, device=dev).unsqueeze(1) - 1)
+            kth = torch.where(torch.tensor([p.top_k > 0 for p in params], device=dev).unsqueeze(1), kth,
+                              torch.full_like(kth, float("-inf")))
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.top_p < 1.0 for p in params):
+            cut = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=dev).unsqueeze(1)
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+            sorted_probs = sorted_probs * (torch.cumsum(sorted_probs, -1) - sorted_probs < cut)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        noise = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=self._unseeded)
         for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                tokens[i] = self._sample_one(logits[i], seq.params, self._generator(seq))
-        return tokens
+            if seq.params.seed is not None:
+                noise[i].exponential_(generator=self._generator(seq))
+        return (probs.float() / noise).argmax(dim=-1)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         gen = self._generators.get(seq.request_id)
         if gen is None:
-            gen = torch.Generator(device=self.device)
-            if seq.params.seed is not None:
-                gen.manual_seed(seq.params.seed)
-            else:
-                gen.seed()
+            gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
             self._generators[seq.request_id] = gen
         return gen
-
-    @staticmethod
-    def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-        scaled = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(scaled, min(params.top_k, scaled.shape[-1])).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p
-            sorted_probs = sorted_probs * keep
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=gen))
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

@@ -60,6 +60,9 @@ class Metrics:
         self.eplb_median_step = Gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
                                       "two rearrangements", labels, registry=r)
         self.model = model
+        # the per-token series, bound once (``labels()`` is a dict lookup under a lock on every call)
+        self.ttft_m, self.itl_m, self.e2e_m = (h.labels(model) for h in (self.ttft, self.itl, self.e2e))
+        self.prompt_m, self.generation_m = self.prompt_tokens.labels(model), self.generation_tokens.labels(model)
         for rank in range(dp_size):
             self.set_load(rank, 0, 0)
 
@@ -145,18 +148,18 @@ class Api:
         start = last = time.perf_counter()
         first = True
         metrics = self.metrics
-        metrics.prompt_tokens.labels(metrics.model).inc(len(prompt_ids))
+        metrics.prompt_m.inc(len(prompt_ids))
         gen = self.engine.generate(prompt_ids, params, ticket)
         try:
             async for out in gen:
                 now = time.perf_counter()
-                (metrics.ttft if first else metrics.itl).labels(metrics.model).observe(now - last)
+                (metrics.ttft_m if first else metrics.itl_m).observe(now - last)
                 first, last = False, now
-                metrics.generation_tokens.labels(metrics.model).inc(len(out.new_token_ids))
+                metrics.generation_m.inc(len(out.new_token_ids))
                 delta = checker.push(out.new_token_ids, final=out.finish_reason is not None)
                 reason = "stop" if checker.stopped else out.finish_reason
                 if reason is not None:
-                    metrics.e2e.labels(metrics.model).observe(now - start)
+                    metrics.e2e_m.observe(now - start)
                     metrics.success.labels(metrics.model, reason).inc()
                 yield delta, out.new_token_ids, reason
                 if reason is not None:
@@ -237,6 +240,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Interleave several async iterators, yielding (index, item) as items arrive."""
+    if len(streams) == 1:  # the usual single prompt: no extra task and queue per token
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()  # a client that left: the request is aborted now, not at garbage collection
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -262,6 +272,26 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class ApiKeyMiddleware:
+    """``--api-key``: a bearer token on every ``/v1`` request (401 otherwise).
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware relays a
+    streamed body through an extra task and memory stream, which cost about a third of the API
+    server's CPU per streamed token (py-spy, benchmarks/host_ceiling.py)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if auth != self.expected:
+                body = ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')").body()
+                await JSONResponse(body, 401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(api: Api) -> FastAPI:
     """The FastAPI app: /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions."""
     app = FastAPI(title="epkit serve")
@@ -271,12 +301,8 @@ def build_app(api: Api) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if cfg.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
-                return JSONResponse(ApiError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')").body(), 401)
-        return await call_next(request)
+    if cfg.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
 
     @app.get("/health")
     async def health():
@@ -458,6 +484,13 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
                      cfg.all2all_backend if cfg.ep_size > 1 else "none", server_index + 1, cfg.api_server_count)
         await task
 
-    asyncio.run(serve())
+    run = asyncio.run
+    try:  # uvloop where installed (as uvicorn's loop="auto" would pick): less CPU per streamed token
+        import uvloop
+
+        run = getattr(uvloop, "run", asyncio.run)
+    except ImportError:
+        pass
+    run(serve())
     engine.close()
     os._exit(1 if failure else 0)

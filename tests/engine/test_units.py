@@ -303,3 +303,44 @@ def test_decode_graph_capture_sizes_follow_vllm():
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(1) == [1]
     assert capture_sizes(1024, largest=64)[-1] == 64
+
+
+def _drawer():
+    """A ModelRunner's sampling state without a model: its ``_draw`` needs only generators."""
+    from types import SimpleNamespace
+
+    from epkit.engine.runner import ModelRunner
+
+    gen = torch.Generator().manual_seed(7)
+    state = SimpleNamespace(device=torch.device("cpu"), _generators={}, _unseeded=gen)
+    state._generator = lambda seq: ModelRunner._generator(state, seq)
+    return lambda logits, seqs: ModelRunner._draw(state, logits, seqs)
+
+
+def _seq(rid: str, **params):
+    from epkit.engine.sequence import Sequence
+
+    return Sequence(EngineRequest(rid, (1, 2), SamplingParams(max_tokens=4, **params)))
+
+
+def test_batched_sampling_draws_from_the_filtered_distribution():
+    """argmax(p / Exp(1)) is a multinomial draw: frequencies over 20,000 rows match softmax, top-k and top-p."""
+    draw = _drawer()
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.07, 0.03]))
+    n = 20000
+    for params, expected in [({}, [0.4, 0.3, 0.2, 0.07, 0.03]),
+                             ({"top_k": 2}, [4 / 7, 3 / 7, 0, 0, 0]),
+                             ({"top_p": 0.75}, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0, 0]),  # 0.4 + 0.3 < 0.75: 0.2 is kept
+                             ({"temperature": 0.5}, (torch.tensor([0.4, 0.3, 0.2, 0.07, 0.03]) ** 2 / 0.2958).tolist())]:
+        seqs = [_seq(f"r{i}", **params) for i in range(n)]
+        tokens = draw(logits.expand(n, 5).clone(), seqs)
+        freq = torch.bincount(tokens, minlength=5).float() / n
+        assert torch.allclose(freq, torch.tensor(expected), atol=0.015), (params, freq)
+
+
+def test_seeded_rows_do_not_depend_on_their_batch():
+    draw = _drawer()
+    logits = torch.randn(6, 50)
+    alone = [int(draw(logits[i : i + 1], [_seq("s", seed=11, top_p=0.9)])) for i in (2,)]
+    mixed = [_seq("a"), _seq("b", temperature=0.7), _seq("s2", seed=11, top_p=0.9), _seq("c", top_k=3), _seq("d"), _seq("e")]
+    assert int(draw(logits, mixed)[2]) == alone[0]
