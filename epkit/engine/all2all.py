@@ -155,10 +155,17 @@ class _GatherBased:
 
         from epkit.engine.moe import weighted_sum
 
+        from epkit.engine.moe import fused_rows_ok
+
         k = gmeta.shape[1] // 2
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
         owner, local = experts.map.locate(gids)
         mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
+        if gx.shape[0] and gids.numel() <= SYNC_FREE_MAX_PAIRS and fused_rows_ok(gx, experts):
+            # only this rank's pairs are gathered, computed and scatter-added (Triton row kernels)
+            token_idx = torch.div(torch.arange(gx.shape[0] * k, device=gx.device), k, rounding_mode="floor")
+            expert_idx = torch.where(mine.reshape(-1), local.reshape(-1), experts.num_local)
+            return experts.partial(gx, token_idx, expert_idx, gw.reshape(-1), gx.shape[0])
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
             # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
             # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.

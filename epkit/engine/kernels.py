@@ -1,5 +1,6 @@
-"""Triton kernels of the GPU path: paged decode attention, fused RMSNorm, fused (q/k-norm +) RoPE
-and the fused router (softmax, top-k, renormalisation).
+"""Triton kernels of the GPU path: paged decode attention, fused RMSNorm, fused (q/k-norm +) RoPE,
+the fused router (softmax, top-k, renormalisation) and the MoE row gather / weighted scatter-add
+that touch only the (token, expert) pairs a rank computes.
 
 ``paged_decode_attention`` computes one query token per sequence against that sequence's
 cached K/V, reading the cache in place through its block table (no gathered copy of the
@@ -146,6 +147,29 @@ if triton is not None:
         tl.store(w_ptr + t * K + kk, top_w, mask=kmask)
 
 
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, src_ptr, n_ptr, out_ptr, stride_x, H, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        if r < tl.load(n_ptr):
+            s = tl.load(src_ptr + r)
+            for c in range(0, H, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                m = cols < H
+                tl.store(out_ptr + r * H + cols, tl.load(x_ptr + s * stride_x + cols, mask=m), mask=m)
+
+    @triton.jit
+    def _scatter_add_rows_kernel(y_ptr, dst_ptr, w_ptr, n_ptr, out_ptr, stride_y, H, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        if r < tl.load(n_ptr):
+            d = tl.load(dst_ptr + r)
+            w = tl.load(w_ptr + r).to(tl.float32)
+            for c in range(0, H, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                m = cols < H
+                prod = tl.load(y_ptr + r * stride_y + cols, mask=m, other=0.0).to(tl.float32) * w
+                tl.atomic_add(out_ptr + d * H + cols, prod.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     """Why the kernel cannot serve these shapes (None when it can)."""
     if triton is None:
@@ -219,6 +243,23 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
     return ids, weights
 
 
+def gather_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``out[r] = x[src[r]]`` for ``r < n`` (``n`` a 1-element device tensor); later rows are left unwritten."""
+    P, H = src.shape[0], x.shape[1]
+    out = torch.empty((P, H), dtype=x.dtype, device=x.device)
+    if P:
+        _gather_rows_kernel[(P,)](x, src, n, out, x.stride(0), H, BLOCK=min(2048, triton.next_power_of_2(H)))
+    return out
+
+
+def scatter_add_rows(out: torch.Tensor, y: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``out[dst[r]] += float32(y[r]) * weights[r]`` (rounded to ``out``'s dtype) for ``r < n``; atomic adds."""
+    P, H = y.shape
+    if P:
+        _scatter_add_rows_kernel[(P,)](y, dst, weights, n, out, y.stride(0), H, BLOCK=min(2048, triton.next_power_of_2(H)))
+    return out
+
+
 _checked: dict[tuple, bool] = {}
 
 
@@ -284,6 +325,29 @@ def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: 
 
     key = ("route", logits.device, logits.dtype, E, top_k, norm_topk_prob, bias is not None)
     return _usable("router softmax + top-k", key, logits, check)
+
+
+def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
+    """Whether :func:`gather_rows` and :func:`scatter_add_rows` serve rows like ``x`` into ``acc_dtype`` sums (checked once)."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+
+    def check() -> str | None:
+        gen = torch.Generator(device=x.device).manual_seed(4)
+        H = x.shape[1]
+        xx = torch.randn((9, H), generator=gen, device=x.device).to(x.dtype)
+        src = torch.tensor([4, 0, 4, 8, 1, 2], device=x.device)
+        n = torch.tensor([4], device=x.device)
+        got = gather_rows(xx, src, n)[:4]
+        if not torch.equal(got, xx[src[:4]]):
+            return "self-check: gathered rows differ"
+        w = torch.rand(6, generator=gen, device=x.device)
+        out = scatter_add_rows(torch.zeros((9, H), dtype=acc_dtype, device=x.device), xx[:6], src, w, n)
+        want = torch.zeros((9, H), dtype=acc_dtype, device=x.device).index_add_(
+            0, src[:4], (xx[:4].float() * w[:4].unsqueeze(1)).to(acc_dtype))
+        return _max_err(out, want, torch.float32 if acc_dtype != torch.float64 else torch.float32)
+
+    return _usable("MoE row gather / weighted scatter-add", ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1]), x, check)
 
 
 def norm_rope_enabled(x: torch.Tensor, with_norm: bool, reference) -> bool:

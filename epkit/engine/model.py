@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from epkit.engine.moe import LocalExperts, Placement, route, router_bias
+from epkit.engine.moe import LocalExperts, Placement, route, router_bias, use_triton
 from epkit.errors import EngineError
 
 FAMILIES = ("qwen3_moe", "qwen2_moe")
@@ -223,14 +223,6 @@ def read_model_config(model: str) -> tuple[dict[str, Any], Path | None]:
             f"model={model!r} is neither a directory with config.json nor a bundled model; "
             f"bundled: {', '.join(bundled_model_names())}"
         ) from exc
-
-
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether :mod:`epkit.engine.kernels` may serve ``x`` (CUDA, or the interpreter); each kernel still checks itself."""
-    return x.device.type == "cuda" or TRITON_INTERPRET
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,10 +6,18 @@ Weights of routed expert ``e`` in layer ``l`` are a function of (seed, l, e) alo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether :mod:`epkit.engine.kernels` may serve ``x`` (CUDA, or the interpreter); each kernel still checks itself."""
+    return x.device.type == "cuda" or TRITON_INTERPRET
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,36 @@ class LocalExperts:
             return self._grouped(x, expert_idx)
         return self._padded_bmm(x, expert_idx)
 
+    def partial(self, x: torch.Tensor, pair_rows: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor,
+                num_rows: int) -> torch.Tensor:
+        """Weighted expert outputs summed per row of ``x``: ``[num_rows, hidden]`` in the accumulation dtype.
+
+        Pair ``i`` is (row ``pair_rows[i]``, local expert ``expert_idx[i]``, weight ``pair_weights[i]``);
+        pairs with ``expert_idx == num_local`` belong to other ranks and are skipped. Only this rank's
+        pairs are gathered (sorted by expert), run through the grouped GEMMs and scatter-added back
+        (Triton kernels that read the pair count on the device: no host sync, no work on other
+        ranks' pairs). Same products and sums as ``weighted_sum`` over ``__call__``'s output."""
+        from epkit.engine import kernels
+
+        counts = count_rows(expert_idx, self.num_local + 1)[: self.num_local]
+        self._count(counts)
+        order = torch.argsort(expert_idx, stable=True)
+        offs = torch.cumsum(counts, 0)
+        n = offs[-1:]
+        src = pair_rows[order]
+        xs = kernels.gather_rows(x, src, n)
+        if x.device.type == "cuda":
+            offs32 = offs.to(torch.int32)
+            h = torch._grouped_mm(xs, self.w13, offs=offs32)
+            y = torch._grouped_mm(F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :], self.w2, offs=offs32)
+        else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
+            valid = int(n)
+            y = xs.new_empty((xs.shape[0], self.w2.shape[2]))
+            if valid:
+                y[:valid] = self._padded_bmm(xs[:valid], expert_idx[order][:valid], count=False)
+        out = torch.zeros((num_rows, x.shape[1]), dtype=accumulation_dtypes(x.dtype)[1], device=x.device)
+        return kernels.scatter_add_rows(out, y, src, pair_weights[order], n)
+
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
             return False
@@ -197,12 +235,13 @@ class LocalExperts:
         out[order] = y
         return out
 
-    def _padded_bmm(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    def _padded_bmm(self, x: torch.Tensor, expert_idx: torch.Tensor, count: bool = True) -> torch.Tensor:
         num_local = self.w13.shape[0]
         order = torch.argsort(expert_idx, stable=True)
         sorted_e = expert_idx[order]
         counts = torch.bincount(expert_idx, minlength=num_local)
-        self._count(counts)
+        if count:
+            self._count(counts)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_e]
         capacity = max(2, int(counts.max()))
@@ -214,6 +253,16 @@ class LocalExperts:
         out = torch.empty_like(y)
         out[order] = y
         return out
+
+
+def fused_rows_ok(x: torch.Tensor, experts: "LocalExperts") -> bool:
+    """Whether :meth:`LocalExperts.partial` runs here: Triton row kernels that passed their check, and on
+    CUDA sync-free grouped GEMMs (elsewhere, i.e. the interpreter on CPU, the GEMMs are the padded ``bmm``)."""
+    if not use_triton(x) or (x.device.type == "cuda" and not experts.supports_sentinel(x)):
+        return False
+    from epkit.engine import kernels
+
+    return kernels.moe_rows_enabled(x, accumulation_dtypes(x.dtype)[1])
 
 
 def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor, num_tokens: int,
@@ -267,5 +316,7 @@ class ReplicatedMoE:
     def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
         n, k = ids.shape
         token_idx = torch.div(torch.arange(n * k, device=x.device), k, rounding_mode="floor")  # no host sync
+        if n and fused_rows_ok(x, experts):
+            return experts.partial(x, token_idx, ids.reshape(-1), weights.reshape(-1), n).to(x.dtype)
         y = experts(x[token_idx], ids.reshape(-1))
         return weighted_sum(y, weights.reshape(-1), token_idx, n).to(x.dtype)

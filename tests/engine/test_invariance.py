@@ -44,6 +44,7 @@ PADDED = {
     "dp1": [],
     # ... and with the Triton paged decode-attention kernel, run by Triton's interpreter on CPU
     "dp2-ep-allgather_reducescatter-triton": ["-dp", "2", "--enable-expert-parallel"],
+    "dp1-triton": [],
     "dp2-ep-allgather_reducescatter": ["-dp", "2", "--enable-expert-parallel"],
     "dp4-ep-naive-eplb": ["-dp", "4", "--enable-expert-parallel", "--all2all-backend", "naive", "--enable-eplb",
                           "--eplb-config", '{"window_size": 4, "step_interval": 3, "num_redundant_experts": 4}'],
@@ -108,7 +109,7 @@ def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
     if "eplb" in name:
         assert "EPLB rebalance 3 at step" in log
     for kernel in ("decode attention: Triton paged kernel", "RMSNorm: Triton kernel", "q/k-norm + RoPE: Triton kernel",
-                   "router softmax + top-k: Triton kernel"):
+                   "router softmax + top-k: Triton kernel", "MoE row gather / weighted scatter-add: Triton kernel"):
         assert (kernel in log) == ("triton" in name), (kernel, log[-2000:])
 
 

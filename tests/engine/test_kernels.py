@@ -68,9 +68,22 @@ for E, K, norm, skew, dtype in [(128, 8, True, 0.0, torch.float32), (32, 4, True
     gi, gw = kernels.route(logits, K, norm, bias)
     wi, ww = route(logits, K, norm, bias)
     routes.append((E, K, torch.equal(gi, wi), (gw - ww).abs().max().item()))
+# the MoE row kernels: only this rank's pairs (expert < num_local) are gathered, computed and scatter-added
+from epkit.engine.moe import LocalExperts, weighted_sum
+moe_rows = []
+for E, R, k in [(4, 10, 3), (8, 33, 8), (1, 5, 2)]:
+    x = torch.randn(R, 64)
+    experts = LocalExperts(torch.randn(E, 64, 32), torch.randn(E, 16, 64))
+    pair_rows = torch.arange(R * k) // k
+    expert_idx = torch.randint(0, E + 1, (R * k,))  # E = routed to another rank
+    w = torch.rand(R * k)
+    got = experts.partial(x, pair_rows, expert_idx, w, R)
+    mine = expert_idx < E
+    want = weighted_sum(experts(x[pair_rows], torch.where(mine, expert_idx, 0)), w, pair_rows, R, mask=mine)
+    moe_rows.append((E, R, k, str(got.dtype), (got - want).abs().max().item()))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
-print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes)))
+print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes, moe_rows=moe_rows)))
 """
 
 
@@ -88,6 +101,8 @@ def test_paged_decode_kernel_matches_pytorch():
     for name, dim, dtype, err in result["fused"]:
         # float32: reduction order only; float16: at most one rounding step of the stored value
         assert err <= (2e-5 if dtype == "torch.float32" else 1.6e-2), (name, dim, dtype, err)
+    for num_local, rows, k, dtype, err in result["moe_rows"]:
+        assert dtype == "torch.float64" and err == 0.0, (num_local, rows, k, err)  # exact: float64 sums of float32 products
     for experts, k, same_ids, err in result["routes"]:
         assert same_ids and err <= 1e-6, (experts, k, same_ids, err)
 
