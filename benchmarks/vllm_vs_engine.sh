@@ -151,7 +151,10 @@ run_server() {  # run_server vllm|engine
   else
     PORT=8001; export PYTHONPATH=$ENGINE_PYTHONPATH
     # shellcheck disable=SC2206
-    cmd=(python3 -m epkit.engine.cli "$ENGINE_MODEL" "${FLAGS[@]}" --port "$PORT" --data-parallel-rpc-port 29650 $ENGINE_ARGS)
+    # vLLM runs one API server per DP rank by default (serve.py: api_server_count defaults to the DP size);
+    # the engine's default is 1, so it is given the same count here
+    cmd=(python3 -m epkit.engine.cli "$ENGINE_MODEL" "${FLAGS[@]}" --port "$PORT" --data-parallel-rpc-port 29650
+         --api-server-count "$DP" $ENGINE_ARGS)
   fi
   echo "${cmd[*]}" > "$WORKDIR/${NAME}_command.txt"
   local t
