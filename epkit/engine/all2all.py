@@ -3,7 +3,7 @@
 ``BACKENDS`` maps the word users pass to ``--all2all-backend`` to an implementation.
 Implemented over ``torch.distributed`` (gloo on CPU, NCCL on GPU):
 
-* ``allgather_reducescatter`` - all-gather every rank's tokens and routing, run the local
+* ``allgather_reducescatter`` - all-gather every rank's tokens and routing (one packed buffer), run the local
   experts on every token routed to them, reduce-scatter the weighted partial sums.
 * ``naive`` - every rank broadcasts its tokens and routing in turn, local experts run,
   one all-reduce of the partial sums; each rank keeps its own rows.
@@ -127,6 +127,10 @@ class _GatherBased:
         self.static_valid = None  # set by a padded (CUDA-graph) step: its fixed mask of real gathered rows
 
     def _pack(self, x, ids, weights, capacity: int):
+        """One byte buffer ``[capacity, hidden bytes + 2k float32]`` per rank: tokens and their routing travel together.
+
+        One collective per MoE layer instead of two (a small NCCL collective costs ~55-65 µs
+        whatever its size: docs/benchmarks.md), with the router weights still exact float32."""
         import torch
 
         n, k = ids.shape
@@ -135,7 +139,21 @@ class _GatherBased:
         meta = torch.zeros((capacity, 2 * k), dtype=torch.float32, device=x.device)
         meta[:n, :k] = ids.float()  # expert ids < 2**24 are exact in float32
         meta[:n, k:] = weights
-        return xp, meta
+        return torch.cat([xp.view(torch.uint8), meta.view(torch.uint8)], dim=1)
+
+    @staticmethod
+    def _unpack(packed, hidden: int, dtype):
+        """(tokens ``[R, hidden]``, routing ``[R, 2k]`` float32) views of gathered packed rows (copies if a view is impossible)."""
+        import torch
+
+        split = hidden * torch.empty((), dtype=dtype).element_size()
+        parts = []
+        for part, kind in ((packed[:, :split], dtype), (packed[:, split:], torch.float32)):
+            try:
+                parts.append(part.view(kind))
+            except RuntimeError:  # misaligned for this dtype: copy first
+                parts.append(part.contiguous().view(kind))
+        return parts[0], parts[1]
 
     def _valid_rows(self, counts: list[int], capacity: int, device) -> "torch.Tensor":
         """Mask of real (unpadded) gathered rows; built once per step, reused by every layer."""
@@ -184,8 +202,7 @@ class AllGatherReduceScatter(_GatherBased):
 
     def __call__(self, x, ids, weights, experts, counts):
         capacity = max(counts)
-        xp, meta = self._pack(x, ids, weights, capacity)
-        gx, gmeta = self.comm.all_gather(xp), self.comm.all_gather(meta)
+        gx, gmeta = self._unpack(self.comm.all_gather(self._pack(x, ids, weights, capacity)), x.shape[1], x.dtype)
         partial = self._local_partial(gx, gmeta, counts, capacity, experts)
         return self.comm.reduce_scatter(partial)[: x.shape[0]].to(x.dtype)
 
@@ -197,14 +214,10 @@ class NaiveBroadcast(_GatherBased):
         import torch
 
         capacity = max(counts)
-        xp, meta = self._pack(x, ids, weights, capacity)
-        gx_parts, gmeta_parts = [], []
-        for src in range(self.comm.world_size):
-            bx = xp if src == self.comm.rank else torch.empty_like(xp)
-            bm = meta if src == self.comm.rank else torch.empty_like(meta)
-            gx_parts.append(self.comm.broadcast(bx, src))
-            gmeta_parts.append(self.comm.broadcast(bm, src))
-        gx, gmeta = torch.cat(gx_parts), torch.cat(gmeta_parts)
+        packed = self._pack(x, ids, weights, capacity)
+        parts = [self.comm.broadcast(packed if src == self.comm.rank else torch.empty_like(packed), src)
+                 for src in range(self.comm.world_size)]
+        gx, gmeta = self._unpack(torch.cat(parts), x.shape[1], x.dtype)
         partial = self.comm.all_reduce(self._local_partial(gx, gmeta, counts, capacity, experts))
         start = self.comm.rank * capacity
         return partial[start : start + x.shape[0]].to(x.dtype)
