@@ -2,8 +2,8 @@
 
 The cache of one layer is ``[num_blocks * block_size, kv_heads, head_dim]``; a sequence's
 tokens live at the slots its block table names. Sequences with several new tokens
-(prefill, chunked prefill) run one fused SDPA call each; on GPU, single-token decodes run
-as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
+(prefill, chunked prefill) run one fused SDPA call each - on GPU all of a step's such sequences
+run as one masked call, padded to the longest; single-token decodes run on GPU as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
 self-check, else a gather of the cached K/V and two masked matmuls. On CPU every sequence runs alone so that its result does
 not depend on which other sequences share the step (the engine's invariance guarantee).
 """
@@ -28,10 +28,49 @@ class AttentionMeta:
     decode_len: int = 0  # columns of the PyTorch path's gathered context (>= every decode_ctx)
     block_size: int = 16
     all_decode: bool = False  # every row is a single-token decode (decode_rows would be 0..T-1)
+    prefill: "PrefillBatch | None" = None  # multi-token sequences attended in one batched call (GPU)
 
 
-def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: torch.device, batch_decode: bool) -> AttentionMeta:
-    """``seqs`` holds (tokens already cached, new tokens, block table) per sequence, in row order."""
+@dataclass
+class PrefillBatch:
+    """Several sequences' new tokens padded into one ``[S, heads, Q, d]`` attention call; built once per step."""
+
+    q_index: torch.Tensor  # [S, Q] row of each sequence's i-th new token (0 where padded)
+    kv_slots: torch.Tensor  # [S, L] cache slots of each sequence's context (0 where padded)
+    mask: torch.Tensor  # [S, 1, Q, L] True where query i may see key j (causal, within the context)
+    rows: torch.Tensor  # [real tokens] output rows ...
+    picks: torch.Tensor  # [real tokens] ... and where each one sits in the flattened [S * Q] result
+
+
+def _prefill_batch(seqs: list[tuple[int, int, torch.Tensor]], device: torch.device) -> PrefillBatch:
+    """``seqs``: (first row, new tokens, host slots of the whole context) per sequence."""
+    news = torch.tensor([new for _, new, _ in seqs])
+    ctxs = torch.tensor([slots.shape[0] for _, _, slots in seqs])
+    width_q, width_kv = int(news.max()), int(ctxs.max())
+    i = torch.arange(width_q).view(1, -1, 1)
+    j = torch.arange(width_kv).view(1, 1, -1)
+    real_q = i < news.view(-1, 1, 1)
+    mask = (j < ctxs.view(-1, 1, 1)) & (j <= (ctxs - news).view(-1, 1, 1) + i) & real_q
+    mask |= ~real_q & (j == 0)  # padding queries see one key (no all-masked row, no NaN); their output is dropped
+    q_index = torch.zeros((len(seqs), width_q), dtype=torch.long)
+    kv_slots = torch.zeros((len(seqs), width_kv), dtype=torch.long)
+    for s, (row, new, slots) in enumerate(seqs):
+        q_index[s, :new] = torch.arange(row, row + new)
+        kv_slots[s, : slots.shape[0]] = slots
+    valid = real_q.view(len(seqs), width_q)
+    picks = torch.arange(len(seqs) * width_q).view(len(seqs), width_q)[valid]
+    return PrefillBatch(q_index.to(device), kv_slots.to(device), mask.unsqueeze(1).to(device), q_index[valid].to(device),
+                        picks.to(device))
+
+
+def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: torch.device, batch_decode: bool,
+               batch_prefill: bool | None = None) -> AttentionMeta:
+    """``seqs`` holds (tokens already cached, new tokens, block table) per sequence, in row order.
+
+    ``batch_decode`` / ``batch_prefill`` (default: as ``batch_decode``) attend single-token decodes /
+    multi-token sequences in one batched call each (GPU); else every sequence attends alone."""
+    batch_prefill = batch_decode if batch_prefill is None else batch_prefill
+    prefill_host: list[tuple[int, int, torch.Tensor]] = []
     offsets = torch.arange(block_size)
     slot_mapping: list[torch.Tensor] = []
     per_seq: list[tuple[int, int, torch.Tensor]] = []
@@ -49,10 +88,18 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         else:
             slots = (torch.tensor(table).unsqueeze(1) * block_size + offsets).flatten()[:ctx]
             slot_mapping.append(slots[cached:])
-            per_seq.append((row, new, slots.to(device, non_blocking=True)))
+            if batch_prefill:
+                prefill_host.append((row, new, slots))
+            else:
+                per_seq.append((row, new, slots.to(device, non_blocking=True)))
         row += new
     mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
     meta = AttentionMeta(mapping.to(device), per_seq, block_size=block_size)
+    if len(prefill_host) == 1:  # one sequence: its own causal call is as good
+        row, new, slots = prefill_host[0]
+        meta.per_seq.append((row, new, slots.to(device, non_blocking=True)))
+    elif prefill_host:
+        meta.prefill = _prefill_batch(prefill_host, device)
     if decode_rows:
         width = max(len(t) for t in decode_tables)
         meta.decode_rows = torch.tensor(decode_rows).to(device)
@@ -84,9 +131,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = pos.unsqueeze(0) <= (ctx - new + torch.arange(new, device=q.device)).unsqueeze(1)
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
         out[start : start + new] = o[0].transpose(0, 1)
+    if meta.prefill is not None:
+        out[meta.prefill.rows] = _batched_prefill(q, k_cache, v_cache, meta.prefill)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def _batched_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillBatch) -> torch.Tensor:
+    """Every prefill sequence of the step in one masked SDPA call; returns the real tokens' rows, in ``p.rows`` order."""
+    S, width_q = p.q_index.shape
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    qq = q[p.q_index].transpose(1, 2)  # [S, heads, Q, d]
+    # K/V expanded to the query heads (a copy): the memory-efficient kernel takes any mask without
+    # materialising [S, heads, Q, L] scores, which GQA inside SDPA would
+    kk = k_cache[p.kv_slots].transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    vv = v_cache[p.kv_slots].transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=p.mask)
+    return o.transpose(1, 2).reshape(S * width_q, heads, d)[p.picks]
 
 
 def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:

@@ -205,6 +205,26 @@ def test_batched_decode_attention_matches_per_sequence_attention():
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
+def test_batched_prefill_attention_matches_per_sequence_attention():
+    """The GPU path for multi-token sequences (padded into one masked SDPA call) equals one call per sequence:
+    whole prompts, chunked-prefill continuations (causal offset into a cached context), mixed with decodes."""
+    from epkit.engine.attention import build_meta, paged_attention
+
+    g = torch.Generator().manual_seed(2)
+    bs, kv_heads, heads, d = 4, 2, 8, 16
+    k_cache, v_cache = torch.randn(256, kv_heads, d, generator=g), torch.randn(256, kv_heads, d, generator=g)
+    seqs = [(0, 7, [3, 7]), (5, 1, [1, 2]), (6, 5, [10, 11, 12]), (0, 2, [20]), (9, 3, [30, 31, 32])]
+    rows = sum(n for _, n, _ in seqs)
+    q = torch.randn(rows, heads, d, generator=g)
+    k, v = torch.randn(rows, kv_heads, d, generator=g), torch.randn(rows, kv_heads, d, generator=g)
+    cpu = torch.device("cpu")
+    per_seq = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, cpu, False))
+    meta = build_meta(seqs, bs, cpu, True, batch_prefill=True)
+    assert meta.prefill is not None and meta.prefill.q_index.shape == (4, 7) and not meta.per_seq
+    batched = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
+
+
 def test_sync_free_sentinel_path_matches_the_gathered_path():
     """The GPU path that pushes every (token, slot) pair through one grouped GEMM, masking pairs routed
     elsewhere, gives the same partial sums as the path that first selects the local pairs."""
