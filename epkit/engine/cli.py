@@ -51,11 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name in FLAG_FIELDS.items():
         names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
         default = defaults[name].default
+        shown = "the data-parallel size, as in vLLM" if name == "api_server_count" else default
         p.add_argument(*names, dest=name, type=int if name in INT_FIELDS else (float if name == "gpu_memory_utilization" else str),
-                       default=None, help=f"(default: {default})")
+                       default=None, help=f"(default: {shown})")
     p.add_argument("--enable-expert-parallel", "-ep", dest="enable_expert_parallel", action="store_true")
     p.add_argument("--headless", action="store_true", help="no API server: engine cores only (secondary nodes)")
-    p.add_argument("--enforce-eager", action="store_true", help="accepted; the built-in engine always runs eagerly")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (every step eager)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-eplb", action="store_true")

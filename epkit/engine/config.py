@@ -77,7 +77,7 @@ class EngineConfig:
     data_parallel_address: str = "127.0.0.1"
     data_parallel_rpc_port: int = 29550
     headless: bool = False
-    api_server_count: int = 1
+    api_server_count: int | None = None  # None: one per DP rank, vLLM's default (internal load balancing)
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
     enable_eplb: bool = False
@@ -90,6 +90,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         from epkit.engine.all2all import BACKENDS  # local: all2all imports torch lazily too
 
+        if self.api_server_count is None and isinstance(self.data_parallel_size, int):
+            object.__setattr__(self, "api_server_count", self.data_parallel_size)
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         _check(self.load_format in LOAD_FORMATS, f"load_format={self.load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")

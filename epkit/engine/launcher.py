@@ -66,6 +66,14 @@ def serve(cfg: EngineConfig) -> int:
         store.set(STORE_PREFIX + "authkey", secrets.token_hex(16))
     # A fork server imports torch and the server stack once; every child forks from it, already warm
     # (and, unlike fork from this process, without inheriting the TCPStore's threads).
+    metrics_dir = None
+    if not cfg.headless and cfg.api_server_count > 1:
+        # prometheus_client's multiprocess mode: set before the fork server imports it (it reads the
+        # variable at import), so every API server's /metrics shows all servers' series, as vLLM does
+        import tempfile
+
+        metrics_dir = tempfile.mkdtemp(prefix="epkit-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["epkit.engine.core", "epkit.engine.runner", "epkit.engine.server"])
     children: list[mp.process.BaseProcess] = []
@@ -109,6 +117,10 @@ def serve(cfg: EngineConfig) -> int:
         _stop_all(children)
         for s, handler in old.items():
             signal.signal(s, handler)
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 

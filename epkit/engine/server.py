@@ -28,14 +28,26 @@ log = logging.getLogger("epkit.engine")
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
-class Metrics:
-    """Prometheus metrics of one API server (names follow vLLM's, prefix ``epkit:``)."""
+def _gauge(*args, **kwargs) -> Gauge:
+    """A gauge that every API server sets to the same value (from the engine cores' reports): with several
+    servers (prometheus_client's multiprocess mode) the exposition shows the most recent value."""
+    return Gauge(*args, multiprocess_mode="mostrecent", **kwargs)
 
-    def __init__(self, model: str, dp_size: int):
+
+class Metrics:
+    """Prometheus metrics of the API servers (names follow vLLM's, prefix ``epkit:``).
+
+    With several API servers (``--api-server-count``, by default one per DP rank as in vLLM)
+    the launcher points ``PROMETHEUS_MULTIPROC_DIR`` at a shared folder: counters and histograms
+    add up over the servers, gauges show the latest value, and any server's ``/metrics`` shows
+    the whole deployment (vLLM does the same)."""
+
+    def __init__(self, model: str, dp_size: int, server_index: int = 0):
         self.registry = CollectorRegistry()
+        self.server_index = server_index
         r, labels = self.registry, ["model_name"]
-        self.running = Gauge("epkit:num_requests_running", "Requests running, per DP rank", ["model_name", "dp_rank"], registry=r)
-        self.waiting = Gauge("epkit:num_requests_waiting", "Requests waiting, per DP rank", ["model_name", "dp_rank"], registry=r)
+        self.running = _gauge("epkit:num_requests_running", "Requests running, per DP rank", ["model_name", "dp_rank"], registry=r)
+        self.waiting = _gauge("epkit:num_requests_waiting", "Requests waiting, per DP rank", ["model_name", "dp_rank"], registry=r)
         self.prompt_tokens = Counter("epkit:prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter("epkit:generation_tokens", "Tokens generated", labels, registry=r)
         self.ttft = Histogram("epkit:time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS_S, registry=r)
@@ -46,18 +58,18 @@ class Metrics:
                                    ["model_name", "dp_rank"], registry=r)
         self._preempted = [0] * dp_size
         # EPLB (rank 0 reports; see docs/engine.md): the last measured step and the last rearrangement
-        self.eplb_balancedness = Gauge("epkit:eplb_balancedness", "EPLB: mean / max tokens per EP rank (vLLM's measure) "
+        self.eplb_balancedness = _gauge("epkit:eplb_balancedness", "EPLB: mean / max tokens per EP rank (vLLM's measure) "
                                        "at the last logged step", labels, registry=r)
-        self.eplb_avg_tokens = Gauge("epkit:eplb_avg_tokens", "EPLB: sum over MoE layers of the mean tokens per EP rank "
+        self.eplb_avg_tokens = _gauge("epkit:eplb_avg_tokens", "EPLB: sum over MoE layers of the mean tokens per EP rank "
                                      "at the last logged step", labels, registry=r)
-        self.eplb_max_tokens = Gauge("epkit:eplb_max_tokens", "EPLB: sum over MoE layers of the max tokens per EP rank "
+        self.eplb_max_tokens = _gauge("epkit:eplb_max_tokens", "EPLB: sum over MoE layers of the max tokens per EP rank "
                                      "at the last logged step", labels, registry=r)
-        self.eplb_rank_tokens = Gauge("epkit:eplb_rank_tokens", "EPLB: (token, expert) pairs computed by each EP rank's "
+        self.eplb_rank_tokens = _gauge("epkit:eplb_rank_tokens", "EPLB: (token, expert) pairs computed by each EP rank's "
                                       "slots, all MoE layers, at the last logged step", ["model_name", "dp_rank"], registry=r)
-        self.eplb_rearrangements = Gauge("epkit:eplb_rearrangements", "EPLB: rearrangements so far", labels, registry=r)
-        self.eplb_window_balancedness = Gauge("epkit:eplb_window_balancedness", "EPLB: balancedness of the last window "
+        self.eplb_rearrangements = _gauge("epkit:eplb_rearrangements", "EPLB: rearrangements so far", labels, registry=r)
+        self.eplb_window_balancedness = _gauge("epkit:eplb_window_balancedness", "EPLB: balancedness of the last window "
                                               "under the old and the new placement", ["model_name", "placement"], registry=r)
-        self.eplb_median_step = Gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
+        self.eplb_median_step = _gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
                                       "two rearrangements", labels, registry=r)
         self.model = model
         # the per-token series, bound once (``labels()`` is a dict lookup under a lock on every call)
@@ -85,7 +97,8 @@ class Metrics:
         self.running.labels(self.model, str(rank)).set(running)
         self.waiting.labels(self.model, str(rank)).set(waiting)
         if preemptions > self._preempted[rank]:
-            self.preemptions.labels(self.model, str(rank)).inc(preemptions - self._preempted[rank])
+            if self.server_index == 0:  # every server hears every core: one of them counts
+                self.preemptions.labels(self.model, str(rank)).inc(preemptions - self._preempted[rank])
             self._preempted[rank] = preemptions
 
 
@@ -310,7 +323,13 @@ def build_app(api: Api) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = api.metrics.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several API servers: the whole deployment's series
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/eplb/loads")
     async def eplb_loads(request: Request):
@@ -459,7 +478,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
                 os._exit(1)
 
         engine = EngineClient(cfg, store, server_index, core_lost)
-        metrics = Metrics(cfg.model_name, cfg.data_parallel_size)
+        metrics = Metrics(cfg.model_name, cfg.data_parallel_size, server_index)
         engine.on_stats = metrics.set_load
         engine.on_eplb_stats = metrics.set_eplb
         app = build_app(Api(cfg, engine, tokenizer, max_model_len, metrics))

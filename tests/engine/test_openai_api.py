@@ -155,3 +155,25 @@ def test_256_concurrent_streams(server):
     metrics = httpx.get(server.url + "/metrics").text
     assert "epkit:time_to_first_token_seconds_count" in metrics and 'dp_rank="1"' in metrics
     assert running(server) == 0
+
+
+def test_one_api_server_per_dp_rank_and_one_view_of_metrics(server, client):
+    """vLLM's default: --api-server-count = DP size; any server's /metrics shows the whole deployment."""
+    log = server.nodes[0].log()
+    assert "api server 1/2" in log and "api server 2/2" in log
+
+    def generated() -> set[float]:  # a new connection per fetch: SO_REUSEPORT spreads them over both servers
+        values = set()
+        for _ in range(8):
+            text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}).text
+            values |= {float(line.split()[-1]) for line in text.splitlines() if line.startswith("epkit:generation_tokens_total{")}
+        return values
+
+    before = generated()
+    assert len(before) == 1
+    for _ in range(4):  # spread over both servers as well
+        with httpx.Client() as fresh:
+            r = fresh.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"model": MODEL, "prompt": "count me", "max_tokens": 5, "ignore_eos": True})
+            assert r.status_code == 200
+    assert generated() == {before.pop() + 20}
