@@ -42,24 +42,37 @@ class PrefillBatch:
     picks: torch.Tensor  # [real tokens] ... and where each one sits in the flattened [S * Q] result
 
 
+# Padding every prefill sequence to the longest costs (sequences x longest context) K/V rows per
+# head and a (sequences x longest new x longest context) mask: batch only while that stays small
+# (a long chunked-prefill continuation beside short prompts attends alone instead).
+PREFILL_BATCH_MAX_KV = 65536  # padded context tokens (x heads x head_dim x 2 for K and V)
+PREFILL_BATCH_MAX_MASK = 2**26  # padded mask entries
+
+
+def prefill_batchable(news: list[int], ctxs: list[int]) -> bool:
+    return len(news) >= 2 and len(news) * max(ctxs) <= PREFILL_BATCH_MAX_KV and \
+        len(news) * max(news) * max(ctxs) <= PREFILL_BATCH_MAX_MASK
+
+
 def _prefill_batch(seqs: list[tuple[int, int, torch.Tensor]], device: torch.device) -> PrefillBatch:
-    """``seqs``: (first row, new tokens, host slots of the whole context) per sequence."""
+    """``seqs``: (first row, new tokens, host slots of the whole context) per sequence; the mask is built on ``device``."""
     news = torch.tensor([new for _, new, _ in seqs])
     ctxs = torch.tensor([slots.shape[0] for _, _, slots in seqs])
     width_q, width_kv = int(news.max()), int(ctxs.max())
-    i = torch.arange(width_q).view(1, -1, 1)
-    j = torch.arange(width_kv).view(1, 1, -1)
-    real_q = i < news.view(-1, 1, 1)
-    mask = (j < ctxs.view(-1, 1, 1)) & (j <= (ctxs - news).view(-1, 1, 1) + i) & real_q
-    mask |= ~real_q & (j == 0)  # padding queries see one key (no all-masked row, no NaN); their output is dropped
     q_index = torch.zeros((len(seqs), width_q), dtype=torch.long)
     kv_slots = torch.zeros((len(seqs), width_kv), dtype=torch.long)
     for s, (row, new, slots) in enumerate(seqs):
         q_index[s, :new] = torch.arange(row, row + new)
         kv_slots[s, : slots.shape[0]] = slots
-    valid = real_q.view(len(seqs), width_q)
+    valid = torch.arange(width_q).unsqueeze(0) < news.unsqueeze(1)
     picks = torch.arange(len(seqs) * width_q).view(len(seqs), width_q)[valid]
-    return PrefillBatch(q_index.to(device), kv_slots.to(device), mask.unsqueeze(1).to(device), q_index[valid].to(device),
+    news_d, ctxs_d = news.to(device).view(-1, 1, 1), ctxs.to(device).view(-1, 1, 1)
+    i = torch.arange(width_q, device=device).view(1, -1, 1)
+    j = torch.arange(width_kv, device=device).view(1, 1, -1)
+    real_q = i < news_d
+    mask = (j < ctxs_d) & (j <= ctxs_d - news_d + i) & real_q
+    mask |= ~real_q & (j == 0)  # padding queries see one key (no all-masked row, no NaN); their output is dropped
+    return PrefillBatch(q_index.to(device), kv_slots.to(device), mask.unsqueeze(1), q_index[valid].to(device),
                         picks.to(device))
 
 
@@ -95,11 +108,10 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         row += new
     mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
     meta = AttentionMeta(mapping.to(device), per_seq, block_size=block_size)
-    if len(prefill_host) == 1:  # one sequence: its own causal call is as good
-        row, new, slots = prefill_host[0]
-        meta.per_seq.append((row, new, slots.to(device, non_blocking=True)))
-    elif prefill_host:
+    if prefill_batchable([new for _, new, _ in prefill_host], [slots.shape[0] for _, _, slots in prefill_host]):
         meta.prefill = _prefill_batch(prefill_host, device)
+    else:  # one sequence (its own causal call is as good), or too much padding
+        meta.per_seq.extend((row, new, slots.to(device, non_blocking=True)) for row, new, slots in prefill_host)
     if decode_rows:
         width = max(len(t) for t in decode_tables)
         meta.decode_rows = torch.tensor(decode_rows).to(device)

@@ -103,9 +103,14 @@ class DecodeGraphs:
         from epkit.engine.kernels import decode_kernel_enabled
 
         probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
-        self.paged_kernel = self.paged_kernel_checked = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
+        paged = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
+        # every rank must pick the same context bucket (and so capture the same shapes): the kernel only if all have it
+        paged = all(flag for flag, in runner.comm.exchange_step_info([int(paged)]))
+        self.paged_kernel = self.paged_kernel_checked = paged
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        # one warm-up stream for every capture: each new stream would get (and keep) its own cuBLAS workspace
+        self.warmup_stream = torch.cuda.Stream(dev) if mode == "cuda" else None
         self.epoch = self._epoch()
         self.steps = 0  # padded steps run (replays, or emulated steps)
         self.captures = 0
@@ -189,7 +194,7 @@ class DecodeGraphs:
         started = time.perf_counter()
         loads = self.runner.rebalancer.load_buffers() if self.runner.rebalancer is not None else []
         saved = [t.clone() for t in loads]
-        stream = torch.cuda.Stream(self.runner.device)
+        stream = self.warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward(size, ctx)
@@ -216,3 +221,5 @@ class DecodeGraphs:
         if self.graphs:
             log.info("DP rank %d: dropping %d decode CUDA graphs (%s)", self.rank, len(self.graphs), why)
         self.graphs.clear()
+        if self.mode == "cuda":  # a fresh pool: re-using the id of a pool whose graphs are gone can trip the allocator
+            self.pool = torch.cuda.graph_pool_handle()

@@ -149,7 +149,7 @@ if triton is not None:
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, src_ptr, n_ptr, out_ptr, stride_x, H, BLOCK: tl.constexpr):
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)  # int64 offsets: pairs x hidden can pass 2**31
         if r < tl.load(n_ptr):
             s = tl.load(src_ptr + r)
             for c in range(0, H, BLOCK):
@@ -159,7 +159,7 @@ if triton is not None:
 
     @triton.jit
     def _scatter_add_rows_kernel(y_ptr, dst_ptr, w_ptr, n_ptr, out_ptr, stride_y, H, BLOCK: tl.constexpr):
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)
         if r < tl.load(n_ptr):
             d = tl.load(dst_ptr + r)
             w = tl.load(w_ptr + r).to(tl.float32)
@@ -319,7 +319,9 @@ def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: 
         bb = bias if bias is None else torch.linspace(0, -3, E, device=logits.device)
         got_i, got_w = route(ll, top_k, norm_topk_prob, bb)
         want_i, want_w = reference(ll, top_k, norm_topk_prob, bb)
-        if not torch.equal(got_i, want_i):
+        # bf16 logits tie often and top-k may order tied experts either way: compare the chosen experts' probabilities
+        probs = torch.softmax(ll.float() + (bb if bb is not None else 0), dim=-1)
+        if (probs.gather(1, got_i) - probs.gather(1, want_i)).abs().max().item() > 1e-6:
             return "self-check: different experts chosen"
         return _max_err(got_w, want_w, torch.float32)
 

@@ -90,6 +90,9 @@ class ModelRunner:
         self._unseeded = torch.Generator(device=device)
         self._unseeded.seed()
         mode, why = graph_mode(self)
+        # all ranks or none: a rank without graphs would run eager steps whose collectives the others do not
+        if not all(on for on, in comm.exchange_step_info([int(mode != "off")])) and mode != "off":
+            mode, why = "off", "another DP rank cannot use decode graphs (see its log); decode runs eager on all ranks"
         self.graphs = DecodeGraphs(self, mode) if mode != "off" else None
         log.info("DP rank %d: decode steps: %s%s", dp_rank, why,
                  f" (batch sizes {self.graphs.sizes[0]}..{self.graphs.sizes[-1]}, context buckets of "

@@ -225,6 +225,15 @@ def test_batched_prefill_attention_matches_per_sequence_attention():
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_batches_only_while_the_padding_is_small():
+    from epkit.engine.attention import PREFILL_BATCH_MAX_KV, prefill_batchable
+
+    assert prefill_batchable([512] * 16, [512] * 16)  # the benchmark's prefill steps
+    assert not prefill_batchable([512], [512])  # one sequence attends alone
+    assert not prefill_batchable([100, 8], [PREFILL_BATCH_MAX_KV // 2 + 1, 8])  # a long continuation beside a short prompt
+    assert not prefill_batchable([8192, 10], [8192, 10]) and prefill_batchable([100, 10], [8192, 10])  # mask budget
+
+
 def test_sync_free_sentinel_path_matches_the_gathered_path():
     """The GPU path that pushes every (token, slot) pair through one grouped GEMM, masking pairs routed
     elsewhere, gives the same partial sums as the path that first selects the local pairs."""
