@@ -73,8 +73,13 @@ class Node:
 class Deployment:
     """A primary node (and optional headless nodes) serving on a free port."""
 
-    def __init__(self, tmp: Path, args: list[str], headless: list[list[str]] = (), api_key: str | None = None):
+    def __init__(self, tmp: Path, args: list[str], headless: list[list[str]] = (), api_key: str | None = None,
+                 api_servers: int | None = 1):
+        """``api_servers``: ``--api-server-count`` unless ``args`` name one; None keeps the engine's default
+        (one per DP rank, as vLLM). One by default: on 2 cores each extra server slows every deployment."""
         self.port, self.rpc_port = free_port(), free_port()
+        if api_servers is not None and "--api-server-count" not in args:
+            args = [*args, "--api-server-count", str(api_servers)]
         common = ["--data-parallel-rpc-port", str(self.rpc_port), *TINY_ARGS]
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key

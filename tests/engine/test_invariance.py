@@ -44,7 +44,6 @@ PADDED = {
     "dp1": [],
     # ... and with the Triton paged decode-attention kernel, run by Triton's interpreter on CPU
     "dp2-ep-allgather_reducescatter-triton": ["-dp", "2", "--enable-expert-parallel"],
-    "dp1-triton": [],
     "dp2-ep-allgather_reducescatter": ["-dp", "2", "--enable-expert-parallel"],
     "dp4-ep-naive-eplb": ["-dp", "4", "--enable-expert-parallel", "--all2all-backend", "naive", "--enable-eplb",
                           "--eplb-config", '{"window_size": 4, "step_interval": 3, "num_redundant_experts": 4}'],

@@ -19,7 +19,7 @@ MODEL = "epkit-tiny-moe"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = Deployment(tmp_path_factory.mktemp("api"), ["-dp", "2", "--enable-expert-parallel", "--max-num-seqs", "128"],
-                   api_key=API_KEY)
+                   api_key=API_KEY, api_servers=None)  # the engine's default: one API server per DP rank
     d.wait_ready()
     yield d
     pids = d.pids()
