@@ -12,4 +12,4 @@ if [ "${EPKIT_SLURM:-1}" = 1 ] && [ "$(id -u)" = 0 ]; then
   bash "$root/scripts/slurm_up.sh" > /tmp/epkit-slurm-up.log 2>&1 || { tail -30 /tmp/epkit-slurm-up.log; exit 1; }
   export EPKIT_SLURM_BRIDGE_ADDR="$(sed -n 's/^SLURM_BRIDGE_ADDR=//p' /tmp/epkit-slurm-up.log | tail -1)"
 fi
-exec "$EPKIT_PY" -m pytest "$@"
+exec "$EPKIT_PY" -m pytest --durations=15 "$@"
