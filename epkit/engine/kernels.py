@@ -263,8 +263,10 @@ def scatter_add_rows(out: torch.Tensor, y: torch.Tensor, dst: torch.Tensor, weig
 _checked: dict[tuple, bool] = {}
 
 
-def _usable(name: str, key: tuple, x: torch.Tensor, check) -> bool:
-    """Whether kernel ``name`` serves ``key``: Triton present, a device it runs on, ``check()`` (None = passed) on first use."""
+def _usable(name: str, key: tuple, x: torch.Tensor, check, used: str = "Triton kernel", fallback: str = "PyTorch") -> bool:
+    """Whether kernel ``name`` serves ``key``: Triton present, a device it runs on, ``check()`` (None = passed) on first use.
+
+    Logs ``name: used (checked against PyTorch)`` or ``name: fallback (why)`` once per key."""
     if key in _checked:
         return _checked[key]
     if triton is None:
@@ -277,8 +279,7 @@ def _usable(name: str, key: tuple, x: torch.Tensor, check) -> bool:
         except Exception as exc:  # a compile or launch failure: stay on PyTorch, say why
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     _checked[key] = why is None
-    if x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        log.info("%s: %s", name, "Triton kernel (checked against PyTorch)" if why is None else f"PyTorch ({why})")
+    log.info("%s: %s", name, f"{used} (checked against PyTorch)" if why is None else f"{fallback} ({why})")
     return why is None
 
 
@@ -352,15 +353,16 @@ def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
     return _usable("MoE row gather / weighted scatter-add", ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1]), x, check)
 
 
-def norm_rope_enabled(x: torch.Tensor, with_norm: bool, reference) -> bool:
-    """Whether :func:`norm_rope` serves ``x`` (``[T, heads, head_dim]``); ``reference(x, w, eps, pos, cos, sin)`` is PyTorch's."""
+def norm_rope_enabled(x: torch.Tensor, head_dim: int, with_norm: bool, reference) -> bool:
+    """Whether :func:`norm_rope` serves heads of ``head_dim`` on ``x``'s device and dtype (q/k slices of the fused
+    QKV output: head_dim contiguous); ``reference(x, w, eps, pos, cos, sin)`` is PyTorch's."""
     if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
         return False
-    D = x.shape[-1]
+    D = head_dim
 
     def check() -> str | None:
-        if D < 2 or (D // 2) & (D // 2 - 1) or D % 2 or x.stride(-1) != 1:
-            return f"head_dim={D} is not twice a power of two with a contiguous last dimension"
+        if D < 2 or (D // 2) & (D // 2 - 1) or D % 2:
+            return f"head_dim={D} is not twice a power of two"
         gen = torch.Generator(device=x.device).manual_seed(2)
         qkv = torch.randn((4, 7 * D), generator=gen, device=x.device).to(x.dtype)
         xx = qkv[:, D : 4 * D].reshape(4, 3, D)  # a strided slice, like q or k of the fused QKV output
@@ -379,19 +381,9 @@ def decode_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: in
     ``reference(q, k_cache, v_cache, tables, ctx_lens, block_size)`` is the PyTorch computation."""
     if os.environ.get("EPKIT_DECODE_ATTENTION", "auto") == "torch":
         return False
-    key = (q.device, q.dtype, q.shape[1], q.shape[2], k_cache.shape[1], block_size)
-    if key in _checked:
-        return _checked[key]
-    why = unsupported_reason(q, k_cache)
-    if why is None:
-        try:
-            why = _self_check(q, k_cache, block_size, reference)
-        except Exception as exc:  # a compile or launch failure: stay on the PyTorch path, say why
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    _checked[key] = why is None
-    log.info("decode attention: %s", "Triton paged kernel (checked against PyTorch)" if why is None
-             else f"PyTorch gather + matmul ({why})")
-    return why is None
+    key = ("decode", q.device, q.dtype, q.shape[1], q.shape[2], k_cache.shape[1], block_size)
+    return _usable("decode attention", key, q, lambda: unsupported_reason(q, k_cache) or _self_check(q, k_cache, block_size, reference),
+                   used="Triton paged kernel", fallback="PyTorch gather + matmul")
 
 
 def _self_check(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, reference) -> str | None:

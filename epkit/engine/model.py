@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -300,8 +299,7 @@ class MoEModel:
         if use_triton(x):
             from epkit.engine import kernels
 
-            probe = x.new_empty((T, cfg.num_heads, d))
-            fused = kernels.norm_rope_enabled(probe, cfg.qk_norm, torch_norm_rope)
+            fused = kernels.norm_rope_enabled(x, d, cfg.qk_norm, torch_norm_rope)
         cos, sin = (None, None) if fused else (self.cos[positions], self.sin[positions])
         for i, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
