@@ -24,15 +24,24 @@ def test_measured_latencies_match_the_set_ones(stream_server, byte_tokenizer_dir
     # Up to two retries: on a 2-core box shared with other jobs, a burst elsewhere delays the
     # server's own schedule (its log shows it), which no client can measure away.
     for _ in range(3):
+        server.log()  # clear
         r = run(server.url, "m", wl, endpoint=endpoint, tokenizer=tokenizer, max_concurrency=2, progress=False)
         m = r.metrics
-        errs = [abs(m["median_ttft_ms"] - TTFT_MS), abs(m["median_itl_ms"] - ITL_MS), abs(m["median_tpot_ms"] - ITL_MS)]
+        # The set TTFT starts when the server has read the request; the time from the client's send stamp
+        # to then (HTTP transit and parsing, ~1 ms on a busy 2-core box) is part of the measured TTFT.
+        # Both processes read CLOCK_MONOTONIC, so the server's log measures it per request.
+        recv = {e["request_id"]: e["recv_s"] for e in server.log()}
+        t0 = r.meta["t0_perf_counter_s"]
+        transit_ms = float(np.median([(recv[f"epkit-{q.index}"] - t0 - q.send_s) * 1e3 for q in r.requests.itertuples()]))
+        errs = [abs(m["median_ttft_ms"] - transit_ms - TTFT_MS), abs(m["median_itl_ms"] - ITL_MS),
+                abs(m["median_tpot_ms"] - ITL_MS)]
         attempts.append(errs)
         if max(errs) < 1.0:
             break
     assert m["completed"] == N and m["failed"] == 0
     assert max(attempts[-1]) < 1.0, f"|median - set| ms for ttft, itl, tpot per attempt: {attempts}"
-    assert abs(m["median_e2el_ms"] - (TTFT_MS + (OUT - 1) * ITL_MS)) < 2.0
+    assert abs(m["median_e2el_ms"] - transit_ms - (TTFT_MS + (OUT - 1) * ITL_MS)) < 2.0
+    assert 0 < transit_ms < 10, transit_ms
     # Token counts come from the server's usage chunk; throughput is tokens / duration.
     assert m["total_output_tokens"] == N * OUT
     # The prompt lengths epkit sampled are the ones the server counted.
