@@ -20,7 +20,12 @@ a context bucket, captured on first use, replayed after); it also reports how ma
 equal the eager step's; ``engine-graph-torch`` = the same with the Triton kernels off (PyTorch
 attention gather, RMSNorm and RoPE chains: ``EPKIT_DECODE_ATTENTION=torch EPKIT_FUSED_NORMS=0``), so
 one call measures what the kernels are worth. ``after`` runs with the kernels as the engine picks
-them (``--eager-torch`` turns them off there too). Example (2 GPUs):
+them (``--eager-torch`` turns them off there too). Steps with a prompt in them: ``mixed`` = the
+``--batch`` decodes plus one new ``--prefill-len``-token prompt per rank, eager (what every arrival
+cost before mixed graph steps), ``mixed-graph`` = the same step through the engine's graphs (every
+prompt token a row of the graph), ``prefill`` = ``--prefill-seqs`` whole prompts of ``--ctx`` tokens
+per rank in one eager step (a rate-inf burst: 16 x 512 = 8,192 tokens, vLLM's token budget per step).
+Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
 """
@@ -160,6 +165,7 @@ def make_batch(runner, batch: int, ctx: int, rank: int):
     from epkit.engine.sequence import EngineRequest, SamplingParams, Sequence
 
     bm = BlockManager(runner.num_blocks, runner.block_size)
+    make_batch.blocks = bm  # the prompts of mixed steps take blocks after these
     seqs = []
     for i in range(batch):
         s = Sequence(EngineRequest(f"r{rank}-{i}", tuple((7 * i + j) % 256 for j in range(ctx)),
@@ -168,6 +174,21 @@ def make_batch(runner, batch: int, ctx: int, rank: int):
         s.num_computed_tokens = ctx - 1
         seqs.append(s)
     return [(s, 1) for s in seqs]
+
+
+def make_prompts(runner, n: int, length: int, rank: int, tag: str, bm=None):
+    """``n`` fresh prompts of ``length`` tokens, their blocks allocated, nothing computed: (seq, length) rows."""
+    from epkit.engine.block_manager import BlockManager
+    from epkit.engine.sequence import EngineRequest, SamplingParams, Sequence
+
+    bm = bm or BlockManager(runner.num_blocks, runner.block_size)
+    rows = []
+    for i in range(n):
+        s = Sequence(EngineRequest(f"{tag}{rank}-{i}", tuple((11 * i + 3 * j) % 256 for j in range(length)),
+                                   SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)))
+        bm.allocate(s, length)
+        rows.append((s, length))
+    return rows
 
 
 def count_syncs(fn) -> int:
@@ -298,23 +319,43 @@ def rank_main(rank: int, args) -> None:
               "torch": torch.__version__, "dp": args.dp, "backend": args.backend, "model": args.model, "ctx": args.ctx,
               "build_s": round(build_s, 1), "results": []}
     # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
-    graphs = ("graph", "engine-graph", "engine-graph-torch")
+    graphs = ("graph", "engine-graph", "engine-graph-torch", "mixed-graph")
     plan = [(b, v) for b in args.batches for v in args.variants if v not in graphs]
     plan += [(b, v) for b in args.batches for v in args.variants if v in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
+    bm = make_batch.blocks
+    mixed = {b: batches[b] + make_prompts(runner, 1, args.prefill_len, rank, f"m{b}-", bm) for b in args.batches}
+    prefill = make_prompts(runner, args.prefill_seqs, args.ctx, rank, "p-", bm) if "prefill" in args.variants else []
+    plan = [(b, v) for b, v in plan if v != "prefill" or b == args.batches[0]]  # one prefill step, whatever the batch
     for batch_size, variant in plan:
         batch = batches[batch_size]
         counts = [batch_size] * args.dp
         res = {"batch_per_rank": batch_size, "variant": variant}
         try:
-            if variant == "graph":
+            if variant in ("mixed", "mixed-graph", "prefill"):
+                set_variant("after", saved)
+                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner)
+                rows = prefill if variant == "prefill" else mixed[batch_size]
+                counts = [sum(new for _, new in rows)] * args.dp
+                res["tokens_per_rank"] = counts[0]
+                shapes = [runner.step_shape(rows)] * args.dp if variant == "mixed-graph" else None
+                if variant == "mixed-graph":
+                    if runner.graphs is None or not runner.graphs.mixed:
+                        raise RuntimeError("the runner has no mixed graph steps (see its 'graph steps:' log line)")
+                    eager = runner.execute(rows, counts)
+                    t0 = time.perf_counter()
+                    graphed = runner.execute(rows, counts, shapes)  # captures
+                    res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
+                    res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
+                fn = lambda rows=rows, counts=counts, shapes=shapes: runner.execute(rows, counts, shapes)  # noqa: E731
+            elif variant == "graph":
                 if device.type != "cuda":
                     continue
                 set_variant("after", saved)
                 fn = graph_step(runner, batch, counts)
             elif variant.startswith("engine-graph"):
                 if runner.graphs is None:
-                    raise RuntimeError("the runner has no decode graphs (see its 'decode steps:' log line)")
+                    raise RuntimeError("the runner has no decode graphs (see its 'graph steps:' log line)")
                 set_variant("after", saved)
                 use_torch_kernels(variant.endswith("-torch"), runner)
                 shapes = [(1, args.ctx)] * args.dp
@@ -342,8 +383,8 @@ def rank_main(rank: int, args) -> None:
         report["results"].append(res)
         if rank == 0:
             w = res.get("wall_ms", {})
-            extra = (f" match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
-                     if variant.startswith("engine-graph") else "")
+            extra = (f" tokens {res.get('tokens_per_rank', batch_size)} match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
+                     if variant.startswith("engine-graph") or variant == "mixed-graph" else "")
             print(f"B={batch_size}/rank {variant:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
                   f"syncs {res.get('syncs_per_step')}  gpu kernels "
                   f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
@@ -423,6 +464,8 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--batch", default="16,128", help="decode sequences per rank, comma-separated")
     ap.add_argument("--ctx", type=int, default=576, help="context tokens of each sequence (512 prompt + ~64 generated)")
+    ap.add_argument("--prefill-len", type=int, default=512, help="tokens of the new prompt in mixed steps")
+    ap.add_argument("--prefill-seqs", type=int, default=16, help="prompts of --ctx tokens in the prefill variant's step")
     ap.add_argument("--model", default="epkit-qwen3-30b-a3b-shape")
     ap.add_argument("--backend", default="allgather_reducescatter")
     ap.add_argument("--device", default="auto")

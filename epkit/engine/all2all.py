@@ -179,8 +179,9 @@ class _GatherBased:
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
         owner, local = experts.map.locate(gids)
         mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
-        if gx.shape[0] and gids.numel() <= SYNC_FREE_MAX_PAIRS and fused_rows_ok(gx, experts):
-            # only this rank's pairs are gathered, computed and scatter-added (Triton row kernels)
+        if gx.shape[0] and fused_rows_ok(gx, experts):
+            # only this rank's pairs are gathered, computed and scatter-added (Triton row kernels): no host
+            # sync and no work on other ranks' pairs, so no size limit either (large prefill steps too)
             token_idx = torch.div(torch.arange(gx.shape[0] * k, device=gx.device), k, rounding_mode="floor")
             expert_idx = torch.where(mine.reshape(-1), local.reshape(-1), experts.num_local)
             return experts.partial(gx, token_idx, expert_idx, gw.reshape(-1), gx.shape[0])

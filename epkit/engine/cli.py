@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None, help=f"(default: {shown})")
     p.add_argument("--enable-expert-parallel", "-ep", dest="enable_expert_parallel", action="store_true")
     p.add_argument("--headless", action="store_true", help="no API server: engine cores only (secondary nodes)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (every step eager)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every step eager)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--enable-eplb", action="store_true")

@@ -1,14 +1,20 @@
-"""CUDA graphs for decode steps: capture a step's forward once per shape, then replay it.
+"""CUDA graphs for engine steps: capture a step's forward once per shape, then replay it.
 
-Eager decode on a GPU is bound by the host: a 48-layer step launches ~6,000 kernels and
-the GPU idles most of the step (docs/benchmarks.md, issue 8). A step in which every DP rank
-runs only single-token decodes has a shape known ahead: ``B`` sequences of one token, each
-reading at most ``C`` cached tokens. Every rank pads its batch to the same capture size
-``B`` (the smallest one that holds the largest rank's batch, from the counts all ranks
-exchange each step) and its context to the same bucket ``C``, so all ranks replay the same
-graph and the MoE collectives inside it line up. With the Triton paged decode kernel (which reads
-each sequence's own length on the device) there is one bucket, the longest context; the PyTorch
-attention path pads to multiples of 256 tokens. Prefill and mixed steps stay eager.
+Eager steps on a GPU are bound by the host: a 48-layer step launches ~3,000-6,000 kernels and
+the GPU idles most of the step (docs/benchmarks.md, issue 8). A graph step pads every DP rank's
+rows to one capture size ``T`` (the smallest that holds the largest rank's token count, from the
+counts all ranks exchange each step), so all ranks replay the same graph and the MoE collectives
+inside it line up. Rows are tokens: a decode row is a sequence's one new token, and a prefill
+(or chunked-prefill) sequence gives one row per new token. Every row attends like a decode query
+through the Triton paged kernel: to the cached tokens of its own sequence up to its own position
+(``ctx = position + 1``), through its sequence's block table, after the step's K/V are written -
+so a prompt's tokens see each other causally, and a step that mixes a new prompt with running
+decodes is one graph (vLLM reaches the same with piecewise or full graphs of mixed batches).
+Capture sizes are vLLM's decode sizes (1, 2, 4, 8 ... 256) and then every 64 up to
+``MAX_GRAPH_TOKENS``; steps with more tokens (a large prefill, GPU-bound anyway) run eager.
+``EPKIT_GRAPH_STEPS=decode`` keeps graphs to all-decode steps (every row a sampled one-token
+decode), the behaviour before mixed steps; so does a machine without the paged kernel, where the
+PyTorch attention path pads each row's context to a multiple of 256 tokens.
 
 Inputs live in fixed device buffers that every graph reads (views of the largest size):
 token ids, positions, the KV slot of each new token, block tables, context lengths, and
@@ -16,7 +22,7 @@ the mask of real rows across ranks. Padding rows read and write one scratch KV b
 no sequence owns, attend to that one slot, and are masked out of the MoE exchange (they
 contribute nothing to any real row and are not counted as expert load), so a padded step
 computes the same real rows as an eager one. Graphs are captured lazily, the first time a
-(B, C) shape occurs, on every rank at the same step; an EPLB rearrangement replaces expert
+(T, C) shape occurs, on every rank at the same step; an EPLB rearrangement replaces expert
 weights and maps, so it drops every graph (they are captured again when next needed).
 
 ``EPKIT_DECODE_GRAPHS=emulate`` runs exactly this padded, fixed-buffer step without
@@ -43,6 +49,8 @@ log = logging.getLogger("epkit.engine")
 
 CTX_BUCKET = 256  # context lengths are padded up to a multiple of this (and of the block size)
 MAX_CAPTURE_SIZE = 256  # vLLM's classic default largest decode graph
+MAX_GRAPH_TOKENS = 1024  # largest mixed (prefill + decode) step run as a graph; larger ones run eager
+MIXED_STEP = 64  # capture sizes above MAX_CAPTURE_SIZE grow by this many tokens
 
 
 def capture_sizes(max_num_seqs: int, largest: int = MAX_CAPTURE_SIZE) -> list[int]:
@@ -50,6 +58,13 @@ def capture_sizes(max_num_seqs: int, largest: int = MAX_CAPTURE_SIZE) -> list[in
     top = max(1, min(max_num_seqs, largest))
     sizes = [s for s in [1, 2, 4, *range(8, top + 8, 8)] if s < top] + [top]
     return sorted(set(sizes))
+
+
+def token_sizes(largest: int) -> list[int]:
+    """Capture sizes of mixed steps: the decode sizes, then every ``MIXED_STEP`` tokens up to ``largest``."""
+    small = capture_sizes(min(largest, MAX_CAPTURE_SIZE))
+    big = list(range(small[-1] + MIXED_STEP, largest, MIXED_STEP))
+    return small + big + ([largest] if largest > small[-1] else [])
 
 
 def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
@@ -61,7 +76,7 @@ def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
         return "off", "--enforce-eager" if runner.cfg.enforce_eager else "EPKIT_DECODE_GRAPHS=off"
     if not getattr(runner.model.moe, "graph_safe", False):
         return "off", (f"the {runner.model.moe.name} backend reads its split sizes on the host every layer, "
-                       "which a CUDA graph cannot hold; decode runs eager")
+                       "which a CUDA graph cannot hold; every step runs eager")
     if want == "emulate":
         return "emulate", "EPKIT_DECODE_GRAPHS=emulate (padded fixed-buffer steps, not captured)"
     if runner.device.type != "cuda":
@@ -71,22 +86,43 @@ def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
     ok = experts.supports_sentinel(probe) if runner.cfg.ep_size > 1 else experts._use_grouped_mm(probe)
     if not ok:
         return "off", (f"sync-free expert GEMMs (torch._grouped_mm, bf16) are unavailable for dtype "
-                       f"{str(runner.dtype).replace('torch.', '')}; decode runs eager")
-    return "cuda", "CUDA graphs for decode steps"
+                       f"{str(runner.dtype).replace('torch.', '')}; every step runs eager")
+    return "cuda", "CUDA graphs"
 
 
 class DecodeGraphs:
-    """The fixed decode buffers of one rank and its captured graphs, keyed by (batch size, context bucket)."""
+    """The fixed step buffers of one rank and its captured graphs, keyed by (rows, context bucket)."""
 
     def __init__(self, runner: "ModelRunner", mode: str):
         self.runner, self.mode = runner, mode
         cfg, dev = runner.cfg, runner.device
         self.world, self.rank = runner.comm.world_size, runner.comm.rank
-        # every (row, expert) pair of every rank goes through the sync-free grouped GEMM: keep it under its limit
-        from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
+        # The paged kernel reads each row's own context length: one context bucket (the longest) serves all.
+        from epkit.engine.attention import torch_decode
+        from epkit.engine.kernels import decode_kernel_enabled
 
-        pair_cap = SYNC_FREE_MAX_PAIRS // (self.world * runner.mcfg.top_k) if runner.cfg.ep_size > 1 else MAX_CAPTURE_SIZE
-        self.sizes = capture_sizes(cfg.max_num_seqs, min(MAX_CAPTURE_SIZE, max(1, pair_cap)))
+        probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
+        paged = decode_kernel_enabled(probe, runner.kv_caches[0][0], runner.block_size, torch_decode)
+        # every rank must pick the same context bucket (and so capture the same shapes): the kernel only if all have it
+        paged = all(flag for flag, in runner.comm.exchange_step_info([int(paged)]))
+        self.paged_kernel = self.paged_kernel_checked = paged
+        want = os.environ.get("EPKIT_GRAPH_STEPS", "mixed")
+        # mixed steps need the paged kernel (the PyTorch path would gather every row's whole context);
+        # emulation on CPU runs them with the PyTorch path to test the padding
+        self.mixed = want != "decode" and (paged or mode == "emulate")
+        if want not in ("mixed", "decode"):
+            log.warning("EPKIT_GRAPH_STEPS=%r is not one of mixed, decode; using mixed", want)
+        largest = MAX_GRAPH_TOKENS if self.mixed else min(cfg.max_num_seqs, MAX_CAPTURE_SIZE)
+        largest = min(largest, cfg.max_num_batched_tokens)
+        # every rank must capture the same sizes: the row kernels count only if every rank has them
+        fused = all(flag for flag, in runner.comm.exchange_step_info([int(self._fused_rows())]))
+        if cfg.ep_size > 1 and not fused:
+            # without the row kernels every (row, expert) pair of every rank goes through the sync-free grouped
+            # GEMM: keep it under that path's limit
+            from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
+
+            largest = min(largest, max(1, SYNC_FREE_MAX_PAIRS // (self.world * runner.mcfg.top_k)))
+        self.sizes = token_sizes(largest) if self.mixed else capture_sizes(largest)
         self.max_batch = self.sizes[-1]
         bs = runner.block_size
         self.ctx_step = bs * -(-CTX_BUCKET // bs)
@@ -98,15 +134,6 @@ class DecodeGraphs:
         host = dict(ids=(B,), pos=(B,), slot=(B,), ctx=(B,), tables=(B, self.width), valid=(self.world * B,))
         self.host = {k: torch.zeros(shape, dtype=torch.long, pin_memory=pin) for k, shape in host.items()}
         self.dev = {k: torch.zeros(shape, dtype=torch.long, device=dev) for k, shape in host.items()}
-        # The paged kernel reads each sequence's own context length: one context bucket (the longest) serves all.
-        from epkit.engine.attention import torch_decode
-        from epkit.engine.kernels import decode_kernel_enabled
-
-        probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
-        paged = decode_kernel_enabled(probe, runner.kv_caches[0][0], bs, torch_decode)
-        # every rank must pick the same context bucket (and so capture the same shapes): the kernel only if all have it
-        paged = all(flag for flag, in runner.comm.exchange_step_info([int(paged)]))
-        self.paged_kernel = self.paged_kernel_checked = paged
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         # one warm-up stream for every capture: each new stream would get (and keep) its own cuBLAS workspace
@@ -116,26 +143,34 @@ class DecodeGraphs:
         self.captures = 0
         self.capture_s = 0.0
 
+    def _fused_rows(self) -> bool:
+        """Whether the MoE row kernels serve this model (then a step's cost follows this rank's own pairs)."""
+        from epkit.engine.moe import fused_rows_ok
+
+        runner = self.runner
+        experts = next(layer["experts"] for layer in runner.model.w.layers if "experts" in layer)
+        return fused_rows_ok(torch.zeros((1, runner.mcfg.hidden_size), device=runner.device, dtype=runner.dtype), experts)
+
     def _epoch(self) -> int:
         rebalancer = self.runner.rebalancer
         return rebalancer.num_rebalances if rebalancer is not None else 0
 
     # ---- shapes -----------------------------------------------------------------------
     def plan(self, counts: list[int], max_ctx: int) -> tuple[int, int] | None:
-        """The (batch size, context bucket) every rank uses this step, or None when it runs eager."""
+        """The (rows, context bucket) every rank uses this step, or None when it runs eager."""
         n = max(counts)
         if n > self.max_batch or max_ctx > self.max_ctx:
             return None
-        batch = next(s for s in self.sizes if s >= n)
+        rows = next(s for s in self.sizes if s >= n)
         if self.paged_kernel:
-            return batch, self.max_ctx
-        return batch, max(self.ctx_step, self.ctx_step * -(-max_ctx // self.ctx_step))
+            return rows, self.max_ctx
+        return rows, max(self.ctx_step, self.ctx_step * -(-max_ctx // self.ctx_step))
 
     # ---- one step ---------------------------------------------------------------------
     def run(self, batch: list[tuple["Sequence", int]], counts: list[int], key: tuple[int, int]) -> torch.Tensor:
-        """Final hidden states of ``batch``'s rows (all single-token decodes), through the graph for ``key``."""
+        """Final hidden states of ``batch``'s rows (one per new token, in batch order), through the graph for ``key``."""
         size, ctx = key
-        self._fill(batch, counts, size, ctx)
+        tokens = self._fill(batch, counts, size, ctx)
         if self._epoch() != self.epoch:
             self.drop("EPLB rearranged the experts")
             self.epoch = self._epoch()
@@ -146,9 +181,10 @@ class DecodeGraphs:
             entry[0].replay()
             out = entry[1]
         self.steps += 1
-        return out[: len(batch)]
+        return out[:tokens]
 
-    def _fill(self, batch: list[tuple["Sequence", int]], counts: list[int], size: int, ctx: int) -> None:
+    def _fill(self, batch: list[tuple["Sequence", int]], counts: list[int], size: int, ctx: int) -> int:
+        """Write the step's rows into the pinned host buffers and copy them to the device; returns the real rows."""
         h = {k: v.numpy() for k, v in self.host.items()}
         bs = self.runner.block_size
         width = ctx // bs
@@ -158,19 +194,31 @@ class DecodeGraphs:
         h["ctx"][:size] = 1
         h["tables"][:size, :width] = 0
         h["tables"][:size, 0] = self.scratch_block
-        for i, (seq, _) in enumerate(batch):
+        row = 0
+        for seq, new in batch:
             p = seq.num_computed_tokens
             table = seq.block_table
-            h["ids"][i] = seq.token_ids[p]
-            h["pos"][i] = p
-            h["ctx"][i] = p + 1
-            h["slot"][i] = table[p // bs] * bs + p % bs
-            h["tables"][i, : len(table)] = table
+            end = row + new
+            if new == 1:  # the common case, without numpy's per-call overhead
+                h["ids"][row] = seq.token_ids[p]
+                h["pos"][row] = p
+                h["ctx"][row] = p + 1
+                h["slot"][row] = table[p // bs] * bs + p % bs
+                h["tables"][row, : len(table)] = table
+            else:
+                pos = np.arange(p, p + new)
+                h["ids"][row:end] = seq.token_ids[p : p + new]
+                h["pos"][row:end] = pos
+                h["ctx"][row:end] = pos + 1
+                h["slot"][row:end] = np.asarray(table)[pos // bs] * bs + pos % bs
+                h["tables"][row:end, : len(table)] = table
+            row = end
         valid = h["valid"][: self.world * size].reshape(self.world, size)
         valid[:] = np.arange(size)[None, :] < np.asarray(counts)[:, None]
         for k in ("ids", "pos", "slot", "ctx", "tables"):
             self.dev[k][:size].copy_(self.host[k][:size], non_blocking=True)
         self.dev["valid"][: self.world * size].copy_(self.host["valid"][: self.world * size], non_blocking=True)
+        return row
 
     def _forward(self, size: int, ctx: int) -> torch.Tensor:
         """The padded step on the fixed buffers: what a graph captures and replays."""
@@ -208,18 +256,18 @@ class DecodeGraphs:
         self.capture_s += elapsed
         self.captures += 1
         self.graphs[key] = (graph, out)
-        log.info("DP rank %d: captured the decode CUDA graph for batch %d, context %d in %.2f s (%d graphs)",
+        log.info("DP rank %d: captured the CUDA graph for %d rows, context %d in %.2f s (%d graphs)",
                  self.rank, size, ctx, elapsed, len(self.graphs))
         return self.graphs[key]
 
     def summary(self, total_steps: int) -> str:
-        what = "replayed from CUDA graphs" if self.mode == "cuda" else "ran as emulated decode graphs"
+        what = "replayed from CUDA graphs" if self.mode == "cuda" else "ran as emulated graph steps"
         return (f"{self.steps} of {total_steps} forward steps {what}; {self.captures} captures "
                 f"({self.capture_s:.1f} s), {len(self.graphs)} graphs held")
 
     def drop(self, why: str) -> None:
         if self.graphs:
-            log.info("DP rank %d: dropping %d decode CUDA graphs (%s)", self.rank, len(self.graphs), why)
+            log.info("DP rank %d: dropping %d CUDA graphs (%s)", self.rank, len(self.graphs), why)
         self.graphs.clear()
         if self.mode == "cuda":  # a fresh pool: re-using the id of a pool whose graphs are gone can trip the allocator
             self.pool = torch.cuda.graph_pool_handle()

@@ -92,10 +92,11 @@ class ModelRunner:
         mode, why = graph_mode(self)
         # all ranks or none: a rank without graphs would run eager steps whose collectives the others do not
         if not all(on for on, in comm.exchange_step_info([int(mode != "off")])) and mode != "off":
-            mode, why = "off", "another DP rank cannot use decode graphs (see its log); decode runs eager on all ranks"
+            mode, why = "off", "another DP rank cannot use CUDA graphs (see its log); every step runs eager on all ranks"
         self.graphs = DecodeGraphs(self, mode) if mode != "off" else None
-        log.info("DP rank %d: decode steps: %s%s", dp_rank, why,
-                 f" (batch sizes {self.graphs.sizes[0]}..{self.graphs.sizes[-1]}, context buckets of "
+        log.info("DP rank %d: graph steps: %s%s", dp_rank, why,
+                 f" ({'mixed prefill + decode' if self.graphs.mixed else 'all-decode'} steps of "
+                 f"{self.graphs.sizes[0]}..{self.graphs.sizes[-1]} rows, context buckets of "
                  f"{self.graphs.ctx_step} up to {self.graphs.max_ctx})" if self.graphs else "")
         held = (f"{self.rebalancer.slots_per_rank} expert slots of {self.rebalancer.num_physical} (EPLB)" if self.rebalancer
                 else f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
@@ -123,11 +124,16 @@ class ModelRunner:
         return int(num_blocks)
 
     # ---- one step ---------------------------------------------------------------------
-    @staticmethod
-    def step_shape(batch: list[tuple[Sequence, int]]) -> tuple[int, int]:
-        """(1 if every row is a single-token decode that samples, else 0; longest context) of this rank's batch."""
-        decode = all(new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, new in batch)
-        return int(decode), max((seq.num_computed_tokens + new for seq, new in batch), default=0)
+    def step_shape(self, batch: list[tuple[Sequence, int]]) -> tuple[int, int]:
+        """(1 if this rank's rows may run in a graph step, else 0; longest context) of this rank's batch.
+
+        With mixed graph steps every batch may (the token count, exchanged anyway, decides); with
+        decode-only graphs only a batch whose rows are all sampled single-token decodes."""
+        if self.graphs is not None and self.graphs.mixed:
+            graphable = True
+        else:
+            graphable = all(new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, new in batch)
+        return int(graphable), max((seq.num_computed_tokens + new for seq, new in batch), default=0)
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]], counts: list[int],
@@ -136,20 +142,27 @@ class ModelRunner:
 
         Returns request id -> sampled token for the sequences whose prompt is now fully
         computed. ``counts`` is every DP rank's token count this step (for the MoE exchange),
-        ``shapes`` every rank's :meth:`step_shape`; when all ranks decode only, the step runs
-        through a decode graph (see :mod:`epkit.engine.graphs`).
+        ``shapes`` every rank's :meth:`step_shape`; when every rank's rows may, the step runs
+        through a CUDA graph (see :mod:`epkit.engine.graphs`).
         """
         started = time.perf_counter()
         key = None
-        if self.graphs is not None and shapes is not None and all(decode for decode, _ in shapes):
+        if self.graphs is not None and shapes is not None and all(graphable for graphable, _ in shapes):
             key = self.graphs.plan(counts, max(ctx for _, ctx in shapes))
         if key is not None:
             hidden = self.graphs.run(batch, counts, key)
+            rows, seqs, row = [], [], 0
+            for seq, new in batch:
+                row += new
+                if seq.num_computed_tokens + new == seq.num_tokens:
+                    rows.append(row - 1)
+                    seqs.append(seq)
             sampled = {}
-            if batch:
-                seqs = [seq for seq, _ in batch]
+            if seqs:
+                if len(rows) < hidden.shape[0]:
+                    hidden = hidden[torch.tensor(rows, device=self.device)]
                 sampled = dict(zip((s.request_id for s in seqs), self._sample(self.model.logits(hidden), seqs)))
-            self._end_step(started, bool(batch))
+            self._end_step(started, bool(seqs))
             return sampled
         ids: list[int] = []
         positions: list[int] = []
