@@ -180,11 +180,10 @@ class _GatherBased:
         owner, local = experts.map.locate(gids)
         mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
         if gx.shape[0] and fused_rows_ok(gx, experts):
-            # only this rank's pairs are gathered, computed and scatter-added (Triton row kernels): no host
+            # only this rank's pairs are sorted, gathered, computed and combined (Triton row kernels): no host
             # sync and no work on other ranks' pairs, so no size limit either (large prefill steps too)
-            token_idx = torch.div(torch.arange(gx.shape[0] * k, device=gx.device), k, rounding_mode="floor")
             expert_idx = torch.where(mine.reshape(-1), local.reshape(-1), experts.num_local)
-            return experts.partial(gx, token_idx, expert_idx, gw.reshape(-1), gx.shape[0])
+            return experts.partial(gx, expert_idx, gw.reshape(-1), k)
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
             # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
             # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.

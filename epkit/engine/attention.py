@@ -3,7 +3,8 @@
 The cache of one layer is ``[num_blocks * block_size, kv_heads, head_dim]``; a sequence's
 tokens live at the slots its block table names. Sequences with several new tokens
 (prefill, chunked prefill) run one fused SDPA call each - on GPU all of a step's such sequences
-run as one masked call, padded to the longest; single-token decodes run on GPU as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
+run as one masked call, padded to the longest (whole prompts of one length, as in a burst of
+equal-length requests: one causal call over the step's own K/V, no mask, no cache read); single-token decodes run on GPU as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
 self-check, else a gather of the cached K/V and two masked matmuls. On CPU every sequence runs alone so that its result does
 not depend on which other sequences share the step (the engine's invariance guarantee).
 """
@@ -36,10 +37,13 @@ class PrefillBatch:
     """Several sequences' new tokens padded into one ``[S, heads, Q, d]`` attention call; built once per step."""
 
     q_index: torch.Tensor  # [S, Q] row of each sequence's i-th new token (0 where padded)
-    kv_slots: torch.Tensor  # [S, L] cache slots of each sequence's context (0 where padded)
-    mask: torch.Tensor  # [S, 1, Q, L] True where query i may see key j (causal, within the context)
+    kv_slots: torch.Tensor | None  # [S, L] cache slots of each sequence's context (0 where padded); None if fresh
+    mask: torch.Tensor | None  # [S, 1, Q, L] True where query i may see key j (causal, within the context); None if fresh
     rows: torch.Tensor  # [real tokens] output rows ...
     picks: torch.Tensor  # [real tokens] ... and where each one sits in the flattened [S * Q] result
+    # every sequence a whole new prompt of the same length: plain causal attention over the step's own
+    # K/V (no cache read, no mask, no padding)
+    fresh: bool = False
 
 
 # Padding every prefill sequence to the longest costs (sequences x longest context) K/V rows per
@@ -59,6 +63,10 @@ def _prefill_batch(seqs: list[tuple[int, int, torch.Tensor]], device: torch.devi
     news = torch.tensor([new for _, new, _ in seqs])
     ctxs = torch.tensor([slots.shape[0] for _, _, slots in seqs])
     width_q, width_kv = int(news.max()), int(ctxs.max())
+    if bool((news == ctxs).all()) and int(news.min()) == width_q:  # whole prompts, all of one length
+        q_index = torch.stack([torch.arange(row, row + new) for row, new, _ in seqs])
+        rows = q_index.reshape(-1).to(device)
+        return PrefillBatch(q_index.to(device), None, None, rows, torch.arange(rows.shape[0], device=device), fresh=True)
     q_index = torch.zeros((len(seqs), width_q), dtype=torch.long)
     kv_slots = torch.zeros((len(seqs), width_kv), dtype=torch.long)
     for s, (row, new, slots) in enumerate(seqs):
@@ -144,16 +152,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
         out[start : start + new] = o[0].transpose(0, 1)
     if meta.prefill is not None:
-        out[meta.prefill.rows] = _batched_prefill(q, k_cache, v_cache, meta.prefill)
+        out[meta.prefill.rows] = _batched_prefill(q, k, v, k_cache, v_cache, meta.prefill)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
 
 
-def _batched_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillBatch) -> torch.Tensor:
-    """Every prefill sequence of the step in one masked SDPA call; returns the real tokens' rows, in ``p.rows`` order."""
+def _batched_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     p: PrefillBatch) -> torch.Tensor:
+    """Every prefill sequence of the step in one SDPA call; returns the real tokens' rows, in ``p.rows`` order."""
     S, width_q = p.q_index.shape
     heads, d = q.shape[1], q.shape[2]
+    if p.fresh:  # causal over the step's own K/V, no mask: flash attention (K/V expanded to the query heads,
+        # which every SDPA backend takes; enable_gqa would leave some backends to the math path)
+        group = heads // k.shape[1]
+        o = F.scaled_dot_product_attention(q[p.q_index].transpose(1, 2),
+                                           k[p.q_index].transpose(1, 2).repeat_interleave(group, dim=1),
+                                           v[p.q_index].transpose(1, 2).repeat_interleave(group, dim=1), is_causal=True)
+        return o.transpose(1, 2).reshape(S * width_q, heads, d)
     kv_heads = k_cache.shape[1]
     qq = q[p.q_index].transpose(1, 2)  # [S, heads, Q, d]
     # K/V expanded to the query heads (a copy): the memory-efficient kernel takes any mask without

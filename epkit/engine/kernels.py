@@ -1,6 +1,7 @@
 """Triton kernels of the GPU path: paged decode attention, fused RMSNorm, fused (q/k-norm +) RoPE,
-the fused router (softmax, top-k, renormalisation) and the MoE row gather / weighted scatter-add
-that touch only the (token, expert) pairs a rank computes.
+the fused router (softmax, top-k, renormalisation) and the MoE row kernels (a counting sort of the
+(token, expert) pairs, the row gather, the per-token weighted combine) that touch only the pairs a
+rank computes.
 
 ``paged_decode_attention`` computes one query token per sequence against that sequence's
 cached K/V, reading the cache in place through its block table (no gathered copy of the
@@ -29,6 +30,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("epkit.engine")
 
@@ -158,16 +160,49 @@ if triton is not None:
                 tl.store(out_ptr + r * H + cols, tl.load(x_ptr + s * stride_x + cols, mask=m), mask=m)
 
     @triton.jit
-    def _scatter_add_rows_kernel(y_ptr, dst_ptr, w_ptr, n_ptr, out_ptr, stride_y, H, BLOCK: tl.constexpr):
+    def _count_pairs_kernel(e_ptr, counts_ptr, P, NUM_LOCAL, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
+        m = e < NUM_LOCAL  # other ranks' pairs are not counted (no contention on one sentinel counter)
+        tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m)
+
+    @triton.jit
+    def _place_pairs_kernel(e_ptr, cursor_ptr, pos_ptr, src_ptr, P, K, NUM_LOCAL, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
+        m = e < NUM_LOCAL
+        p = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m)  # this pair's row in its group
+        tl.store(pos_ptr + i, p, mask=m)
+        tl.store(src_ptr + p.to(tl.int64), (i // K).to(tl.int64), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, n_ptr, out_ptr, stride_h, INTER, BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         if r < tl.load(n_ptr):
-            d = tl.load(dst_ptr + r)
-            w = tl.load(w_ptr + r).to(tl.float32)
-            for c in range(0, H, BLOCK):
+            for c in range(0, INTER, BLOCK):
                 cols = c + tl.arange(0, BLOCK)
-                m = cols < H
-                prod = tl.load(y_ptr + r * stride_y + cols, mask=m, other=0.0).to(tl.float32) * w
-                tl.atomic_add(out_ptr + d * H + cols, prod.to(out_ptr.dtype.element_ty), mask=m)
+                m = cols < INTER
+                gate = tl.load(h_ptr + r * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+                up = tl.load(h_ptr + r * stride_h + INTER + cols, mask=m, other=0.0)
+                act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # F.silu rounds to the input dtype, then the product
+                tl.store(out_ptr + r * INTER + cols, act * up, mask=m)
+
+    @triton.jit
+    def _combine_rows_kernel(y_ptr, pos_ptr, e_ptr, w_ptr, out_ptr, stride_y, H, NUM_LOCAL,
+                             K: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        for c in range(0, H, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            m = cols < H
+            acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+            for j in tl.static_range(K):
+                i = t * K + j
+                width = tl.where(tl.load(e_ptr + i) < NUM_LOCAL, H, 0)  # another rank's pair reads nothing
+                p = tl.load(pos_ptr + i).to(tl.int64)
+                w = tl.load(w_ptr + i).to(tl.float32)
+                prod = tl.load(y_ptr + p * stride_y + cols, mask=cols < width, other=0.0).to(tl.float32) * w
+                acc += prod.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + t * H + cols, acc, mask=m)
 
 
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
@@ -252,13 +287,51 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor) -> torch.Te
     return out
 
 
-def scatter_add_rows(out: torch.Tensor, y: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``out[dst[r]] += float32(y[r]) * weights[r]`` (rounded to ``out``'s dtype) for ``r < n``; atomic adds."""
-    P, H = y.shape
+def group_pairs(expert_idx: torch.Tensor, num_local: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A counting sort of this rank's (token, slot) pairs by expert, without a host sync: (``pos``, ``src``, ``counts``).
+
+    Pair ``i`` is (row ``i // k``, expert ``expert_idx[i]``); experts ``>= num_local`` are other
+    ranks' and skipped. ``counts[e]`` is the number of pairs of local expert ``e`` (int64), ``pos[i]``
+    the row local pair ``i`` takes in the expert-sorted order (groups in expert order; within a group
+    in any order - each row's GEMM result does not depend on its neighbours; undefined for skipped
+    pairs), and ``src[pos[i]] = i // k``: the token row each sorted row copies."""
+    P = expert_idx.shape[0]
+    counts = torch.zeros(num_local, dtype=torch.int32, device=expert_idx.device)
+    pos = torch.empty(P, dtype=torch.int32, device=expert_idx.device)
+    src = torch.empty(P, dtype=torch.long, device=expert_idx.device)
     if P:
-        _scatter_add_rows_kernel[(P,)](y, dst, weights, n, out, y.stride(0), H, BLOCK=min(2048, triton.next_power_of_2(H)))
+        grid = (triton.cdiv(P, PAIR_BLOCK),)
+        _count_pairs_kernel[grid](expert_idx, counts, P, num_local, BLOCK=PAIR_BLOCK)
+        cursor = torch.cumsum(counts, 0, dtype=torch.int32) - counts  # each group's first row
+        _place_pairs_kernel[grid](expert_idx, cursor, pos, src, P, k, num_local, BLOCK=PAIR_BLOCK)
+    return pos, src, counts.long()
+
+
+def combine_rows(y: torch.Tensor, pos: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, k: int,
+                 num_local: int, num_rows: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_j acc(float32(y[pos[t*k+j]]) * weights[t*k+j])`` over the slots ``j`` whose expert is local.
+
+    One program per output row adds its own pairs in slot order and writes the row once: no zero-fill,
+    no atomics; rows without a local pair are written as zeros. Products are rounded to ``acc_dtype``
+    before the sum, as :func:`epkit.engine.moe.weighted_sum` does."""
+    H = y.shape[1]
+    out = torch.empty((num_rows, H), dtype=acc_dtype, device=y.device)
+    if num_rows:
+        _combine_rows_kernel[(num_rows,)](y, pos, expert_idx, weights, out, y.stride(0), H, num_local, K=k,
+                                          BLOCK=min(2048, triton.next_power_of_2(H)))
     return out
 
+
+def silu_mul(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``silu(h[:, :I]) * h[:, I:]`` for the first ``n`` rows (``n`` a 1-element device tensor); later rows unwritten."""
+    P, inter = h.shape[0], h.shape[1] // 2
+    out = torch.empty((P, inter), dtype=h.dtype, device=h.device)
+    if P:
+        _silu_mul_kernel[(P,)](h, n, out, h.stride(0), inter, BLOCK=min(1024, triton.next_power_of_2(inter)))
+    return out
+
+
+PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
 
 _checked: dict[tuple, bool] = {}
 
@@ -331,7 +404,8 @@ def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: 
 
 
 def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
-    """Whether :func:`gather_rows` and :func:`scatter_add_rows` serve rows like ``x`` into ``acc_dtype`` sums (checked once)."""
+    """Whether :func:`gather_rows`, :func:`group_pairs` and :func:`combine_rows` serve rows like ``x`` into
+    ``acc_dtype`` sums (checked once)."""
     if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
         return False
 
@@ -345,12 +419,43 @@ def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
         if not torch.equal(got, xx[src[:4]]):
             return "self-check: gathered rows differ"
         w = torch.rand(6, generator=gen, device=x.device)
-        out = scatter_add_rows(torch.zeros((9, H), dtype=acc_dtype, device=x.device), xx[:6], src, w, n)
-        want = torch.zeros((9, H), dtype=acc_dtype, device=x.device).index_add_(
-            0, src[:4], (xx[:4].float() * w[:4].unsqueeze(1)).to(acc_dtype))
-        return _max_err(out, want, torch.float32 if acc_dtype != torch.float64 else torch.float32)
+        # the counting sort and the per-row combine: 3 rows x 2 slots, experts 0..2 local, 3 = another rank's
+        e = torch.tensor([2, 0, 3, 2, 0, 1], device=x.device)
+        own = e < 3
+        pos, src2, counts = group_pairs(e, 3, 2)
+        rows = pos[own].long()
+        if counts.tolist() != [2, 1, 2] or sorted(rows.tolist()) != list(range(5)):
+            return f"self-check: counting sort gave counts {counts.tolist()}, rows {rows.tolist()}"
+        order = torch.empty(5, dtype=torch.long, device=x.device)
+        order[rows] = own.nonzero().flatten()  # sorted row -> pair
+        if e[order].tolist() != sorted(e[own].tolist()) or not torch.equal(src2[:5], order // 2):
+            return "self-check: counting sort rows are not grouped by expert"
+        y = torch.zeros((6, H), dtype=x.dtype, device=x.device)
+        y[rows] = xx[:6][own]  # y[pos[i]] = xx[i] for local pairs; row 5 holds garbage the combine must skip
+        y[5] = float("nan")
+        out = combine_rows(y, pos, e, w, 2, 3, 3, acc_dtype)
+        want = torch.zeros((3, H), dtype=acc_dtype, device=x.device).index_add_(
+            0, torch.arange(6, device=x.device) // 2,
+            torch.where(own.unsqueeze(1), (xx[:6].float() * w.unsqueeze(1)).to(acc_dtype), 0))
+        return _max_err(out, want, torch.float32)
 
-    return _usable("MoE row gather / weighted scatter-add", ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1]), x, check)
+    return _usable("MoE row sort / gather / combine", ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1]), x, check)
+
+
+def silu_mul_enabled(h: torch.Tensor) -> bool:
+    """Whether :func:`silu_mul` serves ``[rows, 2 * intermediate]`` tensors like ``h`` (checked once against PyTorch)."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+
+    def check() -> str | None:
+        gen = torch.Generator(device=h.device).manual_seed(5)
+        hh = (3 * torch.randn((5, h.shape[1]), generator=gen, device=h.device)).to(h.dtype)
+        got = silu_mul(hh, torch.tensor([3], device=h.device))[:3]
+        inter = h.shape[1] // 2
+        want = F.silu(hh[:3, :inter]) * hh[:3, inter:]
+        return _max_err(got, want, h.dtype, want.float().abs().max().item())
+
+    return _usable("SiLU * up (this rank's expert rows)", ("silu_mul", h.device, h.dtype, h.shape[1]), h, check)
 
 
 def norm_rope_enabled(x: torch.Tensor, head_dim: int, with_norm: bool, reference) -> bool:

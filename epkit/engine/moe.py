@@ -173,35 +173,40 @@ class LocalExperts:
             return self._grouped(x, expert_idx)
         return self._padded_bmm(x, expert_idx)
 
-    def partial(self, x: torch.Tensor, pair_rows: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor,
-                num_rows: int) -> torch.Tensor:
-        """Weighted expert outputs summed per row of ``x``: ``[num_rows, hidden]`` in the accumulation dtype.
+    def partial(self, x: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor, k: int) -> torch.Tensor:
+        """Weighted expert outputs summed per row of ``x``: ``[rows, hidden]`` in the accumulation dtype.
 
-        Pair ``i`` is (row ``pair_rows[i]``, local expert ``expert_idx[i]``, weight ``pair_weights[i]``);
+        Pair ``i`` is (row ``i // k``, local expert ``expert_idx[i]``, weight ``pair_weights[i]``);
         pairs with ``expert_idx == num_local`` belong to other ranks and are skipped. Only this rank's
-        pairs are gathered (sorted by expert), run through the grouped GEMMs and scatter-added back
-        (Triton kernels that read the pair count on the device: no host sync, no work on other
-        ranks' pairs). Same products and sums as ``weighted_sum`` over ``__call__``'s output."""
+        pairs are counting-sorted by expert, gathered, run through the grouped GEMMs and combined per
+        row (Triton kernels that read the pair count on the device: no host sync, no work on other
+        ranks' pairs, each output row written once). Same products and sums as ``weighted_sum`` over
+        ``__call__``'s output."""
         from epkit.engine import kernels
 
-        counts = count_rows(expert_idx, self.num_local + 1)[: self.num_local]
+        pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
-        order = torch.argsort(expert_idx, stable=True)
         offs = torch.cumsum(counts, 0)
         n = offs[-1:]
-        src = pair_rows[order]
         xs = kernels.gather_rows(x, src, n)
         if x.device.type == "cuda":
             offs32 = offs.to(torch.int32)
             h = torch._grouped_mm(xs, self.w13, offs=offs32)
-            y = torch._grouped_mm(F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :], self.w2, offs=offs32)
+            if kernels.silu_mul_enabled(h):  # one kernel over this rank's rows only
+                act = kernels.silu_mul(h, n)
+            else:
+                act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+            y = torch._grouped_mm(act, self.w2, offs=offs32)
         else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
             valid = int(n)
             y = xs.new_empty((xs.shape[0], self.w2.shape[2]))
             if valid:
-                y[:valid] = self._padded_bmm(xs[:valid], expert_idx[order][:valid], count=False)
-        out = torch.zeros((num_rows, x.shape[1]), dtype=accumulation_dtypes(x.dtype)[1], device=x.device)
-        return kernels.scatter_add_rows(out, y, src, pair_weights[order], n)
+                own = expert_idx < self.num_local
+                sorted_e = torch.empty_like(expert_idx)
+                sorted_e[pos[own].long()] = expert_idx[own]
+                y[:valid] = self._padded_bmm(xs[:valid], sorted_e[:valid], count=False)
+        return kernels.combine_rows(y, pos, expert_idx, pair_weights, k, self.num_local, x.shape[0],
+                                    accumulation_dtypes(x.dtype)[1])
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
@@ -315,8 +320,8 @@ class ReplicatedMoE:
 
     def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
         n, k = ids.shape
-        token_idx = torch.div(torch.arange(n * k, device=x.device), k, rounding_mode="floor")  # no host sync
         if n and fused_rows_ok(x, experts):
-            return experts.partial(x, token_idx, ids.reshape(-1), weights.reshape(-1), n).to(x.dtype)
+            return experts.partial(x, ids.reshape(-1), weights.reshape(-1), k).to(x.dtype)
+        token_idx = torch.div(torch.arange(n * k, device=x.device), k, rounding_mode="floor")  # no host sync
         y = experts(x[token_idx], ids.reshape(-1))
         return weighted_sum(y, weights.reshape(-1), token_idx, n).to(x.dtype)

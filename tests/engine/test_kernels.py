@@ -68,7 +68,7 @@ for E, K, norm, skew, dtype in [(128, 8, True, 0.0, torch.float32), (32, 4, True
     gi, gw = kernels.route(logits, K, norm, bias)
     wi, ww = route(logits, K, norm, bias)
     routes.append((E, K, torch.equal(gi, wi), (gw - ww).abs().max().item()))
-# the MoE row kernels: only this rank's pairs (expert < num_local) are gathered, computed and scatter-added
+# the MoE row kernels: only this rank's pairs (expert < num_local) are counting-sorted, gathered, computed and combined
 from epkit.engine.moe import LocalExperts, weighted_sum
 moe_rows = []
 for E, R, k in [(4, 10, 3), (8, 33, 8), (1, 5, 2)]:
@@ -77,13 +77,21 @@ for E, R, k in [(4, 10, 3), (8, 33, 8), (1, 5, 2)]:
     pair_rows = torch.arange(R * k) // k
     expert_idx = torch.randint(0, E + 1, (R * k,))  # E = routed to another rank
     w = torch.rand(R * k)
-    got = experts.partial(x, pair_rows, expert_idx, w, R)
+    got = experts.partial(x, expert_idx, w, k)
     mine = expert_idx < E
     want = weighted_sum(experts(x[pair_rows], torch.where(mine, expert_idx, 0)), w, pair_rows, R, mask=mine)
     moe_rows.append((E, R, k, str(got.dtype), (got - want).abs().max().item()))
+# SiLU * up over the first n rows only (float16: the interpreter has no bfloat16 arithmetic)
+import torch.nn.functional as F
+silu = []
+for dtype, inter in [(torch.float32, 96), (torch.float16, 768)]:
+    h = (3 * torch.randn(7, 2 * inter)).to(dtype)
+    got = kernels.silu_mul(h, torch.tensor([5]))[:5]
+    silu.append((str(dtype), inter, (got.float() - (F.silu(h[:5, :inter]) * h[:5, inter:]).float()).abs().max().item(),
+                 kernels.silu_mul_enabled(h)))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
-print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes, moe_rows=moe_rows)))
+print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes, moe_rows=moe_rows, silu=silu)))
 """
 
 
@@ -103,6 +111,8 @@ def test_paged_decode_kernel_matches_pytorch():
         assert err <= (2e-5 if dtype == "torch.float32" else 1.6e-2), (name, dim, dtype, err)
     for num_local, rows, k, dtype, err in result["moe_rows"]:
         assert dtype == "torch.float64" and err == 0.0, (num_local, rows, k, err)  # exact: float64 sums of float32 products
+    for dtype, inter, err, enabled in result["silu"]:
+        assert enabled and err <= (1e-5 if dtype == "torch.float32" else 0.0), (dtype, inter, err)
     for experts, k, same_ids, err in result["routes"]:
         assert same_ids and err <= 1e-6, (experts, k, same_ids, err)
 
