@@ -130,14 +130,31 @@ class _GatherBased:
         """One byte buffer ``[capacity, hidden bytes + 2k float32]`` per rank: tokens and their routing travel together.
 
         One collective per MoE layer instead of two (a small NCCL collective costs ~55-65 µs
-        whatever its size: docs/benchmarks.md), with the router weights still exact float32."""
+        whatever its size: docs/benchmarks.md), with the router weights still exact float32.
+        Written in place through dtype views of the buffer (three copies; rows past ``n`` zeroed)."""
+        import torch
+
+        n, k = ids.shape
+        split = x.shape[1] * x.element_size()
+        packed = torch.empty((capacity, split + 8 * k), dtype=torch.uint8, device=x.device)
+        tokens, meta = self._unpack(packed, x.shape[1], x.dtype)
+        if tokens.data_ptr() != packed.data_ptr() or meta.data_ptr() != packed.data_ptr() + split:
+            return self._pack_copying(x, ids, weights, capacity)  # the views had to copy: write a fresh buffer instead
+        tokens[:n] = x
+        meta[:n, :k] = ids  # expert ids < 2**24 are exact in float32
+        meta[:n, k:] = weights
+        if capacity > n:
+            packed[n:] = 0
+        return packed
+
+    def _pack_copying(self, x, ids, weights, capacity: int):
         import torch
 
         n, k = ids.shape
         xp = x.new_zeros((capacity, x.shape[1]))
         xp[:n] = x
         meta = torch.zeros((capacity, 2 * k), dtype=torch.float32, device=x.device)
-        meta[:n, :k] = ids.float()  # expert ids < 2**24 are exact in float32
+        meta[:n, :k] = ids.float()
         meta[:n, k:] = weights
         return torch.cat([xp.view(torch.uint8), meta.view(torch.uint8)], dim=1)
 
@@ -177,13 +194,15 @@ class _GatherBased:
 
         k = gmeta.shape[1] // 2
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
-        owner, local = experts.map.locate(gids)
-        mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
+        valid = self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
         if gx.shape[0] and fused_rows_ok(gx, experts):
             # only this rank's pairs are sorted, gathered, computed and combined (Triton row kernels): no host
             # sync and no work on other ranks' pairs, so no size limit either (large prefill steps too)
-            expert_idx = torch.where(mine.reshape(-1), local.reshape(-1), experts.num_local)
+            local = experts.map.local_or(gids, self.comm.rank, experts.num_local)
+            expert_idx = torch.where(valid, local, experts.num_local).reshape(-1)
             return experts.partial(gx, expert_idx, gw.reshape(-1), k)
+        owner, local = experts.map.locate(gids)
+        mine = (owner == self.comm.rank) & valid
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
             # No host sync: every (row, slot) pair goes through the grouped GEMM, pairs routed
             # elsewhere sort to a trailing sentinel group that the GEMM skips and the mask zeroes.

@@ -69,10 +69,21 @@ class StaticExpertMap:
     def __init__(self, placement: Placement, device: torch.device):
         self.owner = placement.owner_table(device)
         self.local = placement.local_index_table(device)
+        # built here, not on first use (which could fall inside a CUDA-graph warm-up): this rank's common case
+        mine = len(placement.local_experts)
+        self._local_or_key: tuple[int, int] = (placement.ep_rank, mine)
+        self._local_or = torch.where(self.owner == placement.ep_rank, self.local, mine)
 
     def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owner EP rank, index among the owner's local experts) for every entry of ``ids``."""
         return self.owner[ids], self.local[ids]
+
+    def local_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
+        """Index among ``rank``'s local experts for every entry of ``ids``, ``other`` where another rank owns it."""
+        if self._local_or_key != (rank, other):  # one table lookup per call instead of locate's two and a compare
+            self._local_or = torch.where(self.owner == rank, self.local, other)
+            self._local_or_key = (rank, other)
+        return self._local_or[ids]
 
 
 class ReplicatedExpertMap:
@@ -92,6 +103,11 @@ class ReplicatedExpertMap:
         spread = torch.arange(ids.numel(), device=ids.device).view(ids.shape) % self.logcnt[ids]
         slot = self.log2phy[ids, spread]
         return slot // self.slots_per_rank, slot % self.slots_per_rank
+
+    def local_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
+        """Index among ``rank``'s local slots for every entry of ``ids``, ``other`` where a slot of another rank serves it."""
+        owner, local = self.locate(ids)
+        return torch.where(owner == rank, local, other)
 
 
 def count_rows(expert_idx: torch.Tensor, bins: int) -> torch.Tensor:

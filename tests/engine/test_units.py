@@ -290,10 +290,25 @@ def test_eplb_map_sends_every_expert_to_a_slot_that_holds_it_and_spreads_replica
     slot = owner * 2 + local
     assert (torch.tensor(phy2log[0])[slot] == ids).all()
     assert len(set(slot[ids == 0].tolist())) == 3  # expert 0's four entries use all three replicas
+    for rank in range(3):  # the row kernels' lookup: local slot where this rank serves the entry, else the sentinel
+        assert torch.equal(m.local_or(ids, rank, 2), torch.where(owner == rank, local, 2))
     with pytest.raises(EngineError, match=r"num_redundant_experts=1: 32 experts \+ 1 = 33 .* EP size 2; valid values: 0, 2"):
         resolve_eplb_config({"num_redundant_experts": 1}, 32, 2)
     with pytest.raises(EngineError, match="policy='best'; allowed: default"):
         resolve_eplb_config({"policy": "best"}, 32, 2)
+
+
+def test_static_map_local_or_sentinel_matches_locate():
+    from epkit.engine.moe import Placement, StaticExpertMap
+
+    ids = torch.tensor([[0, 9], [4, 5], [10, 3]])
+    for rank in range(3):
+        placement = Placement(11, 3, rank)  # 4, 4, 3 experts
+        m = StaticExpertMap(placement, torch.device("cpu"))
+        owner, local = m.locate(ids)
+        mine = len(placement.local_experts)
+        assert torch.equal(m.local_or(ids, rank, mine), torch.where(owner == rank, local, mine))
+        assert torch.equal(m.local_or(ids, (rank + 1) % 3, 7), torch.where(owner == (rank + 1) % 3, local, 7))
 
 
 def test_engine_accepts_exactly_the_eplb_keys_of_topology_and_checks_values():
