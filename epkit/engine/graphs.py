@@ -51,6 +51,10 @@ CTX_BUCKET = 256  # context lengths are padded up to a multiple of this (and of 
 MAX_CAPTURE_SIZE = 256  # vLLM's classic default largest decode graph
 MAX_GRAPH_TOKENS = 1024  # largest mixed (prefill + decode) step run as a graph; larger ones run eager
 MIXED_STEP = 64  # capture sizes above MAX_CAPTURE_SIZE grow by this many tokens
+# Each prompt row of a graph step reads its whole context through the paged kernel (no K/V reuse across
+# rows): a step is graphed only while its multi-token rows read at most this many (row, context token)
+# pairs in all - a 512-token prompt reads ~131k, a 1k-token turn after a 30k-token prefix ~31M (eager then).
+MAX_ROW_CONTEXT = 1 << 21
 
 
 def capture_sizes(max_num_seqs: int, largest: int = MAX_CAPTURE_SIZE) -> list[int]:
@@ -109,9 +113,11 @@ class DecodeGraphs:
         want = os.environ.get("EPKIT_GRAPH_STEPS", "mixed")
         # mixed steps need the paged kernel (the PyTorch path would gather every row's whole context);
         # emulation on CPU runs them with the PyTorch path to test the padding
-        self.mixed = want != "decode" and (paged or mode == "emulate")
         if want not in ("mixed", "decode"):
             log.warning("EPKIT_GRAPH_STEPS=%r is not one of mixed, decode; using mixed", want)
+        mixed = want != "decode" and (paged or mode == "emulate")
+        # every rank must capture the same sizes: mixed steps only if every rank runs them
+        self.mixed = all(flag for flag, in runner.comm.exchange_step_info([int(mixed)]))
         largest = MAX_GRAPH_TOKENS if self.mixed else min(cfg.max_num_seqs, MAX_CAPTURE_SIZE)
         largest = min(largest, cfg.max_num_batched_tokens)
         # every rank must capture the same sizes: the row kernels count only if every rank has them
@@ -133,6 +139,9 @@ class DecodeGraphs:
         pin = dev.type == "cuda"
         host = dict(ids=(B,), pos=(B,), slot=(B,), ctx=(B,), tables=(B, self.width), valid=(self.world * B,))
         self.host = {k: torch.zeros(shape, dtype=torch.long, pin_memory=pin) for k, shape in host.items()}
+        # the host buffers are rewritten next step: wait until the previous step's copies out of them are done
+        # (a step that samples waits anyway; a mixed step in which no rank samples does not)
+        self.copied = torch.cuda.Event() if pin else None
         self.dev = {k: torch.zeros(shape, dtype=torch.long, device=dev) for k, shape in host.items()}
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
@@ -185,15 +194,18 @@ class DecodeGraphs:
 
     def _fill(self, batch: list[tuple["Sequence", int]], counts: list[int], size: int, ctx: int) -> int:
         """Write the step's rows into the pinned host buffers and copy them to the device; returns the real rows."""
+        if self.copied is not None:
+            self.copied.synchronize()
         h = {k: v.numpy() for k, v in self.host.items()}
         bs = self.runner.block_size
-        width = ctx // bs
         h["ids"][:size] = 0
         h["pos"][:size] = 0
         h["slot"][:size] = self.scratch_block * bs  # padding rows write and read the scratch block only
         h["ctx"][:size] = 1
-        h["tables"][:size, :width] = 0
+        # a row reads only the first ceil(ctx / block size) entries of its table: entries past its own
+        # table may hold an earlier step's blocks, never read; padding rows read entry 0 (the scratch block)
         h["tables"][:size, 0] = self.scratch_block
+        used = 1
         row = 0
         for seq, new in batch:
             p = seq.num_computed_tokens
@@ -205,6 +217,7 @@ class DecodeGraphs:
                 h["ctx"][row] = p + 1
                 h["slot"][row] = table[p // bs] * bs + p % bs
                 h["tables"][row, : len(table)] = table
+                used = max(used, len(table))
             else:
                 pos = np.arange(p, p + new)
                 h["ids"][row:end] = seq.token_ids[p : p + new]
@@ -212,12 +225,16 @@ class DecodeGraphs:
                 h["ctx"][row:end] = pos + 1
                 h["slot"][row:end] = np.asarray(table)[pos // bs] * bs + pos % bs
                 h["tables"][row:end, : len(table)] = table
+                used = max(used, len(table))
             row = end
         valid = h["valid"][: self.world * size].reshape(self.world, size)
         valid[:] = np.arange(size)[None, :] < np.asarray(counts)[:, None]
-        for k in ("ids", "pos", "slot", "ctx", "tables"):
+        for k in ("ids", "pos", "slot", "ctx"):
             self.dev[k][:size].copy_(self.host[k][:size], non_blocking=True)
+        self.dev["tables"][:size, :used].copy_(self.host["tables"][:size, :used], non_blocking=True)
         self.dev["valid"][: self.world * size].copy_(self.host["valid"][: self.world * size], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         return row
 
     def _forward(self, size: int, ctx: int) -> torch.Tensor:

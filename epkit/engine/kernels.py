@@ -164,14 +164,14 @@ if triton is not None:
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
         m = e < NUM_LOCAL  # other ranks' pairs are not counted (no contention on one sentinel counter)
-        tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m)
+        tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")
 
     @triton.jit
     def _place_pairs_kernel(e_ptr, cursor_ptr, pos_ptr, src_ptr, P, K, NUM_LOCAL, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
         m = e < NUM_LOCAL
-        p = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m)  # this pair's row in its group
+        p = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")  # its row in its group
         tl.store(pos_ptr + i, p, mask=m)
         tl.store(src_ptr + p.to(tl.int64), (i // K).to(tl.int64), mask=m)
 
@@ -184,7 +184,9 @@ if triton is not None:
                 m = cols < INTER
                 gate = tl.load(h_ptr + r * stride_h + cols, mask=m, other=0.0).to(tl.float32)
                 up = tl.load(h_ptr + r * stride_h + INTER + cols, mask=m, other=0.0)
-                act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # F.silu rounds to the input dtype, then the product
+                # rounded to the input dtype like F.silu, then the product (exp/division may differ from
+                # PyTorch's by one unit in the last place: the self-check allows that)
+                act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
                 tl.store(out_ptr + r * INTER + cols, act * up, mask=m)
 
     @triton.jit
@@ -278,9 +280,11 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
     return ids, weights
 
 
-def gather_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``out[r] = x[src[r]]`` for ``r < n`` (``n`` a 1-element device tensor); later rows are left unwritten."""
-    P, H = src.shape[0], x.shape[1]
+def gather_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``out[r] = x[src[r]]`` for ``r < n`` (``n`` a 1-element device tensor); later rows are left unwritten.
+
+    ``out`` has ``rows`` rows (default: as many as ``src``; a caller that knows ``n`` passes it)."""
+    P, H = (src.shape[0] if rows is None else rows), x.shape[1]
     out = torch.empty((P, H), dtype=x.dtype, device=x.device)
     if P:
         _gather_rows_kernel[(P,)](x, src, n, out, x.stride(0), H, BLOCK=min(2048, triton.next_power_of_2(H)))
@@ -317,8 +321,9 @@ def combine_rows(y: torch.Tensor, pos: torch.Tensor, expert_idx: torch.Tensor, w
     H = y.shape[1]
     out = torch.empty((num_rows, H), dtype=acc_dtype, device=y.device)
     if num_rows:
+        # no fused multiply-add: each product is rounded before the sum, as in weighted_sum
         _combine_rows_kernel[(num_rows,)](y, pos, expert_idx, weights, out, y.stride(0), H, num_local, K=k,
-                                          BLOCK=min(2048, triton.next_power_of_2(H)))
+                                          BLOCK=min(2048, triton.next_power_of_2(H)), enable_fp_fusion=False)
     return out
 
 

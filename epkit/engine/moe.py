@@ -15,6 +15,12 @@ import torch.nn.functional as F
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
 
 
+# Above this many gathered (token, expert) pairs an eager step reads this rank's pair count on the host
+# once per layer and sizes its expert buffers by it: at DP=8 + EP an 8k-token prefill gathers 524k pairs,
+# ~7 GiB of buffers if every pair had a row, of which this rank computes ~1/8.
+EXACT_ROWS_MIN_PAIRS = 65536
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether :mod:`epkit.engine.kernels` may serve ``x`` (CUDA, or the interpreter); each kernel still checks itself."""
     return x.device.type == "cuda" or TRITON_INTERPRET
@@ -204,15 +210,21 @@ class LocalExperts:
         self._count(counts)
         offs = torch.cumsum(counts, 0)
         n = offs[-1:]
-        xs = kernels.gather_rows(x, src, n)
+        rows = None  # buffers sized by every pair of every rank; fine up to graph-step sizes
+        if expert_idx.shape[0] > EXACT_ROWS_MIN_PAIRS and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            rows = int(n)  # a large eager prefill: one host read per layer, buffers of this rank's pairs only
+        xs = kernels.gather_rows(x, src, n, rows)
         if x.device.type == "cuda":
             offs32 = offs.to(torch.int32)
             h = torch._grouped_mm(xs, self.w13, offs=offs32)
+            del xs
             if kernels.silu_mul_enabled(h):  # one kernel over this rank's rows only
                 act = kernels.silu_mul(h, n)
             else:
                 act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+            del h
             y = torch._grouped_mm(act, self.w2, offs=offs32)
+            del act
         else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
             valid = int(n)
             y = xs.new_empty((xs.shape[0], self.w2.shape[2]))

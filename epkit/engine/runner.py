@@ -11,7 +11,7 @@ import torch
 from epkit.engine.all2all import Communicator, make_backend
 from epkit.engine.attention import build_meta
 from epkit.engine.config import EngineConfig
-from epkit.engine.graphs import DecodeGraphs, graph_mode
+from epkit.engine.graphs import MAX_ROW_CONTEXT, DecodeGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
@@ -127,10 +127,12 @@ class ModelRunner:
     def step_shape(self, batch: list[tuple[Sequence, int]]) -> tuple[int, int]:
         """(1 if this rank's rows may run in a graph step, else 0; longest context) of this rank's batch.
 
-        With mixed graph steps every batch may (the token count, exchanged anyway, decides); with
+        With mixed graph steps a batch may unless its multi-token rows read too much context through the
+        paged kernel (``MAX_ROW_CONTEXT``; the token count, exchanged anyway, decides the rest); with
         decode-only graphs only a batch whose rows are all sampled single-token decodes."""
         if self.graphs is not None and self.graphs.mixed:
-            graphable = True
+            reads = sum(new * (seq.num_computed_tokens + new) for seq, new in batch if new > 1)
+            graphable = reads <= MAX_ROW_CONTEXT
         else:
             graphable = all(new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, new in batch)
         return int(graphable), max((seq.num_computed_tokens + new for seq, new in batch), default=0)

@@ -370,6 +370,34 @@ def test_decode_graph_capture_sizes_follow_vllm():
     assert capture_sizes(1024, largest=64)[-1] == 64
 
 
+def test_mixed_step_capture_sizes_and_which_steps_may_be_graphed():
+    """Mixed graph steps: vLLM's decode sizes then every 64 tokens; prompt rows that would read long contexts
+    through the paged kernel (a turn after a long prefix) keep their step eager; decode-only graphs as before."""
+    from types import SimpleNamespace
+
+    from epkit.engine.graphs import MAX_ROW_CONTEXT, token_sizes
+    from epkit.engine.runner import ModelRunner
+    from epkit.engine.sequence import Sequence
+
+    assert token_sizes(1024) == [1, 2, 4, *range(8, 257, 8), *range(320, 1025, 64)]
+    assert token_sizes(300) == [1, 2, 4, *range(8, 257, 8), 300] and token_sizes(100)[-1] == 100
+
+    def seq(prompt: int, computed: int) -> Sequence:
+        s = Sequence(EngineRequest(f"r{prompt}-{computed}", tuple(range(prompt)), SamplingParams(max_tokens=4)))
+        s.num_computed_tokens = computed
+        return s
+
+    mixed = SimpleNamespace(graphs=SimpleNamespace(mixed=True))
+    decode_only = SimpleNamespace(graphs=SimpleNamespace(mixed=False))
+    decode = (seq(600, 599), 1)
+    prompt = (seq(512, 0), 512)
+    long_turn = (seq(31000, 30000), 1000)  # 1,000 new tokens each reading up to 31k cached ones
+    assert ModelRunner.step_shape(mixed, [decode, prompt]) == (1, 600)
+    assert ModelRunner.step_shape(mixed, [decode, long_turn]) == (0, 31000) and 1000 * 31000 > MAX_ROW_CONTEXT
+    assert ModelRunner.step_shape(decode_only, [decode, prompt]) == (0, 600)
+    assert ModelRunner.step_shape(decode_only, [decode]) == (1, 600)
+
+
 def _drawer():
     """A ModelRunner's sampling state without a model: its ``_draw`` needs only generators."""
     from types import SimpleNamespace
