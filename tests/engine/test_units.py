@@ -205,44 +205,39 @@ def test_batched_decode_attention_matches_per_sequence_attention():
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_prefill_attention_matches_per_sequence_attention():
-    """The GPU path for multi-token sequences (padded into one masked SDPA call) equals one call per sequence:
-    whole prompts, chunked-prefill continuations (causal offset into a cached context), mixed with decodes."""
+def _prefill_case(seqs, seed: int):
+    """Random q/k/v for ``seqs`` ((cached, new, block table) each) over random caches; returns the batched
+    (GPU-path) meta, its result and the per-sequence result."""
     from epkit.engine.attention import build_meta, paged_attention
 
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     bs, kv_heads, heads, d = 4, 2, 8, 16
     k_cache, v_cache = torch.randn(256, kv_heads, d, generator=g), torch.randn(256, kv_heads, d, generator=g)
-    seqs = [(0, 7, [3, 7]), (5, 1, [1, 2]), (6, 5, [10, 11, 12]), (0, 2, [20]), (9, 3, [30, 31, 32])]
     rows = sum(n for _, n, _ in seqs)
     q = torch.randn(rows, heads, d, generator=g)
     k, v = torch.randn(rows, kv_heads, d, generator=g), torch.randn(rows, kv_heads, d, generator=g)
     cpu = torch.device("cpu")
     per_seq = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, cpu, False))
     meta = build_meta(seqs, bs, cpu, True, batch_prefill=True)
+    return meta, paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta), per_seq
+
+
+def test_batched_prefill_attention_matches_per_sequence_attention():
+    """The GPU path for multi-token sequences (padded into one masked SDPA call) equals one call per sequence:
+    whole prompts, chunked-prefill continuations (causal offset into a cached context), mixed with decodes."""
+    meta, batched, per_seq = _prefill_case([(0, 7, [3, 7]), (5, 1, [1, 2]), (6, 5, [10, 11, 12]), (0, 2, [20]),
+                                            (9, 3, [30, 31, 32])], seed=2)
     assert meta.prefill is not None and meta.prefill.q_index.shape == (4, 7) and not meta.per_seq
-    batched = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    assert not meta.prefill.fresh
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
 def test_equal_whole_prompts_attend_causally_over_their_own_kv():
     """A burst of whole prompts of one length (rate inf) takes the unmasked causal call over the step's own K/V;
     it equals one call per sequence, also with a decode in the same step."""
-    from epkit.engine.attention import build_meta, paged_attention
-
-    g = torch.Generator().manual_seed(3)
-    bs, kv_heads, heads, d = 4, 2, 8, 16
-    k_cache, v_cache = torch.randn(256, kv_heads, d, generator=g), torch.randn(256, kv_heads, d, generator=g)
-    seqs = [(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11]), (0, 6, [20, 21])]
-    rows = sum(n for _, n, _ in seqs)
-    q = torch.randn(rows, heads, d, generator=g)
-    k, v = torch.randn(rows, kv_heads, d, generator=g), torch.randn(rows, kv_heads, d, generator=g)
-    cpu = torch.device("cpu")
-    per_seq = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_meta(seqs, bs, cpu, False))
-    meta = build_meta(seqs, bs, cpu, True, batch_prefill=True)
+    meta, batched, per_seq = _prefill_case([(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11]), (0, 6, [20, 21])], seed=3)
     assert meta.prefill is not None and meta.prefill.fresh and meta.prefill.mask is None
     assert meta.prefill.q_index.tolist()[1] == list(range(7, 13))  # the decode's row (6) sits between two prompts
-    batched = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
