@@ -126,8 +126,15 @@ class _GatherBased:
         self._valid = None
         self.static_valid = None  # set by a padded (CUDA-graph) step: its fixed mask of real gathered rows
 
+    @staticmethod
+    def _split(hidden: int, dtype) -> int:
+        """Bytes of a packed row before its routing: the tokens, padded to 8 bytes so every dtype view is aligned."""
+        import torch
+
+        return -(-hidden * torch.empty((), dtype=dtype).element_size() // 8) * 8
+
     def _pack(self, x, ids, weights, capacity: int):
-        """One byte buffer ``[capacity, hidden bytes + 2k float32]`` per rank: tokens and their routing travel together.
+        """One byte buffer ``[capacity, token bytes + 2k float32]`` per rank: tokens and their routing travel together.
 
         One collective per MoE layer instead of two (a small NCCL collective costs ~55-65 µs
         whatever its size: docs/benchmarks.md), with the router weights still exact float32.
@@ -135,11 +142,8 @@ class _GatherBased:
         import torch
 
         n, k = ids.shape
-        split = x.shape[1] * x.element_size()
-        packed = torch.empty((capacity, split + 8 * k), dtype=torch.uint8, device=x.device)
+        packed = torch.empty((capacity, self._split(x.shape[1], x.dtype) + 8 * k), dtype=torch.uint8, device=x.device)
         tokens, meta = self._unpack(packed, x.shape[1], x.dtype)
-        if tokens.data_ptr() != packed.data_ptr() or meta.data_ptr() != packed.data_ptr() + split:
-            return self._pack_copying(x, ids, weights, capacity)  # the views had to copy: write a fresh buffer instead
         tokens[:n] = x
         meta[:n, :k] = ids  # expert ids < 2**24 are exact in float32
         meta[:n, k:] = weights
@@ -147,30 +151,13 @@ class _GatherBased:
             packed[n:] = 0
         return packed
 
-    def _pack_copying(self, x, ids, weights, capacity: int):
+    @classmethod
+    def _unpack(cls, packed, hidden: int, dtype):
+        """(tokens ``[R, hidden]``, routing ``[R, 2k]`` float32): views of packed rows, no copy."""
         import torch
 
-        n, k = ids.shape
-        xp = x.new_zeros((capacity, x.shape[1]))
-        xp[:n] = x
-        meta = torch.zeros((capacity, 2 * k), dtype=torch.float32, device=x.device)
-        meta[:n, :k] = ids.float()
-        meta[:n, k:] = weights
-        return torch.cat([xp.view(torch.uint8), meta.view(torch.uint8)], dim=1)
-
-    @staticmethod
-    def _unpack(packed, hidden: int, dtype):
-        """(tokens ``[R, hidden]``, routing ``[R, 2k]`` float32) views of gathered packed rows (copies if a view is impossible)."""
-        import torch
-
-        split = hidden * torch.empty((), dtype=dtype).element_size()
-        parts = []
-        for part, kind in ((packed[:, :split], dtype), (packed[:, split:], torch.float32)):
-            try:
-                parts.append(part.view(kind))
-            except RuntimeError:  # misaligned for this dtype: copy first
-                parts.append(part.contiguous().view(kind))
-        return parts[0], parts[1]
+        split = cls._split(hidden, dtype)
+        return packed[:, :split].view(dtype)[:, :hidden], packed[:, split:].view(torch.float32)
 
     def _valid_rows(self, counts: list[int], capacity: int, device) -> "torch.Tensor":
         """Mask of real (unpadded) gathered rows; built once per step, reused by every layer."""
@@ -188,9 +175,7 @@ class _GatherBased:
     def _local_partial(self, gx, gmeta, counts: list[int], capacity: int, experts):
         import torch
 
-        from epkit.engine.moe import weighted_sum
-
-        from epkit.engine.moe import fused_rows_ok
+        from epkit.engine.moe import fused_rows_ok, weighted_sum
 
         k = gmeta.shape[1] // 2
         gids, gw = gmeta[:, :k].long(), gmeta[:, k:]

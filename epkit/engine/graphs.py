@@ -107,21 +107,20 @@ class DecodeGraphs:
 
         probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
         paged = decode_kernel_enabled(probe, runner.kv_caches[0][0], runner.block_size, torch_decode)
-        # every rank must pick the same context bucket (and so capture the same shapes): the kernel only if all have it
-        paged = all(flag for flag, in runner.comm.exchange_step_info([int(paged)]))
-        self.paged_kernel = self.paged_kernel_checked = paged
         want = os.environ.get("EPKIT_GRAPH_STEPS", "mixed")
-        # mixed steps need the paged kernel (the PyTorch path would gather every row's whole context);
-        # emulation on CPU runs them with the PyTorch path to test the padding
         if want not in ("mixed", "decode"):
             log.warning("EPKIT_GRAPH_STEPS=%r is not one of mixed, decode; using mixed", want)
+        # mixed steps need the paged kernel (the PyTorch path would gather every row's whole context);
+        # emulation on CPU runs them with the PyTorch path to test the padding
         mixed = want != "decode" and (paged or mode == "emulate")
-        # every rank must capture the same sizes: mixed steps only if every rank runs them
-        self.mixed = all(flag for flag, in runner.comm.exchange_step_info([int(mixed)]))
-        largest = MAX_GRAPH_TOKENS if self.mixed else min(cfg.max_num_seqs, MAX_CAPTURE_SIZE)
+        # Every rank must capture the same shapes: the paged kernel (one context bucket), mixed steps and the
+        # MoE row kernels (no pair limit) count only if every rank has them - one exchange of the three flags.
+        flags = [paged, mixed, self._fused_rows()]
+        paged, mixed, fused = (all(col) for col in zip(*runner.comm.exchange_step_info([int(f) for f in flags])))
+        self.paged_kernel = self.paged_kernel_checked = paged
+        self.mixed = mixed
+        largest = MAX_GRAPH_TOKENS if mixed else min(cfg.max_num_seqs, MAX_CAPTURE_SIZE)
         largest = min(largest, cfg.max_num_batched_tokens)
-        # every rank must capture the same sizes: the row kernels count only if every rank has them
-        fused = all(flag for flag, in runner.comm.exchange_step_info([int(self._fused_rows())]))
         if cfg.ep_size > 1 and not fused:
             # without the row kernels every (row, expert) pair of every rank goes through the sync-free grouped
             # GEMM: keep it under that path's limit
@@ -217,7 +216,6 @@ class DecodeGraphs:
                 h["ctx"][row] = p + 1
                 h["slot"][row] = table[p // bs] * bs + p % bs
                 h["tables"][row, : len(table)] = table
-                used = max(used, len(table))
             else:
                 pos = np.arange(p, p + new)
                 h["ids"][row:end] = seq.token_ids[p : p + new]
@@ -225,7 +223,7 @@ class DecodeGraphs:
                 h["ctx"][row:end] = pos + 1
                 h["slot"][row:end] = np.asarray(table)[pos // bs] * bs + pos % bs
                 h["tables"][row:end, : len(table)] = table
-                used = max(used, len(table))
+            used = max(used, len(table))
             row = end
         valid = h["valid"][: self.world * size].reshape(self.world, size)
         valid[:] = np.arange(size)[None, :] < np.asarray(counts)[:, None]

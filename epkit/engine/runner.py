@@ -153,41 +153,31 @@ class ModelRunner:
             key = self.graphs.plan(counts, max(ctx for _, ctx in shapes))
         if key is not None:
             hidden = self.graphs.run(batch, counts, key)
-            rows, seqs, row = [], [], 0
+        else:
+            ids: list[int] = []
+            positions: list[int] = []
+            seqs_meta = []
             for seq, new in batch:
-                row += new
-                if seq.num_computed_tokens + new == seq.num_tokens:
-                    rows.append(row - 1)
-                    seqs.append(seq)
-            sampled = {}
-            if seqs:
-                if len(rows) < hidden.shape[0]:
-                    hidden = hidden[torch.tensor(rows, device=self.device)]
-                sampled = dict(zip((s.request_id for s in seqs), self._sample(self.model.logits(hidden), seqs)))
-            self._end_step(started, bool(seqs))
-            return sampled
-        ids: list[int] = []
-        positions: list[int] = []
-        seqs_meta = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
+                start = seq.num_computed_tokens
+                ids.extend(seq.token_ids[start : start + new])
+                positions.extend(range(start, start + new))
+                seqs_meta.append((start, new, seq.block_table))
+            dev = self.device
+            meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
+            hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
+                                        torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
+        rows, seqs, row = [], [], 0  # the last new token of every sequence whose prompt is now complete samples
         for seq, new in batch:
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + new])
-            positions.extend(range(start, start + new))
-            seqs_meta.append((start, new, seq.block_table))
-            if start + new == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-                sample_seqs.append(seq)
-        dev = self.device
-        meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
-                                    torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
+            row += new
+            if seq.num_computed_tokens + new == seq.num_tokens:
+                rows.append(row - 1)
+                seqs.append(seq)
         sampled: dict[str, int] = {}
-        if sample_seqs:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=dev)])
-            sampled = dict(zip((s.request_id for s in sample_seqs), self._sample(logits, sample_seqs)))
-        self._end_step(started, bool(sample_seqs))
+        if seqs:
+            if len(rows) < hidden.shape[0]:
+                hidden = hidden[torch.tensor(rows, device=self.device)]
+            sampled = dict(zip((s.request_id for s in seqs), self._sample(self.model.logits(hidden), seqs)))
+        self._end_step(started, bool(seqs))
         return sampled
 
     def _end_step(self, started: float, sampled: bool) -> None:
