@@ -25,6 +25,8 @@ them (``--eager-torch`` turns them off there too). Steps with a prompt in them: 
 cost before mixed graph steps), ``mixed-graph`` = the same step through the engine's graphs (every
 prompt token a row of the graph), ``prefill`` = ``--prefill-seqs`` whole prompts of ``--ctx`` tokens
 per rank in one eager step (a rate-inf burst: 16 x 512 = 8,192 tokens, vLLM's token budget per step).
+Any variant with ``-gmm`` appended runs with ``EPKIT_MOE_GEMM=torch`` (``torch._grouped_mm`` as the expert
+GEMMs instead of the engine's choice, usually the Triton expert GEMMs at decode sizes), an A/B of that kernel.
 Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import time
@@ -145,8 +148,9 @@ def set_variant(variant: str, saved: dict) -> None:
         moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = saved["ws"], saved["lp"]
 
 
-def use_torch_kernels(on: bool, runner) -> None:
-    """Switch the engine's Triton kernels off (PyTorch paths) or back on; captured graphs are dropped."""
+def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto") -> None:
+    """Switch the engine's Triton kernels off (PyTorch paths) or back on, and pick the MoE GEMM
+    (``EPKIT_MOE_GEMM``: auto / triton / torch); captured graphs are dropped."""
     from epkit.engine import kernels
 
     for key, value in (("EPKIT_DECODE_ATTENTION", "torch"), ("EPKIT_FUSED_NORMS", "0")):
@@ -154,6 +158,7 @@ def use_torch_kernels(on: bool, runner) -> None:
             os.environ[key] = value
         else:
             os.environ.pop(key, None)
+    os.environ["EPKIT_MOE_GEMM"] = moe_gemm
     kernels._checked.clear()
     if runner.graphs is not None:
         runner.graphs.drop("kernel choice changed")
@@ -298,6 +303,7 @@ def rank_main(rank: int, args) -> None:
     from epkit.engine.runner import ModelRunner, resolve_device
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     cfg = EngineConfig(model=args.model, load_format="dummy", device=args.device, data_parallel_size=args.dp,
                        enable_expert_parallel=args.dp > 1, all2all_backend=args.backend, max_model_len=args.max_model_len,
                        max_num_seqs=max(args.batches), kv_cache_memory_bytes=args.kv_bytes)
@@ -320,21 +326,23 @@ def rank_main(rank: int, args) -> None:
               "build_s": round(build_s, 1), "results": []}
     # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
     graphs = ("graph", "engine-graph", "engine-graph-torch", "mixed-graph")
-    plan = [(b, v) for b in args.batches for v in args.variants if v not in graphs]
-    plan += [(b, v) for b in args.batches for v in args.variants if v in graphs]
+    plan = [(b, v) for b in args.batches for v in args.variants if v.removesuffix("-gmm") not in graphs]
+    plan += [(b, v) for b in args.batches for v in args.variants if v.removesuffix("-gmm") in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
     bm = make_batch.blocks
     mixed = {b: batches[b] + make_prompts(runner, 1, args.prefill_len, rank, f"m{b}-", bm) for b in args.batches}
     prefill = make_prompts(runner, args.prefill_seqs, args.ctx, rank, "p-", bm) if "prefill" in args.variants else []
     plan = [(b, v) for b, v in plan if v != "prefill" or b == args.batches[0]]  # one prefill step, whatever the batch
-    for batch_size, variant in plan:
+    for batch_size, name in plan:
+        variant = name.removesuffix("-gmm")  # -gmm: the same with torch._grouped_mm as the expert GEMMs
+        gemm = "torch" if name.endswith("-gmm") else os.environ.get("EPKIT_MOE_GEMM_DEFAULT", "auto")
         batch = batches[batch_size]
         counts = [batch_size] * args.dp
-        res = {"batch_per_rank": batch_size, "variant": variant}
+        res = {"batch_per_rank": batch_size, "variant": name}
         try:
             if variant in ("mixed", "mixed-graph", "prefill"):
                 set_variant("after", saved)
-                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner)
+                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner, gemm)
                 rows = prefill if variant == "prefill" else mixed[batch_size]
                 counts = [sum(new for _, new in rows)] * args.dp
                 res["tokens_per_rank"] = counts[0]
@@ -357,7 +365,7 @@ def rank_main(rank: int, args) -> None:
                 if runner.graphs is None:
                     raise RuntimeError("the runner has no decode graphs (see its 'graph steps:' log line)")
                 set_variant("after", saved)
-                use_torch_kernels(variant.endswith("-torch"), runner)
+                use_torch_kernels(variant.endswith("-torch"), runner, gemm)
                 shapes = [(1, args.ctx)] * args.dp
                 eager = runner.execute(batch, counts)
                 t0 = time.perf_counter()
@@ -367,7 +375,7 @@ def rank_main(rank: int, args) -> None:
                 fn = lambda: runner.execute(batch, counts, shapes)  # noqa: E731
             else:
                 set_variant(variant, saved)
-                use_torch_kernels(args.eager_torch, runner)
+                use_torch_kernels(args.eager_torch, runner, gemm)
                 fn = lambda: runner.execute(batch, counts)  # noqa: E731
             for _ in range(args.warmup):
                 fn()
@@ -385,14 +393,14 @@ def rank_main(rank: int, args) -> None:
             w = res.get("wall_ms", {})
             extra = (f" tokens {res.get('tokens_per_rank', batch_size)} match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
                      if variant.startswith("engine-graph") or variant == "mixed-graph" else "")
-            print(f"B={batch_size}/rank {variant:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
+            print(f"B={batch_size}/rank {name:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
                   f"syncs {res.get('syncs_per_step')}  gpu kernels "
                   f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
         with open(os.path.join(args.out, f"profile_rank{rank}.json"), "w") as f:  # after every result
             json.dump(report, f, indent=1)
         dist.barrier(group=comm.cpu_group)
     dist.barrier(group=comm.cpu_group)
-    dist.destroy_process_group()
+    os._exit(0)  # not destroy_process_group: it hung at exit on 2x H200 (the call ran into its time limit)
 
 
 def summarize(path: str) -> str:

@@ -185,7 +185,7 @@ class _GatherBased:
             # sync and no work on other ranks' pairs, so no size limit either (large prefill steps too)
             local = experts.map.local_or(gids, self.comm.rank, experts.num_local)
             expert_idx = torch.where(valid, local, experts.num_local).reshape(-1)
-            return experts.partial(gx, expert_idx, gw.reshape(-1), k)
+            return experts.partial(gx, expert_idx, gw.reshape(-1), k, local_share=1 / self.comm.world_size)
         owner, local = experts.map.locate(gids)
         mine = (owner == self.comm.rank) & valid
         if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:

@@ -206,6 +206,54 @@ if triton is not None:
                 acc += prod.to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + t * H + cols, acc, mask=m)
 
+    @triton.jit
+    def _moe_gemm_kernel(a_ptr, src_ptr, w_ptr, out_ptr, offs_ptr, tiles_ptr, stride_a, stride_we, stride_wk,
+                         stride_out, N, K, E: tl.constexpr, E_PAD: tl.constexpr, GATHER: tl.constexpr,
+                         GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (t, nb): tile t of the expert-sorted rows (tiles never straddle two experts) times
+        # columns nb * BLOCK_N.. of that expert's weight. offs / tiles: inclusive prefix sums per expert
+        # of rows and of BLOCK_M-row tiles, on the device, so the grid is an upper bound and extra
+        # programs return at once.
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        ev = tl.arange(0, E_PAD)
+        if t >= tl.load(tiles_ptr + E - 1):  # past the last tile (the grid counts other ranks' pairs and padding)
+            return
+        tile_cum = tl.load(tiles_ptr + ev, mask=ev < E, other=2**30)
+        e = tl.minimum(tl.sum((tile_cum <= t).to(tl.int32), axis=0), E - 1)
+        tiles_before = tl.load(tiles_ptr + e - 1, mask=e > 0, other=0)
+        rows_before = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        r = rows_before + (t - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = r < tl.load(offs_ptr + e)
+        if GATHER:  # row r of the sorted order copies token row src[r]: no gathered copy in memory
+            arow = tl.load(src_ptr + r, mask=rmask, other=0).to(tl.int64)
+        else:
+            arow = r.to(tl.int64)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + arow[:, None] * stride_a + kk[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            acc = tl.dot(a, tl.load(w_ptrs, mask=wmask, other=0.0), acc)
+            if GATED:  # the up projection: the same rows times columns N + n
+                acc_up = tl.dot(a, tl.load(w_ptrs + N, mask=wmask, other=0.0), acc_up)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        dtype = out_ptr.dtype.element_ty
+        if GATED:  # silu(gate) * up, rounded where the PyTorch path rounds (GEMM output, silu, product)
+            gate = acc.to(dtype).to(tl.float32)
+            res = (gate / (1.0 + tl.exp(-gate))).to(dtype) * acc_up.to(dtype)
+        else:
+            res = acc.to(dtype)
+        tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + n[None, :], res,
+                 mask=rmask[:, None] & nmask[None, :])
+
 
 def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     """Why the kernel cannot serve these shapes (None when it can)."""
@@ -336,6 +384,48 @@ def silu_mul(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def moe_block_m(rows_per_expert: float) -> int | None:
+    """Rows per tile of :func:`moe_gemm` for about ``rows_per_expert`` rows of each expert (None: too many for it,
+    the grouped GEMM of PyTorch serves them). Small tiles for decode-sized groups, so each expert's weights are
+    read about once."""
+    for block_m, most in MOE_BLOCK_M:
+        if rows_per_expert <= most:
+            return block_m
+    return None
+
+
+def moe_tiles(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive prefix sums per expert of the rows (``counts``) and of their ``block_m``-row tiles (int32, on the device)."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    tiles = torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
+    return offs, tiles
+
+
+def moe_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tiles: torch.Tensor, block_m: int, rows: int,
+             src: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """Expert-grouped GEMM over expert-sorted rows, sized on the device (no host sync): ``[rows, N]``.
+
+    Row ``r`` of expert ``e`` (rows ``offs[e-1] <= r < offs[e]``) is ``a[src[r]] @ w[e]`` (``a[r]`` without
+    ``src``). ``gated``: ``w`` is ``[E, K, 2N]`` (gate then up) and the row is ``silu(gate) * up``. Rows past
+    ``offs[-1]`` are left unwritten. ``rows`` bounds the sorted rows (the grid is sized by it)."""
+    E, K = w.shape[0], w.shape[1]
+    N = w.shape[2] // 2 if gated else w.shape[2]
+    assert a.stride(1) == 1 and w.stride(2) == 1, "moe_gemm reads rows and weight rows with unit stride"
+    out = torch.empty((rows, N), dtype=a.dtype, device=a.device)
+    if rows:
+        grid = (triton.cdiv(rows, block_m) + E, triton.cdiv(N, MOE_BLOCK_N))
+        _moe_gemm_kernel[grid](a, a if src is None else src, w, out, offs, tiles, a.stride(0), w.stride(0),
+                               w.stride(1), out.stride(0), N, K, E=E, E_PAD=triton.next_power_of_2(E),
+                               GATHER=src is not None, GATED=gated, BLOCK_M=block_m, BLOCK_N=MOE_BLOCK_N,
+                               BLOCK_K=MOE_BLOCK_K, num_warps=4, num_stages=4 if block_m <= 32 else 3)
+    return out
+
+
+# (tile rows, up to this many rows per expert on average). Only decode-sized groups: measured on an H200
+# (graph replays, top-8 routing), 32- and 64-row tiles lost to torch._grouped_mm at 32+ rows per expert
+# (routing skew gives many experts a second tile, which reads their weights again).
+MOE_BLOCK_M = ((16, 16),)
+MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
 PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
 
 _checked: dict[tuple, bool] = {}
@@ -461,6 +551,74 @@ def silu_mul_enabled(h: torch.Tensor) -> bool:
         return _max_err(got, want, h.dtype, want.float().abs().max().item())
 
     return _usable("SiLU * up (this rank's expert rows)", ("silu_mul", h.device, h.dtype, h.shape[1]), h, check)
+
+
+def moe_gemm_enabled(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block_m: int, reference) -> bool:
+    """Whether :func:`moe_gemm` runs these experts' GEMMs at ``block_m``-row tiles (decided once per shape family).
+
+    ``reference(x, src, counts)`` is the PyTorch path (gather, grouped GEMM, SiLU * up, grouped GEMM). On first
+    use outside a CUDA graph capture both run on the layer's own weights: the kernel must match, and on CUDA it
+    must also be the faster of the two at ``block_m``'s group sizes (both timings are logged).
+    ``EPKIT_MOE_GEMM=triton`` skips the timing, ``=torch`` keeps PyTorch's grouped GEMM."""
+    mode = os.environ.get("EPKIT_MOE_GEMM", "auto")
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"EPKIT_MOE_GEMM={mode!r}: expected auto, triton or torch")
+    if mode == "torch" or os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+    key = ("moe_gemm", x.device, x.dtype, tuple(w13.shape), tuple(w2.shape), block_m, mode)
+    if key not in _checked and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # decided at the next eager call (a graph's warm-up runs eagerly before its capture)
+
+    def check() -> str | None:
+        E = w13.shape[0]
+        most = dict(MOE_BLOCK_M)[block_m]
+        counts = torch.tensor([(0, 1, block_m, block_m + 3, most)[e % 5] for e in range(E)], device=x.device)
+        total = int(counts.sum())
+        gen = torch.Generator(device=x.device).manual_seed(6)
+        xx = torch.randn((total // 2 + 1, x.shape[1]), generator=gen, device=x.device).to(x.dtype)
+        src = torch.randint(0, xx.shape[0], (total,), generator=gen, device=x.device)
+
+        def ours(xx: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            offs, tiles = moe_tiles(counts, block_m)
+            act = moe_gemm(xx, w13, offs, tiles, block_m, src.shape[0], src=src, gated=True)
+            return moe_gemm(act, w2, offs, tiles, block_m, src.shape[0])
+
+        want = reference(xx, src, counts)
+        why = _max_err(ours(xx, src, counts), want, x.dtype, want.float().abs().max().item())
+        if why is not None or x.device.type != "cuda" or mode == "triton":
+            return why
+        # the timing: random routing, half the bucket's most rows per expert on average, as CUDA graph replays
+        # (steps of this size run as graphs; eager timing would mostly measure launch costs)
+        pairs = E * max(1, most // 2)
+        counts = torch.bincount(torch.randint(0, E, (pairs,), generator=gen, device=x.device), minlength=E)
+        xx = torch.randn((pairs // 8 + 1, x.shape[1]), generator=gen, device=x.device).to(x.dtype)
+        src = torch.randint(0, xx.shape[0], (pairs,), generator=gen, device=x.device)
+        t_ours, t_torch = _graph_ms(lambda: ours(xx, src, counts)), _graph_ms(lambda: reference(xx, src, counts))
+        log.info("MoE GEMMs, %d experts x %.0f rows on average: Triton %.3f ms, torch._grouped_mm path %.3f ms "
+                 "(CUDA graph replays)", E, pairs / E, t_ours, t_torch)
+        return None if t_ours < t_torch else f"slower: {t_ours:.3f} ms against {t_torch:.3f} ms"
+
+    return _usable(f"MoE expert GEMMs ({block_m}-row tiles)", key, x, check, fallback="torch._grouped_mm")
+
+
+def _graph_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds of one replay of ``fn`` captured in a CUDA graph (warmed up eagerly on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def norm_rope_enabled(x: torch.Tensor, head_dim: int, with_norm: bool, reference) -> bool:

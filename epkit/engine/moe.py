@@ -195,38 +195,36 @@ class LocalExperts:
             return self._grouped(x, expert_idx)
         return self._padded_bmm(x, expert_idx)
 
-    def partial(self, x: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor, k: int) -> torch.Tensor:
+    def partial(self, x: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor, k: int,
+                local_share: float = 1.0) -> torch.Tensor:
         """Weighted expert outputs summed per row of ``x``: ``[rows, hidden]`` in the accumulation dtype.
 
         Pair ``i`` is (row ``i // k``, local expert ``expert_idx[i]``, weight ``pair_weights[i]``);
         pairs with ``expert_idx == num_local`` belong to other ranks and are skipped. Only this rank's
-        pairs are counting-sorted by expert, gathered, run through the grouped GEMMs and combined per
-        row (Triton kernels that read the pair count on the device: no host sync, no work on other
-        ranks' pairs, each output row written once). Same products and sums as ``weighted_sum`` over
-        ``__call__``'s output."""
+        pairs are counting-sorted by expert, run through the expert GEMMs and combined per row (Triton
+        kernels that read the pair count on the device: no host sync, no work on other ranks' pairs, each
+        output row written once). Same products and sums as ``weighted_sum`` over ``__call__``'s output.
+        ``local_share``: the expected fraction of the pairs that are this rank's (1 / EP size), which picks
+        the GEMM: Triton tiles sized for decode-sized groups, or ``torch._grouped_mm`` for large ones."""
         from epkit.engine import kernels
 
         pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
-        offs = torch.cumsum(counts, 0)
-        n = offs[-1:]
-        rows = None  # buffers sized by every pair of every rank; fine up to graph-step sizes
-        if expert_idx.shape[0] > EXACT_ROWS_MIN_PAIRS and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            rows = int(n)  # a large eager prefill: one host read per layer, buffers of this rank's pairs only
-        xs = kernels.gather_rows(x, src, n, rows)
+        rows = expert_idx.shape[0]  # buffers sized by every pair of every rank; fine up to graph-step sizes
+        if rows > EXACT_ROWS_MIN_PAIRS and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            rows = int(counts.sum())  # a large eager prefill: one host read per layer, buffers of this rank's pairs only
         if x.device.type == "cuda":
-            offs32 = offs.to(torch.int32)
-            h = torch._grouped_mm(xs, self.w13, offs=offs32)
-            del xs
-            if kernels.silu_mul_enabled(h):  # one kernel over this rank's rows only
-                act = kernels.silu_mul(h, n)
+            block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
+            if block_m and kernels.moe_gemm_enabled(x, self.w13, self.w2, block_m, self._grouped_rows):
+                offs, tiles = kernels.moe_tiles(counts, block_m)  # the gather rides in the first GEMM's loads
+                act = kernels.moe_gemm(x, self.w13, offs, tiles, block_m, rows, src=src, gated=True)
+                y = kernels.moe_gemm(act, self.w2, offs, tiles, block_m, rows)
+                del act
             else:
-                act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
-            del h
-            y = torch._grouped_mm(act, self.w2, offs=offs32)
-            del act
+                y = self._grouped_rows(x, src, counts, rows)
         else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
-            valid = int(n)
+            valid = int(counts.sum())
+            xs = kernels.gather_rows(x, src, counts.sum().reshape(1), rows)
             y = xs.new_empty((xs.shape[0], self.w2.shape[2]))
             if valid:
                 own = expert_idx < self.num_local
@@ -235,6 +233,23 @@ class LocalExperts:
                 y[:valid] = self._padded_bmm(xs[:valid], sorted_e[:valid], count=False)
         return kernels.combine_rows(y, pos, expert_idx, pair_weights, k, self.num_local, x.shape[0],
                                     accumulation_dtypes(x.dtype)[1])
+
+    def _grouped_rows(self, x: torch.Tensor, src: torch.Tensor, counts: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Expert-sorted rows ``x[src[r]]`` (groups of ``counts``) through ``torch._grouped_mm``: ``[rows, hidden]``."""
+        from epkit.engine import kernels
+
+        offs = torch.cumsum(counts, 0)
+        n = offs[-1:]
+        xs = kernels.gather_rows(x, src, n, rows)
+        offs32 = offs.to(torch.int32)
+        h = torch._grouped_mm(xs, self.w13, offs=offs32)
+        del xs
+        if kernels.silu_mul_enabled(h):  # one kernel over this rank's rows only
+            act = kernels.silu_mul(h, n)
+        else:
+            act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+        del h
+        return torch._grouped_mm(act, self.w2, offs=offs32)
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
