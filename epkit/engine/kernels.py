@@ -216,9 +216,9 @@ if triton is not None:
         # programs return at once.
         t = tl.program_id(0)
         nb = tl.program_id(1)
-        ev = tl.arange(0, E_PAD)
         if t >= tl.load(tiles_ptr + E - 1):  # past the last tile (the grid counts other ranks' pairs and padding)
             return
+        ev = tl.arange(0, E_PAD)
         tile_cum = tl.load(tiles_ptr + ev, mask=ev < E, other=2**30)
         e = tl.minimum(tl.sum((tile_cum <= t).to(tl.int32), axis=0), E - 1)
         tiles_before = tl.load(tiles_ptr + e - 1, mask=e > 0, other=0)
@@ -235,7 +235,7 @@ if triton is not None:
         a_ptrs = a_ptr + arow[:, None] * stride_a + kk[None, :]
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + n[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (and compiled away) unless GATED
         for k0 in range(0, K, BLOCK_K):
             kmask = (k0 + kk) < K
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)

@@ -223,8 +223,9 @@ class LocalExperts:
             else:
                 y = self._grouped_rows(x, src, counts, rows)
         else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
-            valid = int(counts.sum())
-            xs = kernels.gather_rows(x, src, counts.sum().reshape(1), rows)
+            n = counts.sum().reshape(1)
+            valid = int(n)
+            xs = kernels.gather_rows(x, src, n, rows)
             y = xs.new_empty((xs.shape[0], self.w2.shape[2]))
             if valid:
                 own = expert_idx < self.num_local
