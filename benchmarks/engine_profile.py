@@ -335,7 +335,7 @@ def rank_main(rank: int, args) -> None:
     plan = [(b, v) for b, v in plan if v != "prefill" or b == args.batches[0]]  # one prefill step, whatever the batch
     for batch_size, name in plan:
         variant = name.removesuffix("-gmm")  # -gmm: the same with torch._grouped_mm as the expert GEMMs
-        gemm = "torch" if name.endswith("-gmm") else os.environ.get("EPKIT_MOE_GEMM_DEFAULT", "auto")
+        gemm = "torch" if name.endswith("-gmm") else "auto"
         batch = batches[batch_size]
         counts = [batch_size] * args.dp
         res = {"batch_per_rank": batch_size, "variant": name}
