@@ -26,7 +26,10 @@ cost before mixed graph steps), ``mixed-graph`` = the same step through the engi
 prompt token a row of the graph), ``prefill`` = ``--prefill-seqs`` whole prompts of ``--ctx`` tokens
 per rank in one eager step (a rate-inf burst: 16 x 512 = 8,192 tokens, vLLM's token budget per step).
 Any variant with ``-gmm`` appended runs with ``EPKIT_MOE_GEMM=torch`` (``torch._grouped_mm`` as the expert
-GEMMs instead of the engine's choice, usually the Triton expert GEMMs at decode sizes), an A/B of that kernel.
+GEMMs instead of the engine's choice, usually the Triton expert GEMMs at decode sizes), an A/B of that kernel;
+``-sdpa`` appended runs with ``EPKIT_PREFILL_ATTENTION=torch`` (PyTorch SDPA for multi-token sequences instead
+of the Triton paged prefill kernel). Eager steps with prompts record their greedy tokens (``sampled``), so the
+A/B also shows whether both give the same tokens.
 Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
@@ -148,11 +151,18 @@ def set_variant(variant: str, saved: dict) -> None:
         moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = saved["ws"], saved["lp"]
 
 
-def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto") -> None:
+def base_variant(name: str) -> str:
+    """The variant without its A/B suffixes (``-gmm``, ``-sdpa``)."""
+    return name.replace("-gmm", "").replace("-sdpa", "")
+
+
+def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto", prefill: str = "auto") -> None:
     """Switch the engine's Triton kernels off (PyTorch paths) or back on, and pick the MoE GEMM
-    (``EPKIT_MOE_GEMM``: auto / triton / torch); captured graphs are dropped."""
+    (``EPKIT_MOE_GEMM``: auto / triton / torch) and the prefill attention (``EPKIT_PREFILL_ATTENTION``: auto /
+    torch); captured graphs are dropped."""
     from epkit.engine import kernels
 
+    os.environ["EPKIT_PREFILL_ATTENTION"] = "torch" if on else prefill
     for key, value in (("EPKIT_DECODE_ATTENTION", "torch"), ("EPKIT_FUSED_NORMS", "0")):
         if on:
             os.environ[key] = value
@@ -326,23 +336,25 @@ def rank_main(rank: int, args) -> None:
               "build_s": round(build_s, 1), "results": []}
     # eager variants first, CUDA-graph captures last: a failed or hung capture loses nothing else
     graphs = ("graph", "engine-graph", "engine-graph-torch", "mixed-graph")
-    plan = [(b, v) for b in args.batches for v in args.variants if v.removesuffix("-gmm") not in graphs]
-    plan += [(b, v) for b in args.batches for v in args.variants if v.removesuffix("-gmm") in graphs]
+    plan = [(b, v) for b in args.batches for v in args.variants if base_variant(v) not in graphs]
+    plan += [(b, v) for b in args.batches for v in args.variants if base_variant(v) in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
     bm = make_batch.blocks
     mixed = {b: batches[b] + make_prompts(runner, 1, args.prefill_len, rank, f"m{b}-", bm) for b in args.batches}
     prefill = make_prompts(runner, args.prefill_seqs, args.ctx, rank, "p-", bm) if "prefill" in args.variants else []
-    plan = [(b, v) for b, v in plan if v != "prefill" or b == args.batches[0]]  # one prefill step, whatever the batch
+    # one prefill step, whatever the batch
+    plan = [(b, v) for b, v in plan if base_variant(v) != "prefill" or b == args.batches[0]]
     for batch_size, name in plan:
-        variant = name.removesuffix("-gmm")  # -gmm: the same with torch._grouped_mm as the expert GEMMs
-        gemm = "torch" if name.endswith("-gmm") else "auto"
+        variant = base_variant(name)
+        gemm = "torch" if "-gmm" in name else "auto"  # -gmm: torch._grouped_mm as the expert GEMMs
+        prefill_attn = "torch" if "-sdpa" in name else "auto"  # -sdpa: SDPA for multi-token sequences
         batch = batches[batch_size]
         counts = [batch_size] * args.dp
         res = {"batch_per_rank": batch_size, "variant": name}
         try:
             if variant in ("mixed", "mixed-graph", "prefill"):
                 set_variant("after", saved)
-                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner, gemm)
+                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner, gemm, prefill_attn)
                 rows = prefill if variant == "prefill" else mixed[batch_size]
                 counts = [sum(new for _, new in rows)] * args.dp
                 res["tokens_per_rank"] = counts[0]
@@ -355,6 +367,8 @@ def rank_main(rank: int, args) -> None:
                     graphed = runner.execute(rows, counts, shapes)  # captures
                     res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
                     res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
+                else:
+                    res["sampled"] = list(runner.execute(rows, counts).values())
                 fn = lambda rows=rows, counts=counts, shapes=shapes: runner.execute(rows, counts, shapes)  # noqa: E731
             elif variant == "graph":
                 if device.type != "cuda":
@@ -365,7 +379,7 @@ def rank_main(rank: int, args) -> None:
                 if runner.graphs is None:
                     raise RuntimeError("the runner has no decode graphs (see its 'graph steps:' log line)")
                 set_variant("after", saved)
-                use_torch_kernels(variant.endswith("-torch"), runner, gemm)
+                use_torch_kernels(variant.endswith("-torch"), runner, gemm, prefill_attn)
                 shapes = [(1, args.ctx)] * args.dp
                 eager = runner.execute(batch, counts)
                 t0 = time.perf_counter()
@@ -375,7 +389,7 @@ def rank_main(rank: int, args) -> None:
                 fn = lambda: runner.execute(batch, counts, shapes)  # noqa: E731
             else:
                 set_variant(variant, saved)
-                use_torch_kernels(args.eager_torch, runner, gemm)
+                use_torch_kernels(args.eager_torch, runner, gemm, prefill_attn)
                 fn = lambda: runner.execute(batch, counts)  # noqa: E731
             for _ in range(args.warmup):
                 fn()
@@ -392,7 +406,8 @@ def rank_main(rank: int, args) -> None:
         if rank == 0:
             w = res.get("wall_ms", {})
             extra = (f" tokens {res.get('tokens_per_rank', batch_size)} match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
-                     if variant.startswith("engine-graph") or variant == "mixed-graph" else "")
+                     if variant.startswith("engine-graph") or variant == "mixed-graph" else
+                     f" greedy tokens {res['sampled'][:8]}" if "sampled" in res else "")
             print(f"B={batch_size}/rank {name:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
                   f"syncs {res.get('syncs_per_step')}  gpu kernels "
                   f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)

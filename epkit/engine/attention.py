@@ -11,7 +11,7 @@ not depend on which other sequences share the step (the engine's invariance guar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,28 @@ class AttentionMeta:
     block_size: int = 16
     all_decode: bool = False  # every row is a single-token decode (decode_rows would be 0..T-1)
     prefill: "PrefillBatch | None" = None  # multi-token sequences attended in one batched call (GPU)
+    paged: "PagedPrefill | None" = None  # the same sequences for the Triton prefill kernel (GPU), until it is refused
+    pending: list[tuple[int, int, torch.Tensor]] | None = None  # ... and their host (row, new, slots) for the fallback
+
+
+@dataclass
+class PagedPrefill:
+    """A step's multi-token sequences as the Triton prefill kernel reads them: block tables and row ranges on the device."""
+
+    news: list[int]
+    tables: torch.Tensor  # [S, W] block ids (0 where padded)
+    starts: torch.Tensor  # [S] row of each sequence's first new token
+    new: torch.Tensor  # [S] new tokens
+    ctx: torch.Tensor  # [S] cached + new tokens
+    _programs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def programs(self, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, first new token) per query block; built once per step, shared by every layer."""
+        if block_tokens not in self._programs:
+            from epkit.engine.kernels import prefill_programs
+
+            self._programs[block_tokens] = prefill_programs(self.news, block_tokens, self.tables.device)
+        return self._programs[block_tokens]
 
 
 @dataclass
@@ -98,6 +120,7 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
     decode_ctx: list[int] = []
+    paged: list[tuple[int, int, int, list[int]]] = []
     row = 0
     for cached, new, table in seqs:
         ctx = cached + new
@@ -111,15 +134,18 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
             slot_mapping.append(slots[cached:])
             if batch_prefill:
                 prefill_host.append((row, new, slots))
+                paged.append((row, new, ctx, table))
             else:
                 per_seq.append((row, new, slots.to(device, non_blocking=True)))
         row += new
     mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
     meta = AttentionMeta(mapping.to(device), per_seq, block_size=block_size)
-    if prefill_batchable([new for _, new, _ in prefill_host], [slots.shape[0] for _, _, slots in prefill_host]):
-        meta.prefill = _prefill_batch(prefill_host, device)
-    else:  # one sequence (its own causal call is as good), or too much padding
-        meta.per_seq.extend((row, new, slots.to(device, non_blocking=True)) for row, new, slots in prefill_host)
+    if paged:  # the fallback (PyTorch SDPA) is planned only if the kernel is refused: _plan_fallback
+        width = max(len(table) for *_, table in paged)
+        numbers = torch.tensor([(row, new, ctx) for row, new, ctx, _ in paged]).t().contiguous().to(device)
+        tables = torch.tensor([table + [0] * (width - len(table)) for *_, table in paged]).to(device)
+        meta.paged = PagedPrefill([new for _, new, _, _ in paged], tables, numbers[0], numbers[1], numbers[2])
+        meta.pending = prefill_host
     if decode_rows:
         width = max(len(t) for t in decode_tables)
         meta.decode_rows = torch.tensor(decode_rows).to(device)
@@ -129,16 +155,60 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
     return meta
 
 
+def _plan_fallback(meta: AttentionMeta, device: torch.device) -> None:
+    """Move the step's multi-token sequences from the kernel's plan to SDPA's: one batched call, or one call each."""
+    pending, meta.pending, meta.paged = meta.pending, None, None
+    if prefill_batchable([new for _, new, _ in pending], [slots.shape[0] for _, _, slots in pending]):
+        meta.prefill = _prefill_batch(pending, device)
+    else:  # one sequence (its own causal call is as good), or too much padding
+        meta.per_seq.extend((row, new, slots.to(device, non_blocking=True)) for row, new, slots in pending)
+
+
+def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """This step's K/V into the cache slots: one Triton launch where it passed its check, else two indexed writes."""
+    from epkit.engine.moe import use_triton
+
+    if use_triton(k):
+        from epkit.engine import kernels
+
+        if kernels.write_kv_enabled(k, k_cache):
+            kernels.write_kv(k, v, slots, k_cache, v_cache)
+            return
+    k_cache[slots] = k
+    v_cache[slots] = v
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMeta) -> torch.Tensor:
     """Write this step's K/V into the cache, attend, return ``[T, heads * head_dim]``."""
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
+    write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.all_decode:  # a captured decode step: one batched call, no per-sequence work
         out = _batched_decode(q, k_cache, v_cache, meta)
         return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
     out = torch.empty_like(q)
-    for start, new, slots in meta.per_seq:
+    if meta.paged is not None:
+        from epkit.engine import kernels
+        from epkit.engine.moe import use_triton
+
+        if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
+            p = meta.paged
+            kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
+                                      p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1])),
+                                      meta.block_size)
+        else:
+            _plan_fallback(meta, q.device)
+    attend_each(q, k_cache, v_cache, out, meta.per_seq)
+    if meta.prefill is not None:
+        out[meta.prefill.rows] = _batched_prefill(q, k, v, k_cache, v_cache, meta.prefill)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
+    return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def attend_each(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                seqs: list[tuple[int, int, torch.Tensor]]) -> None:
+    """One SDPA call per sequence (first row, new tokens, slots of its whole context), causal over its new tokens."""
+    for start, new, slots in seqs:
         ctx = slots.shape[0]
         qq = q[start : start + new].transpose(0, 1).unsqueeze(0)
         kk = k_cache[slots].transpose(0, 1).unsqueeze(0)
@@ -151,11 +221,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = pos.unsqueeze(0) <= (ctx - new + torch.arange(new, device=q.device)).unsqueeze(1)
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True)
         out[start : start + new] = o[0].transpose(0, 1)
-    if meta.prefill is not None:
-        out[meta.prefill.rows] = _batched_prefill(q, k, v, k_cache, v_cache, meta.prefill)
-    if meta.decode_rows is not None:
-        out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
-    return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
 
 
 def _batched_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

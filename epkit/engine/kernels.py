@@ -94,32 +94,93 @@ if triton is not None:
         tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_t, stride_h, eps,
-                          HALF: tl.constexpr, NORM: tl.constexpr):
-        row = tl.program_id(0)
-        t = row // H
+    def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, R, H, stride_t, stride_h, eps,
+                          HALF: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS (token, head) rows per program: one row per program left a 9k-token prefill with ~300k tiny programs
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = row < R
+        t = (row // H).to(tl.int64)
         h = row % H
         i = tl.arange(0, HALF)
-        base = x_ptr + t * stride_t + h * stride_h
-        x1 = tl.load(base + i)
-        x2 = tl.load(base + HALF + i)
+        base = x_ptr + t[:, None] * stride_t + h[:, None] * stride_h + i[None, :]
+        x1 = tl.load(base, mask=rmask[:, None], other=0.0)
+        x2 = tl.load(base + HALF, mask=rmask[:, None], other=0.0)
         if NORM:
             f1 = x1.to(tl.float32)
             f2 = x2.to(tl.float32)
-            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
-            x1 = (f1 * rstd).to(x1.dtype) * tl.load(w_ptr + i)
-            x2 = (f2 * rstd).to(x2.dtype) * tl.load(w_ptr + HALF + i)
+            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / (2 * HALF) + eps)
+            x1 = (f1 * rstd[:, None]).to(x1.dtype) * tl.load(w_ptr + i)[None, :]
+            x2 = (f2 * rstd[:, None]).to(x2.dtype) * tl.load(w_ptr + HALF + i)[None, :]
             x1 = x1.to(out_ptr.dtype.element_ty)
             x2 = x2.to(out_ptr.dtype.element_ty)
-        p = tl.load(pos_ptr + t)
-        c = tl.load(cos_ptr + p * HALF + i)
-        s = tl.load(sin_ptr + p * HALF + i)
+        p = tl.load(pos_ptr + t, mask=rmask, other=0)
+        c = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=rmask[:, None], other=0.0)
+        s = tl.load(sin_ptr + p[:, None] * HALF + i[None, :], mask=rmask[:, None], other=0.0)
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
-        out = out_ptr + row * (2 * HALF)
-        tl.store(out + i, (a * c - b * s).to(out_ptr.dtype.element_ty))
-        tl.store(out + HALF + i, (b * c + a * s).to(out_ptr.dtype.element_ty))
+        out = out_ptr + row[:, None].to(tl.int64) * (2 * HALF) + i[None, :]
+        tl.store(out, (a * c - b * s).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(out + HALF, (b * c + a * s).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_cs, stride_ch, KVH, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, HEADS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        m = (h < KVH)[:, None]
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        dst = slot * stride_cs + h[:, None] * stride_ch + d[None, :]
+        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m), mask=m)
+        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m), mask=m)
+
+    @triton.jit
+    def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_ptr, first_ptr, start_ptr, new_ptr,
+                                  ctx_ptr, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                                  stride_ot, stride_oh, stride_tb, scale_log2, GROUP: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                                  BLOCK_N: tl.constexpr):
+        # Program (b, kvh): new tokens first[b] .. first[b] + BLOCK_T - 1 of sequence seq[b], all GROUP query heads
+        # of KV head kvh as the BLOCK_T * GROUP rows of one tile (each K/V tile is read once for the group). Token t
+        # of n new ones, after ctx - n cached, sees keys 0 .. ctx - n + t (causal, bottom-right aligned).
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        s = tl.load(seq_ptr + b)
+        m0 = tl.load(first_ptr + b)
+        row0 = tl.load(start_ptr + s)
+        new = tl.load(new_ptr + s)
+        ctx = tl.load(ctx_ptr + s)
+        r = tl.arange(0, BLOCK_T * GROUP)
+        t = m0 + r // GROUP
+        head = kvh * GROUP + r % GROUP
+        rmask = t < new
+        d = tl.arange(0, HEAD_DIM)
+        qrow = (row0 + t).to(tl.int64)
+        q = tl.load(q_ptr + qrow[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=rmask[:, None],
+                    other=0.0)
+        limit = ctx - new + t  # the last key each row sees (padding rows past `new` see every loaded key: no NaN)
+        hi = tl.minimum(ctx, ctx - new + m0 + BLOCK_T)  # no row of the block sees a key past this
+        m_i = tl.full([BLOCK_T * GROUP], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_T * GROUP], tl.float32)
+        acc = tl.zeros([BLOCK_T * GROUP, HEAD_DIM], tl.float32)
+        for j0 in range(0, hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            jmask = j < hi
+            block = tl.load(tables_ptr + s * stride_tb + j // BLOCK_SIZE, mask=jmask, other=0)
+            slot = (block * BLOCK_SIZE + j % BLOCK_SIZE).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=jmask[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k)) * scale_log2
+            sc = tl.where((j[None, :] <= limit[:, None]) & jmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=jmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + qrow[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, E, K: tl.constexpr, KPAD: tl.constexpr,
@@ -291,6 +352,43 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """``k_cache[slots] = k`` and ``v_cache[slots] = v`` in one launch (``k``/``v`` ``[T, kv_heads, head_dim]``, any
+    token and head strides with head_dim contiguous, e.g. slices of the fused QKV output)."""
+    T, kvh, dim = k.shape
+    if T:
+        _write_kv_kernel[(T,)](k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                               k_cache.stride(0), k_cache.stride(1), kvh, HEADS_PAD=triton.next_power_of_2(kvh),
+                               HEAD_DIM=dim)
+
+
+def prefill_block_tokens(heads: int, kv_heads: int) -> int:
+    """New tokens per program of :func:`prefill_attention` (its tile holds them times the GQA group's heads)."""
+    return max(1, PREFILL_ROWS // (heads // kv_heads))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      tables: torch.Tensor, starts: torch.Tensor, news: torch.Tensor, ctxs: torch.Tensor,
+                      programs: tuple[torch.Tensor, torch.Tensor], block_size: int) -> None:
+    """Causal attention of several sequences' new tokens over their paged K/V (already in the cache), into ``out``.
+
+    Sequence ``s`` has ``news[s]`` new tokens at rows ``starts[s]..`` of ``q`` / ``out`` (``[T, heads, head_dim]``)
+    after ``ctxs[s] - news[s]`` cached ones, its blocks in row ``s`` of ``tables``. ``programs`` = (sequence,
+    first new token) of every query block of :func:`prefill_block_tokens` tokens. Rows of ``out`` that belong to
+    no sequence are left as they are."""
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    seq, first = programs
+    if seq.shape[0] == 0:
+        return
+    group = heads // kv_heads
+    _prefill_attention_kernel[(seq.shape[0], kv_heads)](
+        q, k_cache, v_cache, out, tables, seq, first, starts, news, ctxs, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+        dim ** -0.5 * 1.4426950408889634, GROUP=group, BLOCK_T=prefill_block_tokens(heads, kv_heads), HEAD_DIM=dim,
+        BLOCK_SIZE=block_size, BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if group * dim >= 512 else 4, num_stages=2)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of the rows of ``x`` (``[..., D]``, last dim contiguous, rows evenly strided) in one launch."""
     D = x.shape[-1]
@@ -310,8 +408,9 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
     T, H, D = x.shape
     out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if T:
-        _norm_rope_kernel[(T * H,)](x, weight if weight is not None else x, positions, cos, sin, out, H, x.stride(0),
-                                    x.stride(1), eps, HALF=D // 2, NORM=weight is not None)
+        _norm_rope_kernel[(triton.cdiv(T * H, NORM_ROPE_ROWS),)](
+            x, weight if weight is not None else x, positions, cos, sin, out, T * H, H, x.stride(0), x.stride(1), eps,
+            HALF=D // 2, NORM=weight is not None, ROWS=NORM_ROPE_ROWS)
     return out
 
 
@@ -426,6 +525,8 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tiles: torch.
 # (routing skew gives many experts a second tile, which reads their weights again).
 MOE_BLOCK_M = ((16, 16),)
 MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
+NORM_ROPE_ROWS = 16  # (token, head) rows per program of the q/k-norm + RoPE kernel
+PREFILL_ROWS, PREFILL_BLOCK_N = 128, 64  # query rows (tokens x GQA group) and keys per tile of the prefill kernel
 PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
 
 _checked: dict[tuple, bool] = {}
@@ -437,6 +538,8 @@ def _usable(name: str, key: tuple, x: torch.Tensor, check, used: str = "Triton k
     Logs ``name: used (checked against PyTorch)`` or ``name: fallback (why)`` once per key."""
     if key in _checked:
         return _checked[key]
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # decided at the next eager call (a check cannot run inside a CUDA graph capture)
     if triton is None:
         why = "Triton is not installed"
     elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -566,8 +669,6 @@ def moe_gemm_enabled(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block
     if mode == "torch" or os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
         return False
     key = ("moe_gemm", x.device, x.dtype, tuple(w13.shape), tuple(w2.shape), block_m, mode)
-    if key not in _checked and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False  # decided at the next eager call (a graph's warm-up runs eagerly before its capture)
 
     def check() -> str | None:
         E = w13.shape[0]
@@ -669,3 +770,80 @@ def _self_check(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, referen
     err = (got - want).abs().max().item()
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
     return None if err <= tol else f"self-check max error {err:.3g} > {tol}"
+
+
+def write_kv_enabled(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether :func:`write_kv` writes K/V like ``k`` into caches like ``k_cache`` (checked once against indexing)."""
+    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+        return False
+    kvh, dim = k.shape[1], k.shape[2]
+
+    def check() -> str | None:
+        if dim & (dim - 1) or k.stride(2) != 1 or k_cache.stride(2) != 1:
+            return f"head_dim={dim} is not a contiguous power of two"
+        gen = torch.Generator(device=k.device).manual_seed(7)
+        kv = torch.randn((5, 3 * kvh, dim), generator=gen, device=k.device).to(k.dtype)
+        kk, vv = kv[:, :kvh], kv[:, 2 * kvh :]  # strided slices, like K and V of the fused QKV output
+        slots = torch.tensor([9, 2, 30, 0, 17], device=k.device)
+        caches = [torch.zeros((32, kvh, dim), dtype=k.dtype, device=k.device) for _ in range(4)]
+        write_kv(kk, vv, slots, caches[0], caches[1])
+        caches[2][slots], caches[3][slots] = kk, vv
+        same = torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        return None if same else "self-check: cache contents differ from indexed writes"
+
+    return _usable("K/V cache write", ("write_kv", k.device, k.dtype, kvh, dim), k, check)
+
+
+def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, reference) -> bool:
+    """Whether :func:`prefill_attention` serves this (device, dtype, shape); checked once against ``reference``.
+
+    ``reference(q, k_cache, v_cache, out, seqs)`` attends ``seqs`` = (first row, new tokens, context slots) into
+    ``out`` with PyTorch. ``EPKIT_PREFILL_ATTENTION=torch`` keeps the PyTorch (SDPA) path."""
+    if os.environ.get("EPKIT_PREFILL_ATTENTION", "auto") == "torch":
+        return False
+    heads, dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[1]
+
+    def check() -> str | None:
+        why = unsupported_reason(q, k_cache)
+        group = heads // kv_heads
+        if why is None and (group & (group - 1) or group > PREFILL_ROWS):
+            why = f"GQA group of {group} heads is not a power of two <= {PREFILL_ROWS}"
+        if why is not None:
+            return why
+        gen = torch.Generator(device=q.device).manual_seed(8)
+        blocks = 24
+        shape = (blocks * block_size, kv_heads, dim)
+        kc, vc = (torch.randn(shape, generator=gen, device=q.device).to(q.dtype) for _ in range(2))
+        # (cached, new): a whole prompt longer than one query block and one key tile, a chunked-prefill
+        # continuation, a short prompt; block tables out of order
+        spec = [(0, 2 * prefill_block_tokens(heads, kv_heads) + 3), (3 * block_size + 5, 7), (0, 2)]
+        tables, seqs, row, used = [], [], 0, torch.randperm(blocks, generator=torch.Generator().manual_seed(8))
+        for cached, new in spec:
+            n_blocks = -(-(cached + new) // block_size)
+            table, used = used[:n_blocks], used[n_blocks:]
+            tables.append(table.tolist())
+            slots = (table.unsqueeze(1) * block_size + torch.arange(block_size)).flatten()[: cached + new]
+            seqs.append((row, new, slots.to(q.device)))
+            row += new
+        qq = torch.randn((row + 1, heads, dim), generator=gen, device=q.device).to(q.dtype)
+        width = max(len(t) for t in tables)
+        tab = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=q.device)
+        news = [new for _, new in spec]
+        starts = torch.tensor([r for r, _, _ in seqs], device=q.device)
+        got, want = torch.zeros_like(qq), torch.zeros_like(qq)
+        programs = prefill_programs(news, prefill_block_tokens(heads, kv_heads), q.device)
+        prefill_attention(qq, kc, vc, got, tab, starts, torch.tensor(news, device=q.device),
+                          torch.tensor([c + n for c, n in spec], device=q.device), programs, block_size)
+        reference(qq, kc, vc, want, seqs)
+        return _max_err(got, want, q.dtype, 1.5)
+
+    key = ("prefill", q.device, q.dtype, heads, dim, kv_heads, block_size)
+    return _usable("prefill attention", key, q, check, used="Triton paged kernel", fallback="PyTorch SDPA")
+
+
+def prefill_programs(news: list[int], block_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first new token) of every ``block_tokens``-token query block of sequences with ``news`` new tokens."""
+    blocks = torch.tensor([-(-n // block_tokens) for n in news])
+    seq = torch.repeat_interleave(torch.arange(len(news)), blocks)
+    first = (torch.arange(seq.shape[0]) - torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)) * block_tokens
+    return seq.to(device), first.to(device)
