@@ -369,13 +369,15 @@ def prefill_block_tokens(heads: int, kv_heads: int) -> int:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       tables: torch.Tensor, starts: torch.Tensor, news: torch.Tensor, ctxs: torch.Tensor,
-                      programs: tuple[torch.Tensor, torch.Tensor], block_size: int) -> None:
+                      programs: tuple[torch.Tensor, torch.Tensor], block_size: int, block_n: int = 0,
+                      num_warps: int = 0, num_stages: int = 0) -> None:
     """Causal attention of several sequences' new tokens over their paged K/V (already in the cache), into ``out``.
 
     Sequence ``s`` has ``news[s]`` new tokens at rows ``starts[s]..`` of ``q`` / ``out`` (``[T, heads, head_dim]``)
     after ``ctxs[s] - news[s]`` cached ones, its blocks in row ``s`` of ``tables``. ``programs`` = (sequence,
     first new token) of every query block of :func:`prefill_block_tokens` tokens. Rows of ``out`` that belong to
-    no sequence are left as they are."""
+    no sequence are left as they are. ``block_n`` / ``num_warps`` / ``num_stages``: tile overrides for
+    ``benchmarks/prefill_attention_bench.py`` (0 = the engine's choice)."""
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[1]
     seq, first = programs
@@ -386,7 +388,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, tables, seq, first, starts, news, ctxs, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), tables.stride(0),
         dim ** -0.5 * 1.4426950408889634, GROUP=group, BLOCK_T=prefill_block_tokens(heads, kv_heads), HEAD_DIM=dim,
-        BLOCK_SIZE=block_size, BLOCK_N=PREFILL_BLOCK_N, num_warps=8 if group * dim >= 512 else 4, num_stages=2)
+        BLOCK_SIZE=block_size, BLOCK_N=block_n or PREFILL_BLOCK_N, num_warps=num_warps or (8 if group * dim >= 512 else 4),
+        num_stages=num_stages or 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
