@@ -28,7 +28,8 @@ per rank in one eager step (a rate-inf burst: 16 x 512 = 8,192 tokens, vLLM's to
 Any variant with ``-gmm`` appended runs with ``EPKIT_MOE_GEMM=torch`` (``torch._grouped_mm`` as the expert
 GEMMs instead of the engine's choice, usually the Triton expert GEMMs at decode sizes), an A/B of that kernel;
 ``-sdpa`` appended runs with ``EPKIT_PREFILL_ATTENTION=torch`` (PyTorch SDPA for multi-token sequences instead
-of the Triton paged prefill kernel). Eager steps with prompts record their greedy tokens (``sampled``), so the
+of the Triton paged prefill kernel), ``-triton`` with ``EPKIT_PREFILL_ATTENTION=triton`` (the kernel also for a
+burst of equal whole prompts, which the engine sends to SDPA over views). Eager steps with prompts record their greedy tokens (``sampled``), so the
 A/B also shows whether both give the same tokens.
 Example (2 GPUs):
 
@@ -152,8 +153,8 @@ def set_variant(variant: str, saved: dict) -> None:
 
 
 def base_variant(name: str) -> str:
-    """The variant without its A/B suffixes (``-gmm``, ``-sdpa``)."""
-    return name.replace("-gmm", "").replace("-sdpa", "")
+    """The variant without its A/B suffixes (``-gmm``, ``-sdpa``, ``-triton``)."""
+    return name.replace("-gmm", "").replace("-sdpa", "").replace("-triton", "")
 
 
 def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto", prefill: str = "auto") -> None:
@@ -264,7 +265,7 @@ def profile_breakdown(fn, steps: int, trace_path: str | None) -> dict:
         prof.export_chrome_trace(trace_path)
     return {"regions": regions, "gpu_kernels_ms": dict(kernels), "gpu_kernel_total_ms": sum(kernels.values()),
             "kernel_launches_per_step": launches / steps,
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:40])}
 
 
 def graph_step(runner, batch, counts):
@@ -347,7 +348,8 @@ def rank_main(rank: int, args) -> None:
     for batch_size, name in plan:
         variant = base_variant(name)
         gemm = "torch" if "-gmm" in name else "auto"  # -gmm: torch._grouped_mm as the expert GEMMs
-        prefill_attn = "torch" if "-sdpa" in name else "auto"  # -sdpa: SDPA for multi-token sequences
+        # -sdpa: SDPA for multi-token sequences; -triton: the Triton prefill kernel for all of them
+        prefill_attn = "torch" if "-sdpa" in name else "triton" if "-triton" in name else "auto"
         batch = batches[batch_size]
         counts = [batch_size] * args.dp
         res = {"batch_per_rank": batch_size, "variant": name}
@@ -397,7 +399,7 @@ def rank_main(rank: int, args) -> None:
             res["syncs_per_step"] = count_syncs(fn)
             ms = timed(fn, args.steps, comm)
             res["wall_ms"] = {"median": sorted(ms)[len(ms) // 2], "min": min(ms), "mean": sum(ms) / len(ms)}
-            trace = os.path.join(args.out, f"trace_b{batch_size}_{variant}.json") if args.trace and rank == 0 else None
+            trace = os.path.join(args.out, f"trace_b{batch_size}_{name}.json") if args.trace and rank == 0 else None
             res["profile"] = profile_breakdown(fn, args.profile_steps, trace)
         except Exception as exc:  # a failed variant (e.g. graph capture) must not lose the others
             res["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"

@@ -1,12 +1,17 @@
-"""Attention over a paged KV cache with ``scaled_dot_product_attention``.
+"""Attention over a paged KV cache.
 
 The cache of one layer is ``[num_blocks * block_size, kv_heads, head_dim]``; a sequence's
-tokens live at the slots its block table names. Sequences with several new tokens
-(prefill, chunked prefill) run one fused SDPA call each - on GPU all of a step's such sequences
-run as one masked call, padded to the longest (whole prompts of one length, as in a burst of
-equal-length requests: one causal call over the step's own K/V, no mask, no cache read); single-token decodes run on GPU as one batched call: the Triton paged kernel of :mod:`epkit.engine.kernels` where it passed its
-self-check, else a gather of the cached K/V and two masked matmuls. On CPU every sequence runs alone so that its result does
-not depend on which other sequences share the step (the engine's invariance guarantee).
+tokens live at the slots its block table names. This step's K/V go into the cache first (one
+Triton launch on GPU). On GPU a step's sequences with several new tokens (prefill, chunked
+prefill) run together: a burst of whole prompts of one length in consecutive rows as one causal
+``scaled_dot_product_attention`` call over views of the step's q/k/v (GQA inside SDPA, no copies);
+any other mix in one launch of the Triton paged prefill kernel of :mod:`epkit.engine.kernels`
+(K/V read from the cache through the block tables, a GQA group's heads in one tile); where that
+kernel is refused, one masked SDPA call padded to the longest sequence, or one call each.
+Single-token decodes run on GPU as one batched call: the Triton paged decode kernel where it
+passed its self-check, else a gather of the cached K/V and two masked matmuls. On CPU every
+sequence runs alone (one SDPA call each) so that its result does not depend on which other
+sequences share the step (the engine's invariance guarantee).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class PagedPrefill:
     starts: torch.Tensor  # [S] row of each sequence's first new token
     new: torch.Tensor  # [S] new tokens
     ctx: torch.Tensor  # [S] cached + new tokens
+    # (first row, sequences, tokens each) when every sequence is a whole prompt of one length in consecutive rows
+    # (a burst of equal prompts): plain causal SDPA over views of the step's q/k/v serves them, no cache read
+    fresh: tuple[int, int, int] | None = None
     _programs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def programs(self, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +153,9 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         numbers = torch.tensor([(row, new, ctx) for row, new, ctx, _ in paged]).t().contiguous().to(device)
         tables = torch.tensor([table + [0] * (width - len(table)) for *_, table in paged]).to(device)
         meta.paged = PagedPrefill([new for _, new, _, _ in paged], tables, numbers[0], numbers[1], numbers[2])
+        first, length = paged[0][0], paged[0][1]
+        if all(row == first + i * length and new == ctx == length for i, (row, new, ctx, _) in enumerate(paged)):
+            meta.paged.fresh = (first, len(paged), length)
         meta.pending = prefill_host
     if decode_rows:
         width = max(len(t) for t in decode_tables)
@@ -190,8 +201,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         from epkit.engine import kernels
         from epkit.engine.moe import use_triton
 
-        if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
-            p = meta.paged
+        p = meta.paged
+        if p.fresh is not None and q.device.type == "cuda" and kernels.prefill_choice() == "auto":
+            _fresh_prefill(q, k, v, out, *p.fresh)
+        elif use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
             kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
                                       p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1])),
                                       meta.block_size)
@@ -203,6 +216,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def _fresh_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, first: int, seqs: int,
+                   length: int) -> None:
+    """``seqs`` whole prompts of ``length`` tokens from row ``first``: one causal SDPA call over views of this step's
+    q/k/v (no gather, no copy of K/V per query head: ``enable_gqa``), written into ``out``'s rows."""
+    rows = slice(first, first + seqs * length)
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [seqs * length, heads, d] -> [seqs, heads, length, d], a view
+        return t[rows].view(seqs, length, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    out[rows].view(seqs, length, q.shape[1], q.shape[2]).copy_(o.transpose(1, 2))
 
 
 def attend_each(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,

@@ -802,7 +802,7 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
 
     ``reference(q, k_cache, v_cache, out, seqs)`` attends ``seqs`` = (first row, new tokens, context slots) into
     ``out`` with PyTorch. ``EPKIT_PREFILL_ATTENTION=torch`` keeps the PyTorch (SDPA) path."""
-    if os.environ.get("EPKIT_PREFILL_ATTENTION", "auto") == "torch":
+    if prefill_choice() == "torch":
         return False
     heads, dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[1]
 
@@ -842,6 +842,15 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
 
     key = ("prefill", q.device, q.dtype, heads, dim, kv_heads, block_size)
     return _usable("prefill attention", key, q, check, used="Triton paged kernel", fallback="PyTorch SDPA")
+
+
+def prefill_choice() -> str:
+    """``EPKIT_PREFILL_ATTENTION``: ``auto`` (bursts of equal whole prompts through SDPA, other multi-token steps
+    through the Triton prefill kernel), ``triton`` (the kernel for every multi-token step) or ``torch`` (SDPA only)."""
+    mode = os.environ.get("EPKIT_PREFILL_ATTENTION", "auto")
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"EPKIT_PREFILL_ATTENTION={mode!r}: expected auto, triton or torch")
+    return mode
 
 
 def prefill_programs(news: list[int], block_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

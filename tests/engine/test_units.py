@@ -241,6 +241,30 @@ def test_equal_whole_prompts_attend_causally_over_their_own_kv():
     torch.testing.assert_close(batched, per_seq, rtol=1e-5, atol=1e-5)
 
 
+def test_a_burst_of_equal_whole_prompts_runs_as_one_sdpa_call_over_views():
+    """GPU path for a burst of whole prompts of one length in consecutive rows: causal SDPA over views of the
+    step's q/k/v (GQA inside SDPA, nothing gathered or expanded) equals one call per sequence; a decode between
+    the prompts, or a chunked continuation, keeps the step off that path."""
+    from epkit.engine.attention import _fresh_prefill, build_meta
+
+    seqs = [(0, 6, [3, 7]), (0, 6, [10, 11]), (0, 6, [20, 21])]
+    cpu = torch.device("cpu")
+    assert build_meta(seqs, 4, cpu, True).paged.fresh == (0, 3, 6)
+    g = torch.Generator().manual_seed(4)
+    k_cache, v_cache = torch.randn(256, 2, 16, generator=g), torch.randn(256, 2, 16, generator=g)
+    q = torch.randn(18, 8, 16, generator=g)
+    qkv_kv = torch.randn(18, 3 * 2, 16, generator=g)  # k and v as strided slices, like the fused QKV output
+    k, v = qkv_kv[:, :2], qkv_kv[:, 4:]
+    out = torch.zeros_like(q)
+    _fresh_prefill(q, k, v, out, 0, 3, 6)
+    from epkit.engine.attention import paged_attention
+
+    want = paged_attention(q, k, v, k_cache, v_cache, build_meta(seqs, 4, cpu, False))
+    torch.testing.assert_close(out.reshape(18, -1), want, rtol=1e-5, atol=1e-5)
+    assert build_meta([(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh is None
+    assert build_meta([(0, 6, [3, 7]), (2, 6, [10, 11])], 4, cpu, True).paged.fresh is None
+
+
 def test_prefill_batches_only_while_the_padding_is_small():
     from epkit.engine.attention import PREFILL_BATCH_MAX_KV, prefill_batchable
 
