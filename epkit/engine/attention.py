@@ -37,6 +37,7 @@ class AttentionMeta:
     prefill: "PrefillBatch | None" = None  # multi-token sequences attended in one batched call (GPU)
     paged: "PagedPrefill | None" = None  # the same sequences for the Triton prefill kernel (GPU), until it is refused
     pending: list[tuple[int, int, torch.Tensor]] | None = None  # ... and their host (row, new, slots) for the fallback
+    fallback_planned: bool = False  # the kernel was refused: ``prefill`` / ``per_seq`` hold what it would have done
 
 
 @dataclass
@@ -48,18 +49,19 @@ class PagedPrefill:
     starts: torch.Tensor  # [S] row of each sequence's first new token
     new: torch.Tensor  # [S] new tokens
     ctx: torch.Tensor  # [S] cached + new tokens
-    # (first row, sequences, tokens each) when every sequence is a whole prompt of one length in consecutive rows
-    # (a burst of equal prompts): plain causal SDPA over views of the step's q/k/v serves them, no cache read
+    # (first row, sequences, tokens each) when the leading sequences are whole prompts of one length in consecutive
+    # rows (a burst of equal prompts): plain causal SDPA over views of the step's q/k/v serves them, no cache read
     fresh: tuple[int, int, int] | None = None
-    _programs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _programs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def programs(self, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence, first new token) per query block; built once per step, shared by every layer."""
-        if block_tokens not in self._programs:
+    def programs(self, block_tokens: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, first new token) per query block of the sequences after the first ``skip``; built once per
+        step, shared by every layer."""
+        if (block_tokens, skip) not in self._programs:
             from epkit.engine.kernels import prefill_programs
 
-            self._programs[block_tokens] = prefill_programs(self.news, block_tokens, self.tables.device)
-        return self._programs[block_tokens]
+            self._programs[block_tokens, skip] = prefill_programs(self.news, block_tokens, self.tables.device, skip)
+        return self._programs[block_tokens, skip]
 
 
 @dataclass
@@ -153,9 +155,11 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         numbers = torch.tensor([(row, new, ctx) for row, new, ctx, _ in paged]).t().contiguous().to(device)
         tables = torch.tensor([table + [0] * (width - len(table)) for *_, table in paged]).to(device)
         meta.paged = PagedPrefill([new for _, new, _, _ in paged], tables, numbers[0], numbers[1], numbers[2])
-        first, length = paged[0][0], paged[0][1]
-        if all(row == first + i * length and new == ctx == length for i, (row, new, ctx, _) in enumerate(paged)):
-            meta.paged.fresh = (first, len(paged), length)
+        first, length, count = paged[0][0], paged[0][1], 0
+        while count < len(paged) and paged[count][:3] == (first + count * length, length, length):
+            count += 1
+        if count:
+            meta.paged.fresh = (first, count, length)
         meta.pending = prefill_host
     if decode_rows:
         width = max(len(t) for t in decode_tables)
@@ -166,9 +170,9 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
     return meta
 
 
-def _plan_fallback(meta: AttentionMeta, device: torch.device) -> None:
-    """Move the step's multi-token sequences from the kernel's plan to SDPA's: one batched call, or one call each."""
-    pending, meta.pending, meta.paged = meta.pending, None, None
+def _plan_fallback(meta: AttentionMeta, device: torch.device, skip: int) -> None:
+    """The step's multi-token sequences after the first ``skip`` for SDPA: one batched call, or one call each."""
+    pending, meta.pending, meta.fallback_planned = meta.pending[skip:], None, True
     if prefill_batchable([new for _, new, _ in pending], [slots.shape[0] for _, _, slots in pending]):
         meta.prefill = _prefill_batch(pending, device)
     else:  # one sequence (its own causal call is as good), or too much padding
@@ -201,15 +205,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         from epkit.engine import kernels
         from epkit.engine.moe import use_triton
 
-        p = meta.paged
-        if p.fresh is not None and q.device.type == "cuda" and kernels.prefill_choice() == "auto":
+        p, done = meta.paged, 0
+        if p.fresh is not None and use_triton(q) and kernels.prefill_choice() == "auto":
             _fresh_prefill(q, k, v, out, *p.fresh)
-        elif use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
-            kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
-                                      p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1])),
-                                      meta.block_size)
-        else:
-            _plan_fallback(meta, q.device)
+            done = p.fresh[1]
+        if done < len(p.news) and not meta.fallback_planned:
+            if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
+                kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
+                                          p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1]), done),
+                                          meta.block_size)
+            else:
+                _plan_fallback(meta, q.device, done)
     attend_each(q, k_cache, v_cache, out, meta.per_seq)
     if meta.prefill is not None:
         out[meta.prefill.rows] = _batched_prefill(q, k, v, k_cache, v_cache, meta.prefill)

@@ -853,9 +853,12 @@ def prefill_choice() -> str:
     return mode
 
 
-def prefill_programs(news: list[int], block_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first new token) of every ``block_tokens``-token query block of sequences with ``news`` new tokens."""
-    blocks = torch.tensor([-(-n // block_tokens) for n in news])
-    seq = torch.repeat_interleave(torch.arange(len(news)), blocks)
-    first = (torch.arange(seq.shape[0]) - torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)) * block_tokens
-    return seq.to(device), first.to(device)
+def prefill_programs(news: list[int], block_tokens: int, device: torch.device,
+                     skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first new token) of every ``block_tokens``-token query block of the sequences after the first
+    ``skip``, of sequences with ``news`` new tokens. Built from Python lists: CPU ``repeat_interleave`` took 4-12 ms
+    per call in a GPU server process (measured on an H200 host), once per step but on the step's critical path."""
+    seq = [s for s in range(skip, len(news)) for _ in range(-(-news[s] // block_tokens))]
+    first = [i * block_tokens for s in range(skip, len(news)) for i in range(-(-news[s] // block_tokens))]
+    both = torch.tensor([seq, first], dtype=torch.long).to(device)
+    return both[0], both[1]

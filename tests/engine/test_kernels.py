@@ -182,7 +182,7 @@ def test_moe_gemm_kernel_matches_per_expert_matmuls():
 
 
 PREFILL = r"""
-import json, torch
+import json, os, torch
 from epkit.engine import kernels
 from epkit.engine.attention import attend_each, build_meta, paged_attention
 
@@ -208,14 +208,16 @@ for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 1
     v = torch.randn(T, kvh, dim).to(dtype)
     per_seq = build_meta(seqs, bs, torch.device("cpu"), False)
     want = paged_attention(q, k, v, kc.clone(), vc.clone(), per_seq).float()
-    meta = build_meta(seqs, bs, torch.device("cpu"), True, batch_prefill=True)
-    kc2, vc2 = kc.clone(), vc.clone()
-    got = paged_attention(q, k, v, kc2, vc2, meta).float()
-    kc3, vc3 = kc.clone(), vc.clone()
-    kc3[per_seq.slot_mapping], vc3[per_seq.slot_mapping] = k, v
-    out.append(dict(case=[heads, kvh, dim, bs, str(dtype)], err=(got - want).abs().max().item(), scale=want.abs().max().item(),
-                    kernel=meta.paged is not None and meta.prefill is None,
-                    cache_equal=torch.equal(kc2, kc3) and torch.equal(vc2, vc3)))
+    for mode in ("auto", "triton"):  # auto: the leading whole prompt through SDPA over views, the rest the kernel
+        os.environ["EPKIT_PREFILL_ATTENTION"] = mode
+        meta = build_meta(seqs, bs, torch.device("cpu"), True, batch_prefill=True)
+        kc2, vc2 = kc.clone(), vc.clone()
+        got = paged_attention(q, k, v, kc2, vc2, meta).float()
+        kc3, vc3 = kc.clone(), vc.clone()
+        kc3[per_seq.slot_mapping], vc3[per_seq.slot_mapping] = k, v
+        out.append(dict(case=[heads, kvh, dim, bs, str(dtype), mode], err=(got - want).abs().max().item(),
+                        scale=want.abs().max().item(), kernel=not meta.fallback_planned and meta.prefill is None,
+                        fresh=meta.paged.fresh, cache_equal=torch.equal(kc2, kc3) and torch.equal(vc2, vc3)))
 odd = kernels.prefill_kernel_enabled(torch.zeros(1, 12, 64), torch.zeros(16, 4, 64), 16, attend_each)
 print(json.dumps(dict(out=out, odd=odd, programs=[t.tolist() for t in kernels.prefill_programs([5, 16, 17], 8, torch.device("cpu"))])))
 """
@@ -230,7 +232,8 @@ def test_prefill_attention_kernel_matches_per_sequence_sdpa():
     result = json.loads(p.stdout.strip().splitlines()[-1])
     for case in result["out"]:
         assert case["kernel"] and case["cache_equal"], case  # the kernel served the step (no fallback)
-        tol = 1e-5 if case["case"][-1] == "torch.float32" else 2e-3
+        assert case["fresh"] == [0, 1, 70], case  # the leading whole prompt; a decode row follows it
+        tol = 1e-5 if case["case"][4] == "torch.float32" else 2e-3
         assert case["err"] <= tol * max(1.0, case["scale"]), case
     assert result["odd"] is False  # a GQA group of 3 heads: refused, the engine stays on SDPA
     assert result["programs"] == [[0, 1, 1, 2, 2, 2], [0, 0, 8, 0, 8, 16]]

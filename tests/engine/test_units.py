@@ -243,8 +243,8 @@ def test_equal_whole_prompts_attend_causally_over_their_own_kv():
 
 def test_a_burst_of_equal_whole_prompts_runs_as_one_sdpa_call_over_views():
     """GPU path for a burst of whole prompts of one length in consecutive rows: causal SDPA over views of the
-    step's q/k/v (GQA inside SDPA, nothing gathered or expanded) equals one call per sequence; a decode between
-    the prompts, or a chunked continuation, keeps the step off that path."""
+    step's q/k/v (GQA inside SDPA, nothing gathered or expanded) equals one call per sequence; only the leading
+    run of such prompts takes that path (a decode between prompts or a chunked continuation ends it).""" 
     from epkit.engine.attention import _fresh_prefill, build_meta
 
     seqs = [(0, 6, [3, 7]), (0, 6, [10, 11]), (0, 6, [20, 21])]
@@ -261,8 +261,9 @@ def test_a_burst_of_equal_whole_prompts_runs_as_one_sdpa_call_over_views():
 
     want = paged_attention(q, k, v, k_cache, v_cache, build_meta(seqs, 4, cpu, False))
     torch.testing.assert_close(out.reshape(18, -1), want, rtol=1e-5, atol=1e-5)
-    assert build_meta([(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh is None
-    assert build_meta([(0, 6, [3, 7]), (2, 6, [10, 11])], 4, cpu, True).paged.fresh is None
+    assert build_meta([(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh == (0, 1, 6)
+    assert build_meta([(0, 6, [3, 7]), (2, 6, [10, 11])], 4, cpu, True).paged.fresh == (0, 1, 6)
+    assert build_meta([(3, 6, [3, 7]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh is None
 
 
 def test_prefill_batches_only_while_the_padding_is_small():
