@@ -15,10 +15,12 @@ import torch.nn.functional as F
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
 
 
-# Above this many gathered (token, expert) pairs an eager step reads this rank's pair count on the host
-# once per layer and sizes its expert buffers by it: at DP=8 + EP an 8k-token prefill gathers 524k pairs,
-# ~7 GiB of buffers if every pair had a row, of which this rank computes ~1/8.
-EXACT_ROWS_MIN_PAIRS = 65536
+# Above this many bytes of expert buffers sized by every gathered (token, expert) pair, an eager step reads
+# this rank's pair count on the host once per layer and sizes them by it: at DP=8 + EP an 8k-token prefill
+# gathers 524k pairs, ~6.7 GB of buffers if every pair had a row, of which this rank computes ~1/8. Below it
+# nothing waits (at DP=2 a 9k-token prefill step had 48 such reads, and the GPU idled after each one while
+# the host caught up).
+EXACT_ROWS_MIN_BYTES = 2 * 2**30
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -211,7 +213,9 @@ class LocalExperts:
         pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
         rows = expert_idx.shape[0]  # buffers sized by every pair of every rank; fine up to graph-step sizes
-        if rows > EXACT_ROWS_MIN_PAIRS and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        row_bytes = x.element_size() * (2 * x.shape[1] + 3 * self.intermediate)  # gathered row, gate/up, act, out
+        if rows * row_bytes > EXACT_ROWS_MIN_BYTES and x.device.type == "cuda" and \
+                not torch.cuda.is_current_stream_capturing():
             rows = int(counts.sum())  # a large eager prefill: one host read per layer, buffers of this rank's pairs only
         if x.device.type == "cuda":
             block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
