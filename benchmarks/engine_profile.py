@@ -160,7 +160,7 @@ def base_variant(name: str) -> str:
 def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto", prefill: str = "auto") -> None:
     """Switch the engine's Triton kernels off (PyTorch paths) or back on, and pick the MoE GEMM
     (``EPKIT_MOE_GEMM``: auto / triton / torch) and the prefill attention (``EPKIT_PREFILL_ATTENTION``: auto /
-    torch); captured graphs are dropped."""
+    triton / torch); captured graphs are dropped."""
     from epkit.engine import kernels
 
     os.environ["EPKIT_PREFILL_ATTENTION"] = "torch" if on else prefill

@@ -49,14 +49,16 @@ class PagedPrefill:
     starts: torch.Tensor  # [S] row of each sequence's first new token
     new: torch.Tensor  # [S] new tokens
     ctx: torch.Tensor  # [S] cached + new tokens
-    # (first row, sequences, tokens each) when the leading sequences are whole prompts of one length in consecutive
-    # rows (a burst of equal prompts): plain causal SDPA over views of the step's q/k/v serves them, no cache read
+    # (first row, sequences, tokens each) of the longest run of whole prompts of one length in consecutive rows
+    # (a burst of equal prompts): plain causal SDPA over views of the step's q/k/v serves them, no cache read;
+    # ``fresh_seqs`` are their indices among the step's multi-token sequences
     fresh: tuple[int, int, int] | None = None
-    _programs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fresh_seqs: range = range(0)
+    _programs: dict[tuple[int, range], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def programs(self, block_tokens: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence, first new token) per query block of the sequences after the first ``skip``; built once per
-        step, shared by every layer."""
+    def programs(self, block_tokens: int, skip: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, first new token) per query block of the sequences outside ``skip``; built once per step,
+        shared by every layer."""
         if (block_tokens, skip) not in self._programs:
             from epkit.engine.kernels import prefill_programs
 
@@ -155,11 +157,11 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         numbers = torch.tensor([(row, new, ctx) for row, new, ctx, _ in paged]).t().contiguous().to(device)
         tables = torch.tensor([table + [0] * (width - len(table)) for *_, table in paged]).to(device)
         meta.paged = PagedPrefill([new for _, new, _, _ in paged], tables, numbers[0], numbers[1], numbers[2])
-        first, length, count = paged[0][0], paged[0][1], 0
-        while count < len(paged) and paged[count][:3] == (first + count * length, length, length):
-            count += 1
-        if count:
-            meta.paged.fresh = (first, count, length)
+        runs = _equal_prompt_runs(paged)
+        if runs:
+            start, count = max(runs, key=lambda run: run[1])
+            meta.paged.fresh = (paged[start][0], count, paged[start][1])
+            meta.paged.fresh_seqs = range(start, start + count)
         meta.pending = prefill_host
     if decode_rows:
         width = max(len(t) for t in decode_tables)
@@ -170,9 +172,25 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
     return meta
 
 
-def _plan_fallback(meta: AttentionMeta, device: torch.device, skip: int) -> None:
-    """The step's multi-token sequences after the first ``skip`` for SDPA: one batched call, or one call each."""
-    pending, meta.pending, meta.fallback_planned = meta.pending[skip:], None, True
+def _equal_prompt_runs(paged: list[tuple[int, int, int, list[int]]]) -> list[tuple[int, int]]:
+    """(first index, length) of every run of whole prompts (nothing cached) of one length in consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for i, (row, new, ctx, _) in enumerate(paged):
+        if new != ctx:
+            continue
+        if runs and sum(runs[-1]) == i:
+            prev_row, prev_new = paged[i - 1][0], paged[i - 1][1]
+            if prev_new == new and prev_row + new == row:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                continue
+        runs.append((i, 1))
+    return runs
+
+
+def _plan_fallback(meta: AttentionMeta, device: torch.device, skip: range) -> None:
+    """The step's multi-token sequences outside ``skip`` for SDPA: one batched call, or one call each."""
+    pending = [seq for i, seq in enumerate(meta.pending) if i not in skip]
+    meta.pending, meta.fallback_planned = None, True
     if prefill_batchable([new for _, new, _ in pending], [slots.shape[0] for _, _, slots in pending]):
         meta.prefill = _prefill_batch(pending, device)
     else:  # one sequence (its own causal call is as good), or too much padding
@@ -205,11 +223,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         from epkit.engine import kernels
         from epkit.engine.moe import use_triton
 
-        p, done = meta.paged, 0
+        p, done = meta.paged, range(0)
         if p.fresh is not None and use_triton(q) and kernels.prefill_choice() == "auto":
             _fresh_prefill(q, k, v, out, *p.fresh)
-            done = p.fresh[1]
-        if done < len(p.news) and not meta.fallback_planned:
+            done = p.fresh_seqs
+        if len(done) < len(p.news) and not meta.fallback_planned:
             if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
                 kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
                                           p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1]), done),
@@ -261,12 +279,11 @@ def _batched_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     """Every prefill sequence of the step in one SDPA call; returns the real tokens' rows, in ``p.rows`` order."""
     S, width_q = p.q_index.shape
     heads, d = q.shape[1], q.shape[2]
-    if p.fresh:  # causal over the step's own K/V, no mask: flash attention (K/V expanded to the query heads,
-        # which every SDPA backend takes; enable_gqa would leave some backends to the math path)
-        group = heads // k.shape[1]
-        o = F.scaled_dot_product_attention(q[p.q_index].transpose(1, 2),
-                                           k[p.q_index].transpose(1, 2).repeat_interleave(group, dim=1),
-                                           v[p.q_index].transpose(1, 2).repeat_interleave(group, dim=1), is_causal=True)
+    if p.fresh:  # causal over the step's own K/V, no mask: GQA inside SDPA (flash / cuDNN on an H200: 0.11 ms
+        # per layer for 16 x 512 tokens, against 0.31 ms with K/V expanded to the query heads)
+        o = F.scaled_dot_product_attention(q[p.q_index].transpose(1, 2), k[p.q_index].transpose(1, 2),
+                                           v[p.q_index].transpose(1, 2), is_causal=True,
+                                           enable_gqa=heads != k.shape[1])
         return o.transpose(1, 2).reshape(S * width_q, heads, d)
     kv_heads = k_cache.shape[1]
     qq = q[p.q_index].transpose(1, 2)  # [S, heads, Q, d]

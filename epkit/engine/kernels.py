@@ -44,7 +44,7 @@ BLOCK_N = 64  # context tokens per tile
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_tb"])  # eager steps' block tables change width: no recompiles
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
                              stride_ob, stride_oh, scale,
@@ -93,7 +93,7 @@ if triton is not None:
         y = (xf * rstd).to(x.dtype) * w
         tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])  # rows change every step
     def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, R, H, stride_t, stride_h, eps,
                           HALF: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr):
         # ROWS (token, head) rows per program: one row per program left a 9k-token prefill with ~300k tiny programs
@@ -134,7 +134,7 @@ if triton is not None:
         tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=m), mask=m)
         tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_tb"])  # the block-table width changes every step: no recompiles
     def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_ptr, first_ptr, start_ptr, new_ptr,
                                   ctx_ptr, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                                   stride_ot, stride_oh, stride_tb, scale_log2, GROUP: tl.constexpr,
@@ -354,7 +354,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """``k_cache[slots] = k`` and ``v_cache[slots] = v`` in one launch (``k``/``v`` ``[T, kv_heads, head_dim]``, any
-    token and head strides with head_dim contiguous, e.g. slices of the fused QKV output)."""
+    token and head strides with head_dim contiguous, e.g. slices of the fused QKV output; the two caches alike)."""
+    assert k_cache.stride() == v_cache.stride(), "write_kv: the K and V caches must have the same layout"
     T, kvh, dim = k.shape
     if T:
         _write_kv_kernel[(T,)](k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -776,7 +777,8 @@ def _self_check(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, referen
 
 
 def write_kv_enabled(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether :func:`write_kv` writes K/V like ``k`` into caches like ``k_cache`` (checked once against indexing)."""
+    """Whether :func:`write_kv` writes K/V like ``k`` into caches like ``k_cache`` (checked once against indexing;
+    ``EPKIT_FUSED_NORMS=0``, which turns off the engine's small fused kernels, turns it off too)."""
     if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
         return False
     kvh, dim = k.shape[1], k.shape[2]
@@ -814,12 +816,12 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
         if why is not None:
             return why
         gen = torch.Generator(device=q.device).manual_seed(8)
-        blocks = 24
-        shape = (blocks * block_size, kv_heads, dim)
-        kc, vc = (torch.randn(shape, generator=gen, device=q.device).to(q.dtype) for _ in range(2))
         # (cached, new): a whole prompt longer than one query block and one key tile, a chunked-prefill
         # continuation, a short prompt; block tables out of order
         spec = [(0, 2 * prefill_block_tokens(heads, kv_heads) + 3), (3 * block_size + 5, 7), (0, 2)]
+        blocks = sum(-(-(cached + new) // block_size) for cached, new in spec)
+        shape = (blocks * block_size, kv_heads, dim)
+        kc, vc = (torch.randn(shape, generator=gen, device=q.device).to(q.dtype) for _ in range(2))
         tables, seqs, row, used = [], [], 0, torch.randperm(blocks, generator=torch.Generator().manual_seed(8))
         for cached, new in spec:
             n_blocks = -(-(cached + new) // block_size)
@@ -844,6 +846,14 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
     return _usable("prefill attention", key, q, check, used="Triton paged kernel", fallback="PyTorch SDPA")
 
 
+def check_environment() -> None:
+    """Validate the kernel-choice environment variables at engine start (a bad value fails there, not mid-step)."""
+    prefill_choice()
+    mode = os.environ.get("EPKIT_MOE_GEMM", "auto")
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"EPKIT_MOE_GEMM={mode!r}: expected auto, triton or torch")
+
+
 def prefill_choice() -> str:
     """``EPKIT_PREFILL_ATTENTION``: ``auto`` (bursts of equal whole prompts through SDPA, other multi-token steps
     through the Triton prefill kernel), ``triton`` (the kernel for every multi-token step) or ``torch`` (SDPA only)."""
@@ -854,11 +864,12 @@ def prefill_choice() -> str:
 
 
 def prefill_programs(news: list[int], block_tokens: int, device: torch.device,
-                     skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first new token) of every ``block_tokens``-token query block of the sequences after the first
-    ``skip``, of sequences with ``news`` new tokens. Built from Python lists: CPU ``repeat_interleave`` took 4-12 ms
-    per call in a GPU server process (measured on an H200 host), once per step but on the step's critical path."""
-    seq = [s for s in range(skip, len(news)) for _ in range(-(-news[s] // block_tokens))]
-    first = [i * block_tokens for s in range(skip, len(news)) for i in range(-(-news[s] // block_tokens))]
+                     skip: range = range(0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first new token) of every ``block_tokens``-token query block of the sequences (with ``news`` new
+    tokens each) outside ``skip``. Built from Python lists: CPU ``repeat_interleave`` took 4-12 ms per call in a GPU
+    server process (measured on an H200 host), once per step but on the step's critical path."""
+    seqs = [s for s in range(len(news)) if s not in skip]
+    seq = [s for s in seqs for _ in range(-(-news[s] // block_tokens))]
+    first = [i * block_tokens for s in seqs for i in range(-(-news[s] // block_tokens))]
     both = torch.tensor([seq, first], dtype=torch.long).to(device)
     return both[0], both[1]

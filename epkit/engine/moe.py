@@ -213,7 +213,9 @@ class LocalExperts:
         pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
         rows = expert_idx.shape[0]  # buffers sized by every pair of every rank; fine up to graph-step sizes
-        row_bytes = x.element_size() * (2 * x.shape[1] + 3 * self.intermediate)  # gathered row, gate/up, act, out
+        # gathered row, gate/up, act and output of the torch._grouped_mm path (the Triton GEMMs need less: no
+        # gathered copy, no gate/up buffer), so the bound errs on the safe side
+        row_bytes = x.element_size() * (2 * x.shape[1] + 3 * self.intermediate)
         if rows * row_bytes > EXACT_ROWS_MIN_BYTES and x.device.type == "cuda" and \
                 not torch.cuda.is_current_stream_capturing():
             rows = int(counts.sum())  # a large eager prefill: one host read per layer, buffers of this rank's pairs only

@@ -54,6 +54,12 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_config: dict, model_dir: Path | None, dp_rank: int,
                  device: torch.device, comm: Communicator):
         self.cfg, self.device, self.comm = cfg, device, comm
+        from epkit.engine import kernels
+
+        try:
+            kernels.check_environment()
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
         self.mcfg = ModelConfig.from_dict(model_config)
         self.dtype = resolve_dtype(cfg, model_config, device)
         self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings

@@ -195,7 +195,7 @@ for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 1
     kc = torch.randn(blocks * bs, kvh, dim).to(dtype)
     vc = torch.randn(blocks * bs, kvh, dim).to(dtype)
     # (cached, new): whole prompts across query-block and key-tile edges, chunked-prefill continuations, a decode
-    spec = [(0, 70), (2 * bs + 3, 9), (0, 1 + 0), (bs, bs), (0, 2), (5, 1)]
+    spec = [(0, 70), (2 * bs + 3, 9), (0, 1), (bs, bs), (0, 2), (5, 1)]  # (0, 1) and (5, 1): the decode path
     perm = torch.randperm(blocks)
     seqs, used = [], 0
     for cached, new in spec:
@@ -219,7 +219,24 @@ for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 1
                         scale=want.abs().max().item(), kernel=not meta.fallback_planned and meta.prefill is None,
                         fresh=meta.paged.fresh, cache_equal=torch.equal(kc2, kc3) and torch.equal(vc2, vc3)))
 odd = kernels.prefill_kernel_enabled(torch.zeros(1, 12, 64), torch.zeros(16, 4, 64), 16, attend_each)
-print(json.dumps(dict(out=out, odd=odd, programs=[t.tolist() for t in kernels.prefill_programs([5, 16, 17], 8, torch.device("cpu"))])))
+# a burst in the middle of the step (SDPA over views), a continuation and a short prompt around it (the kernel, or
+# with a GQA group of 3 heads, refused, the SDPA fallback); the meta is reused as by a second layer
+os.environ["EPKIT_PREFILL_ATTENTION"] = "auto"
+middle = []
+for heads, kvh in [(32, 4), (12, 4)]:
+    bs, dim = 16, 64
+    kc, vc = torch.randn(40 * bs, kvh, dim), torch.randn(40 * bs, kvh, dim)
+    seqs = [(bs, 5, [0, 1]), (0, 6, [2]), (0, 6, [3]), (0, 6, [4]), (0, 3, [5]), (7, 1, [6])]
+    T = sum(new for _, new, _ in seqs)
+    q, k, v = torch.randn(T, heads, dim), torch.randn(T, kvh, dim), torch.randn(T, kvh, dim)
+    want = paged_attention(q, k, v, kc.clone(), vc.clone(), build_meta(seqs, bs, torch.device("cpu"), False)).float()
+    meta = build_meta(seqs, bs, torch.device("cpu"), True)
+    errs = [(paged_attention(q, k, v, kc.clone(), vc.clone(), meta).float() - want).abs().max().item() for _ in range(2)]
+    middle.append(dict(heads=heads, errs=errs, fresh=meta.paged.fresh, seqs=list(meta.paged.fresh_seqs),
+                       fallback=meta.fallback_planned))
+progs = [[t.tolist() for t in kernels.prefill_programs([5, 16, 17], 8, torch.device("cpu"), skip)]
+         for skip in (range(0), range(1, 2))]
+print(json.dumps(dict(out=out, odd=odd, programs=progs, middle=middle)))
 """
 
 
@@ -236,4 +253,8 @@ def test_prefill_attention_kernel_matches_per_sequence_sdpa():
         tol = 1e-5 if case["case"][4] == "torch.float32" else 2e-3
         assert case["err"] <= tol * max(1.0, case["scale"]), case
     assert result["odd"] is False  # a GQA group of 3 heads: refused, the engine stays on SDPA
-    assert result["programs"] == [[0, 1, 1, 2, 2, 2], [0, 0, 8, 0, 8, 16]]
+    assert result["programs"] == [[[0, 1, 1, 2, 2, 2], [0, 0, 8, 0, 8, 16]], [[0, 2, 2, 2], [0, 0, 8, 16]]]
+    for case in result["middle"]:  # the burst (rows 5..22) is found in the middle, each sequence attended once
+        assert case["fresh"] == [5, 3, 6] and case["seqs"] == [1, 2, 3], case
+        assert case["fallback"] is (case["heads"] == 12), case
+        assert max(case["errs"]) <= 1e-5, case

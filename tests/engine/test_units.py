@@ -243,8 +243,8 @@ def test_equal_whole_prompts_attend_causally_over_their_own_kv():
 
 def test_a_burst_of_equal_whole_prompts_runs_as_one_sdpa_call_over_views():
     """GPU path for a burst of whole prompts of one length in consecutive rows: causal SDPA over views of the
-    step's q/k/v (GQA inside SDPA, nothing gathered or expanded) equals one call per sequence; only the leading
-    run of such prompts takes that path (a decode between prompts or a chunked continuation ends it).""" 
+    step's q/k/v (GQA inside SDPA, nothing gathered or expanded) equals one call per sequence; the longest run of
+    such prompts takes that path (a decode between prompts or a chunked continuation ends a run)."""
     from epkit.engine.attention import _fresh_prefill, build_meta
 
     seqs = [(0, 6, [3, 7]), (0, 6, [10, 11]), (0, 6, [20, 21])]
@@ -263,7 +263,8 @@ def test_a_burst_of_equal_whole_prompts_runs_as_one_sdpa_call_over_views():
     torch.testing.assert_close(out.reshape(18, -1), want, rtol=1e-5, atol=1e-5)
     assert build_meta([(0, 6, [3, 7]), (5, 1, [1, 2]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh == (0, 1, 6)
     assert build_meta([(0, 6, [3, 7]), (2, 6, [10, 11])], 4, cpu, True).paged.fresh == (0, 1, 6)
-    assert build_meta([(3, 6, [3, 7]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh is None
+    assert build_meta([(3, 6, [3, 7, 1]), (0, 6, [10, 11])], 4, cpu, True).paged.fresh == (6, 1, 6)
+    assert build_meta([(3, 6, [3, 7, 1]), (5, 1, [8, 9]), (0, 6, [10, 11]), (0, 6, [12, 13])], 4, cpu, True).paged.fresh == (7, 2, 6)
 
 
 def test_prefill_batches_only_while_the_padding_is_small():
@@ -457,3 +458,16 @@ def test_seeded_rows_do_not_depend_on_their_batch():
     alone = [int(draw(logits[i : i + 1], [_seq("s", seed=11, top_p=0.9)])) for i in (2,)]
     mixed = [_seq("a"), _seq("b", temperature=0.7), _seq("s2", seed=11, top_p=0.9), _seq("c", top_k=3), _seq("d"), _seq("e")]
     assert int(draw(logits, mixed)[2]) == alone[0]
+
+
+def test_kernel_choice_variables_are_checked_at_engine_start(monkeypatch):
+    """A bad EPKIT_PREFILL_ATTENTION / EPKIT_MOE_GEMM fails when the runner starts, naming the value and the choices."""
+    from epkit.engine.kernels import check_environment
+
+    monkeypatch.setenv("EPKIT_PREFILL_ATTENTION", "fast")
+    with pytest.raises(ValueError, match=r"EPKIT_PREFILL_ATTENTION='fast': expected auto, triton or torch"):
+        check_environment()
+    monkeypatch.setenv("EPKIT_PREFILL_ATTENTION", "triton")
+    monkeypatch.setenv("EPKIT_MOE_GEMM", "cutlass")
+    with pytest.raises(ValueError, match=r"EPKIT_MOE_GEMM='cutlass': expected auto, triton or torch"):
+        check_environment()
