@@ -667,9 +667,7 @@ def moe_gemm_enabled(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block
     use outside a CUDA graph capture both run on the layer's own weights: the kernel must match, and on CUDA it
     must also be the faster of the two at ``block_m``'s group sizes (both timings are logged).
     ``EPKIT_MOE_GEMM=triton`` skips the timing, ``=torch`` keeps PyTorch's grouped GEMM."""
-    mode = os.environ.get("EPKIT_MOE_GEMM", "auto")
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"EPKIT_MOE_GEMM={mode!r}: expected auto, triton or torch")
+    mode = kernel_choice("EPKIT_MOE_GEMM")
     if mode == "torch" or os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
         return False
     key = ("moe_gemm", x.device, x.dtype, tuple(w13.shape), tuple(w2.shape), block_m, mode)
@@ -848,19 +846,22 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
 
 def check_environment() -> None:
     """Validate the kernel-choice environment variables at engine start (a bad value fails there, not mid-step)."""
-    prefill_choice()
-    mode = os.environ.get("EPKIT_MOE_GEMM", "auto")
+    for name in ("EPKIT_PREFILL_ATTENTION", "EPKIT_MOE_GEMM"):
+        kernel_choice(name)
+
+
+def kernel_choice(name: str) -> str:
+    """The value of environment variable ``name``: ``auto`` (default), ``triton`` or ``torch``."""
+    mode = os.environ.get(name, "auto")
     if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"EPKIT_MOE_GEMM={mode!r}: expected auto, triton or torch")
+        raise ValueError(f"{name}={mode!r}: expected auto, triton or torch")
+    return mode
 
 
 def prefill_choice() -> str:
     """``EPKIT_PREFILL_ATTENTION``: ``auto`` (bursts of equal whole prompts through SDPA, other multi-token steps
     through the Triton prefill kernel), ``triton`` (the kernel for every multi-token step) or ``torch`` (SDPA only)."""
-    mode = os.environ.get("EPKIT_PREFILL_ATTENTION", "auto")
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"EPKIT_PREFILL_ATTENTION={mode!r}: expected auto, triton or torch")
-    return mode
+    return kernel_choice("EPKIT_PREFILL_ATTENTION")
 
 
 def prefill_programs(news: list[int], block_tokens: int, device: torch.device,
