@@ -68,22 +68,70 @@ def _simulate(args) -> int:
 
     _need_ep(args)
     trace = _trace(args)
+    model = args.model or _bundled(trace.meta.get("model"))
     frame = simulate(trace, args.eplb_config, args.policy, num_ranks=args.ep, num_nodes=args.nodes,
-                     num_groups=args.groups, bytes_per_expert=_bytes_per_expert(args.model))
+                     num_groups=args.groups, bytes_per_expert=_bytes_per_expert(model))
     if args.csv:
         frame.to_csv(args.csv, index=False)
-    events = frame[frame.rearranged]
-    print(f"policy={frame.attrs['policy']} steps={len(frame)} rearrangements={len(events)} "
-          f"mean balancedness={frame.balancedness.mean():.4f}")
-    if len(events):
-        after = frame.balancedness.shift(-1)[frame.rearranged]
-        table = pd.DataFrame({
-            "step": events.step, "balancedness_before": events.balancedness.round(4),
-            "balancedness_after": after.round(4), "experts_moved": events.experts_moved,
-            "bytes_moved": events.bytes_moved, "rebalance_ms": events.rebalance_ms.round(2),
-        })
-        print(table.to_string(index=False))
+    print(format_simulation(frame, trace.load.shape, model))
     return 0
+
+
+def _bundled(model: str | None) -> str | None:
+    """A trace's model name when epkit knows its sizes (the built-in engine's dumps name theirs)."""
+    from epkit.models import ModelSpec
+
+    try:
+        return model if model and ModelSpec.load(model) else None
+    except EpkitError:
+        return None
+
+
+def format_simulation(frame: pd.DataFrame, shape: tuple[int, int, int], model: str | None) -> str:
+    """``epkit eplb simulate``'s report: settings, no EPLB against the policy, one row per
+    rearrangement; each table followed by a one-line legend of its columns."""
+    from epkit.eplb.simulate import rearrangements, summary
+
+    steps, layers, experts = shape
+    cfg = frame.attrs["eplb_config"]
+    gib = 2.0 ** 30
+    has_bytes = frame["bytes_moved"].notna().any()
+
+    def gib_text(values: pd.Series) -> pd.Series:
+        return values.map(lambda b: f"{b / gib:.4g}" if pd.notna(b) else "n/a")
+
+    head = (f"{steps} steps × {layers} MoE layers × {experts} experts on {frame.attrs['num_ranks']} EP ranks "
+            f"({frame.attrs['num_physical']} physical slots, num_redundant_experts={cfg['num_redundant_experts']}); "
+            f"policy {frame.attrs['policy']}, window_size {cfg['window_size']}, step_interval {cfg['step_interval']}; "
+            + (f"bytes per expert from {model}" if has_bytes else "GiB_moved needs --model"))
+    total = summary(frame)
+    total = pd.DataFrame({"run": total["run"], "mean_balancedness": total["mean_balancedness"].round(4),
+                          "min_balancedness": total["min_balancedness"].round(4),
+                          "rearrangements": total["rearrangements"], "experts_moved": total["experts_moved"],
+                          "GiB_moved": gib_text(total["bytes_moved"])})
+    lines = [head, "", total.to_string(index=False),
+             f"balancedness: per step, Σ layers mean ÷ Σ layers max rank load (1 = even), mean / min over the "
+             f"{steps} steps; no EPLB: {experts} experts in contiguous blocks per rank, never moved; GiB_moved: "
+             "expert copies × bytes per expert"]
+    events = rearrangements(frame)
+    if len(events):
+        table = pd.DataFrame({
+            "step": events["step"],
+            "window_before": events["window_balancedness_before"].round(4),
+            "window_after": events["window_balancedness_after"].round(4),
+            "next_steps": events["next_steps"].astype(int),
+            "next_kept": events["next_balancedness_kept"].round(4),
+            "next_new": events["next_balancedness_new"].round(4),
+            "experts_moved": events["experts_moved"],
+            "GiB_moved": gib_text(events["bytes_moved"]),
+            "policy_ms": events["rebalance_ms"].round(2),
+        })
+        lines += ["", table.to_string(index=False, na_rep="-"),
+                  "window_before/after: balancedness of the window the policy saw under the old / new placement "
+                  "(predicted; the engine logs it as 'window balancedness a -> b'); next_kept/new: mean per-step "
+                  "balancedness over the next_steps steps until the next rearrangement, old placement kept / new "
+                  "one (realised); policy_ms: time to compute the placement"]
+    return "\n".join(lines)
 
 
 def _compare(args) -> int:

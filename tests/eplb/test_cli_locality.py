@@ -1,6 +1,9 @@
 """`epkit eplb` sub-commands through epkit's dispatcher, and node locality on a hand-made case."""
 
+import json
+
 import numpy as np
+import pytest
 
 from epkit.cli import main as epkit_main
 from epkit.eplb import Placement, node_locality
@@ -17,7 +20,34 @@ def test_simulate_and_compare_run(capsys, tmp_path):
                      "--steps", "30", "--tokens", "256", "--eplb-config", '{"num_redundant_experts":8,"step_interval":20}',
                      "--csv", str(csv)])
     out = capsys.readouterr().out
-    assert rc == 0 and "rearrangements=2" in out and csv.exists()
+    assert rc == 0 and csv.exists()
+    lines = out.splitlines()
+    baseline = next(line.split() for line in lines if line.strip().startswith("no EPLB"))
+    policy = next(line.split() for line in lines if line.strip().startswith("EPLB default"))
+    assert baseline[-3:] == ["0", "0", "n/a"] and policy[-3] == "2"  # rearrangements; no --model: no GiB
+    assert "GiB_moved needs --model" in out and "no EPLB: 32 experts in contiguous blocks" in out
+    assert any(line.startswith("window_before/after:") for line in lines)  # the legend of the event table
+
+
+def test_simulate_reports_the_engines_window_figures_and_gib(capsys, tmp_path):
+    """A trace the built-in engine dumped names its model: bytes moved come in GiB from its expert size."""
+    from epkit.models import ModelSpec
+
+    rng = np.random.default_rng(0)
+    load = rng.integers(0, 8, size=(12, 4, 32)) * np.linspace(4, 1, 32).round()  # epkit-tiny-moe: 4 layers, 32 experts
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps({"format": "epkit-eplb-trace", "version": 1, "kind": "logical", "model": "epkit-tiny-moe",
+                                "num_logical_experts": 32, "steps": [{"step": i, "load": s.tolist()} for i, s in enumerate(load)]}))
+    assert epkit_main(["eplb", "simulate", "--trace", str(path), "--ep", "2", "--eplb-config",
+                       '{"num_redundant_experts": 2, "step_interval": 8, "window_size": 8}']) == 0
+    out = capsys.readouterr().out
+    assert "bytes per expert from epkit-tiny-moe" in out
+    header = next(line.split() for line in out.splitlines() if line.lstrip().startswith("step "))
+    assert header == ["step", "window_before", "window_after", "next_steps", "next_kept", "next_new", "experts_moved",
+                      "GiB_moved", "policy_ms"]
+    first = next(line.split() for line in out.splitlines() if line.lstrip().startswith("1 "))
+    moved = int(first[6])
+    assert float(first[7]) == pytest.approx(moved * ModelSpec.load("epkit-tiny-moe").bytes_per_expert / 2**30, rel=1e-3)
     assert epkit_main(["eplb", "compare", "--reference", "--policies", "default,balanced"]) == 0
     assert "dsv3_like_ep16_2nodes_r16" in capsys.readouterr().out
 

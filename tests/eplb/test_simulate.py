@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from epkit.eplb import Placement, rebalance, simulate, synthetic_trace
-from epkit.eplb.simulate import schedule
+from epkit.eplb.simulate import rearrangements, schedule, summary
 from epkit.errors import TopologyError
 from epkit.topology import EPLBConfig
 
@@ -41,8 +41,10 @@ def test_balancedness_rises_after_first_rearrangement_and_bytes_are_counted():
     assert df.experts_moved[first] > 0 and df.bytes_moved[first] == df.experts_moved[first] * 1000.0
     assert (df.experts_moved[~df.rearranged] == 0).all() and df.logged.all()
     np.testing.assert_allclose(df.mean_rank_load, trace.load.sum(-1).sum(-1) / 8)
-    assert list(df.columns) == ["step", "balancedness", "mean_rank_load", "max_rank_load", "logged", "rearranged",
-                                "experts_moved", "bytes_moved", "rebalance_ms"]
+    assert list(df.columns) == ["step", "balancedness", "no_eplb_balancedness", "mean_rank_load", "max_rank_load",
+                                "logged", "rearranged", "experts_moved", "bytes_moved", "rebalance_ms",
+                                "window_balancedness_before", "window_balancedness_after", "next_steps",
+                                "next_balancedness_kept", "next_balancedness_new"]
 
 
 def test_sticky_moves_less_than_default_over_a_drifting_trace():
@@ -75,3 +77,75 @@ def test_initial_placement_is_vllms_linear_one():
     p = Placement.linear(1, 4, 6)
     assert p.phy2log.tolist() == [[0, 1, 2, 3, 0, 1]]
     assert p.log2phy[0, 0].tolist() == [0, 4] and p.log2phy[0, 3].tolist() == [3, -1]
+
+
+def test_window_balancedness_is_predicted_and_next_is_realised():
+    """Why a rearrangement can read 0.5 -> 1.0 in the engine's log and 0.5 -> 0.5 a step later.
+
+    1 layer, 4 experts on 2 ranks (2 slots each), window_size 1. Step 0 routes 4 tokens to
+    experts 0 and 1, which the start-up placement keeps on rank 0: 0.5. Any placement the
+    policy makes from that window puts 0 and 1 on different ranks: 1.0 on the window it saw.
+    Step 1 routes only to expert 0, so whatever rank holds it carries everything: 0.5 realised.
+    """
+    load = np.array([[[4, 4, 0, 0]], [[4, 0, 0, 0]]], dtype=float)
+    cfg = EPLBConfig(window_size=1, step_interval=4)  # counter starts at 3: rearranges after step 0 only
+    df = simulate(load, cfg, num_ranks=2)
+    events = rearrangements(df)
+    assert events["step"].tolist() == [0]
+    row = events.iloc[0]
+    assert (row.window_balancedness_before, row.window_balancedness_after) == (0.5, 1.0)
+    assert (row.next_steps, row.next_balancedness_kept, row.next_balancedness_new) == (1, 0.5, 0.5)
+    assert df["balancedness"].tolist() == [0.5, 0.5]  # per step, as vLLM's "EPLB step" lines read it
+    assert df.loc[~df.rearranged, "window_balancedness_after"].isna().all()
+
+
+def test_window_figures_are_the_engines_and_next_figures_are_the_per_step_ones():
+    """The built-in engine's Rebalancer (fed the same routing) logs exactly the simulator's window
+    figures; the realised figures are the per-step balancedness averaged until the next rearrangement."""
+    torch = pytest.importorskip("torch")
+    from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
+
+    steps, layers, experts, ranks, top_k = 30, 3, 16, 4, 2
+    rng = np.random.default_rng(5)
+    popularity = np.linspace(3.0, 0.2, experts) / np.linspace(3.0, 0.2, experts).sum()  # skewed, noisy per step
+    ids = [[rng.choice(experts, size=(24, top_k), p=popularity) for _ in range(layers)] for _ in range(steps)]
+    load = np.zeros((steps, layers, experts))
+    for t in range(steps):
+        for layer in range(layers):
+            np.add.at(load[t, layer], ids[t][layer].ravel(), 1)
+    config = {"num_redundant_experts": 4, "window_size": 6, "step_interval": 8}
+
+    engine = Rebalancer(resolve_eplb_config(config, experts, ranks), layers, experts, ranks, 0, 1,
+                        torch.device("cpu"), all_reduce=lambda x: x)  # one process holds every rank's tokens
+    logged = []
+    for t in range(steps):
+        for layer in range(layers):
+            engine.record(layer, torch.from_numpy(ids[t][layer]))
+        before = engine.num_rebalances
+        engine.end_step([], build=None)
+        if engine.num_rebalances > before:
+            logged.append((t, engine.stats["window_balancedness_before"], engine.stats["window_balancedness_after"]))
+
+    df = simulate(load, config, num_ranks=ranks)
+    events = rearrangements(df)
+    assert events["step"].tolist() == [t for t, _, _ in logged] == [1, 9, 17, 25]
+    # same window load (integer counts), same policy code: the same numbers up to float64 rounding
+    np.testing.assert_allclose(events["window_balancedness_before"], [b for _, b, _ in logged], rtol=1e-12)
+    np.testing.assert_allclose(events["window_balancedness_after"], [a for _, _, a in logged], rtol=1e-12)
+    for _, row in events.iterrows():
+        following = df["balancedness"].iloc[int(row.step) + 1: int(row.step) + 1 + int(row.next_steps)]
+        assert row.next_balancedness_new == pytest.approx(following.mean(), rel=1e-12)
+    # the policy fits the window it saw; fresh steps of the same skewed routing balance less well
+    assert (events["next_balancedness_new"].iloc[:-1] < events["window_balancedness_after"].iloc[:-1]).all()
+    assert events["next_steps"].tolist() == [8, 8, 8, 4]
+
+
+def test_no_eplb_baseline_and_summary():
+    # 5 experts on 2 ranks without EPLB: blocks {0, 1, 2} and {3, 4} (vLLM gives the first rank the extra one)
+    load = np.array([[[1, 1, 1, 0, 0]], [[0, 0, 0, 3, 3]]], dtype=float)
+    df = simulate(load, {"num_redundant_experts": 1, "step_interval": 4}, num_ranks=2, bytes_per_expert=2.0 ** 29)
+    assert df["no_eplb_balancedness"].tolist() == [0.5, 0.5]
+    table = summary(df)
+    assert table["run"].tolist() == ["no EPLB", "EPLB default"]
+    assert table.loc[0, "mean_balancedness"] == 0.5 and table.loc[0, "rearrangements"] == 0
+    assert table.loc[1, "rearrangements"] == 1 and table.loc[1, "bytes_moved"] == df["experts_moved"].sum() * 2.0 ** 29
