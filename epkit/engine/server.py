@@ -384,7 +384,7 @@ def build_app(api: Api) -> FastAPI:
                 choice["token_ids"] = list(ids)
             return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name, "choices": [choice]}
 
-        headers = {"x-data-parallel-rank": ",".join(map(str, ranks))}
+        headers = {"x-data-parallel-rank": ",".join(map(str, ranks)), "x-epkit-api-server": str(api.engine.server_index)}
 
         if req.stream:
             async def events():
@@ -420,7 +420,7 @@ def build_app(api: Api) -> FastAPI:
         params = req.sampling_params(len(prompt), api.max_model_len, requested)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream, rank = api.stream(prompt, params, req.stop_strings(), pinned)
-        headers = {"x-data-parallel-rank": str(rank)}
+        headers = {"x-data-parallel-rank": str(rank), "x-epkit-api-server": str(api.engine.server_index)}
 
         def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
