@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -68,23 +69,62 @@ def test_token_id_prompts_stop_and_sampling(client, server):
     assert [c.index for c in sorted(batch.choices, key=lambda c: c.index)] == [0, 1] and batch.usage.completion_tokens == 8
 
 
+def load_per_rank(server) -> list[float]:
+    """Requests running or waiting on each DP rank, as the engine cores last reported them (/metrics)."""
+    text = httpx.get(server.url + "/metrics").text
+    load = [0.0, 0.0]
+    for line in text.splitlines():
+        if line.startswith(("epkit:num_requests_running{", "epkit:num_requests_waiting{")):
+            load[int(line.split('dp_rank="')[1].split('"')[0])] += float(line.split()[-1])
+    return load
+
+
+def wait_for_load(server, want: list[float], timeout: float = 30.0) -> list[float]:
+    deadline = time.time() + timeout
+    while (got := load_per_rank(server)) != want and time.time() < deadline:
+        time.sleep(0.1)
+    return got
+
+
 def test_pinning_header_and_least_loaded_routing(server):
+    """Each API server sends a request to the rank an X-data-parallel-rank header pins, else to the DP rank with the
+    fewest of *its own* requests in flight (ties rotate: EngineClient.reserve). Which server a new connection reaches
+    is the kernel's choice (SO_REUSEPORT), so the rule is checked per server, from each response's headers
+    (x-epkit-api-server, x-data-parallel-rank), with every stream held open until all are routed."""
     headers = {**server.headers}
     for rank in (0, 1):
         r = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": str(rank)},
                        json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200 and r.headers["x-data-parallel-rank"] == str(rank)
-    async def burst() -> list[str]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            rs = await asyncio.gather(*(c.post(server.url + "/v1/completions", headers=headers,
-                                               json={"model": MODEL, "prompt": f"p{i}", "max_tokens": 4}) for i in range(8)))
-        return [r.headers["x-data-parallel-rank"] for r in rs]
-
-    ranks = asyncio.run(burst())
-    assert sorted(ranks) == ["0"] * 4 + ["1"] * 4  # least-loaded routing splits a burst evenly
     bad = httpx.post(server.url + "/v1/completions", headers={**headers, "X-data-parallel-rank": "7"},
                      json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert bad.status_code == 400
+    assert wait_for_load(server, [0, 0]) == [0, 0]
+
+    # two requests pinned to rank 1 first: "least loaded" then differs from plain alternation on their server(s)
+    pins = ["1", "1", None, None, None, None, None, None, None]
+    in_flight: dict[str, list[int]] = {}  # API server -> our open streams per rank
+    routed = []
+    with contextlib.ExitStack() as open_streams:
+        for i, pin in enumerate(pins):
+            fresh = open_streams.enter_context(httpx.Client(timeout=60))  # a new connection: any server may take it
+            body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 480, "ignore_eos": True, "stream": True}
+            r = open_streams.enter_context(fresh.stream("POST", server.url + "/v1/completions", json=body,
+                                                        headers={**headers, **({"X-data-parallel-rank": pin} if pin else {})}))
+            assert r.status_code == 200
+            api_server, rank = r.headers["x-epkit-api-server"], int(r.headers["x-data-parallel-rank"])
+            counts = in_flight.setdefault(api_server, [0, 0])
+            routed.append((pin, api_server, rank, list(counts)))
+            if pin is None:
+                assert counts[rank] == min(counts), f"not the least-loaded rank of API server {api_server}: {routed}"
+            else:
+                assert rank == int(pin), routed
+            counts[rank] += 1
+        assert set(in_flight) <= {"0", "1"}, routed
+        # the engine cores hold every stream (none ended before the last one was routed, so each was in flight)
+        mine = [float(sum(c[rank] for c in in_flight.values())) for rank in (0, 1)]
+        assert wait_for_load(server, mine) == mine, routed
+    assert wait_for_load(server, [0, 0]) == [0, 0], "closing the streams should abort them"
 
 
 @pytest.mark.parametrize(
