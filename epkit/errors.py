@@ -15,3 +15,7 @@ class LaunchError(EpkitError):
 
 class EngineError(EpkitError):
     """The built-in engine met a condition it cannot serve under."""
+
+
+class EpkitDeprecationWarning(FutureWarning):
+    """A spelling epkit still reads but will drop (shown by default; ``epkit`` prints it as one line)."""

@@ -8,9 +8,11 @@ measures by profiling at start-up; it is a parameter with a stated default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from epkit import vllm_versions
 from epkit.errors import TopologyError
 from epkit.topology import Topology
 
@@ -26,22 +28,39 @@ GPU_MEMORY_BYTES: dict[str, int] = {
 }
 
 DEFAULT_RUNTIME_RESERVE_BYTES = 2 * GIB
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
+
+
+def _one_value(topology: Topology, name: str, given: Any) -> Any:
+    """``given`` or the topology's value of ``name``; both set and different is an error."""
+    mine = getattr(topology, name)
+    if given is None or mine is None or given == mine:
+        return mine if given is None else given
+    raise TopologyError(
+        f"{name}={given!r} disagrees with topology.{name}={mine!r} (the value its command renders); "
+        "plan with the topology's value or change the topology"
+    )
 
 
 def gpu_memory_bytes(gpu: str | Mapping[str, Any]) -> tuple[str, int]:
     """Resolve ``"H200"``, ``"A100-40=40"`` (GiB) or ``{"name":…, "memory_gib":…}`` to (name, bytes)."""
     if isinstance(gpu, Mapping):
         name, gib = gpu.get("name"), gpu.get("memory_gib")
-        if not isinstance(name, str) or not isinstance(gib, (int, float)) or gib <= 0:
+        if not isinstance(name, str) or isinstance(gib, bool) or not isinstance(gib, (int, float)) \
+                or not math.isfinite(gib) or gib <= 0:
             raise TopologyError(f"gpu={dict(gpu)!r} must have a name and a positive memory_gib")
         return name, int(gib * GIB)
+    if not isinstance(gpu, str):
+        raise TopologyError(
+            f"gpu={gpu!r} must be a GPU name ({', '.join(GPU_MEMORY_BYTES)}) or NAME=GiB, e.g. A100-40=40"
+        )
     if "=" in gpu:
         name, _, gib = gpu.partition("=")
         try:
             size = float(gib)
         except ValueError:
             size = -1.0
-        if size <= 0 or not name:
+        if not math.isfinite(size) or size <= 0 or not name:
             raise TopologyError(f"gpu={gpu!r} must look like NAME=GiB, e.g. A100-40=40")
         return name, int(size * GIB)
     if gpu not in GPU_MEMORY_BYTES:
@@ -83,7 +102,7 @@ class MemoryPlan:
 def memory_plan(
     topology: Topology,
     gpu: str | Mapping[str, Any],
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
     max_model_len: int | None = None,
     runtime_reserve_bytes: float = DEFAULT_RUNTIME_RESERVE_BYTES,
     kv_dtype_bytes: float | None = None,
@@ -94,10 +113,20 @@ def memory_plan(
     routed experts follow the seed's ``(E + R) ÷ EP`` per rank (or E ÷ TP without EP).
     What the utilization budget leaves after weights and the runtime reserve is KV
     cache. It fits when that cache holds at least one ``max_model_len`` sequence
-    (vLLM refuses to start otherwise); ``max_model_len`` defaults to the model's.
+    (vLLM refuses to start otherwise).
+
+    ``gpu_memory_utilization`` and ``max_model_len`` are the topology's (the values its
+    command renders), else vLLM's defaults (0.9, the model's length). Passing one here
+    plans a topology that does not set it; one that disagrees with the topology's is refused,
+    so the plan never assumes what the command does not say.
     """
-    if isinstance(gpu_memory_utilization, bool) or not 0 < gpu_memory_utilization <= 1:
-        raise TopologyError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be in (0, 1]")
+    gpu_memory_utilization = _one_value(topology, "gpu_memory_utilization", gpu_memory_utilization)
+    max_model_len = _one_value(topology, "max_model_len", max_model_len)
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
+    if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
+            or not 0 < gpu_memory_utilization <= 1:
+        raise TopologyError(f"gpu_memory_utilization={gpu_memory_utilization!r} must be a number in (0, 1]")
     name, total = gpu_memory_bytes(gpu)
     spec = topology.spec
     max_len = max_model_len if max_model_len is not None else spec.max_position_embeddings
@@ -137,15 +166,31 @@ def memory_plan(
 
 
 def backend_advice(topology: Topology) -> str:
-    """The seed's backend selection guide applied to this topology."""
+    """The seed's backend selection guide applied to this topology and its target vLLM release
+    (a backend that release lacks, or silently replaces, is never advised)."""
     if not topology.enable_expert_parallel:
         return "no expert parallelism: MoE layers are tensor-parallel; all2all backend unused"
+    if topology.engine != "vllm":
+        return "built-in engine: every backend runs the same MoE; compare them in a sweep"
+    release = vllm_versions.release(topology.vllm_version)
+    real = {b for b in release.backends if b not in release.replaced}
+
+    def have(*names: str) -> list[str]:
+        return [n for n in names if n in real]
+
     if topology.nodes == 1:
-        return "single node: allgather_reducescatter (default) or pplx where the release still has it"
-    return (
-        "multi-node: deepep_low_latency for decode-dominated, deepep_high_throughput for prefill-dominated "
-        "workloads; flashinfer_all2allv on multi-node NVLink (MNNVL) systems"
-    )
+        advice = f"single node (vLLM {release.version}): {release.default_backend} (default)"
+        if have("pplx"):
+            return advice + " or pplx"
+        if "pplx" in release.replaced:
+            advice += f"; not pplx, which this release replaces with {release.replaced['pplx']}"
+        return advice
+    parts = []
+    if have("deepep_low_latency", "deepep_high_throughput"):
+        parts.append("deepep_low_latency for decode-dominated, deepep_high_throughput for prefill-dominated workloads")
+    if have("flashinfer_all2allv"):
+        parts.append("flashinfer_all2allv on multi-node NVLink (MNNVL) systems")
+    return f"multi-node (vLLM {release.version}): " + ("; ".join(parts) or release.default_backend)
 
 
 def derived_sizes(topology: Topology) -> dict[str, Any]:

@@ -7,77 +7,142 @@ import json
 import sys
 from typing import Any
 
-from epkit.errors import EpkitError
-from epkit.plan import GIB, derived_sizes
+from epkit.errors import EpkitError, TopologyError
+from epkit.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
 from epkit.render import render
-from epkit.spec import PlanSpec, load_spec
+from epkit.spec import DEFAULT_GPUS, PlanSpec, load_spec
+from epkit.topology import EPLBConfig
+from epkit.vllm_versions import DEFAULT_VLLM_VERSION
 
-# CLI flag -> topology field, for specs given as flags (vLLM's spellings plus short forms).
-FLAG_FIELDS: dict[str, tuple[str, Any]] = {
-    "--model": ("model", str),
-    "--tensor-parallel-size": ("tp", int),
-    "--data-parallel-size": ("dp", int),
-    "--nodes": ("nodes", int),
-    "--gpus-per-node": ("gpus_per_node", int),
-    "--data-parallel-size-local": ("dp_local", int),
-    "--all2all-backend": ("all2all_backend", str),
-    "--eplb-config": ("eplb", str),
-    "--api-server-count": ("api_server_count", int),
-    "--data-parallel-address": ("data_parallel_address", str),
-    "--data-parallel-rpc-port": ("data_parallel_rpc_port", int),
-    "--gloo-socket-ifname": ("gloo_socket_ifname", str),
-    "--nccl-socket-ifname": ("nccl_socket_ifname", str),
-    "--engine": ("engine", str),
-    "--vllm-version": ("vllm_version", str),
-    "--model-config": ("model_config", str),
+# CLI flag -> (topology field, type, help), for specs given as flags (vLLM's spellings plus short forms).
+FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
+    "--model": ("model", str, "model: a bundled name (e.g. deepseek-ai/DeepSeek-V3-0324) or any name with --model-config"),
+    "--model-config": ("model_config", str, "path to the model's Hugging Face config.json when it is not bundled"),
+    "--tensor-parallel-size": ("tp", int, "TP size per DP rank (default 1)"),
+    "--data-parallel-size": ("dp", int, "DP size over all nodes (default 1)"),
+    "--nodes": ("nodes", int, "number of nodes (default 1)"),
+    "--gpus-per-node": ("gpus_per_node", int, "GPUs on each node (default 8)"),
+    "--data-parallel-size-local": ("dp_local", int, "DP ranks per node (default dp / nodes)"),
+    "--all2all-backend": ("all2all_backend", str, "EP all2all backend (default: the release's)"),
+    "--eplb-config": ("eplb", str, "EPLB keys as JSON, e.g. '{\"num_redundant_experts\":32}' (turns EPLB on); "
+                      "vLLM's dotted form --eplb-config.KEY VALUE works too"),
+    "--api-server-count": ("api_server_count", int, "API server processes on the primary node"),
+    "--data-parallel-address": ("data_parallel_address", str, "primary node's IP or hostname (needed for nodes > 1)"),
+    "--data-parallel-rpc-port": ("data_parallel_rpc_port", int, "DP RPC port (1-65535)"),
+    "--gloo-socket-ifname": ("gloo_socket_ifname", str, "GLOO_SOCKET_IFNAME exported on every node (e.g. eth0)"),
+    "--nccl-socket-ifname": ("nccl_socket_ifname", str, "NCCL_SOCKET_IFNAME exported on every node"),
+    "--max-model-len": ("max_model_len", int, "--max-model-len for the engine; the memory plan checks that the KV "
+                        "cache holds one such sequence (default: the model's)"),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "--gpu-memory-utilization for the engine, the "
+                                 "share of GPU memory the plan budgets (0 < x <= 1, default 0.9)"),
+    "--engine": ("engine", str, "vllm or epkit (the built-in engine, same flags)"),
+    "--vllm-version": ("vllm_version", str, "vLLM release the commands target (default %s)" % DEFAULT_VLLM_VERSION),
 }
 ALIASES = {"--tensor-parallel-size": ["--tp"], "--data-parallel-size": ["--dp"]}
+METAVARS = {"model": "NAME", "model_config": "PATH", "all2all_backend": "BACKEND", "eplb": "JSON",
+            "data_parallel_address": "HOST", "data_parallel_rpc_port": "PORT", "gloo_socket_ifname": "IFNAME",
+            "nccl_socket_ifname": "IFNAME", "max_model_len": "TOKENS", "gpu_memory_utilization": "FRACTION",
+            "engine": "ENGINE", "vllm_version": "VERSION"}
+EPLB_DOTTED = "--eplb-config."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="epkit plan", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="epkit plan", description=__doc__,
+        epilog="Flags override the spec file's fields. Exit status: 0 planned, 1 vLLM's parser disagrees "
+               "(--check-with-vllm), 2 bad input (nothing is printed on stdout).")
     p.add_argument("spec", nargs="?", help="deployment spec (YAML/JSON); or give the topology as flags")
-    for flag, (dest, kind) in FLAG_FIELDS.items():
-        p.add_argument(flag, *ALIASES.get(flag, []), dest=dest, type=kind, default=None)
-    p.add_argument("--enable-expert-parallel", dest="enable_expert_parallel", action="store_true", default=None)
+    for flag, (dest, kind, help_) in FLAG_FIELDS.items():
+        p.add_argument(flag, *ALIASES.get(flag, []), dest=dest, type=kind, default=None, help=help_,
+                       metavar=METAVARS.get(dest, "N"))
+    p.add_argument("--enable-expert-parallel", dest="enable_expert_parallel", action="store_true", default=None,
+                   help="expert parallelism: ep_size = tp × dp")
     p.add_argument("--enable-eplb", action="store_true", help="turn EPLB on (with --eplb-config for its keys)")
-    p.add_argument("--allow-replaced-backend", dest="allow_replaced_backend", action="store_true", default=None)
-    p.add_argument("--eplb-flag-style", dest="eplb_flag_style", choices=("json", "dotted"), default=None)
-    p.add_argument("--gpu", action="append", dest="gpus", help="GPU type to plan for (H100, H200, H20, NAME=GiB); repeatable")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--check-with-vllm", metavar="PYTHON", help="also parse every command with the vLLM of this Python")
+    p.add_argument("--allow-replaced-backend", dest="allow_replaced_backend", action="store_true", default=None,
+                   help="render a backend the target release silently replaces (with a warning)")
+    p.add_argument("--eplb-flag-style", dest="eplb_flag_style", choices=("json", "dotted"), default=None,
+                   help="render EPLB keys as --eplb-config '{…}' (json) or --eplb-config.KEY VALUE (dotted)")
+    p.add_argument("--gpu", action="append", dest="gpus", metavar="GPU",
+                   help=f"GPU type to plan for ({', '.join(GPU_MEMORY_BYTES)} or NAME=GiB); repeatable "
+                        f"(default: the spec's plan.gpus, else {', '.join(DEFAULT_GPUS)})")
+    p.add_argument("--runtime-reserve-gib", type=float, default=None, metavar="GIB",
+                   help="GiB per GPU kept for activations, CUDA graphs and NCCL buffers (default 2)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="text for people, json for machines")
+    p.add_argument("--check-with-vllm", metavar="PYTHON",
+                   help="also parse every command with the vLLM installed for this Python "
+                        "(e.g. ~/.cache/epkit/vllm-venv/bin/python)")
     return p
 
 
-def spec_from_args(args: argparse.Namespace) -> PlanSpec:
+def split_eplb_dotted(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull vLLM's per-key ``--eplb-config.KEY VALUE`` (or ``=VALUE``) out of ``argv``.
+
+    Values are read as vLLM reads them: JSON where they parse (``32``, ``true``), else the string.
+    """
+    rest: list[str] = []
+    keys: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith(EPLB_DOTTED):
+            rest.append(arg)
+            i += 1
+            continue
+        key, eq, text = arg[len(EPLB_DOTTED):].partition("=")
+        if not key:
+            raise TopologyError(f"{arg!r}: give a key, e.g. {EPLB_DOTTED}num_redundant_experts 32")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise TopologyError(f"{EPLB_DOTTED}{key} has no value (e.g. {EPLB_DOTTED}{key} 32)")
+            text = argv[i + 1]
+            i += 1
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if key in keys and keys[key] != value:
+            raise TopologyError(f"{EPLB_DOTTED}{key} is given twice ({keys[key]!r} and {value!r}); give it once")
+        keys[key] = value
+        i += 1
+    return rest, keys
+
+
+def spec_from_args(args: argparse.Namespace, dotted: dict[str, Any] | None = None) -> PlanSpec:
     """A :class:`PlanSpec` from a spec file, with any flags given overriding its fields."""
     base: dict[str, Any] = {}
+    plan: dict[str, Any] = {}
     if args.spec:
         loaded = load_spec(args.spec)
         base = loaded.topology.to_dict()
-        plan = {"gpus": list(loaded.gpus), "gpu_memory_utilization": loaded.gpu_memory_utilization,
-                "max_model_len": loaded.max_model_len, "runtime_reserve_gib": loaded.runtime_reserve_gib}
-    else:
-        plan = {}
-    for dest, _ in FLAG_FIELDS.values():
+        plan = {"gpus": list(loaded.gpus), "runtime_reserve_gib": loaded.runtime_reserve_gib}
+    for dest, _, _ in FLAG_FIELDS.values():
         if getattr(args, dest) is not None:
             base[dest] = getattr(args, dest)
     for dest in ("enable_expert_parallel", "allow_replaced_backend", "eplb_flag_style"):
         if getattr(args, dest) is not None:
             base[dest] = getattr(args, dest)
+    if dotted:
+        eplb = base.get("eplb")
+        if isinstance(eplb, str):
+            eplb = EPLBConfig.from_json(eplb).explicit()
+        eplb = dict(eplb or {})
+        for key, value in dotted.items():
+            if key in eplb and eplb[key] != value:
+                raise TopologyError(f"eplb_config.{key} is {eplb[key]!r} in --eplb-config (or the spec) but "
+                                    f"{value!r} in {EPLB_DOTTED}{key}; give it once")
+            eplb[key] = value
+        base["eplb"] = eplb
+        if args.eplb_flag_style is None and not args.eplb:
+            base["eplb_flag_style"] = "dotted"  # render it the way it was written
     if args.enable_eplb and base.get("eplb") is None:
         base["eplb"] = {}
-    if "model" not in base:
-        raise EpkitError("epkit plan: give a spec file or --model (and the other topology flags)")
+    if base.get("model") is None:
+        raise TopologyError("topology.model is missing: give a spec file or --model (and the other topology flags)")
     if args.gpus:
         plan["gpus"] = args.gpus
-    if args.gpu_memory_utilization is not None:
-        plan["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.max_model_len is not None:
-        plan["max_model_len"] = args.max_model_len
-    return PlanSpec.from_dict({**base, "plan": plan}, source=args.spec or "flags")
+    if args.runtime_reserve_gib is not None:
+        plan["runtime_reserve_gib"] = args.runtime_reserve_gib
+    return PlanSpec.from_dict({**base, "plan": plan}, source=args.spec or "command line")
 
 
 def plan_report(spec: PlanSpec) -> dict[str, Any]:
@@ -140,9 +205,15 @@ def format_text(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        spec = spec_from_args(args)
+        argv, dotted = split_eplb_dotted(argv)
+    except TopologyError as exc:
+        parser.error(str(exc))  # exits 2 with argparse's usage line
+    args = parser.parse_args(argv)
+    try:
+        spec = spec_from_args(args, dotted)
         report = plan_report(spec)
         if args.check_with_vllm:
             from epkit.vllm_check import check_launches

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from epkit.errors import TopologyError
-from epkit.topology import Topology
+from epkit.topology import ENGINE_FLAG_FIELDS, Topology
 
-# topology word -> vLLM flag. No flag string is spelled anywhere else in epkit.
+# topology word -> vLLM flag. No flag string is spelled anywhere else in epkit (the fields the
+# memory plan reads, ENGINE_FLAG_FIELDS, live next to the topology that reads them from extra_args).
 VLLM_FLAGS = {
     "tp": "--tensor-parallel-size",
     "dp": "--data-parallel-size",
@@ -27,6 +28,7 @@ VLLM_FLAGS = {
     "eplb_config": "--eplb-config",
     "api_server_count": "--api-server-count",
     "headless": "--headless",
+    **ENGINE_FLAG_FIELDS,
 }
 
 # topology word -> environment variable set on every node.
@@ -70,6 +72,8 @@ def _check_extra_args(topology: Topology) -> None:
     owned = _owned_flags()
     for arg in topology.extra_args:
         flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("_", "-")  # vLLM reads --data_parallel_size as --data-parallel-size
         if flag in owned or flag.startswith(VLLM_FLAGS["eplb_config"] + "."):
             word = next((k for k, v in VLLM_FLAGS.items() if v == flag), "eplb")
             raise TopologyError(
@@ -131,6 +135,9 @@ def render(topology: Topology, address: str | None = None) -> list[NodeLaunch]:
             argv.append(VLLM_FLAGS["headless"])
         elif topology.api_server_count is not None:
             argv += [VLLM_FLAGS["api_server_count"], str(topology.api_server_count)]
+        for word in ENGINE_FLAG_FIELDS:  # every node's engine reads them, headless ones too
+            if getattr(topology, word) is not None:
+                argv += [VLLM_FLAGS[word], str(getattr(topology, word))]
         argv += list(topology.extra_args)
         launches.append(NodeLaunch(node, "headless" if headless else "primary", tuple(argv), dict(env)))
     return launches

@@ -41,7 +41,7 @@ WORKLOAD_LOAD_KEYS = ("request_rate", "max_concurrency", "num_warmups", "max_req
                       "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos")
 RUN_KEYS = ("startup_timeout_s", "hang_timeout_s", "grace_s", "lease_timeout_s", "request_timeout_s",
             "point_estimate_s", "startup_estimate_s")
-PLAN_KEYS = ("gpu", "gpu_memory_utilization", "max_model_len", "allow_unfit")
+PLAN_KEYS = ("gpus", "runtime_reserve_gib", "allow_unfit")  # read by epkit.spec.plan_block, as in `epkit plan` specs
 DRY_RUN_ADDRESS = "<node0-hostname>"
 
 
@@ -138,6 +138,8 @@ def _rate(value: Any, where: str) -> float:
 def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
     """Every topology of the spec (fixed keys + the product of its blocks' ``grid`` axes)."""
     base = {k: data[k] for k in ("model", "engine", "vllm_version") if data.get(k) is not None}
+    if not isinstance(data.get("defaults") or {}, Mapping):
+        raise TopologyError(f"sweep: defaults={data['defaults']!r} must be a mapping of topology fields")
     defaults = dict(data.get("defaults") or {})
     blocks = data.get("topologies")
     if blocks is None:
@@ -229,10 +231,19 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "") 
     executor = data.get("executor", "local")
     if executor not in ("local", "slurm"):
         raise TopologyError(f"{source}: executor={executor!r}; allowed: local, slurm")
-    for key, allowed in (("run", RUN_KEYS), ("plan", PLAN_KEYS)):
-        extra = sorted(set(data.get(key) or {}) - set(allowed))
-        if extra:
-            raise TopologyError(f"{source}: {key} has unknown key(s) {', '.join(extra)}; valid keys: {', '.join(allowed)}")
+    for key in ("run", "slurm"):
+        if not isinstance(data.get(key) or {}, Mapping):
+            raise TopologyError(f"{source}: {key}={data[key]!r} must be a mapping")
+    extra = sorted(map(str, set(data.get("run") or {}) - set(RUN_KEYS)))
+    if extra:
+        raise TopologyError(f"{source}: run has unknown key(s) {', '.join(extra)}; valid keys: {', '.join(RUN_KEYS)}")
+    from epkit.spec import merge_topology_fields, plan_block
+
+    plan_options, plan_fields = plan_block(data.get("plan"), source, PLAN_KEYS)
+    if plan_fields:  # deprecated plan.max_model_len / plan.gpu_memory_utilization: topology fields now
+        if not isinstance(data.get("defaults") or {}, Mapping):
+            raise TopologyError(f"{source}: defaults={data['defaults']!r} must be a mapping of topology fields")
+        data = {**data, "defaults": merge_topology_fields(data.get("defaults") or {}, plan_fields, source)}
     slurm = dict(data.get("slurm") or {})
     if executor == "slurm":
         from epkit.launch.slurm import SlurmExecutor
@@ -248,7 +259,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "") 
         workloads = expand_workloads(data.get("workloads"))
     except TopologyError as exc:
         raise TopologyError(f"{source}: {exc}") from exc
-    spec = SweepSpec(str(name), tuple(topologies), tuple(workloads), executor, slurm, dict(data.get("plan") or {}),
+    spec = SweepSpec(str(name), tuple(topologies), tuple(workloads), executor, slurm, plan_options,
                      dict(data.get("run") or {}), max_parallel, str(data.get("results_dir") or "results"), text)
     for tp in topologies:  # every command renders, every memory plan fits (or is allowed not to)
         _check_point(spec, tp, source)
@@ -271,13 +282,15 @@ def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
 
 
 def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
-    """The memory plan on ``plan.gpu`` (None when the spec names no GPU)."""
-    if not spec.plan.get("gpu"):
+    """The memory plan on the tightest of ``plan.gpus`` (None when the spec names no GPU)."""
+    if not spec.plan.get("gpus"):
         return None
-    from epkit.plan import memory_plan
+    from epkit.plan import GIB, memory_plan
 
-    return memory_plan(tp.topology, spec.plan["gpu"], spec.plan.get("gpu_memory_utilization", 0.9),
-                       spec.plan.get("max_model_len"))
+    reserve = spec.plan.get("runtime_reserve_gib")
+    kw = {} if reserve is None else {"runtime_reserve_bytes": reserve * GIB}
+    plans = [memory_plan(tp.topology, gpu, **kw) for gpu in spec.plan["gpus"]]
+    return min(plans, key=lambda p: (p.fits, p.kv_cache_tokens))
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

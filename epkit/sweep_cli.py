@@ -15,7 +15,7 @@ def format_plan(plan: dict) -> str:
              f"estimated {plan['gpu_hours']:.2f} GPU-hours"]
     for t in plan["topologies"]:
         mem = t["memory"]
-        verdict = "memory: n/a (no plan.gpu)" if mem is None else \
+        verdict = "memory: n/a (no plan.gpus)" if mem is None else \
             f"memory on {mem['gpu']}: {'fits' if mem['fits'] else 'DOES NOT FIT'} — {mem['reason']}"
         lines += ["", f"== {t['id']}  ({t['nodes']} node(s), {t['gpus']} GPUs; {t['pending']}/{t['points']} points "
                       f"to run)", f"   {verdict}"]

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from epkit import vllm_versions
 from epkit.errors import TopologyError
-from epkit.models import ModelSpec
+from epkit.models import ModelSpec, bundled_model_names
 
 ENGINES = ("vllm", "epkit")
 # Backends only the built-in engine has (its true all_to_all dispatch/combine). Whether a vendor
@@ -25,6 +25,17 @@ EPKIT_ONLY_BACKENDS = frozenset({"all_to_all"})
 EPLB_POLICIES = ("default",)
 EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]+$")
+
+# Topology fields that are plain engine flags the memory plan depends on. They are fields (so the
+# plan and the rendered command read one value); written in ``extra_args`` instead, they are read
+# from there into the field. render.VLLM_FLAGS takes these spellings from here.
+ENGINE_FLAG_FIELDS = {
+    "max_model_len": "--max-model-len",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+}
+# vLLM reads --max-model-len as a human-readable integer: 32k = 32000, 32K = 32768 (also m/M, g/G).
+_HUMAN_INT = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
+_HUMAN_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -38,6 +49,52 @@ def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | N
 def _check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TopologyError(f"{owner}.{name}={value!r} must be true or false")
+
+
+def _flag_value(name: str, text: str) -> int | float:
+    """The value of an ``extra_args`` flag that is a topology field, read as vLLM reads it."""
+    flag = ENGINE_FLAG_FIELDS[name]
+    if name == "max_model_len":
+        match = _HUMAN_INT.match(text.strip())
+        value = float(match.group(1)) * _HUMAN_SCALE[match.group(2)] if match else None
+        if value is None or not value.is_integer():
+            raise TopologyError(
+                f"topology.extra_args: {flag} {text!r} is not an integer (e.g. 32768, 32k or 32K)"
+            )
+        return int(value)
+    try:
+        return float(text)
+    except ValueError:
+        raise TopologyError(f"topology.extra_args: {flag} {text!r} is not a number in (0, 1]") from None
+
+
+def _lift_engine_flags(extra_args: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Split ``extra_args`` into the rest and the :data:`ENGINE_FLAG_FIELDS` values it sets."""
+    by_flag = {flag: name for name, flag in ENGINE_FLAG_FIELDS.items()}
+    rest: list[str] = []
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(extra_args):
+        arg = extra_args[i]
+        flag, eq, text = arg.partition("=")
+        flag = "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag  # vLLM takes either
+        name = by_flag.get(flag)
+        if name is None:
+            rest.append(arg)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(extra_args) or extra_args[i + 1].startswith("--"):
+                raise TopologyError(f"topology.extra_args: {flag} has no value (e.g. {flag} "
+                                    f"{'32768' if name == 'max_model_len' else '0.9'})")
+            text = extra_args[i + 1]
+            i += 1
+        value = _flag_value(name, text)
+        if name in found and found[name] != value:
+            raise TopologyError(f"topology.extra_args sets {flag} twice ({found[name]!r} and {value!r}); give it once")
+        found[name] = value
+        i += 1
+    return tuple(rest), found
 
 
 @dataclass(frozen=True)
@@ -138,6 +195,8 @@ class Topology:
     data_parallel_rpc_port: int | None = None
     gloo_socket_ifname: str | None = None
     nccl_socket_ifname: str | None = None
+    max_model_len: int | None = None  # --max-model-len; None: the model's (what the memory plan assumes too)
+    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization; None: vLLM's 0.9
     engine: str = "vllm"
     vllm_version: str = vllm_versions.DEFAULT_VLLM_VERSION
     allow_replaced_backend: bool = False
@@ -189,12 +248,31 @@ class Topology:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not _IFNAME.match(value)):
                 raise TopologyError(f"{owner}.{name}={value!r} must be a network interface name such as eth0")
-        if not all(isinstance(a, str) for a in self.extra_args):
-            raise TopologyError(f"{owner}.extra_args={list(self.extra_args)!r} must be a list of strings")
+        if not isinstance(self.extra_args, (list, tuple)) or not all(isinstance(a, str) for a in self.extra_args):
+            raise TopologyError(f"{owner}.extra_args={self.extra_args!r} must be a list of strings")
+        self._read_engine_flags(owner)
         self._check_backend(owner)
         self._check_experts(owner)
 
     # ---- validation pieces ------------------------------------------------------
+    def _read_engine_flags(self, owner: str) -> None:
+        """Move ``--max-model-len`` / ``--gpu-memory-utilization`` from extra_args into their fields."""
+        rest, found = _lift_engine_flags(tuple(self.extra_args))
+        for name, value in found.items():
+            mine = getattr(self, name)
+            if mine is not None and mine != value:
+                raise TopologyError(
+                    f"{owner}.{name}={mine!r} but extra_args says {ENGINE_FLAG_FIELDS[name]} {value!r}; "
+                    f"give it once (the field {name})"
+                )
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "extra_args", rest)
+        if self.max_model_len is not None:
+            _check_int(owner, "max_model_len", self.max_model_len, 1)
+        gmu = self.gpu_memory_utilization
+        if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
+            raise TopologyError(f"{owner}.gpu_memory_utilization={gmu!r} must be a number in (0, 1]")
+
     def _check_backend(self, owner: str) -> None:
         release = vllm_versions.release(self.vllm_version)  # raises on an unknown version
         if self.all2all_backend is None:
@@ -277,7 +355,17 @@ class Topology:
     @cached_property
     def spec(self) -> ModelSpec:
         """The model's sizes (from ``model_config`` when given, else the bundled ``model``)."""
-        return ModelSpec.load(self.model_config or self.model, name=self.model)
+        if self.model_config is not None and (not isinstance(self.model_config, str) or not self.model_config.strip()):
+            raise TopologyError(f"topology.model_config={self.model_config!r} must be the path of a config.json")
+        try:
+            return ModelSpec.load(self.model_config or self.model, name=self.model)
+        except TopologyError:
+            raise
+        except (OSError, UnicodeDecodeError, TypeError, KeyError, AttributeError, ValueError) as exc:
+            where = f"model_config={self.model_config!r}" if self.model_config else f"model={self.model!r}"
+            raise TopologyError(
+                f"topology.{where}: cannot read a Hugging Face config.json from it ({type(exc).__name__}: {exc})"
+            ) from exc
 
     @property
     def dp_per_node(self) -> int:
@@ -358,10 +446,16 @@ class Topology:
         if not isinstance(data, Mapping):
             raise TopologyError(f"a topology must be a mapping of fields, got {type(data).__name__}")
         data = dict(data)
-        unknown = sorted(set(data) - set(cls.field_names()))
+        unknown = sorted(set(data) - set(cls.field_names()), key=str)
         if unknown:
             raise TopologyError(
-                f"topology has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.field_names())}"
+                f"topology has unknown key(s) {', '.join(map(str, unknown))}; "
+                f"valid keys: {', '.join(cls.field_names())}"
+            )
+        if data.get("model") is None:
+            raise TopologyError(
+                "topology.model is missing: give the model (`model: NAME`), a bundled one such as "
+                f"{', '.join(bundled_model_names()[:3])} …, or any name with model_config: <path to its config.json>"
             )
         eplb = data.get("eplb")
         if isinstance(eplb, str):

@@ -8,6 +8,7 @@ argv is parsed there and compared with what the topology meant.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,23 +20,47 @@ from epkit.topology import Topology
 PARSER_SCRIPT = Path(__file__).with_name("vllm_parse.py")
 
 
+# vllm_parse.py exits with this status when vLLM cannot be imported under that Python.
+NO_VLLM_STATUS = 3
+
+
 def parse_with_vllm(argvs: Sequence[Sequence[str]], python: str | Path, timeout_s: float = 300) -> dict[str, Any]:
-    """Parse ``vllm serve`` argv lists with the vLLM installed for ``python``."""
-    python = Path(python)
+    """Parse ``vllm serve`` argv lists with the vLLM installed for ``python``.
+
+    Raises :class:`TopologyError` naming ``python`` when it is missing, not runnable, has no
+    vLLM, or its parser run fails or times out.
+    """
+    hint = "give the Python of a venv with vLLM (`bash scripts/vllm_venv.sh` makes ~/.cache/epkit/vllm-venv)"
+    python = Path(python).expanduser()
     if not python.exists():
-        raise TopologyError(
-            f"vllm python {str(python)!r} does not exist; create it with `bash scripts/vllm_venv.sh`"
+        raise TopologyError(f"--check-with-vllm {str(python)!r} does not exist; {hint}")
+    if python.is_dir() or not os.access(python, os.X_OK):
+        raise TopologyError(f"--check-with-vllm {str(python)!r} is not an executable Python; {hint}")
+    try:
+        proc = subprocess.run(
+            [str(python), str(PARSER_SCRIPT)],
+            input=json.dumps([list(a) for a in argvs]),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
         )
-    proc = subprocess.run(
-        [str(python), str(PARSER_SCRIPT)],
-        input=json.dumps([list(a) for a in argvs]),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+    except subprocess.TimeoutExpired:
+        raise TopologyError(f"--check-with-vllm {python}: vLLM's parser did not finish in {timeout_s:g} s") from None
+    except OSError as exc:
+        raise TopologyError(f"--check-with-vllm {python} cannot be run ({exc.strerror}); {hint}") from None
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    if proc.returncode == NO_VLLM_STATUS:
+        raise TopologyError(f"--check-with-vllm {python} has no vLLM ({last}); {hint}")
     if proc.returncode != 0:
-        raise TopologyError(f"vLLM's parser could not run under {python}: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)
+        raise TopologyError(f"--check-with-vllm {python}: vLLM's parser failed with exit status "
+                            f"{proc.returncode}: {last or '(no output)'}")
+    try:
+        parsed = json.loads(proc.stdout)
+        parsed["vllm_version"], parsed["results"]  # noqa: B018 - the keys every caller reads
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise TopologyError(f"--check-with-vllm {python} is not a Python that ran epkit's parser script "
+                            f"(its output: {proc.stdout.strip()[:200]!r}); {hint}") from None
+    return parsed
 
 
 def expected_values(topology: Topology, launch: NodeLaunch, address: str | None = None) -> dict[str, Any]:
@@ -56,6 +81,8 @@ def expected_values(topology: Topology, launch: NodeLaunch, address: str | None 
         "headless": headless,
         "api_server_count": None if headless else topology.api_server_count,
         "enable_eplb": topology.eplb is not None,
+        "max_model_len": topology.max_model_len,
+        "gpu_memory_utilization": 0.9 if topology.gpu_memory_utilization is None else topology.gpu_memory_utilization,
     }
     assert argv[2] == topology.model
     return expected

@@ -17,7 +17,9 @@ FIELDS = (
     "model", "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local",
     "data_parallel_start_rank", "data_parallel_address", "data_parallel_rpc_port",
     "enable_expert_parallel", "all2all_backend", "headless", "api_server_count", "enable_eplb",
+    "max_model_len", "gpu_memory_utilization",
 )
+NO_VLLM_STATUS = 3  # epkit.vllm_check reads this status as "no vLLM under this Python"
 
 
 def _parser():
@@ -70,8 +72,14 @@ def parse_all(argvs):
 def main():
     import importlib.metadata
 
+    try:
+        version = importlib.metadata.version("vllm")
+        import vllm  # noqa: F401 - metadata alone can outlive a removed package
+    except Exception as exc:  # PackageNotFoundError, ImportError, or vLLM failing at import
+        print(f"import vllm failed under {sys.executable}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(NO_VLLM_STATUS)
     argvs = json.load(sys.stdin)
-    result = {"vllm_version": importlib.metadata.version("vllm"), "results": parse_all(argvs)}
+    result = {"vllm_version": version, "results": parse_all(argvs)}
     json.dump(result, sys.stdout)
 
 

@@ -70,3 +70,56 @@ def test_cli_flags_form():
     assert argv[argv.index("--eplb-config") + 1] == '{"num_redundant_experts":4}'
     assert report["derived"]["experts_per_rank"] == 33
     assert [m["gpu"] for m in report["memory"]] == ["H100"]
+
+
+def test_plan_reads_the_engine_flags_the_command_renders(tmp_path):
+    """--max-model-len / --gpu-memory-utilization in extra_args are the values the memory verdict uses."""
+    base = dict(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True)
+    at_072 = Topology.from_dict(dict(base, extra_args=["--gpu-memory-utilization", "0.72"]))
+    short = Topology.from_dict(dict(base, extra_args=["--gpu-memory-utilization", "0.72", "--max-model-len", "32768"]))
+    long_plan, short_plan = memory_plan(at_072, "H200"), memory_plan(short, "H200")
+    assert long_plan.gpu_memory_utilization == short_plan.gpu_memory_utilization == 0.72
+    assert long_plan.max_model_len == 163840 and not long_plan.fits  # the model's length: ~79k tokens of KV
+    assert short_plan.max_model_len == 32768 and short_plan.fits
+    assert short_plan.kv_cache_tokens == long_plan.kv_cache_tokens
+    with pytest.raises(Exception, match="max_model_len=4096 disagrees with topology.max_model_len=32768"):
+        memory_plan(short, "H200", max_model_len=4096)
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps(dict(base, extra_args=["--max-model-len", "32768", "--gpu-memory-utilization", "0.72"],
+                                    plan={"gpus": ["H200"]})))
+    out = subprocess.run([sys.executable, "-m", "epkit.cli", "plan", str(spec), "--format", "json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    argv = report["nodes"][0]["argv"]
+    assert argv[argv.index("--max-model-len") + 1] == "32768" and argv.count("--max-model-len") == 1
+    assert report["memory"][0]["max_model_len"] == 32768 and report["memory"][0]["fits"]
+    # the same flags on the command line mean the same thing
+    flags = subprocess.run([sys.executable, "-m", "epkit.cli", "plan", "--model", base["model"], "--dp", "8",
+                            "--enable-expert-parallel", "--max-model-len", "32768", "--gpu-memory-utilization",
+                            "0.72", "--gpu", "H200", "--format", "json"], capture_output=True, text=True)
+    assert json.loads(flags.stdout)["nodes"][0]["argv"] == argv
+
+
+def test_backend_advice_follows_the_target_release():
+    from epkit.plan import backend_advice
+
+    old = Topology(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True, vllm_version="0.16.0")
+    new = Topology(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True, vllm_version="0.32.0")
+    assert backend_advice(old).endswith("or pplx")
+    assert "not pplx" in backend_advice(new) and "or pplx" not in backend_advice(new)
+
+
+def test_cli_accepts_vllm_dotted_eplb_flags():
+    """`--eplb-config.num_redundant_experts 32` as `vllm serve` takes it; rendered back in the same form."""
+    out = subprocess.run([sys.executable, "-m", "epkit.cli", "plan", "--model", "deepseek-ai/DeepSeek-V3-0324",
+                          "--dp", "8", "--enable-expert-parallel", "--eplb-config.num_redundant_experts", "32",
+                          "--eplb-config.log_balancedness=true", "--gpu", "H200", "--format", "json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["topology"]["eplb"] == {"num_redundant_experts": 32, "log_balancedness": True}
+    assert report["derived"]["experts_per_rank"] == 36
+    argv = report["nodes"][0]["argv"]
+    assert argv[argv.index("--eplb-config.num_redundant_experts") + 1] == "32"

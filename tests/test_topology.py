@@ -100,10 +100,72 @@ def test_cli_prints_error_and_no_command(tmp_path, name, spec, field, also):
 
 
 def test_plan_options_validated():
-    with pytest.raises(TopologyError, match="plan has unknown key"):
-        PlanSpec.from_dict(dict(BASE, plan={"gpu": "H100"}))
+    with pytest.raises(TopologyError, match="plan has unknown key.*gpu_count.*valid keys: gpus"):
+        PlanSpec.from_dict(dict(BASE, plan={"gpu_count": 8}))
     with pytest.raises(TopologyError, match="gpu='B300'"):
         PlanSpec.from_dict(dict(BASE, plan={"gpus": ["B300"]}))
+    with pytest.raises(TopologyError, match="both gpu and gpus"):
+        PlanSpec.from_dict(dict(BASE, plan={"gpu": "H100", "gpus": ["H200"]}))
+
+
+def test_plan_gpu_key_is_one_spelling_for_plan_and_sweep_specs():
+    """`gpus` in both; the sweep's old `gpu` (and a single string) still reads, with a deprecation warning."""
+    from epkit.errors import EpkitDeprecationWarning
+    from epkit.sweep import parse_sweep
+
+    with pytest.warns(EpkitDeprecationWarning, match="plan.gpu is deprecated; write plan.gpus"):
+        old = PlanSpec.from_dict(dict(BASE, plan={"gpu": "H200"}))
+    assert old.gpus == ("H200",) == PlanSpec.from_dict(dict(BASE, plan={"gpus": "H200"})).gpus
+    sweep = {"model": "epkit-tiny-moe", "engine": "epkit", "topologies": {"dp": 1},
+             "workloads": [{"num_prompts": 4}]}
+    assert parse_sweep(dict(sweep, plan={"gpus": ["H100", "H200"]})).plan["gpus"] == ("H100", "H200")
+    with pytest.warns(EpkitDeprecationWarning, match="plan.gpu is deprecated"):
+        assert parse_sweep(dict(sweep, plan={"gpu": "H100"})).plan["gpus"] == ("H100",)
+
+
+def test_plan_block_utilization_and_length_are_topology_fields():
+    """plan.max_model_len / plan.gpu_memory_utilization move into the topology: the command renders them."""
+    from epkit.errors import EpkitDeprecationWarning
+
+    with pytest.warns(EpkitDeprecationWarning, match="plan.max_model_len is deprecated"):
+        spec = PlanSpec.from_dict(dict(BASE, plan={"gpus": ["H200"], "max_model_len": 32768}))
+    assert spec.topology.max_model_len == 32768
+    argv = render(spec.topology)[0].argv
+    assert argv[argv.index("--max-model-len") + 1] == "32768"
+    assert spec.memory_plans()[0].max_model_len == 32768
+    with pytest.raises(TopologyError, match="plan.max_model_len=4096 disagrees with max_model_len=32768"), \
+            pytest.warns(EpkitDeprecationWarning):
+        PlanSpec.from_dict(dict(BASE, max_model_len=32768, plan={"max_model_len": 4096}))
+
+
+def test_engine_flags_in_extra_args_are_the_topology_fields():
+    """--max-model-len / --gpu-memory-utilization written in extra_args are what the plan uses (one value)."""
+    t = Topology.from_dict(dict(BASE, extra_args=["--load-format", "dummy", "--max-model-len", "32768",
+                                                  "--gpu-memory-utilization=0.95"]))
+    assert (t.max_model_len, t.gpu_memory_utilization) == (32768, 0.95)
+    assert t.extra_args == ("--load-format", "dummy")
+    argv = render(t)[0].argv
+    assert argv[argv.index("--max-model-len") + 1] == "32768"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.95"
+    assert argv.count("--max-model-len") == 1 and argv[-2:] == ("--load-format", "dummy")
+    assert Topology.from_dict(dict(BASE, extra_args=["--max_model_len", "32K"])).max_model_len == 32 * 1024
+    # the same value twice is one value; two values are refused
+    assert Topology.from_dict(dict(BASE, max_model_len=8, extra_args=["--max-model-len", "8"])).extra_args == ()
+    with pytest.raises(TopologyError, match="max_model_len=4096 but extra_args says --max-model-len 8192"):
+        Topology.from_dict(dict(BASE, max_model_len=4096, extra_args=["--max-model-len", "8192"]))
+    with pytest.raises(TopologyError, match="--max-model-len has no value"):
+        Topology.from_dict(dict(BASE, extra_args=["--max-model-len", "--enforce-eager"]))
+    with pytest.raises(TopologyError, match="--gpu-memory-utilization 'most' is not a number"):
+        Topology.from_dict(dict(BASE, extra_args=["--gpu-memory-utilization", "most"]))
+    with pytest.raises(TopologyError, match=r"gpu_memory_utilization=1.5 must be a number in \(0, 1\]"):
+        Topology.from_dict(dict(BASE, extra_args=["--gpu-memory-utilization", "1.5"]))
+
+
+def test_missing_model_is_named():
+    with pytest.raises(TopologyError, match="topology.model is missing"):
+        Topology.from_dict({"tp": 1, "dp": 2})
+    with pytest.raises(TopologyError, match="spec.yaml: topology.model is missing"):
+        PlanSpec.from_dict({"dp": 2}, source="spec.yaml")
 
 
 def test_derived_sizes_and_start_ranks():

@@ -3,9 +3,12 @@
 GPUs and their memory, NVLink/PCIe topology (``nvidia-smi topo -m``), network interfaces
 and which one Gloo and NCCL would pick, free ports, the installed vLLM and the all2all
 backends it accepts, and the seed's prerequisites (DeepEP, pplx-kernels, DeepGEMM,
-FlashInfer, NIXL/UCX, gdrcopy, NVSHMEM), each with its install hint when missing. The
-Slurm executor runs :func:`collect` inside every node task before the engine starts and
-stores the result with the point.
+FlashInfer, NIXL/UCX, gdrcopy, NVSHMEM), each with its install hint when missing. Which
+kernels are required follows the target vLLM release (``--vllm-version``: by default the
+installed one, else epkit's default) and ``--all2all-backend``: pplx-kernels is never asked
+for where that release replaces pplx. It exits 1 when any required check fails, so it can
+gate a script. The Slurm executor runs :func:`collect` inside every node task before the
+engine starts and stores the result with the point.
 """
 
 from __future__ import annotations
@@ -22,20 +25,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+from epkit import vllm_versions
+from epkit.errors import TopologyError
+
+EP_KERNELS = "vLLM's tools/ep_kernels scripts"
 # prerequisite -> (python modules, shared libraries / devices, install hint from the seed)
 PREREQUISITES = {
-    "DeepEP": (("deep_ep",), (), "install DeepEP and pplx-kernels with vLLM's tools/ep_kernels scripts "
-               "(needed by deepep_high_throughput / deepep_low_latency)"),
-    "pplx-kernels": (("pplx_kernels",), (), "install with vLLM's tools/ep_kernels scripts (needed by the pplx backend)"),
-    "DeepGEMM": (("deep_gemm",), (), "follow https://github.com/deepseek-ai/DeepGEMM#installation"),
-    "FlashInfer": (("flashinfer",), (), "pip install flashinfer-python (flashinfer_all2allv on MNNVL systems)"),
-    "NIXL": (("nixl",), (), "pip install nixl (brings UCX); for disaggregated serving (NixlConnector)"),
+    "DeepEP": (("deep_ep",), (), f"install DeepEP with {EP_KERNELS} (needed by the deepep_* backends)"),
+    "pplx-kernels": (("pplx_kernels",), (), f"install with {EP_KERNELS} (needed by the pplx backend)"),
+    "DeepGEMM": (("deep_gemm",), (), "follow https://github.com/deepseek-ai/DeepGEMM#installation "
+                 "(FP8 grouped GEMMs of DeepSeek-style models)"),
+    "FlashInfer": (("flashinfer",), (), "pip install flashinfer-python (the flashinfer_* backends, MNNVL systems)"),
+    "NIXL": (("nixl",), (), "pip install nixl (brings UCX); for disaggregated serving (NixlConnector) and nixl_ep"),
     "UCX": (("ucxx", "ucp"), ("ucp",), "installed with `pip install nixl`, or your distribution's ucx packages"),
     "gdrcopy": ((), ("gdrapi", "/dev/gdrdrv"), "run vLLM's tools/install_gdrcopy.sh "
                 "(e.g. install_gdrcopy.sh \"${GDRCOPY_OS_VERSION}\" \"12.8\" \"x64\"); optional, faster NIXL"),
-    "NVSHMEM": (("nvshmem",), ("nvshmem_host", "nvshmem"), "installed by vLLM's tools/ep_kernels scripts "
+    "NVSHMEM": (("nvshmem",), ("nvshmem_host", "nvshmem"), f"installed by {EP_KERNELS} "
                 "(DeepEP needs it), or pip install nvidia-nvshmem-cu12"),
 }
+# all2all backend (prefix) -> the prerequisites it cannot run without
+BACKEND_NEEDS = {
+    "deepep_": ("DeepEP", "NVSHMEM"),
+    "pplx": ("pplx-kernels", "NVSHMEM"),
+    "flashinfer_": ("FlashInfer",),
+    "nixl_ep": ("NIXL",),
+}
+# required when no --all2all-backend is given: the seed's prerequisites 1 and 2 (DeepEP and pplx-kernels
+# where the release runs pplx, DeepGEMM); the rest is reported but optional
+SEED_REQUIRED = ("DeepEP", "NVSHMEM", "pplx-kernels", "DeepGEMM")
 DEFAULT_PORTS = (8000, 13345, 29500, 29550)
 
 
@@ -132,40 +149,111 @@ def check_ports(ports) -> dict:
     return {"ok": all(result.values()), "free": result}
 
 
-def check_vllm() -> dict:
-    """The installed vLLM and the all2all backends its release accepts (from epkit.vllm_versions)."""
-    from epkit import vllm_versions
-
+def installed_vllm() -> str | None:
     try:
-        version = importlib.metadata.version("vllm")
+        return importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
-        target = vllm_versions.release(vllm_versions.DEFAULT_VLLM_VERSION)
+        return None
+
+
+def check_vllm(target: str | None = None) -> dict:
+    """The installed vLLM and the all2all backends its release accepts (from epkit.vllm_versions);
+    with a ``target`` release, a different installed one fails the check."""
+    version = installed_vllm()
+    if version is None:
+        rel = vllm_versions.release(target or vllm_versions.DEFAULT_VLLM_VERSION)
         return {"ok": False, "version": None, "backends": None,
-                "hint": f"vLLM is not installed here: pip install vllm=={target.version} (epkit's default target; "
-                        f"its --all2all-backend values: {', '.join(sorted(target.backends))})"}
+                "hint": f"vLLM is not installed here: pip install vllm=={target or rel.version} "
+                        f"(its --all2all-backend values: {', '.join(sorted(rel.backends))})"}
     try:
         rel = vllm_versions.release(version.split("+")[0])
-        backends = sorted(rel.backends)
-    except Exception as exc:  # a release epkit's table does not know
-        return {"ok": True, "version": version, "backends": None, "note": str(exc)}
-    return {"ok": True, "version": version, "backends": backends}
+    except TopologyError as exc:  # a release epkit's table does not know
+        return {"ok": target is None, "version": version, "backends": None, "note": str(exc)}
+    out = {"ok": True, "version": version, "backends": sorted(rel.backends)}
+    if target is not None and version.split("+")[0] != target:
+        out.update(ok=False, hint=f"the target is vLLM {target} but {version} is installed: "
+                                  f"pip install vllm=={target}, or pass --vllm-version {version.split('+')[0]}")
+    return out
 
 
-def check_prerequisites() -> dict:
+def required_prerequisites(target: str, backend: str | None) -> dict[str, str]:
+    """Prerequisite -> why it is required, for vLLM ``target`` and (if given) ``backend``.
+
+    Without a backend, the seed's prerequisites for every backend the release really runs. Kernels
+    of a backend the release replaces with another are not required (pplx from 0.17.0).
+    """
+    rel = vllm_versions.release(target)
+    runs = {b for b in rel.backends if b not in rel.replaced}
+    backends = [rel.replaced.get(backend, backend)] if backend else sorted(runs)
+    users: dict[str, list[str]] = {}
+    for b in backends:
+        for prefix, names in BACKEND_NEEDS.items():
+            if b.startswith(prefix):
+                for name in names:
+                    users.setdefault(name, []).append(b)
+    if not backend:
+        users = {n: b for n, b in users.items() if n in SEED_REQUIRED}
+    needed = {n: f"{', '.join(b)} on vLLM {rel.version}" for n, b in users.items()}
+    if not backend:
+        needed["DeepGEMM"] = "the seed's prerequisites"
+    return needed
+
+
+def not_needed_note(name: str, target: str) -> str | None:
+    """Why a prerequisite is of no use on ``target`` (its backend is replaced there), else None."""
+    rel = vllm_versions.release(target)
+    for prefix, names in BACKEND_NEEDS.items():
+        if name in names and name != "NVSHMEM":
+            users = [b for b in sorted(rel.backends) if b.startswith(prefix)]
+            if users and all(b in rel.replaced for b in users):
+                since = min((r for r in vllm_versions.RELEASES.values() if users[0] in r.replaced),
+                            key=vllm_versions.VllmRelease.key).version
+                return (f"not needed: vLLM {rel.version} accepts {', '.join(users)} but runs "
+                        f"{rel.replaced[users[0]]} instead (since vLLM {since})")
+    return None
+
+
+def check_prerequisites(target: str | None = None, backend: str | None = None) -> dict:
+    target = target or vllm_versions.DEFAULT_VLLM_VERSION
+    required = required_prerequisites(target, backend)
     out = {}
     for name, (modules, libs, hint) in PREREQUISITES.items():
         found = [m for m in modules if importlib.util.find_spec(m) is not None]
         libs_found = [lib for lib in libs if (Path(lib).exists() if lib.startswith("/") else ctypes.util.find_library(lib))]
-        ok = bool(found or libs_found)
-        out[name] = {"ok": ok, "found": found + libs_found, **({} if ok else {"hint": hint})}
+        present = bool(found or libs_found)
+        entry = {"ok": present or name not in required, "present": present, "required": name in required,
+                 "found": found + libs_found}
+        if name in required:
+            entry["why"] = required[name]
+        note = not_needed_note(name, target)
+        if not present:
+            entry["hint"] = note or hint
+        out[name] = entry
     return out
 
 
-def collect(ports=DEFAULT_PORTS) -> dict:
-    """Every check, as plain data (stored with each Slurm point)."""
-    return {"host": socket.gethostname(), "python": sys.version.split()[0], "gpus": check_gpus(),
-            "network": check_network(), "ports": check_ports(ports), "vllm": check_vllm(),
-            "prerequisites": check_prerequisites()}
+def collect(ports=DEFAULT_PORTS, vllm_version: str | None = None, backend: str | None = None) -> dict:
+    """Every check, as plain data (stored with each Slurm point). ``vllm_version`` is the target
+    release (default: the installed vLLM, else epkit's default); ``backend`` narrows the kernels."""
+    target = vllm_version or (installed_vllm() or "").split("+")[0] or vllm_versions.DEFAULT_VLLM_VERSION
+    try:
+        vllm_versions.release(target)
+    except TopologyError:
+        target = vllm_versions.DEFAULT_VLLM_VERSION  # an installed release newer than epkit's table
+    checks = {"host": socket.gethostname(), "python": sys.version.split()[0],
+              "target": {"vllm_version": target, "all2all_backend": backend,
+                         "runs": vllm_versions.release(target).replaced.get(backend, backend) if backend else None},
+              "gpus": check_gpus(), "network": check_network(), "ports": check_ports(ports),
+              "vllm": check_vllm(vllm_version), "prerequisites": check_prerequisites(target, backend)}
+    checks["failed"] = failed(checks)
+    checks["ok"] = not checks["failed"]
+    return checks
+
+
+def failed(checks: dict) -> list[str]:
+    """Names of the checks that failed (a missing optional prerequisite is not a failure)."""
+    out = [name for name in ("gpus", "network", "ports", "vllm") if not checks[name]["ok"]]
+    return out + [name for name, c in checks["prerequisites"].items() if not c["ok"]]
 
 
 def report(checks: dict) -> str:
@@ -189,18 +277,57 @@ def report(checks: dict) -> str:
     lines.append(f"[{mark[v['ok']]}] vLLM: " + (f"{v['version']}, backends: {', '.join(v['backends'] or []) or '?'}"
                                                if v["version"] else v["hint"]))
     for name, c in checks["prerequisites"].items():
-        lines.append(f"[{mark[c['ok']]}] {name}: " + (", ".join(c["found"]) if c["ok"] else c["hint"]))
+        status = "ok  " if c["present"] else ("MISS" if c["required"] else "opt ")
+        if c["present"]:
+            text = ", ".join(c["found"])
+        else:
+            text = (f"required for {c['why']}: " if c["required"] else "") + c["hint"]
+        lines.append(f"[{status}] {name}: {text}")
+    target = checks.get("target", {})
+    bad = checks.get("failed", failed(checks))
+    goal = f"vLLM {target.get('vllm_version')}" + (f", {target['all2all_backend']}" if target.get("all2all_backend") else "")
+    if target.get("runs") and target["runs"] != target.get("all2all_backend"):
+        lines.append(f"note: vLLM {target['vllm_version']} accepts {target['all2all_backend']} but runs "
+                     f"{target['runs']} instead; its kernels are the ones checked")
+    lines.append(f"{len(bad)} check(s) failed for {goal}: {', '.join(bad)}" if bad else f"every check passed for {goal}")
     return "\n".join(lines)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not an integer in 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 1-65535")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="epkit doctor", description=__doc__.splitlines()[0])
-    ap.add_argument("--ports", type=int, nargs="*", default=list(DEFAULT_PORTS), help="ports that must be free")
+    ap = argparse.ArgumentParser(prog="epkit doctor", description=__doc__.split("\n\n")[0],
+                                 epilog="Exit status: 0 every required check passed, 1 one failed, 2 bad flags. "
+                                        "Missing optional prerequisites (marked opt) do not fail.")
+    ap.add_argument("--ports", type=_port, nargs="*", default=list(DEFAULT_PORTS), metavar="PORT",
+                    help=f"ports that must be free (default: {' '.join(map(str, DEFAULT_PORTS))})")
+    ap.add_argument("--vllm-version", metavar="VERSION",
+                    help="the vLLM release the deployment targets; decides which kernels are required "
+                         "(default: the installed vLLM, else %s)" % vllm_versions.DEFAULT_VLLM_VERSION)
+    ap.add_argument("--all2all-backend", metavar="BACKEND",
+                    help="the backend the deployment uses: require only its kernels (default: the seed's "
+                         "prerequisites for the target release)")
     ap.add_argument("--json", action="store_true", help="print the checks as JSON")
     args = ap.parse_args(argv)
-    checks = collect(args.ports)
+    try:
+        target = args.vllm_version or (installed_vllm() or "").split("+")[0] or vllm_versions.DEFAULT_VLLM_VERSION
+        rel = vllm_versions.release(target)
+        if args.all2all_backend is not None and args.all2all_backend not in rel.backends:
+            raise TopologyError(f"--all2all-backend {args.all2all_backend!r} is not a backend of vLLM {rel.version}; "
+                                f"allowed: {', '.join(sorted(rel.backends))}")
+    except TopologyError as exc:
+        ap.error(str(exc))
+    checks = collect(args.ports, args.vllm_version, args.all2all_backend)
     print(json.dumps(checks, indent=1) if args.json else report(checks))
-    return 0
+    return 0 if checks["ok"] else 1
 
 
 if __name__ == "__main__":
