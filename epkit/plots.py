@@ -1,6 +1,10 @@
 """Plotly figures for notebooks and ``epkit report``: every axis titled with its unit, every
 point's hover text naming the full configuration and the file its numbers came from.
 
+Legends name each group by what sets it apart from the others (:func:`epkit.results.short_labels`:
+``DP2 EP2 · naive``), sit below the plot so the plot keeps the figure's width, and the parts every
+group shares (model, engine, …) go into the subtitle.
+
 Figures take the frames :mod:`epkit.results` and :func:`epkit.eplb.simulate` build; they
 draw, they do not compute metrics (aggregation over repeats is :func:`epkit.results.aggregate`,
 the frontier :func:`epkit.results.pareto_frontier`).
@@ -8,6 +12,7 @@ the frontier :func:`epkit.results.pareto_frontier`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -65,10 +70,33 @@ def title(column: str) -> str:
     return column.replace("_", " ")
 
 
-def _layout(fig: go.Figure, heading: str, x: str, y: str, legend: str | None = None) -> go.Figure:
-    fig.update_layout(title=heading, xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      legend_title_text=legend, hovermode="closest", margin=dict(l=70, r=20, t=60, b=60))
+def _layout(fig: go.Figure, heading: str, x: str, y: str, legend: str | None = None, shared: str = "") -> go.Figure:
+    """Titles, and the legend in rows below the plot (a legend beside it takes the plot's width)."""
+    fig.update_layout(title=dict(text=heading, subtitle=dict(text=f"all: {shared}" if shared else "")),
+                      xaxis_title=x, yaxis_title=y, template="plotly_white", hovermode="closest",
+                      legend=dict(title_text=f"{legend}: " if legend else None, orientation="h", xanchor="left", x=0,
+                                  yref="container", yanchor="bottom", y=0, entrywidthmode="pixels"),
+                      margin=dict(l=70, r=20, t=70 if shared else 60, b=60))
     return fig
+
+
+def _labels(df: pd.DataFrame, by: str) -> dict[str, str]:
+    """Short legend names of the groups of ``by`` (keys as strings, as the figures group them)."""
+    if not len(df) or by not in df:
+        return {}
+    return {str(k): v for k, v in R.short_labels(df, by).items()}
+
+
+def _shared(df: pd.DataFrame, by: str) -> str:
+    return R.shared_label(df, by) if len(df) and by in df else ""
+
+
+def _ordered(values) -> list[str]:
+    """Group keys as strings in natural order (``rate=4`` before ``rate=16``, ``DP2`` before ``DP10``)."""
+    def key(text: str):
+        return [(0, float(t), "") if t.replace(".", "", 1).isdigit() else (1, 0.0, t)
+                for t in re.split(r"(\d+(?:\.\d+)?)", text)]
+    return sorted({str(v) for v in values}, key=key)
 
 
 def _colors(keys: Sequence) -> dict:
@@ -122,12 +150,13 @@ def pareto(df: pd.DataFrame, x: str = "interactivity_pareto_tok_s", y: str = "ou
     y, note = _resolve_y(data, y)
     data = data.dropna(subset=[x, y])
     color = _pick_color(data, color)
-    keys = sorted(data[color].astype(str).unique())
+    keys = _ordered(data[color])
     colors = _colors(keys)
+    names = _labels(data, color)
     fig = go.Figure()
     for key in keys:
         g = data[data[color].astype(str) == key]
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=key, legendgroup=key,
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=names.get(key, key), legendgroup=key,
                                  marker=dict(color=colors[key], size=9, opacity=0.55 if frontier else 0.9),
                                  hovertext=_hover(g, x, y), hoverinfo="text"))
         if frontier:
@@ -137,7 +166,7 @@ def pareto(df: pd.DataFrame, x: str = "interactivity_pareto_tok_s", y: str = "ou
                                      marker=dict(color=colors[key], size=10),
                                      hovertext=_hover(f, x, y), hoverinfo="text"))
     return _layout(fig, heading or f"Pareto frontier by {color.replace('_', ' ')}{note}", title(x), title(y),
-                   color.replace("_", " "))
+                   color.replace("_", " "), _shared(data, color))
 
 
 def _load_axis(df: pd.DataFrame) -> str:
@@ -157,18 +186,21 @@ def metric_vs_load(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str | N
     x = x or _load_axis(data)
     data = data[np.isfinite(pd.to_numeric(data[x], errors="coerce"))] if x in data else data.iloc[0:0]
     agg = R.aggregate(data, [y], by=[color, x])
-    keys = sorted(agg[color].astype(str).unique())
+    keys = _ordered(agg[color])
     colors = _colors(keys)
+    names = _labels(data, color)
     fig = go.Figure()
     for key in keys:
         g = agg[agg[color].astype(str) == key].sort_values(x)
         hover = [f"<b>{key}</b><br>{title(x)}: {a:g}<br>{title(y)}: {b:.4g} (mean of {n}; min {lo:.4g}, max {hi:.4g})"
                  for a, b, n, lo, hi in zip(g[x], g[y], g["repeats"], g[f"{y}_min"], g[f"{y}_max"])]
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=key, line=dict(color=colors[key]),
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=names.get(key, key),
+                                 line=dict(color=colors[key]),
                                  error_y=dict(type="data", symmetric=False, array=g[f"{y}_max"] - g[y],
                                               arrayminus=g[y] - g[f"{y}_min"], visible=True),
                                  hovertext=hover, hoverinfo="text"))
-    return _layout(fig, heading or f"{title(y)} vs {title(x)}{note}", title(x), title(y), color.replace("_", " "))
+    return _layout(fig, heading or f"{title(y)} vs {title(x)}{note}", title(x), title(y), color.replace("_", " "),
+                   _shared(data, color))
 
 
 def latency_cdf(requests: pd.DataFrame, metric: str = "ttft_ms", color: str = "config",
@@ -177,8 +209,9 @@ def latency_cdf(requests: pd.DataFrame, metric: str = "ttft_ms", color: str = "c
     ``itl_ms``, pooled over every token gap) from :func:`epkit.results.requests`, one line per
     ``color`` group. Long lines are thinned to ``max_points`` quantiles (the curve keeps its shape)."""
     data = R.itl_samples(requests) if metric == "itl_ms" else requests.dropna(subset=[metric])
-    keys = sorted(data[color].astype(str).unique()) if len(data) else []
+    keys = _ordered(data[color]) if len(data) else []
     colors = _colors(keys)
+    names = _labels(data, color)
     fig = go.Figure()
     for key in keys:
         values = np.sort(data.loc[data[color].astype(str) == key, metric].to_numpy(float))
@@ -186,12 +219,14 @@ def latency_cdf(requests: pd.DataFrame, metric: str = "ttft_ms", color: str = "c
         if len(values) > max_points:
             idx = np.unique(np.linspace(0, len(values) - 1, max_points).round().astype(int))
             values, frac = values[idx], frac[idx]
-        fig.add_trace(go.Scatter(x=values, y=frac, mode="lines", name=key, line=dict(color=colors[key], shape="hv"),
+        fig.add_trace(go.Scatter(x=values, y=frac, mode="lines", name=names.get(key, key),
+                                 line=dict(color=colors[key], shape="hv"),
                                  hovertemplate=f"<b>{key}</b><br>{title(metric)}: %{{x:.4g}}<br>"
                                                "fraction ≤ x: %{y:.3f}<extra></extra>"))
     fig.update_yaxes(range=[0, 1.02])
     return _layout(fig, heading or f"{title(metric).split(' (')[0]} CDF", title(metric),
-                   "Fraction of requests" if metric != "itl_ms" else "Fraction of token gaps", color.replace("_", " "))
+                   "Fraction of requests" if metric != "itl_ms" else "Fraction of token gaps", color.replace("_", " "),
+                   _shared(data, color))
 
 
 def compare_bars(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str = "topology",
@@ -203,20 +238,25 @@ def compare_bars(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str = "to
     by = [x] + ([color] if color and color != x else [])
     agg = R.aggregate(data, [y], by=by)
     fig = go.Figure()
-    groups = sorted(agg[color].astype(str).unique()) if len(by) > 1 else [None]
+    groups = _ordered(agg[color]) if len(by) > 1 else [None]
     colors = _colors(groups)
+    ticks = _labels(data, x)
+    names = _labels(data, color) if len(by) > 1 else {}
     for key in groups:
         g = agg if key is None else agg[agg[color].astype(str) == key]
         hover = [f"<b>{a}</b>{'' if key is None else ' · ' + key}<br>{title(y)}: {b:.4g}<br>"
                  f"min {lo:.4g}, max {hi:.4g} over {n} result(s)"
                  for a, b, lo, hi, n in zip(g[x], g[y], g[f"{y}_min"], g[f"{y}_max"], g["repeats"])]
-        fig.add_trace(go.Bar(x=g[x].astype(str), y=g[y], name=key or title(y), marker_color=colors[key],
+        fig.add_trace(go.Bar(x=[ticks.get(str(a), str(a)).replace(" · ", "<br>") for a in g[x]], y=g[y],
+                             name=title(y) if key is None else names.get(key, key), marker_color=colors[key],
                              error_y=dict(type="data", symmetric=False, array=g[f"{y}_max"] - g[y],
                                           arrayminus=g[y] - g[f"{y}_min"], visible=True),
                              hovertext=hover, hoverinfo="text"))
     fig.update_layout(barmode="group", showlegend=len(groups) > 1)
+    order = [ticks.get(k, k).replace(" · ", "<br>") for k in _ordered(agg[x])]
+    fig.update_xaxes(tickangle=0, categoryorder="array", categoryarray=order)  # short labels, one part per line
     return _layout(fig, heading or f"{title(y)} by {x.replace('_', ' ')}{note}", x.replace("_", " "), title(y),
-                   color.replace("_", " ") if color else None)
+                   color.replace("_", " ") if color else None, _shared(data, x))
 
 
 def balancedness_timeline(sims: Mapping[str, pd.DataFrame] | pd.DataFrame, y: str = "balancedness",

@@ -27,7 +27,7 @@ TABLE_COLUMNS = ["config", "status", "gpus", "output_throughput", "output_tok_s_
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px auto; max-width: 1280px; color: #222; }
 h1 { margin-bottom: 4px; } .meta { color: #666; margin-top: 0; }
-.figure { border: 1px solid #e4e4e4; border-radius: 6px; margin: 18px 0; padding: 6px; min-height: 460px; }
+.figure { border: 1px solid #e4e4e4; border-radius: 6px; margin: 18px 0; padding: 6px; }
 table { border-collapse: collapse; font-size: 12px; width: 100%; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; }
@@ -51,14 +51,22 @@ def figures(runs: pd.DataFrame, reqs: pd.DataFrame | None = None, color: str | N
     out["TPOT vs load"] = P.metric_vs_load(ok, y="median_tpot_ms")
     if reqs is not None and len(reqs):
         top = reqs[reqs["source"].isin(R.heaviest_load(ok)["source"])]  # one curve per topology
-        top = top.assign(curve=top["topology"] + " | " + top["load"])
-        out["TTFT CDF"] = P.latency_cdf(top, "ttft_ms", color="curve",
+        top = top.assign(configuration=top["topology"] + " | " + top["load"])  # repeats pooled
+        out["TTFT CDF"] = P.latency_cdf(top, "ttft_ms", color="configuration",
                                         heading="TTFT CDF (each topology at its heaviest load)")
-        out["ITL CDF"] = P.latency_cdf(top, "itl_ms", color="curve",
+        out["ITL CDF"] = P.latency_cdf(top, "itl_ms", color="configuration",
                                        heading="ITL CDF (each topology at its heaviest load)")
     out["Comparison"] = P.compare_bars(ok, y=y, x="topology", color="load",
                                        heading=f"{P.title(y)} by topology and load (bars: mean over repeats; whiskers: min–max)")
     return out
+
+
+def _height(fig: go.Figure, width_px: int = 1150, row_px: int = 19) -> int:
+    """460 px, plus room for the legend rows below the plot beyond the first two (a legend
+    entry is about 7 px a character plus 50 px for its line; rows are ``width_px`` wide)."""
+    names = [t.name or "" for t in fig.data if t.showlegend is not False and fig.layout.showlegend is not False]
+    rows = -(-sum(7 * len(n) + 50 for n in names) // width_px) if names else 0
+    return 460 + row_px * max(0, rows - 2)
 
 
 def _table(runs: pd.DataFrame) -> str:
@@ -95,7 +103,7 @@ def render(source: str | Path | Iterable[str | Path], title: str | None = None, 
     parts = [f"<h1>{html.escape(title or 'epkit report')}</h1>", f'<p class="meta">{meta}</p>']
     for i, (heading, fig) in enumerate(figs.items()):
         body = fig.to_html(full_html=False, include_plotlyjs=False, config=P.show_config(),
-                           div_id=f"fig-{i}", default_height="460px")
+                           div_id=f"fig-{i}", default_height=f"{_height(fig)}px")
         parts.append(f'<h2>{html.escape(heading)}</h2><div class="figure">{body}</div>')
     parts.append("<h2>Results</h2>" + _table(runs))
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"

@@ -18,12 +18,22 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-default-apps", "--disable-extensions", "--hide-scrollbars", "--remote-debugging-port=0"]
 
-# Each plot container: is it drawn (an SVG with at least one trace), and how many traces it has.
-PLOTS_JS = """JSON.stringify(Array.from(document.querySelectorAll('.js-plotly-plot')).map(d => ({
-  id: d.id, traces: (d._fullData || []).length, svg: d.querySelectorAll('svg.main-svg').length,
-  marks: d.querySelectorAll('.scatterlayer .trace, .barlayer .trace, .heatmaplayer .hm, g.bars path').length,
-  points: (d._fullData || []).reduce((n, t) => n + ((t.z || t.x || []).length || 0), 0),
-  height: d.getBoundingClientRect().height})))"""
+# Each plot container: is it drawn (an SVG with at least one trace), how many traces it has, and
+# where its parts landed: the figure (the outer svg.main-svg), the plot area (the drag rectangle
+# plotly lays over the axes, .nsewdrag), the legend and the x-axis title, as page rectangles.
+PLOTS_JS = """(() => {
+  const rect = e => { if (!e) return null; const r = e.getBoundingClientRect();
+                      return {left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: r.width, height: r.height}; };
+  return JSON.stringify(Array.from(document.querySelectorAll('.js-plotly-plot')).map(d => ({
+    id: d.id, traces: (d._fullData || []).length, svg: d.querySelectorAll('svg.main-svg').length,
+    marks: d.querySelectorAll('.scatterlayer .trace, .barlayer .trace, .heatmaplayer .hm, g.bars path').length,
+    points: (d._fullData || []).reduce((n, t) => n + ((t.z || t.x || []).length || 0), 0),
+    height: d.getBoundingClientRect().height,
+    figure: rect(d.querySelector('svg.main-svg')), plot_area: rect(d.querySelector('.draglayer .nsewdrag')),
+    legend: rect(d.querySelector('g.legend')), xtitle: rect(d.querySelector('.g-xtitle text')),
+    legend_items: d.querySelectorAll('g.legend g.traces').length,
+    legend_texts: Array.from(d.querySelectorAll('g.legend g.traces text.legendtext')).map(t => t.textContent)})));
+})()"""
 
 
 def chromium_binary() -> str | None:
@@ -74,11 +84,12 @@ class _Session:
         raise TimeoutError(f"no {method} within {timeout_s} s")
 
 
-def load_page(path: Path, screenshot: Path | None = None, width: int = 1300, height: int = 2200,
-              settle_s: float = 2.0, timeout_s: float = 60.0) -> PageReport:
-    """Open ``path`` (a local HTML file) in headless Chromium and report console errors,
-    uncaught exceptions, every request the page made and its plot containers; optionally save
-    a ``width`` × ``height`` screenshot."""
+def load_page(path: Path, screenshot: Path | None = None, width: int = 1400, height: int = 2200,
+              settle_s: float = 2.0, timeout_s: float = 60.0, clip: tuple[int, int, int, int] | None = None) -> PageReport:
+    """Open ``path`` (a local HTML file) in a ``width`` × ``height`` headless Chromium window and
+    report console errors, uncaught exceptions, every request the page made and its plot
+    containers; optionally save a screenshot of the window (or of the page rectangle ``clip``:
+    x, y, width, height in CSS pixels)."""
     binary = chromium_binary()
     if binary is None:
         raise RuntimeError("no chromium binary (bash scripts/chromium.sh installs it)")
@@ -108,7 +119,9 @@ def load_page(path: Path, screenshot: Path | None = None, width: int = 1300, hei
         report.plots = json.loads(s.call("Runtime.evaluate", expression=PLOTS_JS, returnByValue=True)["result"]["value"])
         report.title = s.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"]
         if screenshot is not None:
-            shot = s.call("Page.captureScreenshot", format="png")
+            extra = {} if clip is None else {"clip": dict(zip(("x", "y", "width", "height"), clip), scale=1),
+                                             "captureBeyondViewport": True}
+            shot = s.call("Page.captureScreenshot", format="png", **extra)
             screenshot.write_bytes(base64.b64decode(shot["data"]))
         s.call("Runtime.evaluate", expression="1")  # flush pending events
         for e in s.events:

@@ -62,19 +62,52 @@ def test_report_cli_errors_name_the_path(tmp_path, capsys):
 
 
 @pytest.mark.skipif(chromium_binary() is None, reason="no chromium (bash scripts/chromium.sh installs it)")
-def test_report_renders_in_headless_chromium(report_html, tmp_path):
+@pytest.mark.parametrize("folder", ["quickstart", "."])
+def test_report_renders_in_headless_chromium_with_wide_plots(sample_dir, folder, tmp_path, monkeypatch):
+    """At a 1400 px window every plot area (plotly's drag rectangle over the axes) spans ≥ 60 % of
+    its figure's width, legends sit below the plot, and they name what differs, not the whole
+    configuration. "." is every sample together: sweeps and a vLLM file without a topology."""
+    report = tmp_path / "report.html"
+    monkeypatch.chdir(ROOT)  # the page names its source as given: results/sample/… in docs/report.png
+    source = (sample_dir / folder).resolve().relative_to(ROOT)
+    assert epkit_main(["report", str(source), "-o", str(report), "--title", f"epkit sample: {folder}"]) == 0
     shot = tmp_path / "report.png"
-    page = load_page(report_html, screenshot=shot)
+    page = load_page(report, screenshot=shot, width=1400, height=2200)
     assert page.console_errors == []
     assert page.exceptions == []
     assert [u for u in page.requests if not u.startswith(("file:", "data:", "blob:", "about:"))] == []
-    assert page.title == "epkit sample: ladder"
-    assert len(page.plots) >= 6
+    assert page.title == f"epkit sample: {folder}"
+    assert len(page.plots) == 7
     for plot in page.plots:  # every container drawn, with data in it
         assert plot["svg"] > 0 and plot["traces"] > 0 and plot["points"] > 0 and plot["height"] > 300, plot
+        figure, area, legend = plot["figure"], plot["plot_area"], plot["legend"]
+        assert figure["width"] > 1100, plot  # the page gives the figure the window's width (less the margins)
+        assert area["width"] >= 0.6 * figure["width"], plot
+        assert area["height"] >= 0.4 * figure["height"], plot
+        if legend and plot["legend_items"]:
+            assert legend["top"] >= area["bottom"] and figure["left"] <= legend["left"] <= legend["right"] <= figure["right"], plot
+            if folder == "quickstart":  # model, engine and TP are shared: in the subtitle, not in every entry
+                assert all("epkit-tiny-moe" not in t and len(t) <= 45 for t in plot["legend_texts"]), plot
     assert shot.stat().st_size > 20_000
-    if os.environ.get("EPKIT_UPDATE_SCREENSHOT"):
+    if folder == "quickstart" and os.environ.get("EPKIT_UPDATE_SCREENSHOT"):
         shutil.copy(shot, ROOT / "docs" / "report.png")
+
+
+def test_figures_name_groups_short_and_keep_the_full_name_in_hover(sample_dir):
+    from epkit import plots, results
+
+    runs = results.load(sample_dir / "quickstart")
+    fig = plots.metric_vs_load(runs)
+    labels = results.short_labels(runs, "topology")
+    assert sorted(t.name for t in fig.data) == sorted(labels.values())
+    for trace in fig.data:
+        full = next(k for k, v in labels.items() if v == trace.name)
+        assert all(text.startswith(f"<b>{full}</b>") for text in trace.hovertext)
+    assert fig.layout.title.subtitle.text == "all: epkit-tiny-moe · epkit 0.1.0 · TP1 · 1 node"
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.yanchor == "bottom"
+    bars = plots.compare_bars(runs, x="topology", color="load")
+    assert [t.name for t in bars.data] == ["rate=4 req/s", "rate=16 req/s"]  # natural order
+    assert set(bars.data[0].x) == {v.replace(" · ", "<br>") for v in labels.values()}
 
 
 @pytest.mark.parametrize("folder", ["vllm", "quickstart", "ladder"])

@@ -134,3 +134,34 @@ def test_pareto_frontier_minimising_latency():
 def test_sample_results_are_small(sample_dir):
     total = sum(p.stat().st_size for p in sample_dir.rglob("*") if p.is_file())
     assert total < 2 * 2**20
+
+
+def test_short_labels_name_only_what_differs(sample_dir):
+    runs = R.load(sample_dir / "quickstart")
+    labels = R.short_labels(runs, "topology")
+    assert sorted(labels.values()) == ["DP1 EP1 · allgather_reducescatter · no EPLB", "DP1 EP1 · naive · no EPLB",
+                                       "DP2 EP2 · allgather_reducescatter · EPLB",
+                                       "DP2 EP2 · allgather_reducescatter · no EPLB", "DP2 EP2 · naive · no EPLB"]
+    assert set(labels) == set(runs["topology"])  # keyed by the full name
+    assert R.shared_label(runs, "topology") == "epkit-tiny-moe · epkit 0.1.0 · TP1 · 1 node"
+    # the load varies inside a topology, so only a per-point grouping names it; repeats only where they differ
+    configs = R.short_labels(runs, "config")
+    assert configs[runs["config"][0]].endswith(("· rate=4 req/s", "· rate=16 req/s"))
+    ladder = R.load(sample_dir / "ladder")
+    assert R.short_labels(ladder, "load") == {f"rate=inf, concurrency={c}": f"concurrency={c}" for c in (1, 2, 4, 8)}
+    assert "rate=inf" in R.shared_label(ladder, "load")
+    assert {v for v in R.short_labels(ladder, "config").values() if "repeat" in v} and \
+        not any("repeat 0" in v for v in R.short_labels(ladder, "config").values())
+
+
+def test_short_labels_of_mixed_results_stay_unique(sample_dir):
+    """Sweeps and a plain `vllm bench serve` file (no topology) together: every label differs,
+    the file that records no topology keeps its own name, and the request frame labels alike."""
+    runs = R.load(sample_dir)
+    for by in ("topology", "config", "load"):
+        labels = R.short_labels(runs, by)
+        assert len(set(labels.values())) == len(labels) == runs[by].nunique(), by
+    assert R.short_labels(runs, "topology")["epkit-tiny-moe"] == "epkit-tiny-moe"
+    reqs = R.requests(R.heaviest_load(runs))
+    assert R.short_labels(reqs, "topology") == {k: v for k, v in R.short_labels(runs, "topology").items()
+                                                if k in set(reqs["topology"])}
