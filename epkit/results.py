@@ -227,7 +227,8 @@ def _label_parts(r: pd.Series) -> dict[str, str | None]:
         "dp": f"DP{int(r['dp'])}" if has("dp") else None,
         "ep": ep,
         "nodes": (f"{int(r['nodes'])} node" + ("s" if int(r["nodes"]) > 1 else "")) if has("nodes") else None,
-        "backend": str(r["all2all_backend"]) if has("all2all_backend") else ("default backend" if has("engine") else None),
+        "backend": str(r["all2all_backend"]) if has("all2all_backend") else (
+            "default backend" if has("engine") and bool(r.get("enable_expert_parallel")) and ep != "EP1" else None),
         "eplb": ("EPLB" if r["eplb"] else "no EPLB") if has("eplb") else None,
         "label": str(r["label"]) if has("label") else None,
         "rate": _describe_load(r[["request_rate"]]) or None if "request_rate" in r else None,

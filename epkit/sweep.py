@@ -49,6 +49,7 @@ DRY_RUN_ADDRESS = "<node0-hostname>"
 class TopologyPoint:
     id: str
     topology: Topology
+    notes: tuple[str, ...] = ()  # what the expansion says about this point (e.g. grid points it stands for)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
         if not isinstance(grid, Mapping):
             raise TopologyError(f"sweep: topologies[{b}].grid must map topology fields to lists of values")
         axes = list(grid)
+        kept: dict[str, int] = {}  # this block's points by what they run
         for values in itertools.product(*(_as_list(grid[a]) for a in axes)):
             combo = dict(zip(axes, values))
             fields_ = {**base, **defaults, **block, **combo}
@@ -162,6 +164,13 @@ def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
                 topo = Topology.from_dict(fields_)
             except TopologyError as exc:
                 raise TopologyError(f"sweep point {where}: {exc}") from exc
+            key = _runs_as(topo)
+            if key in kept:  # a grid point that differs only in a backend with no effect: run it once
+                first = out[kept[key]]
+                out[kept[key]] = TopologyPoint(first.id, first.topology, first.notes + (
+                    f"the grid point {combo} runs the same code (all2all_backend has no effect here) and is left out",))
+                continue
+            kept[key] = len(out)
             tid = given_id if given_id and not combo else topology_id(topo)
             if given_id and combo:
                 tid = f"{given_id}_{topology_id(topo)}"
@@ -171,8 +180,22 @@ def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
     for tp in out:  # same id from different extra_args/env: number them
         n = seen.get(tp.id, 0)
         seen[tp.id] = n + 1
-        unique.append(tp if n == 0 else TopologyPoint(f"{tp.id}_{n + 1}", tp.topology))
+        unique.append(tp if n == 0 else TopologyPoint(f"{tp.id}_{n + 1}", tp.topology, tp.notes))
+    first_of: dict[str, str] = {}
+    for i, tp in enumerate(unique):  # listed twice by hand (different blocks): run both, but say so
+        other = first_of.setdefault(_runs_as(tp.topology), tp.id)
+        if other != tp.id:
+            unique[i] = TopologyPoint(tp.id, tp.topology, tp.notes + (
+                f"runs the same code as {other} (they differ only in all2all_backend, which has no effect here)",))
     return unique
+
+
+def _runs_as(topo: Topology) -> str:
+    """What a topology runs: its fields, less an all2all backend that has no effect."""
+    fields_ = topo.to_dict()
+    if not topo.all2all_in_effect:
+        fields_.pop("all2all_backend", None)
+    return json.dumps(fields_, sort_keys=True, default=str)
 
 
 def expand_workloads(items: Any) -> list[WorkloadPoint]:
@@ -329,7 +352,8 @@ def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None 
         pending_total += len(pending)
         rows.append({"id": tp.id, "nodes": tp.topology.nodes, "gpus": gpus, "commands": commands,
                      "memory": None if plan is None else {"gpu": plan.gpu, "fits": plan.fits, "reason": plan.reason},
-                     "warnings": tp.topology.warnings(), "points": sum(w.repeats for w in spec.workloads),
+                     "warnings": tp.topology.warnings() + list(tp.notes),
+                     "points": sum(w.repeats for w in spec.workloads),
                      "pending": len(pending)})
     return {"sweep": spec.name, "executor": spec.executor, "deployments": len(spec.topologies),
             "deployments_to_start": sum(1 for r in rows if r["pending"]), "points": spec.num_points,

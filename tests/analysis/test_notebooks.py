@@ -63,7 +63,7 @@ def test_notebook_executes(name, results):
 
 def test_local_sweep_notebook_runs_a_tiny_sweep(tmp_path):
     nb = execute(ROOT / "notebooks" / "02_local_sweep.ipynb",
-                 {"EPKIT_RESULTS_ROOT": str(tmp_path), "EPKIT_SWEEP_ONLY": "epkit_allgather_reducescatter_tp1_dp1_n1_ep"},
+                 {"EPKIT_RESULTS_ROOT": str(tmp_path), "EPKIT_SWEEP_ONLY": "epkit_default_tp1_dp1_n1_noep"},
                  timeout=400)
     stored = sorted((tmp_path / "quickstart").glob("*/*.json"))
     assert stored, "the sweep stored no point"
