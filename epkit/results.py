@@ -244,7 +244,8 @@ def _label_parts(r: pd.Series) -> dict[str, str | None]:
 def _groups_parts(df: pd.DataFrame, by: str) -> tuple[dict, list[str], list[str]]:
     """Per value of ``by``: its parts; the part names that tell the groups apart; those all share."""
     cols = [c for c in df.columns if c in LABEL_COLUMNS or c.startswith("eplb_")]
-    rows = df[[by] + [c for c in cols if c != by]].astype(object).drop_duplicates()
+    rows = df[[by] + [c for c in cols if c != by]].astype(object)
+    rows = rows.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v).drop_duplicates()
     per_group: dict = {}
     constant: set[str] | None = None
     for key, g in rows.groupby(by, sort=False, dropna=False):
