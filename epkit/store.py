@@ -10,11 +10,18 @@ resume index: a point whose file says ``ok`` is done. See docs/sweep.md for the 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from epkit.errors import LaunchError
 
 STATUSES = ("ok", "failed")
 
@@ -103,6 +110,38 @@ class ResultStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(_plain(event)) + "\n")
+
+    def run_dirs(self) -> list[Path]:
+        """Every deployment's run folder (``<topology_id>/logs/<stamp>-<id>/``)."""
+        return sorted(p for p in self.dir.glob("*/logs/*") if p.is_dir())
+
+    @staticmethod
+    def topology_of(run_dir: Path) -> str:
+        return Path(run_dir).parent.parent.name
+
+    @contextlib.contextmanager
+    def driver_lock(self) -> Iterator[None]:
+        """Hold ``<sweep>/.driver.lock`` while a driver runs the sweep: a second driver of the same results
+        folder is refused (naming the first), and a lock left by a killed driver is free (the kernel drops it)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / ".driver.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                raise LaunchError(f"another epkit sweep driver runs sweep {self.sweep!r} in {self.dir} "
+                                  f"({holder}); wait for it to finish or stop it, then run again") from None
+            except OSError:  # a filesystem without locks: run unguarded rather than not at all
+                yield
+                return
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def points(self) -> list[Path]:
         """Every point JSON in the sweep."""

@@ -293,15 +293,48 @@ def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
     from epkit.render import render
 
     try:
-        render(tp.topology, address=DRY_RUN_ADDRESS if tp.topology.nodes > 1 else None)
+        launches = render(tp.topology, address=DRY_RUN_ADDRESS if tp.topology.nodes > 1 else None)
     except TopologyError as exc:
         raise TopologyError(f"{source}: sweep point {tp.id}: {exc}") from exc
-    if spec.executor == "local" and tp.topology.engine == "vllm" and tp.topology.nodes > 1:
-        pass  # legal: several local "nodes" of vLLM need GPUs, which the memory plan cannot see
     plan = memory_verdict(spec, tp)
     if plan is not None and not plan.fits and not spec.plan.get("allow_unfit", False):
         raise TopologyError(f"{source}: sweep point {tp.id} does not fit on {plan.gpu}: {plan.reason} "
                             "(set plan.allow_unfit: true to run it anyway)")
+    missing = engine_problems(tp.topology, launches) + spec.make_executor().problems(tp.topology)
+    if missing:  # what the engine or this machine cannot run is refused now, not by a failed deployment
+        raise TopologyError(f"{source}: sweep point {tp.id} cannot run: {'; '.join(missing)}")
+
+
+def engine_problems(topology: Topology, launches) -> list[str]:
+    """What keeps the built-in engine from running ``topology``: its own parser's verdict on every node's
+    command, and an all2all backend it does not implement (naming the package that backend needs).
+    Empty for vLLM, whose parser and releases the topology has checked already."""
+    if topology.engine != "epkit":
+        return []
+    import contextlib
+    import io
+
+    from epkit.engine.all2all import check_backend
+    from epkit.engine.cli import config_from_args
+    from epkit.errors import EngineError
+
+    out = []
+    for n, launch in enumerate(launches):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                config_from_args(list(launch.argv[2:]))  # after `epkit serve`
+        except SystemExit:
+            said = [line for line in err.getvalue().splitlines() if line.strip()]
+            out.append(f"node {n}: `epkit serve` rejects its command: {said[-1] if said else 'bad arguments'}")
+        except EngineError as exc:
+            out.append(f"node {n}: {exc}")
+    if topology.enable_expert_parallel and topology.ep_size > 1 and topology.all2all_backend:
+        try:
+            check_backend(topology.all2all_backend)
+        except EngineError as exc:
+            out.append(f"the built-in engine cannot run it: {exc}")
+    return out
 
 
 def memory_verdict(spec: SweepSpec, tp: TopologyPoint):

@@ -62,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
         return 0
     print(format_plan(plan).split("\n", 1)[0], file=sys.stderr)
-    from epkit.launch.runner import run_sweep
+    from epkit.launch.runner import format_failure, run_sweep
 
-    summary = run_sweep(spec, args.results, args.retry_failed, progress=not args.no_progress, only=args.only)
+    try:
+        summary = run_sweep(spec, args.results, args.retry_failed, progress=not args.no_progress, only=args.only)
+    except EpkitError as exc:  # another driver runs this sweep
+        print(f"epkit sweep: {exc}", file=sys.stderr)
+        return 2
     print(f"sweep {spec.name}: {summary['points_ok']} ok, {summary['points_failed']} failed, "
           f"{summary['points_skipped']} already done; {summary['deployments_started']} deployments started; "
           f"{summary['wall_s']:.1f} s; results in {store.dir}")
+    for entry in summary["failures"]:  # kind, message and where the log is, for each failure
+        print(format_failure(entry))
     return 0 if summary["points_failed"] == 0 else 1
 
 

@@ -10,12 +10,19 @@ out-of-memory, an NCCL/Gloo error, or no log progress for ``hang_timeout_s`` end
 at once with a :class:`~epkit.launch.failure.Failure` (kind, message, log tail), raised as
 :class:`DeploymentFailed`. ``stop()`` (also on leaving the ``with`` block, on Ctrl-C and
 at interpreter exit) ends every process on every node and the Slurm job.
+
+Before anything starts, the driver writes ``deployment.json`` in the run folder (its pid and
+host, the executor, then the supervisor pids or the Slurm job id, and the state ``starting`` →
+``ready`` → ``stopped``), so that a later driver can find and end what a killed one left running
+(:mod:`epkit.launch.orphans`).
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -29,7 +36,7 @@ from typing import Any
 
 from epkit.errors import LaunchError
 from epkit.launch.failure import Failure, classify_exit, match_log, tail
-from epkit.launch.node import NodeTask, node_file
+from epkit.launch.node import NodeTask, node_file, write_json
 from epkit.render import render
 from epkit.topology import Topology
 
@@ -37,6 +44,11 @@ from epkit.topology import Topology
 STARTUP_TIMEOUT_S = {"vllm": 1800.0, "epkit": 300.0}
 HANG_TIMEOUT_S = {"vllm": 600.0, "epkit": 120.0}
 FAIL_FAST_KINDS = ("oom", "nccl", "gloo")
+RECORD = "deployment.json"
+# Why a node supervisor gets each ending signal (node.END_SIGNALS), when no Slurm job state says more.
+SIGNAL_CAUSES = {"SIGTERM": ("cancelled", "scancel, a kill, or the Slurm time limit"),
+                 "SIGINT": ("cancelled", "Ctrl-C"), "SIGHUP": ("cancelled", "its terminal or session ended"),
+                 "SIGUSR2": ("timeout", "submitit's warning that the Slurm time limit is near")}
 _LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
 
 
@@ -95,11 +107,18 @@ class Deployment:
             host="0.0.0.0" if is_slurm else "127.0.0.1", env=dict(env or {}), grace_s=grace_s,
             lease_timeout_s=lease_timeout_s, preflight=is_slurm if preflight is None else preflight)
         self._touch_lease()
+        self.handle = None
+        self._write_record("starting")
         t0 = time.monotonic()
-        if is_slurm:
-            self.handle = self.executor.launch(self.task, topology.nodes, topology.gpus_on_node)
-        else:
-            self.handle = self.executor.launch(self.task, topology.nodes)
+        try:
+            if is_slurm:
+                self.handle = self.executor.launch(self.task, topology.nodes, topology.gpus_on_node)
+            else:
+                self.handle = self.executor.launch(self.task, topology.nodes)
+        except BaseException:
+            self._write_record("stopped", error="launch failed")
+            raise
+        self._write_record("starting")
         self.timing["launch_s"] = time.monotonic() - t0
         self._t_start = t0
         self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True, name=f"epkit-lease-{self.id}")
@@ -144,16 +163,44 @@ class Deployment:
 
     # ---- readiness ------------------------------------------------------------------------
     def check(self) -> Failure | None:
-        """A failure if any node has ended or logged a fatal error, else None."""
+        """A failure if any node has ended or logged a fatal error, or the job has ended, else None."""
         for n in range(self.topology.nodes):
             info = _read(node_file(self.run_dir, n, "json"))
             if "returncode" in info:
-                text = tail(self.logs[n], 200)
-                return classify_exit(info["returncode"], text, n, what=f"node {n}'s engine ({info.get('reason')})")
+                return self.node_ended(n, info)
             found = match_log(tail(self.logs[n], 200))
             if found and found[0] in FAIL_FAST_KINDS:
                 return Failure(found[0], f"node {n}: {found[1]}", tail(self.logs[n], 40), n)
         return self.handle.problem()
+
+    def node_ended(self, node: int, info: dict) -> Failure:
+        """Why node ``node`` ended, from its record (``node<i>.json``), its log and the job's state.
+
+        A supervisor that got an ending signal was told to end by someone (``scancel``, the time
+        limit, Ctrl-C): the kind is ``cancelled`` or ``timeout`` (the Slurm job's final state decides
+        when there is one), never ``exit``, even though the engine then exits with a non-zero code."""
+        reason = str(info.get("reason") or "unknown")
+        returncode = info.get("returncode")
+        log40 = tail(self.logs[node], 40)
+        if reason.startswith("signal "):
+            sig = reason.split()[1]
+            kind, cause = SIGNAL_CAUSES.get(sig, ("cancelled", "an ending signal"))
+            job = self.handle.final_problem(wait_s=10.0)
+            if job is not None and job.kind not in ("exit", "lost"):
+                return Failure(job.kind, f"{job.message}; node {node}'s engine was ended on {sig}", log40, node)
+            return Failure(kind, f"node {node} got {sig} ({cause}); its engine was ended (code {returncode})",
+                           log40, node)
+        if reason == "stop requested":
+            return Failure("cancelled", f"node {node} ended on a stop request in {self.run_dir} (another driver "
+                                        "ended this deployment)", log40, node)
+        if reason.startswith("driver lease expired"):
+            return Failure("lost", f"node {node} ended itself: {reason} (this driver stalled for longer than "
+                                   f"lease_timeout_s={self.lease_timeout_s})", log40, node)
+        if reason == "primary done" and node > 0:
+            primary = _read(node_file(self.run_dir, 0, "json"))
+            if "returncode" in primary:
+                return self.node_ended(0, primary)
+        return classify_exit(returncode, tail(self.logs[node], 200), node, what=f"node {node}'s engine ({reason})")
 
     def wait_ready(self, timeout: float | None = None, poll_s: float = 0.25) -> "Deployment":
         """Block until the API serves the model; raise :class:`DeploymentFailed` (after stopping) if not."""
@@ -179,6 +226,7 @@ class Deployment:
                 if self.url and self._serves():
                     self.ready = True
                     self.timing["ready_s"] = time.monotonic() - self._t_start
+                    self._write_record("ready")
                     return self
                 time.sleep(poll_s)
         except KeyboardInterrupt:
@@ -200,6 +248,17 @@ class Deployment:
             return False
 
     # ---- teardown ---------------------------------------------------------------------------
+    def _write_record(self, state: str, **extra: Any) -> None:
+        """``deployment.json``: what a later driver needs to find and end this deployment if this one dies."""
+        record = {"deployment_id": self.id, "state": state, "run_dir": str(self.run_dir),
+                  "executor": getattr(self.executor, "name", type(self.executor).__name__),
+                  "nodes": self.topology.nodes, "port": self.port, "grace_s": self.grace_s,
+                  "lease_timeout_s": self.lease_timeout_s,
+                  "driver": {"pid": os.getpid(), "host": socket.gethostname()},
+                  "handle": self.handle.describe() if self.handle is not None else None,
+                  "updated_at": time.time(), **extra}
+        write_json(self.run_dir / RECORD, record)
+
     def _touch_lease(self) -> None:
         (self.run_dir / "lease").write_text(str(time.time()))
 
@@ -218,8 +277,10 @@ class Deployment:
         self._stopped = True
         t0 = time.monotonic()
         (self.run_dir / "stop").write_text("stop")
+        self._write_record("stopping")
         try:
             self.handle.stop(self.grace_s)
+            self._write_record("stopped")
         finally:
             self._lease_stop.set()
             _LIVE.discard(self)

@@ -9,6 +9,7 @@ specific first.
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,15 +33,20 @@ KINDS = (*PATTERNS, "exit", "killed", "hang", "timeout", "cancelled", "http", "b
 
 @dataclass(frozen=True)
 class Failure:
-    """Why something ended: ``kind`` (one of :data:`KINDS`), a message, the log tail, the node."""
+    """Why something ended: ``kind`` (one of :data:`KINDS`), a message, the log tail, the node;
+    ``traceback`` when the cause was an exception in epkit itself (kinds ``lost`` and ``bench``)."""
 
     kind: str
     message: str
     log_tail: str = ""
     node: int | None = None
+    traceback: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.traceback:
+            del out["traceback"]
+        return out
 
     def __str__(self) -> str:
         where = f" on node {self.node}" if self.node is not None else ""
@@ -81,4 +87,32 @@ def classify_exit(returncode: int | None, log_text: str, node: int | None = None
     if returncode is not None and returncode in (-9, 137):
         return Failure("killed", f"{what} was killed (SIGKILL, code {returncode}): often the kernel's OOM killer",
                        tail_text, node)
-    return Failure("exit", f"{what} exited with code {returncode}", tail_text, node)
+    said = error_line(log_text)
+    said = f": {said}" if said else ""
+    if returncode is not None and returncode < 0:
+        return Failure("exit", f"{what} died of signal {signal_name(-returncode)} (code {returncode}){said}",
+                       tail_text, node)
+    return Failure("exit", f"{what} exited with code {returncode}{said}", tail_text, node)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit)): \S")
+_ERROR_LINE = re.compile(r"\b(ERROR|error:|Error:|FATAL|fatal:)")
+
+
+def error_line(text: str) -> str | None:
+    """The line that says why a process failed: a traceback's last exception line, else the first error line."""
+    lines = text.splitlines()
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line.strip()[:300]
+    for line in lines:
+        if _ERROR_LINE.search(line):
+            return line.strip()[:300]
+    return None
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

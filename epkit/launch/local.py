@@ -7,13 +7,17 @@ nodes with their start ranks, reaching the primary at 127.0.0.1).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from epkit.launch import procs
 from epkit.launch.failure import Failure, tail
@@ -40,8 +44,27 @@ class LocalExecutor:
     def pick_ports(self) -> tuple[int, int]:
         return free_port(self.host), free_port(self.host)
 
+    def problems(self, topology: Any) -> list[str]:
+        """What this machine lacks to run ``topology`` with vLLM: ``vllm`` on PATH, and the kernel package of
+        a vendor all2all backend in vLLM's interpreter (the built-in engine is checked by the sweep itself)."""
+        if topology.engine != "vllm":
+            return []
+        exe = shutil.which("vllm")
+        if exe is None:
+            return ["the local executor runs `vllm serve`, but no `vllm` is on PATH here; install vLLM (or put its "
+                    "environment's bin/ on PATH), or use engine: epkit"]
+        from epkit.engine.all2all import VENDOR
+
+        vendor = VENDOR.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
+        if vendor is None or _importable(_interpreter(exe), vendor.module):
+            return []
+        return [f"all2all_backend={topology.all2all_backend!r} needs {vendor.package} (Python module "
+                f"{vendor.module!r}) in the Python of {exe}, which does not have it; install it with {vendor.install}"]
+
     def launch(self, task: NodeTask, nodes: int) -> "LocalHandle":
         run_dir = Path(task.run_dir)
+        # supervisors carry the deployment's tag too: a resumed sweep finds them after a kill -9 of the driver
+        env = {**os.environ, procs.TAG: task.deployment_id}
         sups = []
         for node in range(nodes):
             t = replace(task, node=node, address=self.host, host=self.host)
@@ -50,7 +73,7 @@ class LocalExecutor:
             out = open(node_file(run_dir, node, "supervisor.log"), "ab")
             sups.append(subprocess.Popen([sys.executable, "-m", "epkit.launch.node", str(path)], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=run_dir))
+                                         cwd=run_dir, env=env))
             out.close()
         return LocalHandle(task.deployment_id, run_dir, sups)
 
@@ -81,6 +104,10 @@ class LocalHandle:
     def describe(self) -> dict:
         return {"executor": "local", "supervisor_pids": [s.pid for s in self.supervisors]}
 
+    def final_problem(self, wait_s: float = 0.0) -> Failure | None:
+        """Local processes have no job state beyond their own records."""
+        return None
+
     def stop(self, grace_s: float) -> None:
         """Supervisors end their engines on the stop file; anything left after the grace period is killed."""
         for sup in self.supervisors:
@@ -98,6 +125,28 @@ class LocalHandle:
                 sup.wait()
         pgids = [_read(node_file(self.run_dir, n, "json")).get("pgid") for n in range(len(self.supervisors))]
         procs.terminate([p for p in pgids if p], self.deployment_id, grace_s=grace_s)
+
+
+def _interpreter(script: str) -> str:
+    """The Python that runs a console script (its shebang), else this one."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+    except OSError:
+        return sys.executable
+    parts = first[2:].split() if first.startswith("#!") else []
+    if parts and os.path.basename(parts[0]) == "env" and len(parts) > 1:
+        return shutil.which(parts[1]) or sys.executable
+    return parts[0] if parts and "python" in os.path.basename(parts[0]) else sys.executable
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(python: str, module: str) -> bool:
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _read(path: Path) -> dict:

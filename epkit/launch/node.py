@@ -63,8 +63,9 @@ def node_file(run_dir: str | Path, node: int, suffix: str) -> Path:
     return Path(run_dir) / f"node{node}.{suffix}"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
 
@@ -123,7 +124,7 @@ def run_node(task: NodeTask) -> dict:
         from epkit.launch import doctor
 
         preflight = doctor.collect(ports=[task.port, task.topology.get("data_parallel_rpc_port") or 0])
-        _write_json(node_file(run_dir, node, "preflight.json"), preflight)
+        write_json(node_file(run_dir, node, "preflight.json"), preflight)
     argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
@@ -134,7 +135,7 @@ def run_node(task: NodeTask) -> dict:
         proc = subprocess.Popen(_exec_argv(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, cwd=run_dir)
     info.update(pid=proc.pid, pgid=proc.pid)
-    _write_json(node_file(run_dir, node, "json"), info)
+    write_json(node_file(run_dir, node, "json"), info)
 
     returncode = None
     while True:
@@ -162,7 +163,7 @@ def run_node(task: NodeTask) -> dict:
     if returncode is None:
         returncode = proc.poll()
     info.update(returncode=returncode, reason=reason[0] if reason else "unknown", finished_at=time.time())
-    _write_json(node_file(run_dir, node, "json"), info)
+    write_json(node_file(run_dir, node, "json"), info)
     if node == 0:
         (run_dir / "primary.done").write_text(info["reason"])
     info["preflight"] = preflight

@@ -48,12 +48,37 @@ def processes() -> list[Proc]:
     return out
 
 
-def _environ_has(pid: int, needle: bytes) -> bool:
+def _environ(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read().split(b"\0")
+            return f.read().split(b"\0")
     except OSError:
-        return False
+        return []
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    return needle in _environ(pid)
+
+
+def by_deployment() -> dict[str, list[Proc]]:
+    """Every live process that carries a deployment tag, grouped by deployment id."""
+    prefix = f"{TAG}=".encode()
+    me = os.getpid()
+    out: dict[str, list[Proc]] = {}
+    for p in processes():
+        if p.pid == me:
+            continue
+        for item in _environ(p.pid):
+            if item.startswith(prefix):
+                out.setdefault(item[len(prefix):].decode(errors="replace"), []).append(p)
+                break
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie does not count)."""
+    p = _stat(pid)
+    return p is not None and p.state not in ("Z", "X")
 
 
 def tagged(deployment_id: str, node: int | None = None) -> list[Proc]:

@@ -2,12 +2,21 @@
 
 Points of a topology run in order against one deployment; topologies run one at a time,
 or ``max_parallel`` at once on Slurm (each its own job). A deployment that fails makes every
-pending point of its topology a failed point with the deployment's failure; an engine that
-dies mid-way fails the point it was serving and the rest.
+pending point of its topology a failed point with the deployment's failure. While a point's
+load runs, the deployment is watched (:class:`~epkit.launch.watch.DeploymentWatch`: node exits,
+fatal log lines, the Slurm job, ``/health``): when it dies the load is cancelled at once and the
+point fails with the cause's kind (``cancelled`` for a scancel, ``killed``/``exit``/``oom``… for an
+engine crash), then the rest of the topology's points with it.
+
+Before starting anything the driver takes the sweep's lock (one live driver per results folder)
+and ends every deployment a killed driver left running (:mod:`epkit.launch.orphans`), so two
+deployments of a sweep never run at once. Every failure is printed with its kind, message and
+log as it happens and collected in ``summary["failures"]``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -17,13 +26,18 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from epkit.launch import orphans
 from epkit.launch.deployment import Deployment, DeploymentFailed
 from epkit.launch.failure import Failure
+from epkit.launch.watch import DeploymentWatch
 from epkit.store import ResultStore
 from epkit.sweep import SweepSpec, TopologyPoint, WorkloadPoint
 
@@ -81,7 +95,8 @@ class SweepRunner:
     """Runs the pending points of a :class:`SweepSpec` into a :class:`ResultStore`."""
 
     def __init__(self, spec: SweepSpec, results_root: str | Path | None = None, retry_failed: bool = False,
-                 executor: Any = None, progress: bool = True, only: list[str] | None = None):
+                 executor: Any = None, progress: bool = True, only: list[str] | None = None,
+                 say: Callable[[str], None] | None = None, watch_interval_s: float = 1.0):
         self.spec = spec
         self.store = ResultStore(results_root or spec.results_dir, spec.name)
         self.retry_failed = retry_failed
@@ -89,8 +104,22 @@ class SweepRunner:
         self.progress = progress
         self.only = set(only or [])
         self.commit = git_commit()
+        self.watch_interval_s = watch_interval_s
+        self._say = say
         self._lock = threading.Lock()
-        self.summary = {"deployments_started": 0, "points_ok": 0, "points_failed": 0, "points_skipped": 0}
+        self.bar = None
+        self.summary: dict[str, Any] = {"deployments_started": 0, "points_ok": 0, "points_failed": 0,
+                                        "points_skipped": 0, "orphans_ended": [], "failures": []}
+
+    def say(self, message: str) -> None:
+        """One line for the user (stderr, above the progress bar)."""
+        line = f"sweep {self.spec.name}: {message}"
+        if self._say is not None:
+            self._say(line)
+        elif self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     # ---- what is left --------------------------------------------------------------------
     def done(self) -> dict[tuple[str, str, int], str]:
@@ -109,6 +138,26 @@ class SweepRunner:
 
     # ---- running -------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Run every pending point; raise :class:`~epkit.errors.LaunchError` if another driver runs this sweep."""
+        with self.store.driver_lock():
+            self.end_orphans()
+            return self._run()
+
+    def end_orphans(self) -> None:
+        """End what a killed driver of this sweep left running, before anything starts."""
+        for record in orphans.records(self.store.run_dirs()):
+            report = orphans.end(record, say=self.say)
+            if report["found_running"]:
+                self.summary["orphans_ended"].append(report)
+            run_dir = Path(record["run_dir"])
+            self.store.append_event(self.store.topology_of(run_dir), {
+                **{k: record.get(k) for k in ("deployment_id", "run_dir", "executor", "handle", "driver")},
+                "topology_id": self.store.topology_of(run_dir), "finished_at": _now(),
+                "failure": Failure("lost", "the driver died while this deployment ran; " + (
+                    f"a later driver ended it ({'; '.join(report['found_running'])})" if report["found_running"]
+                    else "it had ended by itself (its lease expired)")).to_dict(), "orphan": report})
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         self.store.write_spec(self.spec.source_text or json.dumps({"name": self.spec.name}))
@@ -143,7 +192,9 @@ class SweepRunner:
         started_at = _now()
         t0 = time.monotonic()
         deployment = None
+        next_point = 0  # points before it are stored
         event: dict[str, Any] = {"started_at": started_at, "topology_id": tp.id}
+        ended: Failure | None = None  # the deployment's end, which fails every point not yet run
         try:
             deployment = Deployment(tp.topology, self.executor, run_dir=logs, **self._deploy_options())
             with self._lock:
@@ -151,20 +202,22 @@ class SweepRunner:
             event.update(deployment.describe())
             deployment.wait_ready()
             event["ready_s"] = time.monotonic() - t0
-            for i, (w, r) in enumerate(points):
-                failure = deployment.check()
-                if failure is not None:
-                    self._fail(tp, points[i:], failure, deployment, started_at)
-                    event["failure"] = failure.to_dict()
-                    break
-                self.run_point(tp, w, r, deployment, event.get("ready_s"))
+            while next_point < len(points) and ended is None:
+                ended = deployment.check()
+                if ended is None:
+                    w, r = points[next_point]
+                    ended = self.run_point(tp, w, r, deployment, event.get("ready_s"))
+                    next_point += 1
+            if ended is not None:
+                event["failure"] = ended.to_dict()
+                self._fail(tp, points[next_point:], ended, deployment, started_at)
         except DeploymentFailed as exc:
             event["failure"] = exc.failure.to_dict()
             self._fail(tp, points, exc.failure, deployment, started_at, exc.commands)
-        except Exception as exc:  # a bug or an executor error: record it, go on with the next topology
-            failure = Failure("lost", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug or an executor error: record it (traceback too), go on with the next topology
+            failure = Failure("lost", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             event["failure"] = failure.to_dict()
-            self._fail(tp, points, failure, deployment, started_at)
+            self._fail(tp, points[next_point:], failure, deployment, started_at)
         finally:
             if deployment is not None:
                 deployment.stop()
@@ -174,30 +227,25 @@ class SweepRunner:
             self.store.append_event(tp.id, event)
 
     def run_point(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, deployment: Deployment,
-                  ready_s: float | None) -> None:
-        from epkit import bench
-
-        started_at, t0 = _now(), time.monotonic()
-        load = {k: v for k, v in w.load.items() if v is not None or k == "max_concurrency"}
-        failure, result = None, None
-        try:
-            result = bench.run(deployment.url, tp.topology.model, w.workload(), endpoint=w.endpoint,
-                               label=f"{tp.id}/{w.id}", progress=False, seed=repeat,
-                               timeout_s=self.spec.run.get("request_timeout_s", 3600.0), **load)
-        except Exception as exc:
-            failure = Failure("bench", f"{type(exc).__name__}: {exc}")
-        bench_wall = time.monotonic() - t0
+                  ready_s: float | None) -> Failure | None:
+        """Run one point against the deployment and store it; return the deployment's failure if it died
+        during the point (None when it still serves, whether the point went well or not)."""
+        started_at = _now()
+        result, failure, bench_wall, stopped = self._watched_bench(tp, w, repeat, deployment)
+        dead = failure if stopped else None
         if result is not None and result.metrics.get("completed", 0) == 0:
             errors = [e for e in result.requests.get("error", []) if e]
             failure = Failure("http", f"no request succeeded ({result.metrics.get('failed')} failed): "
                                       f"{errors[0] if errors else 'unknown error'}")
-        if failure is None:
+        if dead is None and (failure is None or failure.kind == "http"):
             dead = deployment.check()  # the engine died during the point: its numbers are not a result
-            if dead is not None:
-                failure = dead
-        status = "ok" if failure is None else "failed"
+            failure = dead or failure
         if failure is not None and failure.kind in ("http", "bench"):
-            failure = Failure(failure.kind, failure.message, deployment.log_tail(0), failure.node)
+            failure = replace(failure, log_tail=deployment.log_tail(0))
+        if stopped:
+            failure = replace(failure, message=f"{failure.message}; the point's load was stopped {bench_wall:.1f} s "
+                                               "into it")
+        status = "ok" if failure is None else "failed"
         doc = result.to_vllm_json() if (result is not None and failure is None) else {"epkit": {}}
         point = self.point_dict(tp, w, repeat, status, failure, deployment, started_at)
         point["timing"] = {"deployment_ready_s": ready_s, "bench_wall_s": bench_wall,
@@ -207,7 +255,78 @@ class SweepRunner:
         self.store.write_point(path, doc, result.requests if status == "ok" else None)
         with self._lock:
             self.summary["points_ok" if status == "ok" else "points_failed"] += 1
+        if failure is not None:
+            self._report(tp, [(w, repeat)], failure, deployment)
         self.bar.update(1)
+        return dead
+
+    def _watched_bench(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, deployment: Deployment):
+        """(result, failure, wall seconds, stopped) of the point's load, run in a thread of its own while this
+        one watches the deployment; when it dies, the load is cancelled (``stopped``) within about
+        ``watch_interval_s`` and the failure is the deployment's."""
+        from epkit import bench
+
+        load = {k: v for k, v in w.load.items() if v is not None or k == "max_concurrency"}
+        out: dict[str, Any] = {}
+        loop_known = threading.Event()
+
+        async def load_point():
+            out["loop"], out["task"] = asyncio.get_running_loop(), asyncio.current_task()
+            loop_known.set()
+            return await bench.arun(deployment.url, tp.topology.model, w.workload(), endpoint=w.endpoint,
+                                    label=f"{tp.id}/{w.id}", progress=False, seed=repeat,
+                                    timeout_s=self.spec.run.get("request_timeout_s", 3600.0), **load)
+
+        def work():
+            try:
+                out["result"] = asyncio.run(load_point())
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                out["failure"] = Failure("bench", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            finally:
+                loop_known.set()
+
+        def cancel():
+            loop_known.wait()
+            try:
+                out["loop"].call_soon_threadsafe(out["task"].cancel)
+            except (KeyError, RuntimeError):  # never started, or already finished
+                pass
+            thread.join(30.0)
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=work, name=f"epkit-load-{tp.id}-{w.id}", daemon=True)
+        thread.start()
+        watch = DeploymentWatch(deployment)
+        try:
+            while True:
+                thread.join(self.watch_interval_s)
+                if not thread.is_alive():
+                    break
+                dead = watch.poll()
+                if dead is not None:
+                    cancel()
+                    return None, dead, time.monotonic() - t0, True
+        except BaseException:  # Ctrl-C: stop the load too
+            cancel()
+            raise
+        return out.get("result"), out.get("failure"), time.monotonic() - t0, False
+
+    def _report(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]], failure: Failure,
+                deployment: Deployment | None) -> None:
+        """Say why points failed (kind, message, where the log is) and keep it for the summary."""
+        log = None
+        if deployment is not None:
+            node = failure.node if failure.node is not None else 0
+            log = str(deployment.logs.get(node, deployment.logs[0]))
+        paths = [str(self.store.point_path(tp.id, w.id, r, w.repeats)) for w, r in points]
+        entry = {"topology_id": tp.id, "points": [self.store.stem(w.id, r, w.repeats) for w, r in points],
+                 "kind": failure.kind, "message": failure.message, "log": log, "results": paths,
+                 "traceback": bool(failure.traceback)}
+        with self._lock:
+            self.summary["failures"].append(entry)
+        self.say(format_failure(entry))
 
     def point_dict(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, status: str, failure: Failure | None,
                    deployment: Deployment | None, started_at: str, commands: list[str] | None = None) -> dict:
@@ -232,9 +351,28 @@ class SweepRunner:
             with self._lock:
                 self.summary["points_failed"] += 1
             self.bar.update(1)
+        if points:
+            self._report(tp, points, failure, deployment)
+
+
+def format_failure(entry: dict) -> str:
+    """``FAILED topology: points [kind] message`` and where to look (the node log, the result files)."""
+    points = entry["points"]
+    shown = ", ".join(points[:4]) + (f" (+{len(points) - 4} more)" if len(points) > 4 else "")
+    lines = [f"FAILED {entry['topology_id']}: {shown}: [{entry['kind']}] {entry['message']}"]
+    if entry.get("log"):
+        lines.append(f"    log: {entry['log']}")
+    where = entry["results"][0] + (f" (+{len(entry['results']) - 1} more)" if len(entry["results"]) > 1 else "")
+    lines.append(f"    result{' (with the traceback)' if entry.get('traceback') else ''}: {where}")
+    return "\n".join(lines)
 
 
 def run_sweep(spec: SweepSpec, results_root: str | Path | None = None, retry_failed: bool = False,
-              executor: Any = None, progress: bool = True, only: list[str] | None = None) -> dict:
-    """Run every pending point of ``spec`` (resuming from what ``results_root/<name>`` holds)."""
-    return SweepRunner(spec, results_root, retry_failed, executor, progress, only).run()
+              executor: Any = None, progress: bool = True, only: list[str] | None = None,
+              say: Callable[[str], None] | None = None) -> dict:
+    """Run every pending point of ``spec`` (resuming from what ``results_root/<name>`` holds).
+
+    Before anything starts, deployments that a killed driver of this sweep left running are ended;
+    a second live driver of the same results folder raises :class:`~epkit.errors.LaunchError`.
+    The summary counts points and deployments and lists every failure (``summary["failures"]``)."""
+    return SweepRunner(spec, results_root, retry_failed, executor, progress, only, say).run()

@@ -11,6 +11,7 @@ and USR2 requeue handlers with a teardown of its engine.
 from __future__ import annotations
 
 import random
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,11 @@ class SlurmExecutor:
 
     def address(self) -> None:
         return None  # node 0's hostname, known inside the job
+
+    def problems(self, topology: Any) -> list[str]:
+        """Nothing is known of the nodes before the job runs: each node's preflight (``epkit doctor``) and
+        the engine check them at start."""
+        return []
 
     def pick_ports(self) -> tuple[int, int]:
         port = random.Random().randrange(20000, 45000, 2)
@@ -177,6 +183,15 @@ class SlurmHandle:
             return classify_exit(None, logs, what=f"Slurm job {self.job_id} ended ({state}); engine")
         return Failure(kind, f"Slurm job {self.job_id} ended: {state}", logs)
 
+    def final_problem(self, wait_s: float = 0.0) -> Failure | None:
+        """How the job ended, waiting up to ``wait_s`` for sacct to show a final state (None if it has not)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            problem = self.problem()
+            if problem is not None or time.monotonic() >= deadline:
+                return problem
+            time.sleep(0.5)
+
     def describe(self) -> dict:
         return {"executor": "slurm", "slurm_job_id": self.job_id, "submitit_folder": str(self.job.paths.folder)}
 
@@ -191,3 +206,24 @@ class SlurmHandle:
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline and self.state(1.0).split()[0] not in FINAL_STATES:
             time.sleep(0.5)
+
+
+def queued_state(job_id: str) -> str | None:
+    """The job's state while slurmctld still lists it (``squeue``: PENDING, RUNNING, COMPLETING…), None once
+    it has left the queue, ``"UNKNOWN"`` when squeue cannot answer."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    if out.returncode != 0:
+        return None if "Invalid job id" in out.stderr else "UNKNOWN"
+    return out.stdout.strip() or None
+
+
+def scancel(job_id: str) -> None:
+    """Cancel the job (its node tasks tear their engines down on the SIGTERM)."""
+    try:
+        subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass

@@ -36,3 +36,47 @@ def greedy(url: str, prompts: list[list[int]], max_tokens: int = 8) -> list[str]
 
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [100, 50, 25, 12, 6, 3], list(range(40, 72))]
+
+
+class DeploymentSampler:
+    """Samples, in a thread, which deployments have live processes (their ``EPKIT_DEPLOYMENT_ID`` tag) and,
+    with ``slurm=True``, which Slurm jobs are queued, from start to stop of the ``with`` block."""
+
+    def __init__(self, interval_s: float = 0.05, slurm: bool = False):
+        import threading
+
+        self.interval_s = interval_s
+        self.slurm = slurm
+        self.samples: list[tuple[float, dict[str, list[int]], set[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import subprocess
+
+        while not self._stop.is_set():
+            live = {d: [p.pid for p in ps] for d, ps in procs.by_deployment().items()}
+            jobs: set[str] = set()
+            if self.slurm:
+                out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+                jobs = set(out.stdout.split())
+            self.samples.append((time.monotonic(), live, jobs))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "DeploymentSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def running(self, deployment_ids, job_to_deployment: dict[str, str] | None = None) -> list[tuple[float, set]]:
+        """Per sample: the set of these deployments that had a live process or a queued job."""
+        ids = set(deployment_ids)
+        job_to_deployment = job_to_deployment or {}
+        out = []
+        for t, live, jobs in self.samples:
+            seen = {d for d in live if d in ids} | {job_to_deployment[j] for j in jobs if j in job_to_deployment}
+            out.append((t, seen))
+        return out

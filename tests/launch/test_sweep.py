@@ -1,5 +1,6 @@
-"""Sweeps end to end: a Slurm sweep killed with kill -9 mid-way and resumed; failed points and
---retry-failed. Each topology is one deployment; results are the files of the results contract."""
+"""Sweeps end to end: a Slurm sweep killed with kill -9 mid-way and resumed at once (the orphaned job is
+ended first: never two deployments at a time); failed points and --retry-failed. Each topology is one
+deployment; results are the files of the results contract."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch_helpers import no_leftovers
+from launch_helpers import DeploymentSampler, no_leftovers
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,30 +34,39 @@ def _deployment_ids(results: Path) -> list[str]:
 def test_slurm_sweep_killed_and_resumed(slurm, tmp_path):
     spec = {"name": "killed", "model": "epkit-tiny-moe", "engine": "epkit", "executor": "slurm",
             "slurm": {"timeout_min": 5, "cpus_per_task": 1, "signal_delay_s": 30},
-            "defaults": {"enable_expert_parallel": True, "gpus_per_node": 2, "dp": 1},
-            "topologies": {"grid": {"all2all_backend": ["allgather_reducescatter", "naive"]}},
+            "defaults": {"enable_expert_parallel": True, "gpus_per_node": 2, "dp": 1,
+                         "all2all_backend": "allgather_reducescatter"},
+            "topologies": {"grid": {"extra_args": [[], ["--max-num-seqs", "16"]]}},  # two deployments
             "workloads": [{"name": "w", "dataset": "random", "input_len": 16, "output_len": 4, "num_prompts": 6,
                            "request_rate": [8, 16]}],
-            "run": {"startup_timeout_s": 120, "grace_s": 3, "lease_timeout_s": 8}}
+            "run": {"startup_timeout_s": 120, "grace_s": 3, "lease_timeout_s": 300}}  # the orphan would outlive the test
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     results = tmp_path / "results"
     first_topo = results / "killed" / "epkit_allgather_reducescatter_tp1_dp1_n1_ep"
-    driver = subprocess.Popen([sys.executable, "-m", "epkit.cli", "sweep", str(path), "--results", str(results),
-                               "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not list(first_topo.glob("*.json")) and time.monotonic() < deadline:
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.1)
-    os.kill(driver.pid, signal.SIGKILL)  # mid-way: one point of the first topology is stored
-    driver.wait()
-    done = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first_topo.glob("*.json")}
-    assert len(done) == 1
+    with DeploymentSampler(interval_s=0.2, slurm=True) as sampler:
+        driver = subprocess.Popen([sys.executable, "-m", "epkit.cli", "sweep", str(path), "--results", str(results),
+                                   "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not list(first_topo.glob("*.json")) and time.monotonic() < deadline:
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.1)
+        os.kill(driver.pid, signal.SIGKILL)  # mid-way: one point of the first topology is stored
+        driver.wait()
+        (orphan_job,) = [p.name for p in first_topo.glob("logs/*/submitit/*/*") if p.name.isdigit()]
+        done = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first_topo.glob("*.json")}
+        assert len(done) == 1
 
-    out = _sweep(path, results)
+        out = _sweep(path, results)  # at once
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 already done" in out.stdout and "3 ok" in out.stdout and "2 deployments started" in out.stdout
+    assert f"Slurm job {orphan_job} (RUNNING)" in out.stderr and "ending it before starting anything" in out.stderr
+    jobs = {p.name: p.parent.name for p in results.glob("killed/*/logs/*/submitit/*/*") if p.name.isdigit()}
+    assert len(jobs) == 3  # the orphan and one job per topology of the resumed run
+    timeline = sampler.running(set(jobs.values()), jobs)  # tagged engine processes and queued jobs
+    assert max(len(seen) for _, seen in timeline) == 1, [s for s in timeline if len(s[1]) > 1][:3]
+    assert sum(jobs[orphan_job] in seen for _, seen in timeline) > 0
     for name, (data, mtime) in done.items():  # the finished point was neither rerun nor rewritten
         p = first_topo / name
         assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
@@ -70,7 +80,7 @@ def test_slurm_sweep_killed_and_resumed(slurm, tmp_path):
         assert point["hardware"]["preflight"]["0"]["host"] == "n1" or point["hardware"]["nodes"]
         assert Path(str(p).replace(".json", ".requests.parquet")).exists()
     assert (results / "killed" / "sweep.yaml").exists()
-    # nothing left of either run: the killed driver's deployment ended itself when its lease expired
+    # nothing left of either run: the resumed driver ended the killed one's job before starting its own
     assert no_leftovers(_deployment_ids(results), timeout_s=30) == []
 
     again = _sweep(path, results)  # everything finished: no deployment starts
@@ -78,8 +88,9 @@ def test_slurm_sweep_killed_and_resumed(slurm, tmp_path):
 
 
 def test_failed_points_retried_only_on_request(tmp_path):
+    # the engine's parser accepts the flag (so the sweep starts), the engine fails at start: no KV cache
     spec = {"name": "bad", "model": "epkit-tiny-moe", "engine": "epkit",
-            "topologies": {"extra_args": ["--no-such-flag"]},
+            "topologies": {"extra_args": ["--kv-cache-memory-bytes", "1"]},
             "workloads": [{"dataset": "random", "input_len": 8, "output_len": 2, "num_prompts": 2}],
             "run": {"startup_timeout_s": 60, "grace_s": 2}}
     path = tmp_path / "bad.yaml"
@@ -91,8 +102,11 @@ def test_failed_points_retried_only_on_request(tmp_path):
     doc = json.loads(point.read_text())
     assert set(doc) == {"epkit"}  # no metrics in a failed point
     p = doc["epkit"]["point"]
-    assert p["status"] == "failed" and p["failure"]["kind"] in ("config", "exit")
-    assert "--no-such-flag" in p["failure"]["log_tail"] and "--no-such-flag" in p["commands"][0]
+    assert p["status"] == "failed" and p["failure"]["kind"] == "exit"
+    assert "KV cache" in p["failure"]["log_tail"] and "--kv-cache-memory-bytes 1" in p["commands"][0]
+    # each failure printed with its kind, message and where the log is
+    (log,) = results.glob("bad/*/logs/*/node0.log")
+    assert f"{point.stem}: [exit] node 0's engine" in out.stdout and f"log: {log}" in out.stdout
     assert "0 deployments started" in _sweep(path, results).stdout
     retry = _sweep(path, results, "--retry-failed")
     assert "1 deployments started" in retry.stdout and "1 failed" in retry.stdout
