@@ -5,6 +5,18 @@ streamed chunk that carries a choice, the token counts the server reported in ``
 and success or the error text. Metrics are derived later (:mod:`epkit.bench.metrics`).
 All times are ``time.perf_counter()`` seconds relative to the run's ``t0``.
 
+What the two stamps mean, and why they are taken where they are:
+
+- ``send_s`` is when the request's bytes are handed to the socket (aiohttp's
+  ``on_request_chunk_sent`` trace signal, fired right before the write), not when
+  ``session.post`` was called. On Python < 3.12 aiohttp writes the body from a task of its
+  own, one event-loop turn after ``post``; at concurrency N the other N−1 requests'
+  preparation ran in between, and a stamp taken before ``post`` read up to N × 0.3 ms early.
+- a chunk's time is taken first thing when the reading task wakes, and nothing is parsed on
+  that path: the bytes and their arrival time are kept, and the SSE events are split and
+  decoded once the stream has ended (each event keeps the arrival time of the read that
+  completed it). Parsing while reading delayed every other stream woken in the same turn.
+
 A failure of any kind (refused connection, 4xx/5xx, a stream closed early, malformed
 SSE, a timeout) is returned as a record with ``success=False``; nothing is raised.
 """
@@ -24,7 +36,10 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
 @dataclass
 class RequestRecord:
-    """What one request did. Times are seconds since the run's t0 (``time.perf_counter``)."""
+    """What one request did. Times are seconds since the run's t0 (``time.perf_counter``):
+    ``scheduled_s`` when it was due, ``start_s`` when the client took it up (a concurrency slot
+    was free: vLLM's ``start_time``), ``send_s`` when its bytes went to the socket, ``chunk_s``
+    the arrival of each token chunk, ``end_s`` the end of the stream."""
 
     index: int
     prompt_len: int
@@ -32,6 +47,7 @@ class RequestRecord:
     warmup: bool = False
     dp_rank: int | None = None
     scheduled_s: float = float("nan")
+    start_s: float = float("nan")
     send_s: float = float("nan")
     chunk_s: list[float] = field(default_factory=list)
     end_s: float = float("nan")
@@ -77,12 +93,24 @@ class ClientConfig:
 
 
 def make_session(config: ClientConfig, max_connections: int | None) -> aiohttp.ClientSession:
-    """One keep-alive session for a run (connections reused across requests, as vLLM's client does)."""
+    """One keep-alive session for a run (connections reused across requests, as vLLM's client
+    does), with the trace hook that stamps each request when its bytes go to the socket."""
     connector = aiohttp.TCPConnector(limit=max_connections or 0, limit_per_host=max_connections or 0,
                                      keepalive_timeout=60, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(_stamp_send)
     # No trust_env: reading proxy settings and ~/.netrc on every request costs about a millisecond.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[trace])
+
+
+async def _stamp_send(session, ctx, params) -> None:
+    """aiohttp calls this right before it writes a request body chunk: the request leaves now."""
+    stamp = ctx.trace_request_ctx
+    if stamp is not None:
+        rec, t0 = stamp
+        if rec.send_s != rec.send_s:  # NaN: the first chunk of this request
+            rec.send_s = time.perf_counter() - t0
 
 
 def build_payload(config: ClientConfig, req: SampleRequest) -> dict:
@@ -101,6 +129,12 @@ def build_payload(config: ClientConfig, req: SampleRequest) -> dict:
     return payload
 
 
+def encode_body(config: ClientConfig, req: SampleRequest) -> bytes:
+    """The request body as sent; the runner encodes every sample once, before the clock starts
+    (a 1024-token prompt costs ~0.1 ms of ``json.dumps``, on the send path of every request)."""
+    return json.dumps(build_payload(config, req), separators=(",", ":")).encode()
+
+
 def build_headers(config: ClientConfig, index: int, dp_rank: int | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "x-request-id": f"{config.request_id_prefix}{index}"}
     if config.api_key:
@@ -112,61 +146,100 @@ def build_headers(config: ClientConfig, index: int, dp_rank: int | None) -> dict
 
 
 async def send(session: aiohttp.ClientSession, config: ClientConfig, rec: RequestRecord, req: SampleRequest,
-               t0: float) -> RequestRecord:
-    """Send one streaming request and fill ``rec`` with what arrived; never raises."""
-    body_bytes = json.dumps(build_payload(config, req), separators=(",", ":")).encode()
+               t0: float, body: bytes | None = None) -> RequestRecord:
+    """Send one streaming request and fill ``rec`` with what arrived; never raises.
+
+    ``body`` is :func:`encode_body` of ``req`` when the caller encoded it ahead. With a session
+    from :func:`make_session`, ``send_s`` is when the request went to the socket; with another
+    session (no trace hook), when ``post`` was called.
+    """
+    if body is None:
+        body = encode_body(config, req)
     headers = build_headers(config, rec.index, rec.dp_rank)
     clock = time.perf_counter
-    chunks = rec.chunk_s
-    texts: list[str] = []
-    key = "delta" if config.chat else None
-    rec.send_s = clock() - t0
+    reads: list[bytes] = []
+    read_s: list[float] = []
+    failure = ""
+    rec.send_s = float("nan")
+    rec.start_s = clock() - t0
     try:
-        async with session.post(config.url, data=body_bytes, headers=headers) as resp:
+        async with session.post(config.url, data=body, headers=headers, trace_request_ctx=(rec, t0)) as resp:
             rec.http_status = resp.status
             if resp.status != 200:
-                body = (await resp.text())[:500]
-                rec.error = f"HTTP {resp.status} {resp.reason}: {body}"
-                return rec
-            buf = b""
-            done = False
-            async for data in resp.content.iter_any():
-                now = clock() - t0
-                buf += data
-                while True:
-                    cut = buf.find(b"\n\n")
-                    if cut < 0:
-                        break
-                    event, buf = buf[:cut], buf[cut + 2 :]
-                    for line in event.split(b"\n"):
-                        if not line.startswith(b"data:"):
-                            continue  # SSE comments (":" pings), event:/id: lines
-                        body = line[5:].strip()
-                        if body == b"[DONE]":
-                            done = True
-                            continue
-                        msg = json.loads(body)
-                        if choices := msg.get("choices"):
-                            chunks.append(now)
-                            c = choices[0]
-                            texts.append((c.get(key) or {}).get("content") or "" if key else c.get("text") or "")
-                        if usage := msg.get("usage"):
-                            rec.prompt_tokens = usage.get("prompt_tokens")
-                            rec.completion_tokens = usage.get("completion_tokens")
-            rec.end_s = clock() - t0
-            rec.generated_text = "".join(texts)
-            if not chunks:
-                rec.error = "stream ended without a single token chunk"
-            elif not done:
-                rec.error = f"stream ended without [DONE] after {len(chunks)} chunks"
+                text = (await resp.text())[:500]
+                rec.error = f"HTTP {resp.status} {resp.reason}: {text}"
             else:
-                rec.success = True
-    except json.JSONDecodeError as e:
-        rec.error = f"malformed SSE data after {len(chunks)} chunks: {e.doc[:200]!r} ({e.msg})"
+                # The hot path: the arrival time and the bytes, nothing else.
+                async for data in resp.content.iter_any():
+                    read_s.append(clock())
+                    reads.append(data)
+                rec.end_s = clock() - t0
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-        rec.error = f"{type(e).__name__}: {e}" + (f" after {len(chunks)} chunks" if chunks else "")
-    if rec.error and chunks and not rec.generated_text:
-        rec.generated_text = "".join(texts)
+        failure = f"{type(e).__name__}: {e}"
+    if rec.send_s != rec.send_s:  # never written (refused, timed out connecting) or no trace hook
+        rec.send_s = rec.start_s
+    events = EventReader(rec, config.chat, t0)
+    for data, at_s in zip(reads, read_s):
+        if not events.feed(data, at_s):
+            break
+    events.close()
+    n = len(rec.chunk_s)
+    if failure:
+        rec.error = failure + (f" after {n} chunks" if n else "")
+    elif rec.error:
+        pass  # HTTP status or malformed data
+    elif not n:
+        rec.error = "stream ended without a single token chunk"
+    elif not events.done:
+        rec.error = f"stream ended without [DONE] after {n} chunks"
+    else:
+        rec.success = True
     if rec.end_s != rec.end_s:  # NaN: ended by an exception
         rec.end_s = clock() - t0
     return rec
+
+
+class EventReader:
+    """Server-sent events of one OpenAI stream into its record. Each event that carries a
+    choice adds one chunk time (that of the read that completed the event) and its text;
+    ``usage`` sets the token counts; ``data: [DONE]`` sets ``done``."""
+
+    def __init__(self, rec: RequestRecord, chat: bool, t0: float) -> None:
+        self.rec, self.chat, self.t0 = rec, chat, t0
+        self.buf = b""
+        self.texts: list[str] = []
+        self.done = False
+
+    def feed(self, data: bytes, at_s: float) -> bool:
+        """Take one read that arrived at ``at_s`` (perf_counter); False (and ``rec.error``) on
+        malformed data, after which nothing more is read."""
+        buf, pos, rec = self.buf + data, 0, self.rec
+        while (cut := buf.find(b"\n\n", pos)) >= 0:
+            event, pos = buf[pos:cut], cut + 2
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue  # SSE comments (":" pings), event:/id: lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    continue
+                try:
+                    msg = json.loads(payload)
+                    if not isinstance(msg, dict):
+                        raise ValueError(f"a JSON {type(msg).__name__}, not an object")
+                except ValueError as e:
+                    rec.error = f"malformed SSE data after {len(rec.chunk_s)} chunks: {payload[:200]!r} ({e})"
+                    return False
+                if choices := msg.get("choices"):
+                    rec.chunk_s.append(at_s - self.t0)
+                    c = choices[0]
+                    self.texts.append(((c.get("delta") or {}).get("content") or "") if self.chat
+                                      else (c.get("text") or ""))
+                if usage := msg.get("usage"):
+                    rec.prompt_tokens = usage.get("prompt_tokens")
+                    rec.completion_tokens = usage.get("completion_tokens")
+        self.buf = buf[pos:]
+        return True
+
+    def close(self) -> None:
+        self.rec.generated_text = "".join(self.texts)

@@ -78,6 +78,23 @@ def derive(table: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def per_request_lists(table: pd.DataFrame) -> dict[str, list]:
+    """The per-request lists ``vllm bench serve`` saves even without ``--save-detailed``, in
+    request order, warm-ups left out: ``latencies`` (E2EL in seconds, 0.0 for a failed request,
+    as vLLM) and ``queue_times`` (seconds from when a request was due to when the client took it
+    up, i.e. the wait for a concurrency slot: vLLM's ``client_queue_time``; None where the
+    table does not say, e.g. a request table read from vLLM's own file)."""
+    raw = table[~table["warmup"].astype(bool)] if len(table) and "warmup" in table else table
+    if not len(raw):
+        return {"latencies": [], "queue_times": []}
+    d = derive(raw.sort_values("index") if "index" in raw else raw)
+    latencies = (d["e2el_ms"] / 1e3).where(d["success"].astype(bool), 0.0).fillna(0.0)
+    start = d["start_s"] if "start_s" in d else d["send_s"]  # tables saved before start_s existed
+    queue = start - d["scheduled_s"] if "scheduled_s" in d else pd.Series(np.nan, index=d.index)
+    return {"latencies": [float(x) for x in latencies],
+            "queue_times": [None if math.isnan(q) else float(q) for q in queue.astype(float)]}
+
+
 def _stats(name: str, values: Sequence[float], percentiles: Sequence[float]) -> dict:
     # vLLM reports 0 (np.mean(0)) when there is no value, e.g. every request failed.
     v = np.asarray(values, dtype=float) if len(values) else np.zeros(1)

@@ -1,8 +1,10 @@
 """BenchResult: one run's headline numbers, its raw request table, and how it was produced.
 
 Saved as a JSON file whose top-level keys are those ``vllm bench serve --save-result``
-writes (so tools that read vLLM results read epkit's), with epkit's own metadata under
-``"epkit"``, plus the raw request table as Parquet next to it (``<stem>.requests.parquet``).
+writes without ``--save-detailed`` (vLLM 0.32: the same key set, so tools that read vLLM
+results read epkit's), plus epkit's own metadata under ``"epkit"`` and its named metric
+variants (:func:`epkit_only_keys`), plus the raw request table as Parquet next to it
+(``<stem>.requests.parquet``).
 :func:`load_vllm_result` reads a file ``vllm bench serve`` wrote into the same shape,
 rebuilding the request table from ``--save-detailed`` fields when they are there.
 """
@@ -22,6 +24,17 @@ from epkit.bench import metrics as M
 # Keys `vllm bench serve` writes before the metrics, in its order.
 _VLLM_HEAD = ("date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts",
               "request_rate", "burstiness", "max_concurrency")
+# Per-request lists vLLM 0.32 writes even without --save-detailed (epkit derives them from its table).
+VLLM_LISTS = ("latencies", "queue_times")
+# Per-request lists vLLM writes only with --save-detailed (epkit keeps its Parquet table instead).
+VLLM_DETAILED = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "generated_texts", "errors")
+
+
+def epkit_only_keys(doc: dict) -> set[str]:
+    """The top-level keys of a saved epkit result that ``vllm bench serve`` does not write:
+    ``"epkit"`` (config and metadata) and the named metric variants (``*_tpot_incl_first_ms``,
+    ``interactivity_*``; see :mod:`epkit.bench.metrics`). Every other key is vLLM's, same meaning."""
+    return {k for k in doc if k == "epkit" or k.endswith("_tpot_incl_first_ms") or k.startswith("interactivity_")}
 
 
 @dataclass
@@ -62,7 +75,17 @@ class BenchResult:
             "burstiness": c.get("burstiness", 1.0),
             "max_concurrency": c.get("max_concurrency"),
         }
-        return {**head, **self.metrics, "epkit": {"config": _plain(c), "meta": self.meta}}
+        body: dict = {}
+        for key, value in self.metrics.items():
+            if key in VLLM_LISTS + ("rtfx",):
+                continue  # written below, from the request table
+            body[key] = value
+            if key == "total_token_throughput":
+                body.update(M.per_request_lists(self.requests) if len(self.requests)
+                            else {k: [] for k in VLLM_LISTS})
+            elif key == "max_concurrent_requests":
+                body["rtfx"] = 0.0  # vLLM's inverse real-time factor: audio input seconds / duration; text has none
+        return {**head, **body, "epkit": {"config": _plain(c), "meta": self.meta}}
 
     def summary(self) -> str:
         """A printed summary like ``vllm bench serve``'s."""
@@ -132,6 +155,8 @@ def load_result(path: str | Path) -> BenchResult:
     data = json.loads(Path(path).read_text())
     ep = data.pop("epkit", {})
     head = {k: data.pop(k) for k in _VLLM_HEAD if k in data}
+    for k in VLLM_LISTS + ("rtfx",):  # written for vLLM's readers; derived from the request table
+        data.pop(k, None)
     rp = requests_path(path)
     table = pd.read_parquet(rp) if rp.exists() else pd.DataFrame()
     if len(table):
@@ -179,18 +204,18 @@ def _from_vllm(d: dict, source: str) -> BenchResult:
     table = pd.DataFrame()
     if all(k in d for k in detail):
         rows = []
+        queue = d.get("queue_times") or [np.nan] * len(d["start_times"])
         for i, (st, ttft, itl, lat, n_in, n_out, err) in enumerate(zip(*(d[k] for k in detail))):
             ok = not err and lat > 0
             chunks = list(st + ttft + np.concatenate([[0.0], np.cumsum(itl)])) if ok else []
             rows.append({"index": i, "prompt_len": n_in, "output_len_requested": None, "warmup": False,
-                         "dp_rank": None, "scheduled_s": np.nan, "send_s": st, "chunk_s": chunks,
+                         "dp_rank": None, "scheduled_s": st - queue[i], "start_s": st, "send_s": st, "chunk_s": chunks,
                          "end_s": st + lat if ok else np.nan, "prompt_tokens": n_in,
                          "completion_tokens": n_out if ok else None, "generated_text": "",
                          "success": ok, "http_status": None, "error": err or ""})
         table = pd.DataFrame(rows)
     head = {k: d[k] for k in _VLLM_HEAD if k in d}
-    metrics = {k: v for k, v in d.items() if k not in _VLLM_HEAD and k not in detail
-               and k not in ("generated_texts", "queue_times")}
+    metrics = {k: v for k, v in d.items() if k not in _VLLM_HEAD and k not in VLLM_LISTS + VLLM_DETAILED}
     return BenchResult(metrics, table, config, {"source": source, "client": "vllm bench serve", "vllm_head": head})
 
 

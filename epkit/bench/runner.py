@@ -27,7 +27,7 @@ import numpy as np
 
 from epkit.bench import metrics as M
 from epkit.bench.arrivals import arrival_offsets_s, check_load
-from epkit.bench.client import ClientConfig, RequestRecord, make_session, send
+from epkit.bench.client import ClientConfig, RequestRecord, encode_body, make_session, send
 from epkit.bench.datasets import SampleRequest, Workload, describe, load_tokenizer
 from epkit.bench.result import BenchResult
 
@@ -93,14 +93,16 @@ async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: Load
         return RequestRecord(index=i, prompt_len=req.prompt_len, output_len_requested=req.output_len,
                              warmup=warmup, dp_rank=rank)
 
+    bodies = [encode_body(config, s) for s in samples]  # encoded once, off the send path
     async with make_session(config, shape.max_concurrency) as session:
         t0 = time.perf_counter()
         if shape.num_warmups:
             warm = [new_record(next(counter), samples[k % len(samples)], True) for k in range(shape.num_warmups)]
 
             async def warm_one(rec: RequestRecord) -> None:
+                k = rec.index % len(samples)
                 async with (sem or contextlib.nullcontext()):
-                    await send(session, config, rec, samples[rec.index % len(samples)], t0)
+                    await send(session, config, rec, samples[k], t0, bodies[k])
 
             await asyncio.gather(*(warm_one(r) for r in warm))
             records += warm
@@ -112,14 +114,15 @@ async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: Load
         unix0 = (time.time(), base)
         shift = base - t0  # warm-up times become negative: t0 moves to the measured start
         for r in records:
+            r.start_s -= shift
             r.send_s -= shift
             r.end_s -= shift
             r.chunk_s[:] = [c - shift for c in r.chunk_s]
         t0 = base
 
-        async def one(rec: RequestRecord, req: SampleRequest) -> None:
+        async def one(rec: RequestRecord, req: SampleRequest, body: bytes) -> None:
             try:
-                await send(session, config, rec, req, t0)
+                await send(session, config, rec, req, t0, body)
             finally:
                 if sem is not None:
                     sem.release()
@@ -143,7 +146,7 @@ async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: Load
             rec = new_record(next(counter), req, False)
             rec.scheduled_s = due
             records.append(rec)
-            tasks.append(asyncio.create_task(one(rec, req)))
+            tasks.append(asyncio.create_task(one(rec, req, bodies[k % len(samples)])))
         await asyncio.gather(*tasks)
         duration_s = time.perf_counter() - t0
         bar.close()

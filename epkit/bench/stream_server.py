@@ -219,14 +219,31 @@ class _Conn(asyncio.Protocol):
             await asyncio.sleep(0)  # let other streams and the reader in
 
 
-async def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 0, ready=None) -> None:
-    """Serve until cancelled; ``ready(port)`` is called once the socket listens."""
+async def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 0, ready=None,
+                stop_on_sigterm: bool = False) -> None:
+    """Serve until cancelled (or SIGTERM, with ``stop_on_sigterm``); ``ready(port)`` is called
+    once the socket listens. Stopping drops every open connection."""
     state = _State(config)
-    server = await asyncio.get_running_loop().create_server(lambda: _Conn(state), host, port)
+    conns: set[_Conn] = set()
+
+    def connection() -> _Conn:
+        conn = _Conn(state)
+        conns.add(conn)
+        return conn
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(connection, host, port)
+    if stop_on_sigterm:
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     if ready is not None:
         ready(server.sockets[0].getsockname()[1])
-    async with server:
-        await server.serve_forever()
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        for conn in conns:
+            if not conn.closed and conn.transport is not None:
+                conn.transport.abort()
 
 
 def write_byte_tokenizer(directory: str | Path) -> Path:
@@ -281,10 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     def ready(port: int) -> None:
         print(f"listening on http://{a.host}:{port}", flush=True)
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        asyncio.run(serve(cfg, a.host, a.port, ready))
-    except KeyboardInterrupt:
+        asyncio.run(serve(cfg, a.host, a.port, ready, stop_on_sigterm=True))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0
 
