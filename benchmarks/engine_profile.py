@@ -18,7 +18,7 @@ engine's decode graphs), ``engine-graph`` = ``ModelRunner.execute`` with every r
 i.e. the engine's own decode CUDA graphs (``epkit/engine/graphs.py``: padded to a capture size and
 a context bucket, captured on first use, replayed after); it also reports how many greedy tokens
 equal the eager step's; ``engine-graph-torch`` = the same with the Triton kernels off (PyTorch
-attention gather, RMSNorm and RoPE chains: ``EPKIT_DECODE_ATTENTION=torch EPKIT_FUSED_NORMS=0``), so
+attention gather, RMSNorm and RoPE chains: ``EPKIT_DECODE_ATTENTION=torch EPKIT_FUSED_KERNELS=torch``), so
 one call measures what the kernels are worth. ``after`` runs with the kernels as the engine picks
 them (``--eager-torch`` turns them off there too). Steps with a prompt in them: ``mixed`` = the
 ``--batch`` decodes plus one new ``--prefill-len``-token prompt per rank, eager (what every arrival
@@ -164,7 +164,7 @@ def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto", prefill: str = "
     from epkit.engine import kernels
 
     os.environ["EPKIT_PREFILL_ATTENTION"] = "torch" if on else prefill
-    for key, value in (("EPKIT_DECODE_ATTENTION", "torch"), ("EPKIT_FUSED_NORMS", "0")):
+    for key, value in (("EPKIT_DECODE_ATTENTION", "torch"), ("EPKIT_FUSED_KERNELS", "torch")):
         if on:
             os.environ[key] = value
         else:

@@ -33,11 +33,45 @@ FLAG_FIELDS = {
     "--data-parallel-rpc-port": "data_parallel_rpc_port",
     "--api-server-count": "api_server_count",
     "--all2all-backend": "all2all_backend",
+    "--tokenizer": "tokenizer",
+    "--kv-cache-dtype": "kv_cache_dtype",
+    "--max-logprobs": "max_logprobs",
+    "--uvicorn-log-level": "uvicorn_log_level",
 }
-INT_FIELDS = {"port", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_bytes",
+INT_FIELDS = {"port", "seed", "max_num_seqs", "block_size", "kv_cache_memory_bytes", "max_logprobs",
               "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local", "data_parallel_start_rank",
               "data_parallel_rpc_port", "api_server_count"}
+HUMAN_INT_FIELDS = {"max_model_len", "max_num_batched_tokens"}  # vLLM reads "32k" (32,000) and "32K" (32,768) too
 SHORT = {"--tensor-parallel-size": "-tp", "--data-parallel-size": "-dp"}
+HELP = {
+    "tokenizer": "a local directory with tokenizer.json (or the file itself); default: the model directory's",
+    "kv_cache_dtype": "only auto: the KV cache is kept in the model dtype",
+    "max_logprobs": "largest logprobs / top_logprobs a request may ask for (-1: the whole vocabulary)",
+    "uvicorn_log_level": "log level of the HTTP server (critical, error, warning, info, debug, trace)",
+    "load_format": "auto / safetensors: read the model directory's *.safetensors (none there: an error); "
+                   "dummy: random weights from --seed",
+    "seed": "seed of dummy weights and of sampling for requests without their own seed",
+}
+# `vllm serve` flags that mean nothing in the built-in engine: accepted, named in one warning at start.
+NO_EFFECT = {
+    "--trust-remote-code": "the engine runs no code from the model directory",
+    "--disable-log-requests": "requests are logged only with --enable-log-requests, vLLM's current spelling",
+}
+
+
+def human_int(value: str) -> int:
+    """An integer, or one with vLLM's suffixes: k/m/g/t are powers of 1000, K/M/G/T powers of 1024 ("8k" = 8000)."""
+    text = value.strip()
+    decimal = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    binary = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if text and text[-1] in decimal:
+            return int(float(text[:-1]) * decimal[text[-1]])
+        if text and text[-1] in binary:
+            return int(text[:-1]) * binary[text[-1]]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r} (e.g. 8192, 8k = 8000, 8K = 8192)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
         names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
         default = defaults[name].default
         shown = "the data-parallel size, as in vLLM" if name == "api_server_count" else default
-        p.add_argument(*names, dest=name, type=int if name in INT_FIELDS else (float if name == "gpu_memory_utilization" else str),
-                       default=None, help=f"(default: {shown})")
+        kind = int if name in INT_FIELDS else human_int if name in HUMAN_INT_FIELDS else (
+            float if name == "gpu_memory_utilization" else str)
+        p.add_argument(*names, dest=name, type=kind, default=None,
+                       help=(HELP[name] + " " if name in HELP else "") + f"(default: {shown})")
     p.add_argument("--enable-expert-parallel", "-ep", dest="enable_expert_parallel", action="store_true")
     p.add_argument("--headless", action="store_true", help="no API server: engine cores only (secondary nodes)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every step eager)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action=argparse.BooleanOptionalAction,
+                   default=None, help="split prompts over steps within --max-num-batched-tokens (default: on); "
+                   "--no-enable-chunked-prefill schedules whole prompts only")
+    p.add_argument("--enable-log-requests", dest="enable_log_requests", action=argparse.BooleanOptionalAction,
+                   default=False, help="log every request (id, DP rank, prompt tokens, sampling parameters)")
+    p.add_argument("--disable-log-requests", action="store_true", help="accepted (older vLLM spelling); no effect")
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action=argparse.BooleanOptionalAction,
+                   default=False, help="accepted; no effect (the engine runs no code from the model directory)")
     p.add_argument("--enable-eplb", action="store_true")
     p.add_argument("--eplb-config", default=None, help="JSON object (window_size, step_interval, num_redundant_experts, ...)")
     p.add_argument("--hf-overrides", default=None,
@@ -119,6 +163,8 @@ def config_from_args(argv: list[str]):
         values["hf_overrides"] = overrides
     if args.startup_timeout_s is not None:
         values["startup_timeout_s"] = args.startup_timeout_s
+    if args.enable_chunked_prefill is not None:
+        values["enable_chunked_prefill"] = args.enable_chunked_prefill
     return EngineConfig(
         **values,
         enable_expert_parallel=args.enable_expert_parallel,
@@ -127,7 +173,14 @@ def config_from_args(argv: list[str]):
         enable_prefix_caching=bool(args.enable_prefix_caching),
         enable_eplb=args.enable_eplb,
         eplb_config=eplb,
+        enable_log_requests=args.enable_log_requests,
     ), args.write_model_dir
+
+
+def no_effect_flags(argv: list[str]) -> list[str]:
+    """The ``vllm serve`` flags in ``argv`` that the built-in engine accepts but does not act on."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    return [flag for flag in NO_EFFECT if flag in given]
 
 
 def main(argv: list[str]) -> int:
@@ -135,6 +188,14 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [epkit serve] %(levelname)s %(message)s")
     try:
         cfg, model_dir = config_from_args(list(argv))
+        from epkit.engine.config import check_environment
+
+        for note in check_environment():
+            logging.warning("%s", note)
+        ignored = no_effect_flags(list(argv))
+        if ignored:
+            logging.warning("accepted for `vllm serve` compatibility, no effect in the built-in engine: %s",
+                            "; ".join(f"{flag} ({NO_EFFECT[flag]})" for flag in ignored))
         if model_dir:
             from epkit.engine.model import model_config_of
             from epkit.engine.tokenizer import write_model_dir

@@ -37,7 +37,7 @@ class EngineClient:
         self._send_locks = [threading.Lock() for _ in range(self.dp_size)]
         self.conns: list[Connection] = []
         self.closing = False
-        self.on_stats: Callable[[int, int, int, int], None] = lambda rank, running, waiting, preemptions: None
+        self.on_stats: Callable[[int, int, int, int, float], None] = lambda rank, running, waiting, preemptions, kv: None
         self.on_output: Callable[[RequestOutput], None] = lambda out: None
         self.on_eplb_stats: Callable[[dict], None] = lambda stats: None
         self._eplb_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -76,9 +76,9 @@ class EngineClient:
                     self.on_core_lost(f"lost the connection to engine core DP rank {rank} ({type(exc).__name__}); "
                                       "the rank has died or the deployment is stopping")
                 return
-            _, running, waiting, preemptions, *extra = stats
+            _, running, waiting, preemptions, kv_usage, *extra = stats
             self.core_stats[rank] = (running, waiting, preemptions)
-            self.on_stats(rank, running, waiting, preemptions)
+            self.on_stats(rank, running, waiting, preemptions, kv_usage)
             if extra and extra[0]:
                 self.on_eplb_stats(extra[0])
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}

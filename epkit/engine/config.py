@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ from epkit.errors import EngineError
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy", "safetensors")
+KV_CACHE_DTYPES = ("auto",)  # the KV cache is kept in the model dtype
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # vLLM's --uvicorn-log-level choices
 # vLLM's --eplb-config keys (the same set as epkit.topology.EPLBConfig; a unit test keeps them equal).
 EPLB_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness", "log_balancedness_interval",
              "use_async", "policy", "communicator", "enable_migration_batching")
@@ -85,6 +88,12 @@ class EngineConfig:
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     enforce_eager: bool = False
     enable_prefix_caching: bool = False
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: str = "auto"
+    tokenizer: str | None = None
+    max_logprobs: int = 20
+    enable_log_requests: bool = False
+    uvicorn_log_level: str = "warning"
     startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -95,6 +104,13 @@ class EngineConfig:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
         _check(self.device in DEVICES, f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         _check(self.load_format in LOAD_FORMATS, f"load_format={self.load_format!r}; allowed: {', '.join(LOAD_FORMATS)}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+               f"kv_cache_dtype={self.kv_cache_dtype!r}: the built-in engine keeps the KV cache in the model dtype; "
+               f"allowed: {', '.join(KV_CACHE_DTYPES)}")
+        _check(self.uvicorn_log_level in UVICORN_LOG_LEVELS,
+               f"uvicorn_log_level={self.uvicorn_log_level!r}; allowed: {', '.join(UVICORN_LOG_LEVELS)}")
+        _check(not isinstance(self.max_logprobs, bool) and isinstance(self.max_logprobs, int) and self.max_logprobs >= -1,
+               f"max_logprobs={self.max_logprobs!r} must be an integer >= -1 (-1: the whole vocabulary)")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "data_parallel_size",
                      "tensor_parallel_size", "api_server_count"):
             value = getattr(self, name)
@@ -153,3 +169,112 @@ class EngineConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
+
+
+# ---- environment variables ------------------------------------------------------------
+class EnvVarError(EngineError, ValueError):
+    """An ``EPKIT_*`` environment variable has a value the engine does not know."""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One ``EPKIT_*`` variable the engine reads: its values, default, meaning and former name."""
+
+    name: str
+    values: tuple[str, ...] | None  # None: an integer >= 1
+    default: str
+    meaning: str
+    old_name: str | None = None
+    old_values: dict[str, str] | None = None  # a former name's value -> this variable's value
+
+    def describe_allowed(self) -> str:
+        if self.values is None:
+            return "an integer >= 1"
+        return ", ".join(self.values[:-1]) + f" or {self.values[-1]}" if len(self.values) > 1 else self.values[0]
+
+
+ENV_VARS = {v.name: v for v in (
+    EnvVar("EPKIT_FUSED_KERNELS", ("auto", "torch"), "auto",
+           "the engine's small fused Triton kernels - RMSNorm, q/k-norm + RoPE, router softmax + top-k, MoE row "
+           "sort / gather / combine, SiLU * up, the MoE expert GEMMs at decode sizes, the K/V cache write: auto uses "
+           "each where it passed its first-use check, torch keeps the PyTorch code for all of them",
+           old_name="EPKIT_FUSED_NORMS", old_values={"1": "auto", "0": "torch"}),
+    EnvVar("EPKIT_DECODE_ATTENTION", ("auto", "torch"), "auto",
+           "paged decode attention (decodes and graph-step rows): auto = the Triton kernel where it passed its check, "
+           "torch = PyTorch gather + matmul"),
+    EnvVar("EPKIT_PREFILL_ATTENTION", ("auto", "triton", "torch"), "auto",
+           "attention of multi-token sequences: auto = SDPA for a burst of equal whole prompts and the Triton paged "
+           "prefill kernel for the rest, triton = the kernel for all, torch = SDPA only"),
+    EnvVar("EPKIT_MOE_GEMM", ("auto", "triton", "torch"), "auto",
+           "expert GEMMs at decode sizes: auto = the Triton kernel where it matches and is faster, triton = the kernel "
+           "without timing it, torch = torch._grouped_mm"),
+    EnvVar("EPKIT_CUDA_GRAPHS", ("auto", "emulate", "off"), "auto",
+           "graph steps: auto = CUDA graphs where the device and backend allow, emulate = the padded fixed-buffer "
+           "step without capture (any device; the tests' CPU path), off = every step eager",
+           old_name="EPKIT_DECODE_GRAPHS"),
+    EnvVar("EPKIT_GRAPH_STEPS", ("mixed", "decode"), "mixed",
+           "which steps run as graphs: mixed = prefill + decode steps up to 1,024 tokens, decode = all-decode steps only"),
+    EnvVar("EPKIT_CPU_THREADS", None, "1", "torch threads per engine-core process on CPU"),
+)}
+
+
+def _env_raw(var: EnvVar, environ) -> tuple[str | None, str]:
+    """(value, the variable it came from), the current name first, then the former one (value translated)."""
+    value = environ.get(var.name)
+    if value is not None or var.old_name is None:
+        return value, var.name
+    old = environ.get(var.old_name)
+    if old is None:
+        return None, var.name
+    if var.old_values is not None:
+        if old not in var.old_values:
+            raise EnvVarError(f"{var.old_name}={old!r}: expected {' or '.join(var.old_values)} "
+                              f"(deprecated name of {var.name}: {var.describe_allowed()})")
+        old = var.old_values[old]
+    return old, var.old_name
+
+
+def env_value(name: str, environ=None) -> str:
+    """The value of the engine's environment variable ``name`` (its default when unset), checked.
+
+    A former name (``EnvVar.old_name``) is still read, its value translated. Raises :class:`EnvVarError`
+    naming the variable, the value and the allowed values.
+    """
+    var = ENV_VARS[name]
+    value, source = _env_raw(var, os.environ if environ is None else environ)
+    if value is None:
+        return var.default
+    ok = value in var.values if var.values is not None else (value.strip().isdigit() and int(value) >= 1)
+    if not ok:
+        raise EnvVarError(f"{source}={value!r}: expected {var.describe_allowed()} ({var.meaning})")
+    return value
+
+
+def check_environment(environ=None) -> list[str]:
+    """Check every ``EPKIT_*`` variable the engine reads; returns warnings to log once at start.
+
+    Warnings: one per former name in use, one per unknown ``EPKIT_*`` name that looks like a typo of the
+    engine's (``EPKIT_FUSED_KERNEL``). Raises :class:`EnvVarError` for a bad value and for a current and a
+    former name both set to different values.
+    """
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = set(ENV_VARS) | {v.old_name for v in ENV_VARS.values() if v.old_name}
+    notes = []
+    for name in sorted(n for n in environ if n.startswith("EPKIT_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.85)
+        if close:
+            notes.append(f"{name} is not read by the engine; did you mean {close[0]}?")
+    for var in ENV_VARS.values():
+        env_value(var.name, environ)
+        if var.old_name is not None and var.old_name in environ:
+            if var.name in environ:
+                current = environ[var.name]
+                old = _env_raw(var, {var.old_name: environ[var.old_name]})[0]
+                if old != current:
+                    raise EnvVarError(f"{var.old_name}={environ[var.old_name]!r} (deprecated) and {var.name}={current!r} "
+                                      f"disagree; set only {var.name}")
+            new = _env_raw(var, {var.old_name: environ[var.old_name]})[0]
+            notes.append(f"{var.old_name} is deprecated; use {var.name}={new} (same effect)")
+    return notes

@@ -18,7 +18,7 @@ import time
 from datetime import timedelta
 from multiprocessing.connection import Connection, Listener, wait
 
-from epkit.engine.config import EngineConfig
+from epkit.engine.config import EngineConfig, env_value
 from epkit.engine.sequence import EngineRequest, RequestOutput
 from epkit.errors import EngineError
 
@@ -96,7 +96,7 @@ class EngineCore:
         self.stopping = False
         device = resolve_device(cfg, local_index)
         if device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("EPKIT_CPU_THREADS", "1")))
+            torch.set_num_threads(int(env_value("EPKIT_CPU_THREADS")))
         else:
             torch.cuda.set_device(device)
         self.store = connect_store(cfg, False, cfg.startup_timeout_s)
@@ -111,7 +111,8 @@ class EngineCore:
         model_config, model_dir = model_config_of(cfg)
         self.runner = ModelRunner(cfg, model_config, model_dir, dp_rank, device, self.comm)
         self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id),
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id,
+                            cfg.enable_chunked_prefill),
             BlockManager(self.runner.num_blocks, cfg.block_size),
         )
         self._conns: list[Connection] = []
@@ -186,8 +187,10 @@ class EngineCore:
         self._broadcast(("out", [], stats), {key: ("out", outs, stats) for key, (_, outs) in by_conn.items()})
 
     def _stats(self) -> tuple:
-        """(rank, running, waiting, preemptions[, EPLB stats when rank 0's changed since last sent])."""
-        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions)
+        """(rank, running, waiting, preemptions, KV cache usage 0..1[, EPLB stats when rank 0's changed since last sent])."""
+        blocks = self.scheduler.blocks
+        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions,
+                 1.0 - blocks.num_free_blocks / blocks.num_blocks)
         rebalancer = self.runner.rebalancer
         if rebalancer is not None and self.rank == 0 and rebalancer.stats_version != self._eplb_sent:
             self._eplb_sent = rebalancer.stats_version
@@ -218,7 +221,7 @@ class EngineCore:
                 log.info("DP rank %d: stopping (requested by rank %s)", self.rank, [r for r, (_, s, *_) in enumerate(info) if s])
                 if self.runner.graphs is not None:
                     log.info("DP rank %d: %s", self.rank, self.runner.graphs.summary(self.steps))
-                self._broadcast(("stop", [], (self.rank, 0, 0, self.scheduler.num_preemptions)))
+                self._broadcast(("stop", [], (self.rank, 0, 0, self.scheduler.num_preemptions, 0.0)))
                 return
             counts = [n for n, *_ in info]
             busy = sum(counts) > 0
@@ -230,7 +233,7 @@ class EngineCore:
                     last_stats = stats
                 continue
             sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
-            self._send(self.scheduler.postprocess(batch, sampled))
+            self._send(self.scheduler.postprocess(batch, sampled, self.runner.step_logprobs, self.runner.step_prompt_logprobs))
             last_stats = None
             self.steps += 1
 

@@ -25,14 +25,14 @@ computes the same real rows as an eager one. Graphs are captured lazily, the fir
 (T, C) shape occurs, on every rank at the same step; an EPLB rearrangement replaces expert
 weights and maps, so it drops every graph (they are captured again when next needed).
 
-``EPKIT_DECODE_GRAPHS=emulate`` runs exactly this padded, fixed-buffer step without
-capturing it (on CPU too), so the padding and masking are tested where no GPU is.
+``EPKIT_CUDA_GRAPHS=emulate`` (formerly ``EPKIT_DECODE_GRAPHS``) runs exactly this padded, fixed-buffer
+step without capturing it (on CPU too), so the padding and masking are tested where no GPU is;
+``EPKIT_CUDA_GRAPHS=off`` runs every step eager, as ``--enforce-eager`` does.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from epkit.engine.attention import AttentionMeta
+from epkit.engine.config import env_value
 
 if TYPE_CHECKING:
     from epkit.engine.runner import ModelRunner
@@ -73,16 +74,14 @@ def token_sizes(largest: int) -> list[int]:
 
 def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
     """("cuda" | "emulate" | "off", why) for this runner."""
-    want = os.environ.get("EPKIT_DECODE_GRAPHS", "auto")
-    if want not in ("auto", "emulate", "off"):
-        return "off", f"EPKIT_DECODE_GRAPHS={want!r} is not one of auto, emulate, off"
+    want = env_value("EPKIT_CUDA_GRAPHS")  # checked at start (EnvVarError names the value and the choices)
     if runner.cfg.enforce_eager or want == "off":
-        return "off", "--enforce-eager" if runner.cfg.enforce_eager else "EPKIT_DECODE_GRAPHS=off"
+        return "off", "--enforce-eager" if runner.cfg.enforce_eager else "EPKIT_CUDA_GRAPHS=off"
     if not getattr(runner.model.moe, "graph_safe", False):
         return "off", (f"the {runner.model.moe.name} backend reads its split sizes on the host every layer, "
                        "which a CUDA graph cannot hold; every step runs eager")
     if want == "emulate":
-        return "emulate", "EPKIT_DECODE_GRAPHS=emulate (padded fixed-buffer steps, not captured)"
+        return "emulate", "EPKIT_CUDA_GRAPHS=emulate (padded fixed-buffer steps, not captured)"
     if runner.device.type != "cuda":
         return "off", "no CUDA device"
     probe = torch.zeros((1, 1), device=runner.device, dtype=runner.dtype)
@@ -107,9 +106,7 @@ class DecodeGraphs:
 
         probe = torch.zeros((1, runner.mcfg.num_heads, runner.mcfg.head_dim), device=dev, dtype=runner.dtype)
         paged = decode_kernel_enabled(probe, runner.kv_caches[0][0], runner.block_size, torch_decode)
-        want = os.environ.get("EPKIT_GRAPH_STEPS", "mixed")
-        if want not in ("mixed", "decode"):
-            log.warning("EPKIT_GRAPH_STEPS=%r is not one of mixed, decode; using mixed", want)
+        want = env_value("EPKIT_GRAPH_STEPS")
         # mixed steps need the paged kernel (the PyTorch path would gather every row's whole context);
         # emulation on CPU runs them with the PyTorch path to test the padding
         mixed = want != "decode" and (paged or mode == "emulate")

@@ -20,7 +20,8 @@ rounding. A decode step launches several thousand kernels; these are the most nu
 Each kernel is used only where it was checked: on first use (per device, dtype and shape family)
 it runs a small random case against the plain PyTorch computation and logs the outcome; a missing
 Triton, an unsupported shape, or a mismatch leaves that computation on PyTorch (and says so).
-``EPKIT_DECODE_ATTENTION=torch`` / ``EPKIT_FUSED_NORMS=0`` force the PyTorch paths (A/B runs). On
+``EPKIT_DECODE_ATTENTION=torch`` / ``EPKIT_FUSED_KERNELS=torch`` force the PyTorch paths (A/B runs; every
+``EPKIT_*`` variable is listed in ``epkit.engine.config.ENV_VARS`` and docs/engine.md). On
 CPU the kernels run only under ``TRITON_INTERPRET=1`` (Triton's interpreter), as in the tests.
 """
 
@@ -31,6 +32,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from epkit.engine.config import env_value
 
 log = logging.getLogger("epkit.engine")
 
@@ -566,7 +569,7 @@ def _max_err(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: f
 
 def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
     """Whether :func:`rms_norm` serves ``x``'s device, dtype and row length (checked once against ``reference(x, w, eps)``)."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if fused_kernels_off():
         return False
     D = x.shape[-1]
 
@@ -583,7 +586,7 @@ def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
 
 def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: torch.Tensor | None, reference) -> bool:
     """Whether :func:`route` serves these router logits (checked once against ``reference``: ids and weights)."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if fused_kernels_off():
         return False
     E = logits.shape[-1]
 
@@ -608,7 +611,7 @@ def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: 
 def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
     """Whether :func:`gather_rows`, :func:`group_pairs` and :func:`combine_rows` serve rows like ``x`` into
     ``acc_dtype`` sums (checked once)."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if fused_kernels_off():
         return False
 
     def check() -> str | None:
@@ -646,7 +649,7 @@ def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
 
 def silu_mul_enabled(h: torch.Tensor) -> bool:
     """Whether :func:`silu_mul` serves ``[rows, 2 * intermediate]`` tensors like ``h`` (checked once against PyTorch)."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if fused_kernels_off():
         return False
 
     def check() -> str | None:
@@ -668,7 +671,7 @@ def moe_gemm_enabled(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block
     must also be the faster of the two at ``block_m``'s group sizes (both timings are logged).
     ``EPKIT_MOE_GEMM=triton`` skips the timing, ``=torch`` keeps PyTorch's grouped GEMM."""
     mode = kernel_choice("EPKIT_MOE_GEMM")
-    if mode == "torch" or os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if mode == "torch" or fused_kernels_off():
         return False
     key = ("moe_gemm", x.device, x.dtype, tuple(w13.shape), tuple(w2.shape), block_m, mode)
 
@@ -727,7 +730,7 @@ def _graph_ms(fn, reps: int = 20) -> float:
 def norm_rope_enabled(x: torch.Tensor, head_dim: int, with_norm: bool, reference) -> bool:
     """Whether :func:`norm_rope` serves heads of ``head_dim`` on ``x``'s device and dtype (q/k slices of the fused
     QKV output: head_dim contiguous); ``reference(x, w, eps, pos, cos, sin)`` is PyTorch's."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    if fused_kernels_off():
         return False
     D = head_dim
 
@@ -750,7 +753,7 @@ def decode_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: in
     """Whether :func:`paged_decode_attention` serves this (device, dtype, shape); checked once against ``reference``.
 
     ``reference(q, k_cache, v_cache, tables, ctx_lens, block_size)`` is the PyTorch computation."""
-    if os.environ.get("EPKIT_DECODE_ATTENTION", "auto") == "torch":
+    if env_value("EPKIT_DECODE_ATTENTION") == "torch":
         return False
     key = ("decode", q.device, q.dtype, q.shape[1], q.shape[2], k_cache.shape[1], block_size)
     return _usable("decode attention", key, q, lambda: unsupported_reason(q, k_cache) or _self_check(q, k_cache, block_size, reference),
@@ -776,8 +779,8 @@ def _self_check(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, referen
 
 def write_kv_enabled(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether :func:`write_kv` writes K/V like ``k`` into caches like ``k_cache`` (checked once against indexing;
-    ``EPKIT_FUSED_NORMS=0``, which turns off the engine's small fused kernels, turns it off too)."""
-    if os.environ.get("EPKIT_FUSED_NORMS", "1") == "0":
+    ``EPKIT_FUSED_KERNELS=torch``, which turns off the engine's small fused kernels, turns it off too)."""
+    if fused_kernels_off():
         return False
     kvh, dim = k.shape[1], k.shape[2]
 
@@ -845,17 +848,22 @@ def prefill_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: i
 
 
 def check_environment() -> None:
-    """Validate the kernel-choice environment variables at engine start (a bad value fails there, not mid-step)."""
-    for name in ("EPKIT_PREFILL_ATTENTION", "EPKIT_MOE_GEMM"):
-        kernel_choice(name)
+    """Validate the engine's environment variables at engine start (a bad value fails there, not mid-step);
+    raises :class:`~epkit.engine.config.EnvVarError` (a ValueError)."""
+    from epkit.engine.config import check_environment as check_all
+
+    check_all()
 
 
 def kernel_choice(name: str) -> str:
-    """The value of environment variable ``name``: ``auto`` (default), ``triton`` or ``torch``."""
-    mode = os.environ.get(name, "auto")
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"{name}={mode!r}: expected auto, triton or torch")
-    return mode
+    """The value of environment variable ``name`` (``EPKIT_PREFILL_ATTENTION``, ``EPKIT_MOE_GEMM``): ``auto``
+    (default), ``triton`` or ``torch``; a bad value raises EnvVarError (a ValueError)."""
+    return env_value(name)
+
+
+def fused_kernels_off() -> bool:
+    """``EPKIT_FUSED_KERNELS=torch`` (formerly ``EPKIT_FUSED_NORMS=0``): every small fused kernel stays on PyTorch."""
+    return env_value("EPKIT_FUSED_KERNELS") == "torch"
 
 
 def prefill_choice() -> str:

@@ -46,10 +46,23 @@ def serve(cfg: EngineConfig) -> int:
 
     if cfg.ep_size > 1:
         check_backend(cfg.all2all_backend)
-    model_config, _ = model_config_of(cfg)
+    from epkit.engine.runner import weight_source
+
+    model_config, model_dir = model_config_of(cfg)
     mcfg = ModelConfig.from_dict(model_config)
     if cfg.ep_size > mcfg.num_experts:
         raise EngineError(f"ep_size={cfg.ep_size} exceeds num_experts={mcfg.num_experts}: every EP rank needs an expert")
+    max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_model_len:
+        raise EngineError(f"--no-enable-chunked-prefill needs max_num_batched_tokens >= max_model_len, got "
+                          f"max_num_batched_tokens={cfg.max_num_batched_tokens} < max_model_len={max_model_len} "
+                          "(a whole prompt must fit one step); raise --max-num-batched-tokens or lower --max-model-len")
+    _, weights = weight_source(cfg, model_dir)  # refuses random weights where vLLM would fail
+    log.info("model %s: weights %s", cfg.model, weights)
+    if not cfg.headless:
+        from epkit.engine.tokenizer import load_tokenizer
+
+        log.info("tokenizer: %s", load_tokenizer(cfg.tokenizer, model_config, model_dir).describe())
     if cfg.enable_eplb:
         from epkit.engine.rebalance import resolve_eplb_config
 

@@ -15,7 +15,7 @@ from epkit.engine.graphs import MAX_ROW_CONTEXT, DecodeGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
-from epkit.engine.sequence import Sequence
+from epkit.engine.sequence import PositionLogprobs, Sequence
 from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
@@ -37,6 +37,54 @@ def resolve_device(cfg: EngineConfig, local_index: int) -> torch.device:
                               "lower --data-parallel-size-local")
         return torch.device("cuda", local_index)
     return torch.device("cpu")
+
+
+OWN_MODEL_PREFIX = "epkit-"  # epkit's own bundled models: their weights are the seed's, no checkpoint exists
+
+
+def weight_source(cfg: EngineConfig, model_dir: Path | None) -> tuple[Path | None, str]:
+    """(the directory whose ``*.safetensors`` are read, or None for random weights; a line saying which, for the log).
+
+    ``--load-format dummy`` is random weights from ``--seed``. ``auto`` / ``safetensors`` read the model
+    directory's ``*.safetensors``; like vLLM, they refuse a directory without any (:class:`EngineError`)
+    rather than serve random weights. A bundled config has no checkpoint: epkit's own models
+    (``epkit-*``) are random by design, any other bundled name needs ``--load-format dummy``.
+    """
+    if cfg.load_format == "dummy":
+        return None, f"random (--load-format dummy, seed {cfg.seed})"
+    fmt = f"load_format={cfg.load_format!r}"
+    if model_dir is None:
+        if cfg.model.startswith(OWN_MODEL_PREFIX) and cfg.load_format == "auto":
+            return None, f"random (seed {cfg.seed}): {cfg.model} is one of epkit's own models, which have no checkpoint"
+        raise EngineError(f"model={cfg.model!r} is a config bundled with epkit, without weights: {fmt} would need its "
+                          "checkpoint (vLLM downloads it; epkit downloads nothing). Pass --load-format dummy for random "
+                          "weights, or a local directory with config.json and *.safetensors")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        others = sorted({f.suffix for pattern in ("*.bin", "*.pt", "*.pth", "*.gguf") for f in model_dir.glob(pattern)})
+        found = f" (it holds {', '.join('*' + s for s in others)} files, which the built-in engine does not read)" if others else ""
+        raise EngineError(f"model={str(model_dir)!r} holds no weight files (*.safetensors){found}: {fmt} refuses to serve "
+                          "random weights, as vLLM does; pass --load-format dummy for random weights from --seed")
+    size = sum(f.stat().st_size for f in files)
+    shown = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return model_dir, f"read from {len(files)} file(s) in {model_dir} ({shown}; {size / 2**20:.1f} MiB)"
+
+
+def position_logprobs(logits: torch.Tensor, chosen: list[int], ks: list[int]) -> list[PositionLogprobs]:
+    """Per row: (chosen token, its logprob, its rank), then the ``k`` most likely (id, logprob, rank 1..k).
+
+    Log-probabilities are ``log_softmax`` of the float32 logits (vLLM's ``raw_logprobs``); ``k = -1`` is the
+    whole vocabulary. One host transfer for all rows."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    vocab = lp.shape[-1]
+    ks = [vocab if k == -1 else min(k, vocab) for k in ks]
+    ids = torch.tensor(chosen, device=lp.device).unsqueeze(1)
+    own = lp.gather(1, ids)
+    rank = (lp >= own).sum(dim=1, keepdim=True)  # vLLM's rank: tokens at least as likely, itself included
+    top_v, top_i = lp.topk(max(ks), dim=-1) if max(ks) > 0 else (lp[:, :0], ids[:, :0])
+    own_l, rank_l, top_vl, top_il = own.squeeze(1).tolist(), rank.squeeze(1).tolist(), top_v.tolist(), top_i.tolist()
+    return [((c, own_l[r], rank_l[r]),) + tuple((top_il[r][j], top_vl[r][j], j + 1) for j in range(ks[r]))
+            for r, c in enumerate(chosen)]
 
 
 def resolve_dtype(cfg: EngineConfig, model_config: dict, device: torch.device) -> torch.dtype:
@@ -71,10 +119,9 @@ class ModelRunner:
             num_nodes = max(1, cfg.data_parallel_size // cfg.dp_size_local)
             self.rebalancer = Rebalancer(eplb, len(self.mcfg.moe_layers), self.mcfg.num_experts, ep, dp_rank, num_nodes,
                                          device, comm.all_reduce, comm.all_gather, cfg.model_name)
-        load_dummy = cfg.load_format == "dummy"
         experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
-        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, None if load_dummy else model_dir,
-                          experts_of_layer)
+        weights_dir, self.weights_from = weight_source(cfg, model_dir)
+        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, weights_dir, experts_of_layer)
         static_map = StaticExpertMap(self.placement, device)
         for layer in weights.layers:
             if "experts" in layer:
@@ -93,8 +140,10 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
         self._generators: dict[str, torch.Generator] = {}  # per request with a seed
-        self._unseeded = torch.Generator(device=device)
-        self._unseeded.seed()
+        self._unseeded = torch.Generator(device=device)  # requests without a seed of their own: from --seed, as vLLM
+        self._unseeded.manual_seed(cfg.seed * 65537 + dp_rank)
+        self.step_logprobs: dict[str, PositionLogprobs] = {}  # the last step's, for the scheduler's outputs
+        self.step_prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] = {}
         mode, why = graph_mode(self)
         # all ranks or none: a rank without graphs would run eager steps whose collectives the others do not
         if not all(on for on, in comm.exchange_step_info([int(mode != "off")])) and mode != "off":
@@ -179,12 +228,42 @@ class ModelRunner:
                 rows.append(row - 1)
                 seqs.append(seq)
         sampled: dict[str, int] = {}
+        self.step_logprobs, self.step_prompt_logprobs = {}, {}
+        if any(seq.params.prompt_logprobs is not None for seq, _ in batch):
+            self.step_prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if seqs:
             if len(rows) < hidden.shape[0]:
                 hidden = hidden[torch.tensor(rows, device=self.device)]
-            sampled = dict(zip((s.request_id for s in seqs), self._sample(self.model.logits(hidden), seqs)))
+            logits = self.model.logits(hidden)
+            tokens = self._sample(logits, seqs)
+            sampled = dict(zip((s.request_id for s in seqs), tokens))
+            want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+            if want:
+                index = torch.tensor(want, device=self.device)
+                entries = position_logprobs(logits[index], [tokens[i] for i in want], [seqs[i].params.logprobs for i in want])
+                self.step_logprobs = {seqs[i].request_id: e for i, e in zip(want, entries)}
         self._end_step(started, bool(seqs))
         return sampled
+
+    def _prompt_logprobs(self, batch: list[tuple[Sequence, int]], hidden: torch.Tensor) -> dict[str, tuple[int, list]]:
+        """(first position, entries) of the prompt positions this step computed, per request that asked: the row
+        of position ``p`` scores prompt token ``p + 1``. Positions already held (a recomputed prompt) are skipped."""
+        rows, targets, ks, spans, row = [], [], [], {}, 0
+        for seq, new in batch:
+            start = seq.num_computed_tokens
+            if seq.prompt_logprobs is not None:
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(start + new, seq.num_prompt_tokens - 1)
+                if first < last:
+                    spans[seq.request_id] = (first, len(rows), last - first)
+                    rows.extend(range(row + first - start, row + last - start))
+                    targets.extend(seq.token_ids[first + 1 : last + 1])
+                    ks.extend([seq.params.prompt_logprobs] * (last - first))
+            row += new
+        if not rows:
+            return {}
+        entries = position_logprobs(self.model.logits(hidden[torch.tensor(rows, device=self.device)]), targets, ks)
+        return {rid: (first, entries[at : at + n]) for rid, (first, at, n) in spans.items()}
 
     def _end_step(self, started: float, sampled: bool) -> None:
         if self.rebalancer is not None:  # after sampling: the step time includes the GPU's work (tolist syncs)

@@ -4,6 +4,7 @@ Running sequences go first (one decode token each, or the rest of a chunked pref
 waiting ones are admitted while ``max_num_seqs``, the token budget
 ``max_num_batched_tokens`` and free KV blocks allow. When blocks run out, the most
 recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
+Without chunked prefill (``--no-enable-chunked-prefill``) a prompt is admitted only whole.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from epkit.engine.block_manager import BlockManager
-from epkit.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
+from epkit.engine.sequence import EngineRequest, PositionLogprobs, RequestOutput, Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     eos_token_id: int
+    chunked_prefill: bool = True
 
 
 class Scheduler:
@@ -75,8 +77,10 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + new):
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            new = min(remaining, budget)
+            if (new < remaining and not self.config.chunked_prefill) or not self.blocks.can_allocate(
+                    seq, seq.num_computed_tokens + new):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed_tokens + new)
@@ -93,11 +97,22 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: list[tuple[Sequence, int]], sampled: dict[str, int]) -> list[RequestOutput]:
-        """Advance the step's sequences, append sampled tokens, finish and free what is done."""
+    def postprocess(self, batch: list[tuple[Sequence, int]], sampled: dict[str, int],
+                    logprobs: dict[str, PositionLogprobs] | None = None,
+                    prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] | None = None) -> list[RequestOutput]:
+        """Advance the step's sequences, append sampled tokens, finish and free what is done.
+
+        ``logprobs``: the sampled token's, per request that asked; ``prompt_logprobs``: (first position,
+        entries) of the prompt positions this step computed (entry ``i`` is for prompt token
+        ``first + i + 1``); they are gathered on the sequence and sent once, with its first token."""
         outputs = []
         for seq, new in batch:
             seq.num_computed_tokens += new
+            if prompt_logprobs and seq.request_id in prompt_logprobs and seq.prompt_logprobs is not None:
+                first, entries = prompt_logprobs[seq.request_id]
+                for i, entry in enumerate(entries):
+                    if first + i + 1 == len(seq.prompt_logprobs):  # not yet held (a recomputed prompt repeats them)
+                        seq.prompt_logprobs.append(entry)
             if seq.request_id not in sampled:
                 continue  # a prefill chunk that did not reach the end of the prompt
             token = sampled[seq.request_id]
@@ -107,7 +122,11 @@ class Scheduler:
                 seq.status, seq.finish_reason = Status.FINISHED, reason
                 self.running.remove(seq)
                 self.blocks.free(seq)
-            outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens))
+            prompt_lp = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_lp, seq.prompt_logprobs_sent = tuple(seq.prompt_logprobs), True
+            token_lp = (logprobs[seq.request_id],) if logprobs and seq.request_id in logprobs else None
+            outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens, token_lp, prompt_lp))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

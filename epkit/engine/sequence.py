@@ -18,10 +18,16 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # alternatives per sampled token (0: the token's own only; -1: the whole vocabulary)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < -1:
+                raise ValueError(f"{name}={value} must be >= 0, or -1 for the whole vocabulary")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -44,14 +50,25 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.time)
 
 
+# One position's log-probabilities: (token id, logprob, rank) of the token at that position (sampled, or the
+# prompt's), then the ``k`` most likely tokens in rank order (1, 2, ...); log_softmax of the raw float32 logits,
+# before temperature, top-k or top-p (vLLM's default logprobs mode, raw_logprobs).
+PositionLogprobs = tuple[tuple[int, float, int], ...]
+
+
 @dataclass(frozen=True)
 class RequestOutput:
-    """New tokens of one request after one engine step; ``finish_reason`` set on the last."""
+    """New tokens of one request after one engine step; ``finish_reason`` set on the last.
+
+    ``logprobs`` holds one :data:`PositionLogprobs` per new token when the request asked for them;
+    ``prompt_logprobs`` (once, with the first token) one per prompt token, None for the first."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "stop", "length", "abort"
     num_prompt_tokens: int = 0
+    logprobs: tuple[PositionLogprobs, ...] | None = None
+    prompt_logprobs: tuple[PositionLogprobs | None, ...] | None = None
 
 
 class Status(enum.Enum):
@@ -73,6 +90,9 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.arrival_time = request.arrival_time
+        # prompt logprobs gathered over prefill chunks (index = prompt position); sent with the first token
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = [None] if self.params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
 
     @property
     def num_tokens(self) -> int:

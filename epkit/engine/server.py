@@ -14,99 +14,25 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from epkit.engine.client import EngineClient
 from epkit.engine.config import EngineConfig
-from epkit.engine.protocol import ApiError, ChatRequest, CompletionRequest, prompts_of
-from epkit.engine.sequence import SamplingParams
-from epkit.engine.tokenizer import ByteTokenizer
+from epkit.engine.metrics import Metrics
+from epkit.engine.protocol import (ApiError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs,
+                                   prompt_logprobs_json, prompts_of)
+from epkit.engine.sequence import RequestOutput, SamplingParams
+from epkit.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger("epkit.engine")
-
-LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-
-
-def _gauge(*args, **kwargs) -> Gauge:
-    """A gauge that every API server sets to the same value (from the engine cores' reports): with several
-    servers (prometheus_client's multiprocess mode) the exposition shows the most recent value."""
-    return Gauge(*args, multiprocess_mode="mostrecent", **kwargs)
-
-
-class Metrics:
-    """Prometheus metrics of the API servers (names follow vLLM's, prefix ``epkit:``).
-
-    With several API servers (``--api-server-count``, by default one per DP rank as in vLLM)
-    the launcher points ``PROMETHEUS_MULTIPROC_DIR`` at a shared folder: counters and histograms
-    add up over the servers, gauges show the latest value, and any server's ``/metrics`` shows
-    the whole deployment (vLLM does the same)."""
-
-    def __init__(self, model: str, dp_size: int, server_index: int = 0):
-        self.registry = CollectorRegistry()
-        self.server_index = server_index
-        r, labels = self.registry, ["model_name"]
-        self.running = _gauge("epkit:num_requests_running", "Requests running, per DP rank", ["model_name", "dp_rank"], registry=r)
-        self.waiting = _gauge("epkit:num_requests_waiting", "Requests waiting, per DP rank", ["model_name", "dp_rank"], registry=r)
-        self.prompt_tokens = Counter("epkit:prompt_tokens", "Prompt tokens processed", labels, registry=r)
-        self.generation_tokens = Counter("epkit:generation_tokens", "Tokens generated", labels, registry=r)
-        self.ttft = Histogram("epkit:time_to_first_token_seconds", "Time to first token", labels, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.itl = Histogram("epkit:inter_token_latency_seconds", "Inter-token latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.e2e = Histogram("epkit:e2e_request_latency_seconds", "Request latency", labels, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.success = Counter("epkit:request_success", "Finished requests", ["model_name", "finished_reason"], registry=r)
-        self.preemptions = Counter("epkit:num_preemptions", "Sequences preempted for KV space, per DP rank",
-                                   ["model_name", "dp_rank"], registry=r)
-        self._preempted = [0] * dp_size
-        # EPLB (rank 0 reports; see docs/engine.md): the last measured step and the last rearrangement
-        self.eplb_balancedness = _gauge("epkit:eplb_balancedness", "EPLB: mean / max tokens per EP rank (vLLM's measure) "
-                                       "at the last logged step", labels, registry=r)
-        self.eplb_avg_tokens = _gauge("epkit:eplb_avg_tokens", "EPLB: sum over MoE layers of the mean tokens per EP rank "
-                                     "at the last logged step", labels, registry=r)
-        self.eplb_max_tokens = _gauge("epkit:eplb_max_tokens", "EPLB: sum over MoE layers of the max tokens per EP rank "
-                                     "at the last logged step", labels, registry=r)
-        self.eplb_rank_tokens = _gauge("epkit:eplb_rank_tokens", "EPLB: (token, expert) pairs computed by each EP rank's "
-                                      "slots, all MoE layers, at the last logged step", ["model_name", "dp_rank"], registry=r)
-        self.eplb_rearrangements = _gauge("epkit:eplb_rearrangements", "EPLB: rearrangements so far", labels, registry=r)
-        self.eplb_window_balancedness = _gauge("epkit:eplb_window_balancedness", "EPLB: balancedness of the last window "
-                                              "under the old and the new placement", ["model_name", "placement"], registry=r)
-        self.eplb_median_step = _gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
-                                      "two rearrangements", labels, registry=r)
-        self.model = model
-        # the per-token series, bound once (``labels()`` is a dict lookup under a lock on every call)
-        self.ttft_m, self.itl_m, self.e2e_m = (h.labels(model) for h in (self.ttft, self.itl, self.e2e))
-        self.prompt_m, self.generation_m = self.prompt_tokens.labels(model), self.generation_tokens.labels(model)
-        for rank in range(dp_size):
-            self.set_load(rank, 0, 0)
-
-    def set_eplb(self, stats: dict) -> None:
-        m = self.model
-        if "balancedness" in stats:
-            self.eplb_balancedness.labels(m).set(stats["balancedness"])
-            self.eplb_avg_tokens.labels(m).set(stats["avg_tokens"])
-            self.eplb_max_tokens.labels(m).set(stats["max_tokens"])
-            for rank, tokens in enumerate(stats.get("rank_tokens") or []):
-                self.eplb_rank_tokens.labels(m, str(rank)).set(tokens)
-        self.eplb_rearrangements.labels(m).set(stats.get("rearrangements", 0))
-        if "window_balancedness_before" in stats:
-            self.eplb_window_balancedness.labels(m, "before").set(stats["window_balancedness_before"])
-            self.eplb_window_balancedness.labels(m, "after").set(stats["window_balancedness_after"])
-            if stats.get("median_step_ms") == stats.get("median_step_ms"):  # not NaN
-                self.eplb_median_step.labels(m).set(stats["median_step_ms"] / 1e3)
-
-    def set_load(self, rank: int, running: int, waiting: int, preemptions: int = 0) -> None:
-        self.running.labels(self.model, str(rank)).set(running)
-        self.waiting.labels(self.model, str(rank)).set(waiting)
-        if preemptions > self._preempted[rank]:
-            if self.server_index == 0:  # every server hears every core: one of them counts
-                self.preemptions.labels(self.model, str(rank)).inc(preemptions - self._preempted[rank])
-            self._preempted[rank] = preemptions
 
 
 class StopChecker:
     """Turns token deltas into text deltas, cutting at the first stop string (held back until sure)."""
 
-    def __init__(self, tokenizer: ByteTokenizer, stops: list[str]):
-        self.decoder, self.stops = tokenizer.stream_decoder(), stops
+    def __init__(self, tokenizer, stops: list[str], prompt_ids: list[int] = ()):
+        self.decoder, self.stops = tokenizer.stream_decoder(prompt_ids), stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text, self.emitted, self.stopped = "", 0, False
 
@@ -125,8 +51,17 @@ class StopChecker:
 class Api:
     """Request handling shared by the endpoints; one per API server process."""
 
-    def __init__(self, cfg: EngineConfig, engine: EngineClient, tokenizer: ByteTokenizer, max_model_len: int, metrics: Metrics):
+    def __init__(self, cfg: EngineConfig, engine: EngineClient, tokenizer, max_model_len: int, metrics: Metrics):
         self.cfg, self.engine, self.tok, self.max_model_len, self.metrics = cfg, engine, tokenizer, max_model_len, metrics
+        self.ignored_fields: set[str] = set()  # request fields already logged as ignored (once per name)
+
+    def log_ignored(self, fields: list[str]) -> None:
+        """Log each request field the engine does not know, the first time a request carries it."""
+        for name in fields:
+            if name not in self.ignored_fields:
+                self.ignored_fields.add(name)
+                log.warning("request field %r is not known to the built-in engine and is ignored (logged once per field)",
+                            name)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.cfg.model_name:
@@ -140,41 +75,52 @@ class Api:
             raise ApiError(400, f"X-data-parallel-rank={value!r} must be an integer in 0..{self.cfg.data_parallel_size - 1}")
         return int(value)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tok.encode(prompt)
+            return self.tok.encode(prompt, add_special_tokens)
         bad = [t for t in prompt if not 0 <= t < self.tok.vocab_size]
         if bad:
             raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary 0..{self.tok.vocab_size - 1}", "prompt")
         return prompt
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], pinned: int | None):
+    def stream(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], pinned: int | None, rid: str = ""):
         """(stream of one request, the DP rank it goes to); the rank's count is released even if never streamed."""
         ticket = self.engine.reserve(pinned)
+        if self.cfg.enable_log_requests:
+            log.info("request %s: DP rank %d, %d prompt tokens, %s", rid, ticket.rank, len(prompt_ids), params)
         stream = self.run(prompt_ids, params, stops, ticket)
         weakref.finalize(stream, ticket.release)
         return stream, ticket.rank
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str], ticket) -> AsyncIterator[tuple[str, tuple[int, ...], str | None]]:
-        """Yield (text delta, its token ids, finish reason or None) for one request."""
-        checker = StopChecker(self.tok, stops)
+    async def run(self, prompt_ids: list[int], params: SamplingParams, stops: list[str],
+                  ticket) -> AsyncIterator[tuple[str, RequestOutput, str | None]]:
+        """Yield (text delta, the engine's output with its token ids and logprobs, finish reason or None)."""
+        checker = StopChecker(self.tok, stops, prompt_ids)
         start = last = time.perf_counter()
         first = True
-        metrics = self.metrics
+        metrics, vllm = self.metrics, self.metrics.vllm[ticket.rank]
         metrics.prompt_m.inc(len(prompt_ids))
+        vllm.prompt.inc(len(prompt_ids))
         gen = self.engine.generate(prompt_ids, params, ticket)
         try:
             async for out in gen:
                 now = time.perf_counter()
-                (metrics.ttft_m if first else metrics.itl_m).observe(now - last)
+                if first:
+                    metrics.ttft_m.observe(now - last)
+                    vllm.ttft.observe(now - last)
+                else:
+                    metrics.itl_m.observe(now - last)
+                    vllm.itl.observe(now - last)
                 first, last = False, now
                 metrics.generation_m.inc(len(out.new_token_ids))
+                vllm.generation.inc(len(out.new_token_ids))
                 delta = checker.push(out.new_token_ids, final=out.finish_reason is not None)
                 reason = "stop" if checker.stopped else out.finish_reason
                 if reason is not None:
                     metrics.e2e_m.observe(now - start)
+                    vllm.e2e.observe(now - start)
                     metrics.success.labels(metrics.model, reason).inc()
-                yield delta, out.new_token_ids, reason
+                yield delta, out, reason
                 if reason is not None:
                     return
         finally:
@@ -366,88 +312,152 @@ def build_app(api: Api) -> FastAPI:
             first = exc.errors()[0]
             raise ApiError(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][0]))
         api.check_model(parsed.model)
+        api.log_ignored(parsed.unknown_fields())
         return parsed
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         rank = api.pinned_rank(request)
-        prompts = [api.encode(p) for p in prompts_of(req)]
-        params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens) for p in prompts]
+        top = req.engine_logprobs(cfg.max_logprobs, api.tok.vocab_size)
+        raw_prompts = prompts_of(req)
+        prompts = [api.encode(p) for p in raw_prompts]
+        echo_only = req.echo and req.max_tokens == 0  # vLLM: only the prompt comes back
+        params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens, top, echo_only) for p in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams, ranks = zip(*(api.stream(p, sp, req.stop_strings(), rank) for p, sp in zip(prompts, params)))
+        streams, ranks = zip(*(api.stream(p, sp, req.stop_strings(), rank, f"{rid}-{i}")
+                               for i, (p, sp) in enumerate(zip(prompts, params))))
         prompt_tokens = sum(len(p) for p in prompts)
+        # echo: the prompt's text (token-id prompts decoded), empty with return_token_ids (the ids say it), as vLLM
+        echo_texts = [("" if req.return_token_ids else p if isinstance(p, str) else api.tok.decode(p)) for p in raw_prompts]
 
-        def chunk(i: int, text: str, reason: str | None, ids: list[int]) -> dict[str, Any]:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        def shown(i: int, text: str, ids: list[int], entries: list, prompt_entries, first: bool):
+            """(text, token ids, logprob entries) a choice shows: with echo, the prompt before the first output."""
+            if not (req.echo and first):
+                return text, ids, entries
+            prompt_entries = list(prompt_entries or [None] * len(prompts[i]))
+            if echo_only:
+                return echo_texts[i], prompts[i], prompt_entries
+            return echo_texts[i] + text, prompts[i] + ids, prompt_entries + entries
+
+        def choice(i: int, text: str, reason: str | None, ids: list[int]) -> dict[str, Any]:
+            out = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
             if req.return_token_ids:
-                choice["token_ids"] = list(ids)
-            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name, "choices": [choice]}
+                out["token_ids"] = list(ids)
+            return out
+
+        def envelope(choices: list[dict[str, Any]], **extra) -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name, "choices": choices,
+                    **extra}
 
         headers = {"x-data-parallel-rank": ",".join(map(str, ranks)), "x-epkit-api-server": str(api.engine.server_index)}
 
         if req.stream:
             async def events():
-                completion = 0
-                async for i, (text, ids, reason) in _merge(streams):
+                completion, offsets, started = 0, [0] * len(prompts), [False] * len(prompts)
+                async for i, (text, out, reason) in _merge(streams):
+                    ids = list(out.new_token_ids)
                     completion += len(ids)
-                    payload = chunk(i, text, reason, ids)
+                    text_shown, ids_shown, entries = shown(i, text, ids, list(out.logprobs or ()), out.prompt_logprobs,
+                                                           not started[i])
+                    c = choice(i, text_shown, reason, ids)
+                    if req.return_token_ids and not started[i]:
+                        c["prompt_token_ids"] = prompts[i]
+                    started[i] = True
+                    if req.logprobs is not None:
+                        c["logprobs"], offsets[i] = completion_logprobs(api.tok, ids_shown, entries, req.logprobs, offsets[i])
+                    payload = envelope([c])
                     if req.include_usage:
                         payload["usage"] = None
                     yield _sse(payload)
                 if req.include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                                "choices": [], "usage": _usage(prompt_tokens, completion)})
+                    yield _sse(envelope([], usage=_usage(prompt_tokens, completion)))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-        texts, reasons, token_ids = [""] * len(prompts), [None] * len(prompts), [[] for _ in prompts]
-        async for i, (text, ids, reason) in _merge(streams):
+        n = len(prompts)
+        texts, reasons, token_ids = [""] * n, [None] * n, [[] for _ in prompts]
+        entries, prompt_entries = [[] for _ in prompts], [None] * n
+        async for i, (text, out, reason) in _merge(streams):
             texts[i] += text
             reasons[i] = reason or reasons[i]
-            token_ids[i].extend(ids)
-        choices = [chunk(i, t, r, ids)["choices"][0] for i, (t, r, ids) in enumerate(zip(texts, reasons, token_ids))]
+            token_ids[i].extend(out.new_token_ids)
+            entries[i].extend(out.logprobs or ())
+            if out.prompt_logprobs is not None:
+                prompt_entries[i] = list(out.prompt_logprobs)
+        choices = []
+        for i in range(n):
+            text_shown, ids_shown, lps = shown(i, texts[i], token_ids[i], entries[i], prompt_entries[i], True)
+            c = choice(i, text_shown, reasons[i], token_ids[i])
+            if req.logprobs is not None:
+                c["logprobs"] = completion_logprobs(api.tok, ids_shown, lps, req.logprobs)[0]
+            if req.prompt_logprobs is not None:
+                c["prompt_logprobs"] = prompt_logprobs_json(api.tok, prompt_entries[i] or [])
+            if req.return_token_ids:
+                c["prompt_token_ids"] = prompts[i]
+            choices.append(c)
         completion = sum(len(ids) for ids in token_ids)
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                             "choices": choices, "usage": _usage(prompt_tokens, completion)}, headers=headers)
+        return JSONResponse(envelope(choices, usage=_usage(prompt_tokens, completion)), headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req: ChatRequest = await parse(request, ChatRequest)
         pinned = api.pinned_rank(request)
-        prompt = api.tok.encode(api.tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages]))
+        top = req.engine_logprobs(cfg.max_logprobs, api.tok.vocab_size)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt = api.tok.encode(api.tok.apply_chat_template(messages, req.add_generation_prompt), add_special_tokens=False)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.sampling_params(len(prompt), api.max_model_len, requested)
+        params = req.sampling_params(len(prompt), api.max_model_len, requested, top)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream, rank = api.stream(prompt, params, req.stop_strings(), pinned)
+        stream, rank = api.stream(prompt, params, req.stop_strings(), pinned, rid)
         headers = {"x-data-parallel-rank": str(rank), "x-epkit-api-server": str(api.engine.server_index)}
+        role = "assistant" if req.add_generation_prompt else messages[-1]["role"]  # vLLM's response role
+        echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == role else ""  # vLLM's chat echo
 
-        def chunk(delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], reason: str | None, logprobs=None) -> dict[str, Any]:
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
 
         if req.stream:
             async def events():
                 completion = 0
-                yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                async for text, ids, reason in stream:
-                    completion += len(ids)
-                    yield _sse(chunk({"content": text} if text else {}, reason))
+                first = chunk({"role": role, "content": ""}, None)
+                if req.return_token_ids:
+                    first["prompt_token_ids"] = prompt
+                yield _sse(first)
+                if echo:
+                    yield _sse(chunk({"content": echo}, None))
+                async for text, out, reason in stream:
+                    completion += len(out.new_token_ids)
+                    lp = chat_logprobs(api.tok, out.new_token_ids, out.logprobs, top) if req.logprobs else None
+                    c = chunk({"content": text} if text else {}, reason, lp)
+                    if req.return_token_ids:
+                        c["choices"][0]["token_ids"] = list(out.new_token_ids)
+                    yield _sse(c)
                 if req.include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                                 "choices": [], "usage": _usage(len(prompt), completion)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-        text, reason, token_ids = "", None, []
-        async for delta, ids, r in stream:
+        text, reason, token_ids, entries, prompt_entries = echo, None, [], [], None
+        async for delta, out, r in stream:
             text, reason = text + delta, r or reason
-            token_ids.extend(ids)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            token_ids.extend(out.new_token_ids)
+            entries.extend(out.logprobs or ())
+            if out.prompt_logprobs is not None:
+                prompt_entries = list(out.prompt_logprobs)
+        choice = {"index": 0, "message": {"role": role, "content": text},
+                  "logprobs": chat_logprobs(api.tok, token_ids, entries, top) if req.logprobs else None,
+                  "finish_reason": reason}
+        body = {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                "choices": [choice], "usage": _usage(len(prompt), len(token_ids))}
         if req.return_token_ids:
             choice["token_ids"] = token_ids
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                             "choices": [choice], "usage": _usage(len(prompt), len(token_ids))}, headers=headers)
+            body["prompt_token_ids"] = prompt
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_json(api.tok, prompt_entries or [])
+        return JSONResponse(body, headers=headers)
 
     return app
 
@@ -465,7 +475,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
     server: uvicorn.Server | None = None
     try:
         model_config, model_dir = model_config_of(cfg)
-        tokenizer = ByteTokenizer(model_config, model_dir)
+        tokenizer = load_tokenizer(cfg.tokenizer, model_config, model_dir)
         max_model_len = cfg.max_model_len or int(model_config.get("max_position_embeddings") or 4096)
         store = connect_store(cfg, False, cfg.startup_timeout_s)
 
@@ -487,7 +497,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
         if cfg.api_server_count > 1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((cfg.host, cfg.port))
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, access_log=False)
+        config = uvicorn.Config(app, log_level=cfg.uvicorn_log_level, timeout_graceful_shutdown=2, access_log=False)
         server = uvicorn.Server(config)
     except Exception as exc:
         log.error("API server %d failed to start: %s", server_index, exc)
