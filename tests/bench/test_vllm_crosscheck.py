@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from epkit.bench import RandomWorkload, load_result, load_vllm_result
+from epkit.bench.result import VLLM_DETAILED, epkit_only_keys
 from epkit.bench.cli import main as bench_main
 
 TARGETS = [t for t in os.environ.get("EPKIT_BENCH_TARGET", "engine,stream").split(",") if t]
@@ -173,7 +174,8 @@ def test_headline_numbers_agree_within_run_to_run_spread(runs):
     print("\n" + "\n".join(rows))
     if server is not None:  # net of each client's measured send cost, the two see the same first token
         net = [np.mean([r["median_ttft_ms"] for r in out[c]]) - over[c] for c in ("vllm", "epkit")]
-        assert abs(net[0] - net[1]) < 1.0, net
+        spread = max(np.ptp([r["median_ttft_ms"] for r in out[c]]) for c in out)
+        assert abs(net[0] - net[1]) <= max(1.0, 3 * spread), (net, spread)
     (d / "comparison.txt").write_text("\n".join(rows))
 
 
@@ -207,12 +209,30 @@ def test_metrics_recomputed_from_vllms_raw_data_equal_vllms(runs):
                 assert mine[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
 
 
-def test_epkit_result_file_has_vllms_keys_and_a_request_table(runs):
-    d, out, _ = runs
-    vllm_keys = {k for k in out["vllm"][0] if k not in ("send_overhead_ms", "input_lens", "output_lens", "ttfts", "itls", "latencies",
-                                                        "start_times", "generated_texts", "errors", "queue_times",
-                                                        "rtfx")}
-    assert vllm_keys <= set(out["epkit"][0]), vllm_keys - set(out["epkit"][0])
+def _kind(value) -> str:
+    return "null" if value is None else "list" if isinstance(value, list) else \
+        "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def test_epkit_result_file_has_exactly_vllms_keys(runs):
+    """The key set of `vllm bench serve --save-result` (vLLM 0.32: its file here, less the lists only
+    --save-detailed adds) is the key set of epkit's file, less epkit's own named additions; values
+    of the same kind; the per-request lists mean what vLLM's mean."""
+    d, _, _ = runs
+    vllm_doc = json.loads((d / "vllm0.json").read_text())
+    epkit_doc = json.loads((d / "epkit0.json").read_text())
+    vllm_keys = set(vllm_doc) - set(VLLM_DETAILED)
+    epkit_keys = set(epkit_doc) - epkit_only_keys(epkit_doc)
+    assert epkit_keys == vllm_keys, f"missing {sorted(vllm_keys - epkit_keys)}, extra {sorted(epkit_keys - vllm_keys)}"
+    assert {k: _kind(epkit_doc[k]) for k in vllm_keys} == {k: _kind(vllm_doc[k]) for k in vllm_keys}
+    for doc in (vllm_doc, epkit_doc):
+        assert doc["rtfx"] == 0.0  # no audio input
+        lat, queue = np.asarray(doc["latencies"]), np.asarray(doc["queue_times"])
+        assert len(lat) == len(queue) == 40
+        # E2EL statistics are over these latencies (s); queue times are waits for one of 4 slots (s):
+        # from the fifth request on, each waited for an earlier one to finish
+        assert np.mean(lat) * 1e3 == pytest.approx(doc["mean_e2el_ms"], rel=1e-9)
+        assert (queue >= 0).all() and queue[4:].min() > 0.5 * lat.min()
     res = load_result(d / "epkit0.json")
     assert len(res.requests) == 40 and res.requests["success"].all()
-    assert res.recompute(percentiles=(50, 90, 99))["median_ttft_ms"] == pytest.approx(out["epkit"][0]["median_ttft_ms"])
+    assert res.recompute(percentiles=(50, 90, 99))["median_ttft_ms"] == pytest.approx(epkit_doc["median_ttft_ms"])
