@@ -11,7 +11,7 @@ from epkit.errors import EpkitError, TopologyError
 from epkit.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
 from epkit.render import render
 from epkit.spec import DEFAULT_GPUS, PlanSpec, load_spec
-from epkit.topology import EPLBConfig
+from epkit.topology import EPLBConfig, human_readable_int
 from epkit.vllm_versions import DEFAULT_VLLM_VERSION
 
 # CLI flag -> (topology field, type, help), for specs given as flags (vLLM's spellings plus short forms).
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def split_eplb_dotted(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Pull vLLM's per-key ``--eplb-config.KEY VALUE`` (or ``=VALUE``) out of ``argv``.
 
-    Values are read as vLLM reads them: JSON where they parse (``32``, ``true``), else the string.
+    Values are read as vLLM reads them: JSON where they parse (``32``, ``true``), else a
+    human-readable integer (``1k``), else the string.
     """
     rest: list[str] = []
     keys: dict[str, Any] = {}
@@ -99,7 +100,10 @@ def split_eplb_dotted(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            value = text
+            try:
+                value = human_readable_int(text)  # as vLLM: --eplb-config.window_size 1k
+            except ValueError:
+                value = text
         if key in keys and keys[key] != value:
             raise TopologyError(f"{EPLB_DOTTED}{key} is given twice ({keys[key]!r} and {value!r}); give it once")
         keys[key] = value

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from epkit.errors import TopologyError
 from epkit.topology import Topology
 
@@ -351,14 +349,9 @@ def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep YAML; errors name the file and the point."""
-    path = Path(path)
-    if not path.is_file():
-        raise TopologyError(f"sweep spec {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TopologyError(f"{path}: not valid YAML: {exc}") from exc
+    from epkit.spec import read_spec_file
+
+    data, text = read_spec_file(path, "sweep spec")  # missing, a folder, not text, not YAML: one line each
     return parse_sweep(data, str(path), text)
 
 

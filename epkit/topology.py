@@ -33,9 +33,23 @@ ENGINE_FLAG_FIELDS = {
     "max_model_len": "--max-model-len",
     "gpu_memory_utilization": "--gpu-memory-utilization",
 }
-# vLLM reads --max-model-len as a human-readable integer: 32k = 32000, 32K = 32768 (also m/M, g/G).
-_HUMAN_INT = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
-_HUMAN_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+# vLLM reads --max-model-len as a human-readable integer: 32k = 32000, 25.6k = 25600, 32K = 32768.
+_HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
+_DECIMAL_SCALE = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_SCALE = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_int(text: str) -> int:
+    """An integer as vLLM's ``human_readable_int`` reads it (``1k`` = 1000, ``1K`` = 1024; no
+    decimals with a binary suffix); raises ``ValueError`` otherwise."""
+    text = text.strip()
+    match = _HUMAN_INT.fullmatch(text)
+    if not match:
+        return int(text)
+    number, suffix = match.groups()
+    if suffix in _DECIMAL_SCALE:
+        return int(float(number) * _DECIMAL_SCALE[suffix])
+    return int(number) * _BINARY_SCALE[suffix]
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
@@ -55,13 +69,15 @@ def _flag_value(name: str, text: str) -> int | float:
     """The value of an ``extra_args`` flag that is a topology field, read as vLLM reads it."""
     flag = ENGINE_FLAG_FIELDS[name]
     if name == "max_model_len":
-        match = _HUMAN_INT.match(text.strip())
-        value = float(match.group(1)) * _HUMAN_SCALE[match.group(2)] if match else None
-        if value is None or not value.is_integer():
+        if text.strip().lower() in ("auto", "-1"):
+            raise TopologyError(f"topology.extra_args: {flag} {text!r} lets vLLM pick the length at start-up, which "
+                                "a plan cannot check; give the length (e.g. 32768)")
+        try:
+            return human_readable_int(text)
+        except ValueError:
             raise TopologyError(
                 f"topology.extra_args: {flag} {text!r} is not an integer (e.g. 32768, 32k or 32K)"
-            )
-        return int(value)
+            ) from None
     try:
         return float(text)
     except ValueError:

@@ -82,8 +82,9 @@ def expected_values(topology: Topology, launch: NodeLaunch, address: str | None 
         "api_server_count": None if headless else topology.api_server_count,
         "enable_eplb": topology.eplb is not None,
         "max_model_len": topology.max_model_len,
-        "gpu_memory_utilization": 0.9 if topology.gpu_memory_utilization is None else topology.gpu_memory_utilization,
     }
+    if topology.gpu_memory_utilization is not None:  # unset: the release's own default, whatever it is
+        expected["gpu_memory_utilization"] = topology.gpu_memory_utilization
     assert argv[2] == topology.model
     return expected
 

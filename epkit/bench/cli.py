@@ -12,49 +12,124 @@ import json
 import math
 import os
 import sys
+import urllib.parse
 
 from epkit.bench.datasets import DATASETS, make_workload
+from epkit.errors import EpkitError
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    """argparse type: a comma list of numbers (``inf`` allowed)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        try:
+            value = float(item)
+        except ValueError:
+            where = f" in {text!r}" if "," in text else ""
+            raise argparse.ArgumentTypeError(f"{item!r}{where} is not a number (or a comma list such as 1,4,inf)") \
+                from None
+        if value != value:
+            raise argparse.ArgumentTypeError(f"{text!r}: nan is not a value")
+        out.append(value)
+    return out
+
+
+def _percentiles(text: str) -> list[float]:
+    values = _floats(text)
+    bad = [v for v in values if not 0 <= v <= 100]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]:g} is not a percentile in [0, 100]")
+    return values
 
 
 def _concurrencies(text: str) -> list[int | None]:
-    return [None if x.strip().lower() in ("none", "inf") else int(x) for x in text.split(",") if x.strip()]
+    """argparse type: a comma list of integers (``none``/``inf``: unbounded)."""
+    out: list[int | None] = []
+    for item in (x.strip() for x in text.split(",")):
+        if item.lower() in ("none", "inf"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(item))  # the bounds are LoadShape's to check, with the others
+        except ValueError:
+            where = f" in {text!r}" if "," in text else ""
+            raise argparse.ArgumentTypeError(f"{item!r}{where} is not an integer (or none/inf)") from None
+    return out
+
+
+def _positive(kind):
+    """argparse type: a number of ``kind`` > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        return value
+    parse.__name__ = "positive"
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object such as '{{\"temperature\": 0}}'")
+    return value
+
+
+def _base_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an http(s) URL such as http://localhost:8000")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="epkit bench", description=__doc__.split("\n")[0])
     t = p.add_argument_group("target")
-    t.add_argument("--base-url", help="server root, e.g. http://localhost:8000 (else --host/--port)")
-    t.add_argument("--host", default="127.0.0.1")
-    t.add_argument("--port", type=int, default=8000)
-    t.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    t.add_argument("--base-url", type=_base_url, help="server root, e.g. http://localhost:8000 (else --host/--port)")
+    t.add_argument("--host", default="127.0.0.1", help="server host without --base-url (default %(default)s)")
+    t.add_argument("--port", type=_port, default=8000, help="server port without --base-url (default %(default)s)")
+    t.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"],
+                   help="OpenAI API route (default %(default)s)")
     t.add_argument("--model", required=True, help="model name sent in each request")
     t.add_argument("--served-model-name", help="name sent in requests if it differs from --model")
     t.add_argument("--tokenizer", help="tokenizer path or hub id (text prompts, length counts); default: none")
     t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     t.add_argument("--header", nargs="+", default=[], metavar="KEY=VALUE", help="extra HTTP headers")
-    t.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
-    t.add_argument("--timeout", type=float, default=6 * 3600.0, help="per-request timeout, seconds")
+    t.add_argument("--extra-body", type=_json_object, default={}, help="JSON merged into every request body")
+    t.add_argument("--timeout", type=_positive(float), default=6 * 3600.0, help="per-request timeout, seconds")
 
     w = p.add_argument_group("workload")
-    w.add_argument("--dataset-name", default="random", choices=sorted(DATASETS))
+    w.add_argument("--dataset-name", default="random", choices=sorted(DATASETS), help="workload (default %(default)s)")
     w.add_argument("--dataset-path", help="ShareGPT JSON or trace JSONL")
-    w.add_argument("--num-prompts", type=int, default=1000)
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--num-prompts", type=_positive(int), default=1000, help="requests to draw (default %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="random seed of prompts and arrivals (default %(default)s)")
     w.add_argument("--ignore-eos", action="store_true", help="ask the server to generate exactly the output length")
-    w.add_argument("--random-input-len", type=int, default=1024)
-    w.add_argument("--random-output-len", type=int, default=128)
-    w.add_argument("--random-range-ratio", type=float, default=0.0)
-    w.add_argument("--random-prefix-len", type=int, default=0)
+    w.add_argument("--random-input-len", type=_positive(int), default=1024, help="random: prompt tokens (default %(default)s)")
+    w.add_argument("--random-output-len", type=_positive(int), default=128, help="random: output tokens (default %(default)s)")
+    w.add_argument("--random-range-ratio", type=float, default=0.0, help="random: lengths vary by ± this share (default %(default)s)")
+    w.add_argument("--random-prefix-len", type=int, default=0, help="random: shared prefix tokens (default %(default)s)")
     w.add_argument("--vocab-size", type=int, default=256, help="token ids are drawn below this without --tokenizer")
-    w.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
-    w.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
-    w.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
-    w.add_argument("--prefix-repetition-output-len", type=int, default=128)
-    w.add_argument("--sharegpt-output-len", type=int, default=None)
+    w.add_argument("--prefix-repetition-prefix-len", type=int, default=256, help="prefix_repetition: prefix tokens")
+    w.add_argument("--prefix-repetition-suffix-len", type=int, default=256, help="prefix_repetition: suffix tokens")
+    w.add_argument("--prefix-repetition-num-prefixes", type=int, default=10, help="prefix_repetition: distinct prefixes")
+    w.add_argument("--prefix-repetition-output-len", type=int, default=128, help="prefix_repetition: output tokens")
+    w.add_argument("--sharegpt-output-len", type=int, default=None, help="sharegpt: output tokens (default: the conversation's)")
     w.add_argument("--timed-trace-sec-multiplier", type=float, default=0.001,
                    help="seconds per trace timestamp unit (Mooncake: ms, 0.001)")
 
@@ -62,21 +137,21 @@ def parser() -> argparse.ArgumentParser:
     ld.add_argument("--request-rate", type=_floats, default=[math.inf], help="req/s, comma list for a ladder; inf")
     ld.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, inf constant gaps")
     ld.add_argument("--max-concurrency", type=_concurrencies, default=[None], help="comma list for a ladder")
-    ld.add_argument("--num-warmups", type=int, default=0)
-    ld.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
+    ld.add_argument("--num-warmups", type=int, default=0, help="requests sent first and left out of the metrics")
+    ld.add_argument("--duration", type=_positive(float), default=None, help="stop sending after this many seconds")
     ld.add_argument("--max-requests", type=int, default=None, help="stop after this many (default: --num-prompts)")
     ld.add_argument("--data-parallel-size", type=int, default=0,
                     help="pin request i to DP rank i mod N via the X-data-parallel-rank header")
 
     o = p.add_argument_group("output")
-    o.add_argument("--metric-percentiles", type=_floats, default=[50.0, 90.0, 99.0])
+    o.add_argument("--metric-percentiles", type=_percentiles, default=[50.0, 90.0, 99.0], help="comma list in [0, 100] (default 50,90,99)")
     o.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el", help="accepted for vLLM parity; all are kept")
     o.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50")
-    o.add_argument("--save-result", action="store_true")
-    o.add_argument("--result-dir", default=".")
-    o.add_argument("--result-filename", default=None)
-    o.add_argument("--label", default=None)
-    o.add_argument("--disable-tqdm", action="store_true")
+    o.add_argument("--save-result", action="store_true", help="write the result JSON (vLLM's keys)")
+    o.add_argument("--result-dir", default=".", help="folder for --save-result (default: here)")
+    o.add_argument("--result-filename", default=None, help="file name for --save-result (one load point only)")
+    o.add_argument("--label", default=None, help="label stored in the result")
+    o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     return p
 
 
@@ -104,12 +179,21 @@ def workload_from_args(a: argparse.Namespace):
 def _goodput(items: list[str] | None) -> dict[str, float] | None:
     if not items:
         return None
+    from epkit.bench.metrics import GOODPUT_METRICS
+
     out = {}
     for item in items:
         key, sep, val = item.partition(":")
         if not sep:
             raise ValueError(f"--goodput {item!r}: expected KEY:MS, e.g. ttft:500")
-        out[key] = float(val)
+        if key not in GOODPUT_METRICS:
+            raise ValueError(f"--goodput {item!r}: {key!r} is not an SLO key; allowed: {', '.join(GOODPUT_METRICS)}")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            out[key] = -1.0
+        if not out[key] > 0:
+            raise ValueError(f"--goodput {item!r}: {val!r} is not a number of milliseconds > 0")
     return out
 
 
@@ -128,8 +212,12 @@ def main(argv: list[str]) -> int:
         for r in a.request_rate:
             for c in a.max_concurrency:
                 LoadShape(r, a.burstiness, c, a.max_requests, a.duration, a.num_warmups, a.data_parallel_size)
+        if a.dataset_path is not None and not os.path.isfile(a.dataset_path):
+            raise ValueError(f"--dataset-path {a.dataset_path!r} is not a file")
+        if a.save_result and a.result_dir and os.path.exists(a.result_dir) and not os.path.isdir(a.result_dir):
+            raise ValueError(f"--result-dir {a.result_dir!r} is not a folder")
         workload = workload_from_args(a)
-    except ValueError as e:
+    except (ValueError, OSError, EpkitError) as e:
         print(f"epkit bench: error: {e}", file=sys.stderr)
         return 2
     base_url = a.base_url or f"http://{a.host}:{a.port}"
@@ -147,7 +235,7 @@ def main(argv: list[str]) -> int:
                              data_parallel_size=a.data_parallel_size, seed=a.seed,
                              percentiles=a.metric_percentiles, goodput_slos_ms=goodput, label=a.label,
                              progress=not a.disable_tqdm)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, EpkitError) as e:
                 print(f"epkit bench: error: {e}", file=sys.stderr)
                 return 2
             print(result.summary())

@@ -1,7 +1,8 @@
 """``epkit eplb``: simulate, compare policies, list valid redundant-expert counts, read vLLM logs.
 
     epkit eplb simulate  --ep 32 --nodes 4 --groups 8 --eplb-config '{"num_redundant_experts":32}' [--trace F | synthetic opts]
-    epkit eplb compare   --ep 32 --nodes 4 --groups 8 --redundant 32 [--trace F | --reference | synthetic opts]
+    epkit eplb compare   --ep 32 --nodes 4 --groups 8 --redundant 32 [--trace F | synthetic opts]
+    epkit eplb compare   --reference
     epkit eplb redundant --experts 256 --ep 32      (or --model deepseek-ai/DeepSeek-V3-0324)
     epkit eplb log vllm.log
 """
@@ -9,35 +10,83 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import zipfile
 
 import pandas as pd
 
 from epkit.errors import EpkitError
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum``, with a message naming the value and the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _real(minimum: float, maximum: float | None = None, above: bool = False):
+    """argparse type: a finite number in [minimum, maximum] (or > minimum with ``above``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low_ok = value > minimum if above else value >= minimum
+        if value != value or not low_ok or (maximum is not None and value > maximum):
+            bound = (f"> {minimum}" if above else f">= {minimum}") + (f" and <= {maximum}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} must be a number {bound}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _policy_list() -> str:
+    from epkit.eplb.policies import POLICIES
+
+    lines = [f"  {name:<9} {(fn.__doc__ or '').strip().splitlines()[0].replace('``', '')}" for name, fn in POLICIES.items()]
+    return "policies (the POLICIES dict; --policy, --policies):\n" + "\n".join(lines)
+
+
 def _synthetic_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("load (a recorded trace, or a synthetic one)")
-    group.add_argument("--trace", help="epkit trace file (.npz/.json, see docs/eplb.md)")
-    group.add_argument("--steps", type=int, default=3000)
-    group.add_argument("--layers", type=int, default=58)
-    group.add_argument("--experts", type=int, default=256)
-    group.add_argument("--tokens", type=int, default=2048, help="tokens per step")
-    group.add_argument("--top-k", type=int, default=8)
-    group.add_argument("--skew", default="zipf", choices=["zipf", "lognormal", "uniform"])
-    group.add_argument("--skew-param", type=float, default=1.0, help="Zipf exponent or lognormal sigma")
-    group.add_argument("--drift-every", type=int, default=0, help="steps between hot-expert drifts (0: none)")
-    group.add_argument("--drift-fraction", type=float, default=0.1)
-    group.add_argument("--burst-prob", type=float, default=0.0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--trace", metavar="FILE", help="epkit trace file (.npz/.json, see docs/eplb.md); the "
+                       "synthetic options below are then ignored")
+    group.add_argument("--steps", type=_count(1), default=3000, help="synthetic: forward steps (default %(default)s)")
+    group.add_argument("--layers", type=_count(1), default=58, help="synthetic: MoE layers (default %(default)s)")
+    group.add_argument("--experts", type=_count(1), default=256, help="synthetic: logical experts per layer "
+                       "(default %(default)s)")
+    group.add_argument("--tokens", type=_count(1), default=2048, help="synthetic: tokens per step (default %(default)s)")
+    group.add_argument("--top-k", type=_count(1), default=8, help="synthetic: experts per token (default %(default)s)")
+    group.add_argument("--skew", default="zipf", choices=["zipf", "lognormal", "uniform"],
+                       help="synthetic: how expert popularity is drawn (default %(default)s)")
+    group.add_argument("--skew-param", type=_real(0.0), default=1.0, help="Zipf exponent or lognormal sigma "
+                       "(default %(default)s)")
+    group.add_argument("--drift-every", type=_count(0), default=0, help="steps between hot-expert drifts (0: none)")
+    group.add_argument("--drift-fraction", type=_real(0.0, 1.0), default=0.1,
+                       help="share of experts whose popularity moves at each drift (default %(default)s)")
+    group.add_argument("--burst-prob", type=_real(0.0, 1.0), default=0.0,
+                       help="probability that a step is a burst on a few experts (default %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default %(default)s)")
 
 
-def _placement_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ep", type=int, help="EP ranks (GPUs); required unless --reference")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--groups", type=int, default=1, help="expert groups (DeepSeek-V3: 8)")
-    parser.add_argument("--model", help="model name or config.json, for bytes per expert")
+def _placement_args(parser: argparse.ArgumentParser, reference: bool = False) -> None:
+    parser.add_argument("--ep", type=_count(1), metavar="RANKS",
+                        help="EP ranks (GPUs)" + ("; required unless --reference" if reference else "; required"))
+    parser.add_argument("--nodes", type=_count(1), default=1, help="nodes the EP ranks span (default %(default)s)")
+    parser.add_argument("--groups", type=_count(1), default=1, help="expert groups (DeepSeek-V3: 8; default "
+                        "%(default)s)")
+    parser.add_argument("--model", metavar="NAME", help="model name or config.json, for bytes per expert "
+                        "(bytes moved are left out without it)")
 
 
 def _trace(args):
@@ -45,9 +94,23 @@ def _trace(args):
     from epkit.eplb.traces import synthetic_trace
 
     if args.trace:
-        return read_trace(args.trace)
+        _need_file("--trace", args.trace)
+        try:
+            return read_trace(args.trace)
+        except (ValueError, OSError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, EpkitError) or args.trace in str(exc):
+                raise
+            raise EpkitError(f"--trace {args.trace}: not an epkit EPLB trace ({type(exc).__name__}: {exc}); "
+                             "see docs/eplb.md for the format") from exc
     return synthetic_trace(args.steps, args.layers, args.experts, args.tokens, args.top_k, args.skew,
                            args.skew_param, args.drift_every, args.drift_fraction, args.burst_prob, seed=args.seed)
+
+
+def _need_file(flag: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise EpkitError(f"{flag} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise EpkitError(f"{flag} {path!r} is not a file")
 
 
 def _need_ep(args) -> None:
@@ -186,6 +249,7 @@ def _redundant(args) -> int:
 def _log(args) -> int:
     from epkit.eplb.readers import read_vllm_log
 
+    _need_file("log", args.path)
     frame = read_vllm_log(args.path)
     if frame.empty:
         print(f"{args.path}: no 'EPLB step' lines (was log_balancedness on?)")
@@ -195,34 +259,52 @@ def _log(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epkit eplb", description="EPLB policies and the what-if simulator")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from epkit.eplb.policies import POLICIES
 
-    sim = sub.add_parser("simulate", help="replay a load trace through vLLM's EPLB schedule")
+    policies = _policy_list()
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="epkit eplb", description="EPLB policies and the what-if simulator",
+                                     epilog=policies, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="replay a load trace through vLLM's EPLB schedule",
+                         description="Replay a load trace (recorded, or synthetic) through vLLM's EPLB schedule:\n"
+                                     "a rearrangement every step_interval steps from the last window_size steps.",
+                         epilog=policies, formatter_class=raw)
     _placement_args(sim)
-    sim.add_argument("--eplb-config", default="{}", help="vLLM's --eplb-config JSON")
-    sim.add_argument("--policy", help="policy (default: the config's policy); see `epkit eplb compare --help`")
-    sim.add_argument("--csv", help="write the per-step table here")
+    sim.add_argument("--eplb-config", default="{}", metavar="JSON",
+                     help="vLLM's --eplb-config JSON, e.g. '{\"num_redundant_experts\":32,\"step_interval\":100}'")
+    sim.add_argument("--policy", choices=list(POLICIES), metavar="POLICY",
+                     help=f"one of {', '.join(POLICIES)} (default: the config's policy, else default)")
+    sim.add_argument("--csv", metavar="FILE", help="write the per-step table here")
     _synthetic_args(sim)
     sim.set_defaults(run=_simulate)
 
-    cmp_ = sub.add_parser("compare", aliases=["rebalance"], help="run policies once on a load and compare them")
-    _placement_args(cmp_)
-    cmp_.add_argument("--redundant", type=int, default=0, help="num_redundant_experts")
-    cmp_.add_argument("--policies", default="default,global,refined,balanced,sticky")
-    cmp_.add_argument("--reference", action="store_true", help="use the bundled reference cases instead")
+    cmp_ = sub.add_parser("compare", aliases=["rebalance"], help="run policies once on a load and compare them",
+                          description="Run policies once on one load (a trace's total, or the bundled reference\n"
+                                      "cases) and compare balancedness, max GPU load and experts moved.",
+                          epilog=policies, formatter_class=raw)
+    _placement_args(cmp_, reference=True)
+    cmp_.add_argument("--redundant", type=_count(0), default=0, metavar="N",
+                      help="num_redundant_experts (default %(default)s)")
+    cmp_.add_argument("--policies", default=",".join(POLICIES), metavar="A,B,…",
+                      help="comma-separated policies from: %(default)s (default: all)")
+    cmp_.add_argument("--reference", action="store_true",
+                      help="use the bundled reference cases instead of a trace (--ep and the load options unused)")
     _synthetic_args(cmp_)
     cmp_.set_defaults(run=_compare)
 
-    red = sub.add_parser("redundant", help="list num_redundant_experts values valid for an EP size")
-    red.add_argument("--ep", type=int, required=True)
-    red.add_argument("--experts", type=int)
-    red.add_argument("--model")
-    red.add_argument("--limit", type=int, default=8)
+    red = sub.add_parser("redundant", help="list num_redundant_experts values valid for an EP size",
+                         description="num_redundant_experts values that split (experts + redundant) evenly over EP ranks.")
+    red.add_argument("--ep", type=_count(1), required=True, metavar="RANKS", help="EP ranks (GPUs)")
+    red.add_argument("--experts", type=_count(1), metavar="N", help="logical experts per layer (or --model)")
+    red.add_argument("--model", metavar="NAME", help="bundled model name or config.json (instead of --experts)")
+    red.add_argument("--limit", type=_count(1), default=8, metavar="N", help="how many values (default %(default)s)")
     red.set_defaults(run=_redundant)
 
-    log = sub.add_parser("log", help="read vLLM's 'EPLB step' balancedness lines")
-    log.add_argument("path")
+    log = sub.add_parser("log", help="read vLLM's 'EPLB step' balancedness lines",
+                         description="Read the 'EPLB step' lines vLLM logs with log_balancedness on.")
+    log.add_argument("path", help="vLLM's log file")
     log.set_defaults(run=_log)
     return parser
 
@@ -233,7 +315,7 @@ def main(argv: list[str]) -> int:
     try:
         return int(args.run(args) or 0)
     except (EpkitError, ValueError) as exc:
-        print(f"epkit eplb {args.command}: {exc}", file=sys.stderr)
+        print(f"epkit eplb {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
