@@ -63,6 +63,14 @@ def node_file(run_dir: str | Path, node: int, suffix: str) -> Path:
     return Path(run_dir) / f"node{node}.{suffix}"
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON file's object, or {} when it is missing or torn."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` so that readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}-{threading.get_ident()}")
@@ -125,6 +133,10 @@ def run_node(task: NodeTask) -> dict:
 
         preflight = doctor.collect(ports=[task.port, task.topology.get("data_parallel_rpc_port") or 0])
         write_json(node_file(run_dir, node, "preflight.json"), preflight)
+    if (run_dir / "stop").exists():  # ended before it started (a queued job of a dead driver)
+        info.update(returncode=None, reason="stop requested", finished_at=time.time())
+        write_json(node_file(run_dir, node, "json"), info)
+        return info
     argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from epkit.launch import procs
-from epkit.launch.deployment import RECORD, _read
-from epkit.launch.node import node_file, write_json
+from epkit.launch.deployment import RECORD
+from epkit.launch.node import node_file, read_json, write_json
 from epkit.launch.slurm import queued_state, scancel
 
 
@@ -32,7 +32,7 @@ def records(run_dirs: Iterable[Path]) -> list[dict]:
     """The records of deployments not marked stopped (oldest first)."""
     out = []
     for run_dir in run_dirs:
-        record = _read(Path(run_dir) / RECORD)
+        record = read_json(Path(run_dir) / RECORD)
         if record and record.get("state") != "stopped":
             out.append(record)
     return sorted(out, key=lambda r: r.get("updated_at", 0.0))
@@ -76,9 +76,9 @@ def running(record: dict) -> list[str]:
 
 
 def _kill_local(record: dict) -> None:
-    pgids = [_read(node_file(record["run_dir"], n, "json")).get("pgid") for n in range(record.get("nodes", 1))]
+    pgids = [read_json(node_file(record["run_dir"], n, "json")).get("pgid") for n in range(record.get("nodes", 1))]
     for pid in _supervisors(record):
-        procs._kill(pid, signal.SIGKILL)
+        procs.kill(pid, signal.SIGKILL)
     procs.terminate([p for p in pgids if p], record["deployment_id"], grace_s=0.0)
 
 
@@ -98,13 +98,18 @@ def end(record: dict, say: Callable[[str], None] = print, margin_s: float = 10.0
             report["how"] = "stop file"
         except OSError:
             pass
+        slurm_jobs = job_ids(record) if record.get("executor") == "slurm" else []
+        for job in slurm_jobs:
+            if queued_state(job) == "PENDING":  # its tasks have not started: nothing to end gracefully
+                scancel(job)
+                report["how"] = "scancel"
         grace = float(record.get("grace_s") or 10.0)
         deadline = time.monotonic() + grace + margin_s
         while running(record) and time.monotonic() < deadline:
             time.sleep(0.2)
         if running(record):
-            report["how"] = "killed"
-            for job in job_ids(record) if record.get("executor") == "slurm" else []:
+            report["how"] = "scancel" if slurm_jobs else "SIGKILL"
+            for job in slurm_jobs:
                 scancel(job)
             _kill_local(record)
             deadline = time.monotonic() + 60.0
@@ -118,7 +123,7 @@ def end(record: dict, say: Callable[[str], None] = print, margin_s: float = 10.0
             say(f"deployment {record['deployment_id']} ended ({report['how']}) in {time.monotonic() - t0:.1f} s")
     report["ended_s"] = time.monotonic() - t0
     if not report.get("left"):
-        updated = {**_read(run_dir / RECORD), "state": "stopped", "ended_by": "a later driver (orphan)",
+        updated = {**read_json(run_dir / RECORD), "state": "stopped", "ended_by": "a later driver (orphan)",
                    "ended_at": time.time()}
         write_json(run_dir / RECORD, updated)
     return report

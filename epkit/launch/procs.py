@@ -115,7 +115,7 @@ def terminate(pgids: list[int], deployment_id: str | None = None, node: int | No
     for pgid in pgids:
         _signal_group(pgid, signal.SIGTERM)
     for p in alive():
-        _kill(p.pid, signal.SIGTERM)
+        kill(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not alive():
@@ -124,13 +124,14 @@ def terminate(pgids: list[int], deployment_id: str | None = None, node: int | No
     for pgid in pgids:
         _signal_group(pgid, signal.SIGKILL)
     for p in alive():
-        _kill(p.pid, signal.SIGKILL)
+        kill(p.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
     while alive() and time.monotonic() < deadline:
         time.sleep(poll_s)
 
 
-def _kill(pid: int, sig: int) -> None:
+def kill(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` if it still exists."""
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from epkit.errors import LaunchError
 from epkit.launch import orphans
 from epkit.launch.deployment import Deployment, DeploymentFailed
 from epkit.launch.failure import Failure
@@ -147,6 +148,10 @@ class SweepRunner:
         """End what a killed driver of this sweep left running, before anything starts."""
         for record in orphans.records(self.store.run_dirs()):
             report = orphans.end(record, say=self.say)
+            if report.get("left"):
+                raise LaunchError(f"deployment {record['deployment_id']} of a dead driver still runs "
+                                  f"({'; '.join(report['left'])}) and could not be ended; end it by hand "
+                                  "(scancel / kill), then run the sweep again")
             if report["found_running"]:
                 self.summary["orphans_ended"].append(report)
             run_dir = Path(record["run_dir"])

@@ -18,8 +18,9 @@ import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING
 
+from epkit.launch.deployment import FAIL_FAST_KINDS
 from epkit.launch.failure import Failure, match_log, tail
-from epkit.launch.node import node_file
+from epkit.launch.node import node_file, read_json
 
 if TYPE_CHECKING:
     from epkit.launch.deployment import Deployment
@@ -72,14 +73,10 @@ class DeploymentWatch:
         if mtime == self._record_mtime[n]:
             return None
         self._record_mtime[n] = mtime
-        from epkit.launch.deployment import _read
-
-        info = _read(path)
+        info = read_json(path)
         return self.deployment.node_ended(n, info) if "returncode" in info else None
 
     def _node_log(self, n: int) -> Failure | None:
-        from epkit.launch.deployment import FAIL_FAST_KINDS
-
         path = self.deployment.logs[n]
         size = _size(path)
         pos = self._log_pos[n]

@@ -72,7 +72,7 @@ def test_invalid_point_is_named_before_anything_starts():
         parse_sweep(_spec(executor="slurm", slurm={"partition": "gpu"}))
     with pytest.raises(TopologyError, match="does not fit on H100"):
         parse_sweep({"model": "deepseek-ai/DeepSeek-V3-0324", "topologies": {"dp": 2, "enable_expert_parallel": True},
-                     "workloads": [{"num_prompts": 4}], "plan": {"gpu": "H100"}})
+                     "workloads": [{"num_prompts": 4}], "plan": {"gpus": ["H100"]}})
 
 
 def test_slurm_parameters_always_set_timeout_and_no_requeue():
