@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -109,10 +108,14 @@ def test_vendor_backend_fails_at_startup_naming_the_package():
     ],
 )
 def test_bad_flags_are_rejected_before_anything_starts(args, needle):
-    start = time.time()
-    r = serve(*args)
+    # "Before anything starts": a process start ends the run with its own message and exit 1 (how fast
+    # the rejection comes, < 30 s here, is a benchmark: benchmarks/timing_targets.py).
+    refuse_starts = ("import sys, multiprocessing.process as p\n"
+                     "p.BaseProcess.start = lambda self: sys.exit(f'started {self.name} before rejecting')\n"
+                     "from epkit.engine.cli import main\nsys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", refuse_starts, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
-    assert time.time() - start < 30
 
 
 def test_write_model_dir_loads_with_transformers(tmp_path):

@@ -1,7 +1,5 @@
 """epkit's own policies against the default, and placement invariants, at DeepSeek-V3 scale."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -33,16 +31,12 @@ def test_every_policy_returns_a_valid_placement(name, dsv3_load):
     np.testing.assert_allclose(p.rank_loads(dsv3_load, RANKS).sum(1), dsv3_load.sum(1))
 
 
-def test_default_is_fast_at_dsv3_scale(dsv3_load):
-    rebalance(dsv3_load, SLOTS, GROUPS, NODES, RANKS)
-    best = min(_timed(lambda: rebalance(dsv3_load, SLOTS, GROUPS, NODES, RANKS)) for _ in range(3))
-    assert best < 0.1, f"default policy took {best * 1e3:.1f} ms at 58x256, 32 ranks"
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def test_default_is_a_pure_function_at_dsv3_scale(dsv3_load):
+    """Same loads, same placement (its speed, < 100 ms here, is a benchmark: benchmarks/timing_targets.py)."""
+    a = rebalance(dsv3_load, SLOTS, GROUPS, NODES, RANKS)
+    b = rebalance(dsv3_load.copy(), SLOTS, GROUPS, NODES, RANKS)
+    np.testing.assert_array_equal(a.phy2log, b.phy2log)
+    np.testing.assert_array_equal(a.logcnt, b.logcnt)
 
 
 def test_balanced_beats_hierarchical_and_reports_locality_cost():
