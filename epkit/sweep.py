@@ -214,7 +214,9 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
         repeats = item.pop("repeats", 1)
         endpoint = item.pop("endpoint", "/v1/completions")
         load_fixed = {k: item.pop(k) for k in ("num_warmups", "max_requests", "duration_s", "burstiness") if k in item}
-        if dataset not in DATASETS:
+        if name is not None and not isinstance(name, str):
+            raise TopologyError(f"sweep: workloads[{i}].name={name!r} must be a string (it names result files)")
+        if not isinstance(dataset, str) or dataset not in DATASETS:
             raise TopologyError(f"sweep: workloads[{i}].dataset={dataset!r}; choose from {', '.join(sorted(DATASETS))}")
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise TopologyError(f"sweep: workloads[{i}].repeats={repeats!r} must be an integer >= 1")

@@ -293,6 +293,11 @@ class Topology:
         release = vllm_versions.release(self.vllm_version)  # raises on an unknown version
         if self.all2all_backend is None:
             return
+        if not isinstance(self.all2all_backend, str):
+            raise TopologyError(
+                f"{owner}.all2all_backend={self.all2all_backend!r} must be a backend name; "
+                f"vLLM {release.version} allows: {', '.join(sorted(release.backends))}"
+            )
         if self.engine == "vllm":
             vllm_versions.check_backend(release.version, self.all2all_backend, self.allow_replaced_backend)
         elif self.all2all_backend not in vllm_versions.all_backends() | EPKIT_ONLY_BACKENDS:

@@ -69,6 +69,9 @@ FILES = {
     "sweep_parallel.yaml": {**SWEEP, "max_parallel": 0},
     "sweep_dp.yaml": {**SWEEP, "topologies": {"grid": {"dp": [1, 3]}}},
     "sweep_plan_gpu.yaml": {**SWEEP, "plan": {"gpus": "B300"}},
+    "sweep_dataset_list.yaml": {**SWEEP, "workloads": [{"num_prompts": 2, "dataset": ["random"]}]},
+    "sweep_workload_name.yaml": {**SWEEP, "workloads": [{"num_prompts": 2, "name": 7}]},
+    "backend_list.yaml": {**EP8, "all2all_backend": ["pplx"]},
     "trace.json": "garbage",
 }
 
@@ -104,6 +107,7 @@ CASES = [
     case("plan_unknown_vllm", "plan @D/version.yaml", "vllm_version", "'0.0.1'", "known versions"),
     case("plan_multinode_no_address", "plan @D/multinode.yaml", "data_parallel_address", "nodes=2"),
     case("plan_redundant_uneven", "plan @D/redundant.yaml", "num_redundant_experts=2", "0, 8, 16"),
+    case("plan_backend_list", "plan @D/backend_list.yaml", "all2all_backend=['pplx']", "allgather_reducescatter"),
     case("plan_unknown_engine", "plan @D/engine.yaml", "engine='sglang'", "vllm, epkit"),
     case("plan_extra_args_length_word", "plan @D/mml_word.yaml", "--max-model-len 'lots'", "32k"),
     case("plan_extra_args_two_lengths", "plan @D/mml_twice.yaml", "max_model_len=4096", "--max-model-len 8192"),
@@ -153,6 +157,10 @@ CASES = [
     case("sweep_dp_too_big", "sweep @D/sweep_dp.yaml --results @D/results", "dp_local=3", "gpus_per_node=2",
          proc=True),
     case("sweep_unknown_gpu", "sweep @D/sweep_plan_gpu.yaml --results @D/results", "gpu='B300'", "H100", proc=True),
+    case("sweep_dataset_list", "sweep @D/sweep_dataset_list.yaml --results @D/results", "dataset=['random']",
+         "sharegpt", proc=True),
+    case("sweep_workload_name", "sweep @D/sweep_workload_name.yaml --results @D/results", "name=7", "string",
+         proc=True),
     # ---- epkit report ------------------------------------------------------------------------------
     case("report_missing", "report @D/no-results -o @D/r.html", "no-results", "does not exist"),
     case("report_no_results", "report @D/empty-folder -o @D/r.html", "no result files"),
