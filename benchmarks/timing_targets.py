@@ -44,7 +44,8 @@ ROWS: list[dict] = []
 
 
 def record(target: str, value: float, low: float, high: float, unit: str) -> None:
-    row = {"target": target, "value": value, "low": low, "high": high, "unit": unit, "met": low <= value <= high}
+    value = float(value)
+    row = {"target": target, "value": value, "low": low, "high": high, "unit": unit, "met": bool(low <= value <= high)}
     ROWS.append(row)
     print(json.dumps(row), flush=True)
 
@@ -77,7 +78,7 @@ def client_accuracy(tok_dir: str) -> None:
                                  for q in r.requests.itertuples()])
             err = np.concatenate([(t0 + np.asarray(q.chunk_s) - np.asarray(log[f"epkit-{q.index}"]["token_s"])) * 1e3
                                   for q in r.requests.itertuples()])
-            name = endpoint.rsplit("/", 1)[-1]
+            name = "chat" if "chat" in endpoint else "completions"
             record(f"{name}: median TTFT − transit − {ttft:g} ms", m["median_ttft_ms"] - transit - ttft, -1, 1, "ms")
             record(f"{name}: median ITL − {itl:g} ms", m["median_itl_ms"] - itl, -1, 1, "ms")
             record(f"{name}: median TPOT − {itl:g} ms", m["median_tpot_ms"] - itl, -1, 1, "ms")
