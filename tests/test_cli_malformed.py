@@ -368,3 +368,38 @@ def test_closed_stdout_ends_quietly():
 def test_check_with_vllm_case_is_a_python_without_vllm():
     """The no-vLLM case uses this venv's Python, which must not have vLLM (it lives in its own venv)."""
     assert importlib.util.find_spec("vllm") is None
+
+
+def test_doctor_exit_status_gates_a_script():
+    """A port in use (a real listener here) fails the check and the exit status is 1, not 0."""
+    from epkit.launch import doctor
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        status, stdout, stderr = _in_process(["doctor", "--ports", str(port), "--json"])
+    checks = json.loads(stdout)
+    assert status == 1 and "Traceback" not in stderr
+    assert checks["ports"]["free"] == {str(port): False} and "ports" in checks["failed"] and checks["ok"] is False
+    every_ok = {name: {"ok": True} for name in ("gpus", "network", "ports", "vllm")}
+    assert doctor.failed({**every_ok, "prerequisites": {"NIXL": {"ok": True, "present": False, "required": False}}}) == []
+    assert doctor.failed({**every_ok, "prerequisites": {"DeepEP": {"ok": False}}}) == ["DeepEP"]
+
+
+def test_doctor_asks_for_the_kernels_of_the_target_release():
+    """pplx-kernels only where the release still runs pplx; a backend narrows the list to its kernels."""
+    from epkit.launch import doctor
+
+    assert "pplx-kernels" in doctor.required_prerequisites("0.16.0", None)
+    assert "pplx-kernels" not in doctor.required_prerequisites("0.32.0", None)
+    assert {"DeepEP", "NVSHMEM", "DeepGEMM"} <= set(doctor.required_prerequisites("0.32.0", None))
+    assert set(doctor.required_prerequisites("0.16.0", "pplx")) == {"pplx-kernels", "NVSHMEM"}
+    assert doctor.required_prerequisites("0.32.0", "pplx") == {}  # runs allgather_reducescatter there
+    assert set(doctor.required_prerequisites("0.32.0", "deepep_low_latency")) == {"DeepEP", "NVSHMEM"}
+    assert "not needed" in doctor.not_needed_note("pplx-kernels", "0.32.0")
+    assert doctor.not_needed_note("pplx-kernels", "0.16.0") is None
+    checks = doctor.check_prerequisites("0.32.0", "allgather_reducescatter")
+    assert not any(c["required"] for c in checks.values())
+    if not checks["pplx-kernels"]["present"]:
+        assert checks["pplx-kernels"]["hint"].startswith("not needed: vLLM 0.32.0")
