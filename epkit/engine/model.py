@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from epkit.engine import batch_invariant
 from epkit.engine.moe import LocalExperts, Placement, route, router_bias, use_triton
 from epkit.errors import EngineError
 
@@ -248,15 +249,25 @@ def torch_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, po
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w``; on CPU a single row is computed as part of two so its result matches a batch's."""
-    if x.shape[0] == 1 and x.device.type == "cpu":
-        return (torch.cat([x, x]) @ w)[:1]
+    """``x @ w``; on CPU an exact fixed-point product, so a row's result does not depend on the batch
+    (:mod:`epkit.engine.batch_invariant`). GPUs run one GEMM."""
+    if x.device.type == "cpu":
+        return batch_invariant.mm(x, w)
     return x @ w
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """``sigmoid`` of a ``[T, 1]`` gate; on CPU with the same arithmetic for every row (``batch_invariant.gate``)."""
+    if x.device.type == "cpu":
+        return batch_invariant.gate(x)
+    return torch.sigmoid(x)
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     h = linear(x, w13)
     inter = w2.shape[0]
+    if x.device.type == "cpu":
+        return linear(batch_invariant.silu_mul(h, inter), w2)
     return linear(F.silu(h[:, :inter]) * h[:, inter:], w2)
 
 
@@ -335,7 +346,7 @@ class MoEModel:
             self.record_routing(layer["moe_pos"], ids, self.row_mask)
         out = self.moe(h, ids, weights, layer["experts"], counts)
         if "shared" in layer:
-            out = out + torch.sigmoid(linear(h, layer["shared_gate"])) * swiglu(h, *layer["shared"])
+            out = out + gate(linear(h, layer["shared_gate"])) * swiglu(h, *layer["shared"])
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from epkit.engine import batch_invariant
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests run the kernels with it
 
 
@@ -144,9 +146,10 @@ class LocalExperts:
 
     ``w13`` is ``[E_local, hidden, 2 * intermediate]`` (gate then up), ``w2`` is
     ``[E_local, intermediate, hidden]``. On CUDA with bf16 the rows are sorted by expert and
-    run through ``torch._grouped_mm``; elsewhere the rows are packed into a zero-padded
-    ``[E_local, capacity, hidden]`` block and run through ``torch.bmm`` (capacity >= 2, so a
-    row's result never depends on how many rows share its expert).
+    run through ``torch._grouped_mm``; on other GPUs the rows are packed into a zero-padded
+    ``[E_local, capacity, hidden]`` block and run through ``torch.bmm``. On CPU the rows sorted
+    by expert go through exact fixed-point GEMMs (:mod:`epkit.engine.batch_invariant`), so a row's
+    result never depends on how many rows share its expert or the step.
     """
 
     grouped_mm_ok: bool | None = None  # probed once per process on CUDA
@@ -195,6 +198,8 @@ class LocalExperts:
             return x.new_zeros((0, self.w2.shape[2]))
         if self._use_grouped_mm(x):
             return self._grouped(x, expert_idx)
+        if x.device.type == "cpu":
+            return self._exact(x, expert_idx)
         return self._padded_bmm(x, expert_idx)
 
     def partial(self, x: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor, k: int,
@@ -228,7 +233,7 @@ class LocalExperts:
                 del act
             else:
                 y = self._grouped_rows(x, src, counts, rows)
-        else:  # the interpreter on CPU: the same rows through the padded bmm (host reads are fine here)
+        else:  # the interpreter on CPU: the same rows through the CPU path's exact GEMMs (host reads are fine here)
             n = counts.sum().reshape(1)
             valid = int(n)
             xs = kernels.gather_rows(x, src, n, rows)
@@ -237,7 +242,7 @@ class LocalExperts:
                 own = expert_idx < self.num_local
                 sorted_e = torch.empty_like(expert_idx)
                 sorted_e[pos[own].long()] = expert_idx[own]
-                y[:valid] = self._padded_bmm(xs[:valid], sorted_e[:valid], count=False)
+                y[:valid] = self._exact(xs[:valid], sorted_e[:valid], count=False)
         return kernels.combine_rows(y, pos, expert_idx, pair_weights, k, self.num_local, x.shape[0],
                                     accumulation_dtypes(x.dtype)[1])
 
@@ -290,13 +295,26 @@ class LocalExperts:
         out[order] = y
         return out
 
-    def _padded_bmm(self, x: torch.Tensor, expert_idx: torch.Tensor, count: bool = True) -> torch.Tensor:
+    def _exact(self, x: torch.Tensor, expert_idx: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """The CPU path: rows sorted by expert through exact fixed-point GEMMs (:mod:`epkit.engine.batch_invariant`),
+        so a row's result depends on that row and its expert alone."""
+        counts = torch.bincount(expert_idx, minlength=self.num_local)
+        if count:
+            self._count(counts)
+        order = torch.argsort(expert_idx, stable=True)
+        groups = counts.tolist()
+        h = batch_invariant.grouped_mm(x[order], self.w13, groups)
+        y = batch_invariant.grouped_mm(batch_invariant.silu_mul(h, self.intermediate), self.w2, groups)
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+    def _padded_bmm(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         num_local = self.w13.shape[0]
         order = torch.argsort(expert_idx, stable=True)
         sorted_e = expert_idx[order]
         counts = torch.bincount(expert_idx, minlength=num_local)
-        if count:
-            self._count(counts)
+        self._count(counts)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_e]
         capacity = max(2, int(counts.max()))
@@ -312,7 +330,7 @@ class LocalExperts:
 
 def fused_rows_ok(x: torch.Tensor, experts: "LocalExperts") -> bool:
     """Whether :meth:`LocalExperts.partial` runs here: Triton row kernels that passed their check, and on
-    CUDA sync-free grouped GEMMs (elsewhere, i.e. the interpreter on CPU, the GEMMs are the padded ``bmm``)."""
+    CUDA sync-free grouped GEMMs (elsewhere, i.e. the interpreter on CPU, the GEMMs are the CPU path's exact ones)."""
     if not use_triton(x) or (x.device.type == "cuda" and not experts.supports_sentinel(x)):
         return False
     from epkit.engine import kernels

@@ -87,7 +87,8 @@ silu = []
 for dtype, inter in [(torch.float32, 96), (torch.float16, 768)]:
     h = (3 * torch.randn(7, 2 * inter)).to(dtype)
     got = kernels.silu_mul(h, torch.tensor([5]))[:5]
-    silu.append((str(dtype), inter, (got.float() - (F.silu(h[:5, :inter]) * h[:5, inter:]).float()).abs().max().item(),
+    want = (F.silu(h[:5, :inter]) * h[:5, inter:]).float()
+    silu.append((str(dtype), inter, (got.float() - want).abs().max().item(), want.abs().max().item(),
                  kernels.silu_mul_enabled(h)))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
@@ -96,6 +97,8 @@ print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=r
 
 
 def test_paged_decode_kernel_matches_pytorch():
+    import torch
+
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     p = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -110,9 +113,16 @@ def test_paged_decode_kernel_matches_pytorch():
         # float32: reduction order only; float16: at most one rounding step of the stored value
         assert err <= (2e-5 if dtype == "torch.float32" else 1.6e-2), (name, dim, dtype, err)
     for num_local, rows, k, dtype, err in result["moe_rows"]:
-        assert dtype == "torch.float64" and err == 0.0, (num_local, rows, k, err)  # exact: float64 sums of float32 products
-    for dtype, inter, err, enabled in result["silu"]:
-        assert enabled and err <= (1e-5 if dtype == "torch.float32" else 0.0), (dtype, inter, err)
+        # exact by construction: both sides run each pair's row through the CPU path's exact expert GEMMs (the same
+        # bits whichever rows share the call: epkit.engine.batch_invariant), and the combines sum float32 products
+        # in float64, exactly in any order
+        assert dtype == "torch.float64" and err == 0.0, (num_local, rows, k, err)
+    for dtype, inter, err, scale, enabled in result["silu"]:
+        # not the same arithmetic (Triton's exp against ATen's; SiLU rounded to the dtype before the product on both
+        # sides): exp may differ by one unit in the last place, which moves SiLU by up to two units of the dtype and
+        # the product by one more rounding, so 4 eps of the largest output
+        eps = torch.finfo(getattr(torch, dtype.removeprefix("torch."))).eps
+        assert enabled and err <= 4 * eps * scale, (dtype, inter, err, scale)
     for experts, k, same_ids, err in result["routes"]:
         assert same_ids and err <= 1e-6, (experts, k, same_ids, err)
 
