@@ -14,3 +14,24 @@ def vllm_python() -> Path:
     if not python.exists():
         pytest.fail(f"no vLLM venv at {python}: run `bash scripts/vllm_venv.sh` (the README's test command does)")
     return python
+
+
+def _no_cuda_reason() -> str | None:
+    """Why tests marked ``gpu`` cannot run here (None when a CUDA device is present)."""
+    try:
+        import torch
+    except ImportError:
+        return "needs a CUDA device: torch is not installed"
+    if not torch.cuda.is_available():
+        return (f"needs a CUDA device; torch {torch.__version__} sees none (run `pytest -m gpu` on a GPU machine, "
+                "see docs/engine.md)")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where no CUDA device is present: the CPU suite stays green."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    reason = _no_cuda_reason() if gpu else None
+    if reason:
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=reason))
