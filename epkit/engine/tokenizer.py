@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,8 @@ def write_model_dir(config: dict[str, Any], directory: str | Path) -> Path:
     """Write ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``.
 
     The folder is what clients such as ``vllm bench serve --tokenizer DIR`` or
-    ``AutoTokenizer.from_pretrained(DIR)`` need; ``epkit serve DIR`` serves it too
-    (random weights unless the folder also holds ``*.safetensors``).
+    ``AutoTokenizer.from_pretrained(DIR)`` need; ``epkit serve DIR`` serves it too, reading the
+    folder's ``*.safetensors`` (none there: pass ``--load-format dummy`` for random weights).
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +242,7 @@ class HfTokenizer:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
             env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # transformers gives templates it
             self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
