@@ -29,7 +29,9 @@ def test_skewed_router_eplb_balances_keeps_outputs_and_dumps_a_replayable_trace(
     plain = deploy(["-dp", "2", "--enable-expert-parallel", *SKEW])
     expected = generate(plain)
     eplb = deploy(["-dp", "2", "--enable-expert-parallel", *SKEW, *EPLB])
-    assert generate(eplb) == expected  # greedy output identical across several rearrangements
+    # greedy output identical across several rearrangements: exact by construction (weights are a function of the
+    # logical expert; CPU GEMMs are exact, so a row does not depend on which rows share its expert: batch_invariant)
+    assert generate(eplb) == expected
 
     log = eplb.nodes[0].log()
     table = read_vllm_log(log)

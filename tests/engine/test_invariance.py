@@ -1,11 +1,19 @@
 """Greedy (and seeded) output is identical token for token across DP sizes, EP on/off,
-every built-in all2all backend and a two-process "multi-node" start."""
+every built-in all2all backend, EPLB placements and a two-process "multi-node" start.
+
+That is a designed property (DESIGN.md) and exact by construction on CPU: every GEMM is an exact
+fixed-point product (``epkit.engine.batch_invariant``), so a token's rows do not depend on which
+other tokens share its steps, ranks or experts; attention runs per sequence. Padded (graph) steps
+and the Triton kernels compute attention, norms and routing another way, so they are compared with
+a tolerance instead (``assert_same_but_near_ties``).
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 PROMPTS = [
     "The quick brown fox",
@@ -52,15 +60,65 @@ PADDED = {
 }
 
 
-def outputs(deployment) -> list[list[int]]:
-    """Token ids for every prompt (sent concurrently, so ranks batch them differently), plus one seeded sample."""
+def outputs(deployment) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, output token ids) for every prompt (sent concurrently, so ranks batch them differently),
+    plus one seeded sample."""
     jobs = [dict(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS]
     jobs.append(dict(prompt=PROMPTS[0], max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, seed=1234))
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda job: deployment.complete(**job), jobs))
     for r in results:
         assert r["usage"]["completion_tokens"] == 24
-    return [r["choices"][0]["token_ids"] for r in results]
+    return [(r["choices"][0]["prompt_token_ids"], r["choices"][0]["token_ids"]) for r in results]
+
+
+# Padded steps and the Triton kernels differ from eager steps in rounding only: over the test's prompts their
+# logits stayed within 7.4 float32 eps of the largest logit of eager ones (each prompt token attending as a decode
+# query, gather + matmul, against causal SDPA; measured in-process). A greedy token may then differ only where the
+# eager top two logits are that close: allowed, with 2**8 eps of margin, at the first difference of a sequence
+# (after it the sequences part, and nothing more is compared). Any other difference fails.
+TIE_EPS = 2**8
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Eager float32 logits of the deployments' model (epkit-tiny-moe, dummy weights of seed 0, one rank holding every
+    expert) at every position of a token sequence: one prefill through the engine's own forward pass."""
+    from epkit.engine.attention import build_meta
+    from epkit.engine.model import ModelConfig, MoEModel, Weights, read_model_config
+    from epkit.engine.moe import Placement, ReplicatedMoE
+
+    cfg = ModelConfig.from_dict(read_model_config("epkit-tiny-moe")[0])
+    cpu, block = torch.device("cpu"), 16
+    model = MoEModel(cfg, Weights(cfg, Placement(cfg.num_experts, 1, 0), 0, cpu, torch.float32), ReplicatedMoE(), 512, cpu)
+
+    def logits(tokens: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        blocks = -(-n // block)
+        caches = [(torch.zeros(blocks * block, cfg.num_kv_heads, cfg.head_dim), torch.zeros(blocks * block, cfg.num_kv_heads,
+                                                                                                 cfg.head_dim))
+                  for _ in range(cfg.num_layers)]
+        meta = build_meta([(0, n, list(range(blocks)))], block, cpu, False)
+        with torch.inference_mode():
+            return model.logits(model.forward(torch.tensor(tokens), torch.arange(n), meta, caches, [n]))
+
+    return logits
+
+
+def assert_same_but_near_ties(got, want, reference) -> None:
+    """Greedy outputs ``got`` equal ``want`` except from a near tie on (see ``TIE_EPS``)."""
+    compared = 0
+    for (prompt, tokens), (want_prompt, expected) in zip(got, want, strict=True):
+        assert prompt == want_prompt
+        first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
+        compared += len(expected) if first is None else first
+        if first is not None:
+            logits = reference(prompt + expected[:first])[-1]  # the position that chose expected[first]
+            gap = (logits[expected[first]] - logits[tokens[first]]).item()
+            tolerance = TIE_EPS * torch.finfo(torch.float32).eps * logits.abs().max().item()
+            assert abs(gap) <= tolerance, (f"token {first} of prompt {prompt[:8]}...: {tokens[first]} instead of "
+                                           f"{expected[first]}, whose logit is {gap:.3g} higher (near tie: <= {tolerance:.3g})")
+    assert compared >= len(want) * len(want[0][1]) // 2, "most tokens should be compared"
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +134,16 @@ def baseline(tmp_path_factory):
         assert not wait_gone(pids)
 
 
-def test_baseline_is_deterministic_and_not_degenerate(baseline, deploy):
-    greedy = baseline[: len(PROMPTS)]
+def test_baseline_is_deterministic_and_not_degenerate(baseline, reference, deploy):
+    greedy = [tokens for _, tokens in baseline[: len(PROMPTS)]]
     assert len({tuple(t) for t in greedy}) == len(greedy), "different prompts should give different continuations"
-    assert baseline[-1] != greedy[0], "seeded sampling should differ from greedy"
+    assert baseline[-1][1] != greedy[0], "seeded sampling should differ from greedy"
+    for prompt, tokens in baseline[: len(PROMPTS)]:  # the in-process reference is the same model: its top logit at
+        # every position is the engine's token, but near ties (a prefill of the whole sequence rounds differently)
+        logits = reference(prompt + tokens[:-1])[len(prompt) - 1 :]
+        chosen = logits.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+        tolerance = TIE_EPS * torch.finfo(torch.float32).eps * logits.abs().amax(-1)
+        assert (logits.amax(-1) - chosen <= tolerance).all(), (prompt, tokens)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -93,11 +157,13 @@ def test_same_tokens_as_dp1(name, baseline, deploy):
 
 
 @pytest.mark.parametrize("name", list(PADDED))
-def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
-    """Padding every rank to one capture size and context bucket (scratch KV block, masked MoE rows) changes no token.
+def test_padded_decode_steps_same_tokens(name, baseline, reference, deploy, monkeypatch):
+    """Padding every rank to one capture size and context bucket (scratch KV block, masked MoE rows) changes no token
+    but near ties (the attention is computed another way: ``assert_same_but_near_ties``).
 
     Every step runs padded, prefills included: each prompt token attends like a decode query to its own
-    sequence's cache up to its position."""
+    sequence's cache up to its position. The seeded sample is left out: a near tie of a draw cannot be judged from
+    the logits alone."""
     import re
 
     monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
@@ -107,7 +173,7 @@ def test_padded_decode_steps_same_tokens(name, baseline, deploy, monkeypatch):
         pytest.importorskip("triton", reason="the dev extra installs Triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     deployment = deploy(PADDED[name])
-    assert outputs(deployment) == baseline
+    assert_same_but_near_ties(outputs(deployment)[: len(PROMPTS)], baseline[: len(PROMPTS)], reference)
     deployment.stop()
     log = deployment.nodes[0].log()
     padded, total = map(int, re.search(r"DP rank 0: (\d+) of (\d+) forward steps ran as emulated graph steps", log).groups())
