@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from epkit.bench.arrivals import arrival_offsets_s
-from epkit.bench.metrics import derive, goodput_count, peak_rates, request_table, summarize
+from epkit.bench.metrics import derive, goodput_count, peak_rates, per_request_lists, request_table, summarize
+from epkit.bench.result import BenchResult, epkit_only_keys, load_result
 
 
 def rec(i, send, chunks, out=None, ok=True, warmup=False, prompt=10):
@@ -93,3 +94,28 @@ def test_arrivals_follow_vllms_schedule():
     assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.1)  # gamma shape k: CV 1/sqrt(k)
     with pytest.raises(ValueError, match="request_rate=-1 must be > 0"):
         arrival_offsets_s(3, -1)
+
+
+def test_per_request_lists_as_vllm_writes_them():
+    """latencies: E2EL in s, 0.0 for a failed request; queue_times: due -> taken up, in s; warm-ups out."""
+    t = TABLE.assign(scheduled_s=[0.0, 0.5, 0.5, 1.0, float("nan")], start_s=[0.0, 0.5, 0.75, 1.125, -1.0])
+    lists = per_request_lists(t)
+    assert lists["latencies"] == pytest.approx([0.130, 0.240, 0.050, 0.0])
+    assert lists["queue_times"] == pytest.approx([0.0, 0.0, 0.25, 0.125])
+    doc = BenchResult(summarize(t, 2.0), t, {"model": "m", "endpoint": "/v1/completions"}).to_vllm_json()
+    assert doc["latencies"] == lists["latencies"] and doc["queue_times"] == lists["queue_times"]
+    assert doc["rtfx"] == 0.0
+    keys = list(doc)  # vLLM's order: the lists after the throughputs, rtfx after the peaks
+    assert keys.index("total_token_throughput") < keys.index("latencies") < keys.index("queue_times") \
+        < keys.index("max_output_tokens_per_s") < keys.index("max_concurrent_requests") < keys.index("rtfx") \
+        < keys.index("mean_ttft_ms")
+    assert epkit_only_keys(doc) == {"epkit", "interactivity_pareto_tok_s", "interactivity_inferencex_tok_s",
+                                    *(f"{s}_tpot_incl_first_ms" for s in ("mean", "median", "std", "p50", "p90", "p99"))}
+
+
+def test_saved_result_loads_back_with_the_same_metrics(tmp_path):
+    t = TABLE.assign(scheduled_s=0.0, start_s=TABLE["send_s"])
+    r = BenchResult(summarize(t, 2.0), t, {"model": "m", "endpoint": "/v1/completions", "request_rate": math.inf})
+    back = load_result(r.save(tmp_path / "r.json"))
+    assert back.metrics == r.metrics  # the vLLM lists and rtfx are written for vLLM's readers, derived on load
+    assert back.recompute() == pytest.approx(r.metrics)
