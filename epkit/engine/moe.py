@@ -345,9 +345,12 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor
     Products are rounded to the product dtype and added in the accumulation dtype (see
     :func:`accumulation_dtypes`); the result stays in the accumulation dtype so partial
     sums from several ranks can be reduced exactly before the final cast. Rows where
-    ``mask`` is False contribute exactly zero, whatever ``y`` holds there.
+    ``mask`` is False contribute exactly zero, whatever ``y`` holds there. On CPU the sums are
+    float64 for every dtype (bfloat16 too), so every dtype's combine is exact there.
     """
     prod, acc = accumulation_dtypes(y.dtype)
+    if y.device.type == "cpu":
+        acc = torch.float64
     products = (y.to(prod) * weights.to(prod).unsqueeze(1)).to(acc)
     if mask is not None:
         products = torch.where(mask.unsqueeze(1), products, torch.zeros((), dtype=acc, device=y.device))

@@ -136,6 +136,26 @@ def test_linear_and_expert_rows_are_the_same_in_every_batch(dtype):
     torch.testing.assert_close(alone_expert.double(), act @ w2, rtol=0, atol=16 * eps * scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_combine_does_not_depend_on_which_rank_adds_which_expert(dtype):
+    """The top-k combine on CPU: one rank summing a token's 8 weighted expert outputs gives exactly what 2 or 4 ranks
+    give, each summing its own experts, after the partial sums are added (the reduce-scatter / all-reduce of the
+    gather backends), in any rank order."""
+    from epkit.engine.moe import weighted_sum
+
+    g = torch.Generator().manual_seed(2)
+    tokens, k, hidden = 5, 8, 64
+    y = torch.randn(tokens * k, hidden, generator=g).to(dtype)
+    weights = torch.softmax(torch.randn(tokens, k, generator=g), -1).reshape(-1)
+    token_idx = torch.arange(tokens * k) // k
+    whole = weighted_sum(y, weights, token_idx, tokens)
+    for ranks in (2, 4):
+        owner = torch.randint(0, ranks, (tokens * k,), generator=g)
+        partials = [weighted_sum(y, weights, token_idx, tokens, mask=owner == r) for r in range(ranks)]
+        assert torch.equal(sum(partials), whole) and torch.equal(sum(reversed(partials)), whole), ranks
+        assert torch.equal(sum(partials).to(dtype), whole.to(dtype))
+
+
 def test_fixed_point_products_are_exact_in_any_order():
     """What makes the CPU GEMMs batch-invariant: after ``to_fixed`` every product and partial sum is exact in
     float64, so summing the K products one by one in reverse order gives exactly the BLAS result."""
