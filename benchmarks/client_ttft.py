@@ -157,7 +157,8 @@ def run_client(client: str, url: str, conc: int, args, d: Path, old_tree: Path |
     cmd = [*pin, sys.executable, "-c", "import sys; from epkit.bench.cli import main; sys.exit(main(sys.argv[1:]))",
            "--base-url", url, "--model", "m", "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--random-range-ratio", str(args.range_ratio), "--num-prompts", str(n), "--max-concurrency", str(conc),
-           "--ignore-eos", "--save-result", "--result-dir", str(d), "--result-filename", out.name]
+           "--ignore-eos", "--save-result", "--result-dir", str(d), "--result-filename", out.name,
+           "--request-rate", str(args.request_rate)]
     if args.disable_tqdm:
         cmd.append("--disable-tqdm")
     # The progress bar stays on unless asked (what a user runs); it writes to a file here.
@@ -169,13 +170,14 @@ def run_client(client: str, url: str, conc: int, args, d: Path, old_tree: Path |
 
     res = load_result(out)
     t0 = res.meta["t0_perf_counter_s"]
-    return {f"epkit-{r.index}": [t0 + r.send_s, t0 + r.chunk_s[0], t0 + r.end_s]
+    return {f"epkit-{r.index}": [t0 + r.send_s, t0 + r.chunk_s[0], t0 + r.end_s, t0 + r.scheduled_s]
             for r in res.requests.itertuples() if r.success}
 
 
 def measure(times: dict[str, list[float]], log: dict[str, dict], conc: int) -> dict:
-    ttft, send_lag, recv_lag, server_ttft, first_round = [], [], [], [], []
-    for rid, (send, first, _end) in times.items():
+    ttft, send_lag, recv_lag, server_ttft, first_round, late = [], [], [], [], [], []
+    for rid, (send, first, _end, *scheduled) in times.items():
+        late += [(send - scheduled[0]) * 1e3] if scheduled else []
         e = log[rid]
         ttft.append((first - send) * 1e3)
         send_lag.append((e["recv_s"] - send) * 1e3)
@@ -186,7 +188,8 @@ def measure(times: dict[str, list[float]], log: dict[str, dict], conc: int) -> d
     med = lambda v: float(np.median(v))  # noqa: E731
     return {"requests": len(ttft), "ttft_ms": med(ttft), "ttft_p99_ms": float(np.percentile(ttft, 99)),
             "server_ttft_ms": med(server_ttft), "overhead_ms": med(np.subtract(ttft, server_ttft)),
-            "send_lag_ms": med(send_lag), "recv_lag_ms": med(recv_lag), "first_round_overhead_ms": med(first_round)}
+            "send_lag_ms": med(send_lag), "recv_lag_ms": med(recv_lag), "first_round_overhead_ms": med(first_round),
+            "send_after_due_ms": med(late) if late else None}
 
 
 def main() -> int:
@@ -200,6 +203,9 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len × (1 − r), len × (1 + r)] (vLLM's random dataset)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals at this rate (req/s) under the concurrency cap; the raw client is closed-loop "
+                        "only and is left out then")
     p.add_argument("--rounds", type=int, default=10, help="requests per concurrency slot")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions per concurrency")
     p.add_argument("--server-core", type=int, default=1)
@@ -217,6 +223,8 @@ def main() -> int:
         return 0
     if args.nice is not None:
         NICE[:] = ["nice", "-n", str(args.nice)]
+    if args.request_rate != float("inf"):
+        args.clients = [c for c in args.clients if c != "raw"]
     if "old" in args.clients and not args.old:
         sys.exit("--old REV is needed for the 'old' client")
     d = Path(tempfile.mkdtemp(prefix="client-ttft-"))
@@ -251,16 +259,18 @@ def main() -> int:
 def table(rows: list[dict], clients: list[str]) -> str:
     """Medians over the repetitions, per concurrency and client."""
     lines = ["| concurrency | client | TTFT ms | − raw ms | overhead vs server log ms | send lag ms | "
-             "receive lag ms | opening burst: overhead ms | runs |", "|---|---|---|---|---|---|---|---|---|"]
+             "receive lag ms | opening burst: overhead ms | sent after due ms | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for conc in sorted({r["concurrency"] for r in rows}):
         def agg(client, key):
-            return float(np.median([r[key] for r in rows if r["client"] == client and r["concurrency"] == conc]))
+            v = [r[key] for r in rows if r["client"] == client and r["concurrency"] == conc and r.get(key) is not None]
+            return float(np.median(v)) if v else float("nan")
         raw = agg("raw", "ttft_ms") if "raw" in clients else float("nan")
         for c in clients:
             n = sum(1 for r in rows if r["client"] == c and r["concurrency"] == conc)
             lines.append(f"| {conc} | {c} | {agg(c, 'ttft_ms'):.2f} | {agg(c, 'ttft_ms') - raw:+.2f} | "
                          f"{agg(c, 'overhead_ms'):.2f} | {agg(c, 'send_lag_ms'):.2f} | {agg(c, 'recv_lag_ms'):.2f} | "
-                         f"{agg(c, 'first_round_overhead_ms'):.2f} | {n} |")
+                         f"{agg(c, 'first_round_overhead_ms'):.2f} | {agg(c, 'send_after_due_ms'):.2f} | {n} |")
     return "\n".join(lines)
 
 
