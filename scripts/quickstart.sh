@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, then run the local sweep on the built-in engine (CPU, a few minutes):
-# 2 all2all backends × DP ∈ {1, 2}, one deployment per topology, a short rate ladder each.
+# DP=1 reference, DP=2 EP=2 under each all2all backend, DP=2 EP=2 with EPLB; a short rate ladder each.
 # Results land in results/quickstart/ (re-running resumes: finished points are skipped).
 # Then the HTML report of those results, then a plan of every seed deployment.
 set -euo pipefail
