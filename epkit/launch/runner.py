@@ -43,6 +43,10 @@ from epkit.store import ResultStore
 from epkit.sweep import SweepSpec, TopologyPoint, WorkloadPoint
 
 
+# How long a cancelled point's load thread may take to end before the driver goes on without it.
+CANCEL_JOIN_S = 30.0
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -298,7 +302,11 @@ class SweepRunner:
                 out["loop"].call_soon_threadsafe(out["task"].cancel)
             except (KeyError, RuntimeError):  # never started, or already finished
                 pass
-            thread.join(30.0)
+            thread.join(CANCEL_JOIN_S)
+            if thread.is_alive():  # a daemon thread: it ends with the driver, but say that it is still there
+                self.say(f"{tp.id}/{w.id}: the point's load did not stop within {CANCEL_JOIN_S:.0f} s of being "
+                         f"cancelled; its thread {thread.name} is left running in the background (requests to "
+                         "the dead deployment may still be in flight)")
 
         t0 = time.monotonic()
         thread = threading.Thread(target=work, name=f"epkit-load-{tp.id}-{w.id}", daemon=True)
