@@ -80,8 +80,8 @@ def _synthetic_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _placement_args(parser: argparse.ArgumentParser, reference: bool = False) -> None:
-    parser.add_argument("--ep", type=_count(1), metavar="RANKS",
-                        help="EP ranks (GPUs)" + ("; required unless --reference" if reference else "; required"))
+    parser.add_argument("--ep", type=_count(1), metavar="RANKS", required=not reference,
+                        help="EP ranks (GPUs)" + ("; required unless --reference" if reference else ""))
     parser.add_argument("--nodes", type=_count(1), default=1, help="nodes the EP ranks span (default %(default)s)")
     parser.add_argument("--groups", type=_count(1), default=1, help="expert groups (DeepSeek-V3: 8; default "
                         "%(default)s)")
@@ -129,7 +129,6 @@ def _bytes_per_expert(model: str | None) -> float | None:
 def _simulate(args) -> int:
     from epkit.eplb.simulate import simulate
 
-    _need_ep(args)
     trace = _trace(args)
     model = args.model or _bundled(trace.meta.get("model"))
     frame = simulate(trace, args.eplb_config, args.policy, num_ranks=args.ep, num_nodes=args.nodes,
