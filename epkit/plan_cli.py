@@ -11,7 +11,7 @@ from epkit.errors import EpkitError, TopologyError
 from epkit.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
 from epkit.render import render
 from epkit.spec import DEFAULT_GPUS, PlanSpec, load_spec
-from epkit.topology import EPLBConfig, human_readable_int
+from epkit.topology import ENGINE_FLAG_FIELDS, EPLBConfig, human_readable_int
 from epkit.vllm_versions import DEFAULT_VLLM_VERSION
 
 # CLI flag -> (topology field, type, help), for specs given as flags (vLLM's spellings plus short forms).
@@ -31,10 +31,12 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
     "--data-parallel-rpc-port": ("data_parallel_rpc_port", int, "DP RPC port (1-65535)"),
     "--gloo-socket-ifname": ("gloo_socket_ifname", str, "GLOO_SOCKET_IFNAME exported on every node (e.g. eth0)"),
     "--nccl-socket-ifname": ("nccl_socket_ifname", str, "NCCL_SOCKET_IFNAME exported on every node"),
-    "--max-model-len": ("max_model_len", int, "--max-model-len for the engine; the memory plan checks that the KV "
-                        "cache holds one such sequence (default: the model's)"),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "--gpu-memory-utilization for the engine, the "
-                                 "share of GPU memory the plan budgets (0 < x <= 1, default 0.9)"),
+    **{ENGINE_FLAG_FIELDS[name]: (name, kind, help_) for name, kind, help_ in (  # flags spelled in topology.py
+        ("max_model_len", int, "the engine's context length in tokens; the memory plan checks that the KV cache "
+                               "holds one such sequence (default: the model's)"),
+        ("gpu_memory_utilization", float, "the share of GPU memory the engine takes and the plan budgets "
+                                          "(0 < x <= 1, default 0.9)"),
+    )},
     "--engine": ("engine", str, "vllm or epkit (the built-in engine, same flags)"),
     "--vllm-version": ("vllm_version", str, "vLLM release the commands target (default %s)" % DEFAULT_VLLM_VERSION),
 }
