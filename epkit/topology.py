@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping
 
-from epkit import vllm_versions
+from epkit import topology_warnings, vllm_versions
 from epkit.errors import TopologyError
 from epkit.models import ModelSpec, bundled_model_names
 
@@ -441,39 +441,12 @@ class Topology:
 
     @property
     def all2all_in_effect(self) -> bool:
-        """Whether ``all2all_backend`` changes what runs. Tokens move between ranks only with expert
-        parallelism over several DP ranks: vLLM runs its all2all kernels only when EP is on and
-        dp > 1 (or prefill context parallelism is on: ``FusedMoEParallelConfig.use_all2all_kernels``),
-        the built-in engine only when ep_size > 1 (it runs TP=1). Elsewhere every backend runs the
-        same code."""
-        if not self.enable_expert_parallel:
-            return False
-        if self.dp > 1:
-            return True
-        return self.engine == "vllm" and _prefill_context_parallel(self.extra_args) > 1
+        """Whether ``all2all_backend`` changes what runs (:func:`epkit.topology_warnings.all2all_in_effect`)."""
+        return topology_warnings.all2all_in_effect(self)
 
     def warnings(self) -> list[str]:
-        """Things that are legal but probably not what the author meant."""
-        notes: list[str] = []
-        if self.all2all_backend and not self.all2all_in_effect:
-            if not self.enable_expert_parallel:
-                why = "without enable_expert_parallel every rank holds all experts (TP-sharded) and no all2all runs"
-            elif self.engine == "vllm":
-                why = (f"at dp=1 vLLM runs no all2all (tp={self.tp} × dp=1 takes the tensor-parallel MoE path; "
-                       "its all2all kernels need dp > 1)")
-            else:
-                why = f"at dp=1 (ep_size={self.ep_size}) the built-in engine moves no tokens between ranks"
-            notes.append(f"all2all_backend={self.all2all_backend!r} has no effect: {why}; every backend runs the "
-                         "same code here, so compare backends only where dp > 1 with enable_expert_parallel")
-        if self.engine == "vllm" and self.all2all_backend and self.enable_expert_parallel:
-            notes += vllm_versions.check_backend(self.vllm_version, self.all2all_backend, self.allow_replaced_backend)
-        if self.nodes > 1 and self.all2all_backend in ("pplx", "naive"):
-            notes.append(f"all2all_backend={self.all2all_backend!r} is meant for single-node deployments (seed)")
-        if self.nodes > 1 and not self.gloo_socket_ifname:
-            notes.append("multi-node on InfiniBand clusters: set gloo_socket_ifname (e.g. eth0) to avoid start-up hangs")
-        if self.api_server_count and self.api_server_count > self.dp:
-            notes.append(f"api_server_count={self.api_server_count} exceeds dp={self.dp}")
-        return notes
+        """Things that are legal but probably not what the author meant (:mod:`epkit.topology_warnings`)."""
+        return topology_warnings.warnings(self)
 
     # ---- (de)serialisation --------------------------------------------------------
     @classmethod
@@ -528,16 +501,6 @@ class Topology:
                 value = dict(value)
             out[f.name] = value
         return out
-
-
-def _prefill_context_parallel(extra_args: tuple[str, ...]) -> int:
-    """``--prefill-context-parallel-size`` / ``-pcp`` as given in ``extra_args`` (1 when absent)."""
-    for i, arg in enumerate(extra_args):
-        flag, eq, value = arg.partition("=")
-        if flag in ("--prefill-context-parallel-size", "--prefill_context_parallel_size", "-pcp"):
-            text = value if eq else (extra_args[i + 1] if i + 1 < len(extra_args) else "")
-            return int(text) if text.isdigit() else 1
-    return 1
 
 
 def valid_redundant_experts(num_experts: int, ep_size: int, limit: int = 8) -> list[int]:
