@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
+from pathlib import Path
 
 from epkit.launch import procs
 
@@ -20,6 +23,30 @@ def no_leftovers(deployment_ids, timeout_s: float = 20.0) -> list:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def end_leftovers(root: Path, grace_s: float = 30.0) -> list[dict]:
+    """End what a failed test left running under ``root`` (its tmp_path): first every sweep driver whose
+    command names ``root`` (Ctrl-C, so it stops its own deployment; SIGKILL after ``grace_s``), then every
+    deployment recorded there (``deployment.json``) and not marked stopped, as a resumed sweep ends a killed
+    driver's (:func:`epkit.launch.orphans.end`: the stop file, then SIGKILL by tag or scancel). Returns
+    :func:`~epkit.launch.orphans.end`'s reports."""
+    from epkit.launch import orphans
+    from epkit.launch.deployment import RECORD
+
+    me, where = os.getpid(), str(root)
+    drivers = [p.pid for p in procs.processes()
+               if p.pid != me and "epkit.cli sweep" in p.cmdline and where in p.cmdline]
+    for pid in drivers:
+        procs.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while any(procs.pid_alive(pid) for pid in drivers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in drivers:
+        if procs.pid_alive(pid):
+            procs.kill(pid, signal.SIGKILL)
+    run_dirs = sorted({path.parent for path in Path(root).rglob(RECORD)})
+    return [orphans.end(record, say=lambda line: print(f"teardown: {line}")) for record in orphans.records(run_dirs)]
 
 
 def greedy(url: str, prompts: list[list[int]], max_tokens: int = 8) -> list[str]:

@@ -23,7 +23,7 @@ import yaml
 
 from epkit.store import ResultStore
 from epkit.sweep_cli import main as sweep_main
-from launch_helpers import TINY, DeploymentSampler, no_leftovers
+from launch_helpers import TINY, DeploymentSampler, end_leftovers, no_leftovers
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +43,10 @@ _DRIVERS: list[subprocess.Popen] = []
 
 
 @pytest.fixture(autouse=True)
-def _end_drivers():
-    """A test that fails while its sweep runs leaves nothing behind: Ctrl-C (the driver stops its deployment)."""
+def _end_drivers(tmp_path):
+    """A test that fails while its sweep runs leaves nothing behind: Ctrl-C (the driver stops its deployment),
+    then every deployment recorded under tmp_path that is not stopped is ended (the orphan of a killed driver
+    would otherwise live until its lease runs out: 10 minutes here)."""
     yield
     while _DRIVERS:
         driver = _DRIVERS.pop()
@@ -55,6 +57,8 @@ def _end_drivers():
             except subprocess.TimeoutExpired:
                 driver.kill()
                 driver.wait()
+    left = [r for r in end_leftovers(tmp_path) if r.get("left")]
+    assert not left, f"teardown could not end: {left}"
 
 
 def _driver(spec: Path, results: Path, log: Path, *extra: str) -> subprocess.Popen:

@@ -15,10 +15,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch_helpers import DeploymentSampler, no_leftovers
+from launch_helpers import DeploymentSampler, end_leftovers, no_leftovers
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _end_leftovers(tmp_path):
+    """A test that fails mid-sweep leaves nothing running: its drivers get Ctrl-C, then every deployment recorded
+    under tmp_path that is not stopped is ended (a killed driver's Slurm job would otherwise run until its lease,
+    5 minutes, runs out)."""
+    yield
+    left = [r for r in end_leftovers(tmp_path) if r.get("left")]
+    assert not left, f"teardown could not end: {left}"
 
 
 def _sweep(spec: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
