@@ -305,36 +305,35 @@ def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
         raise TopologyError(f"{source}: sweep point {tp.id} cannot run: {'; '.join(missing)}")
 
 
+CHECK_ARGS_TIMEOUT_S = 60.0  # `epkit serve --check-args` imports no torch; this bounds a machine under load
+
+
 def engine_problems(topology: Topology, launches) -> list[str]:
-    """What keeps the built-in engine from running ``topology``: its own parser's verdict on every node's
-    command, and an all2all backend it does not implement (naming the package that backend needs).
-    Empty for vLLM, whose parser and releases the topology has checked already."""
+    """What keeps the built-in engine from running ``topology``, in the engine's own words: its command line
+    run with ``--check-args`` (its parser, its config checks, its EPKIT_* variables, whether it implements the
+    all2all backend here), one subprocess per topology, nothing started. Empty for vLLM, whose parser and
+    releases the topology has checked already.
+
+    The primary node's command is the one checked: the other nodes' commands differ from it only in the
+    flags rendered from the topology's own (already checked) sizes (``--headless``, the start rank)."""
     if topology.engine != "epkit":
         return []
-    import contextlib
-    import io
+    import os
+    import subprocess
+    import sys
 
-    from epkit.engine.all2all import check_backend
-    from epkit.engine.cli import config_from_args
-    from epkit.errors import EngineError
-
-    out = []
-    for n, launch in enumerate(launches):
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                config_from_args(list(launch.argv[2:]))  # after `epkit serve`
-        except SystemExit:
-            said = [line for line in err.getvalue().splitlines() if line.strip()]
-            out.append(f"node {n}: `epkit serve` rejects its command: {said[-1] if said else 'bad arguments'}")
-        except EngineError as exc:
-            out.append(f"node {n}: {exc}")
-    if topology.enable_expert_parallel and topology.ep_size > 1 and topology.all2all_backend:
-        try:
-            check_backend(topology.all2all_backend)
-        except EngineError as exc:
-            out.append(f"the built-in engine cannot run it: {exc}")
-    return out
+    launch = launches[0]
+    cmd = [sys.executable, "-m", "epkit.cli", *launch.argv[1:], "--check-args"]  # argv: `epkit serve MODEL ...`
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=CHECK_ARGS_TIMEOUT_S,
+                              env={**os.environ, **launch.env})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"`epkit serve --check-args` could not check its command: {exc}"]
+    if done.returncode == 0:
+        return []
+    said = [line for line in done.stderr.splitlines() if line.strip()]
+    last = said[-1] if said else f"exit code {done.returncode}"
+    return [f"`epkit serve` refuses its command: {last.removeprefix('epkit serve: error: ')}"]
 
 
 def memory_verdict(spec: SweepSpec, tp: TopologyPoint):

@@ -13,7 +13,8 @@ Implemented over ``torch.distributed`` (gloo on CPU, NCCL on GPU):
 
 ``pplx``, ``deepep_high_throughput``, ``deepep_low_latency``, ``flashinfer_all2allv`` and
 ``mori`` name vendor kernels. The engine never runs another algorithm under their names: at
-startup it fails, naming the missing package and its install step.
+startup it fails, naming the missing package and its install step. Which names are built in and
+which package each vendor name needs is :mod:`epkit.backends`, shared with the rest of epkit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from epkit.backends import BUILTIN_BACKENDS, VENDOR_PACKAGES
 from epkit.errors import EngineError
 
 if TYPE_CHECKING:
@@ -289,17 +291,9 @@ class VendorBackend:
         )
 
 
-EP_KERNELS = "vLLM's EP kernels installer (tools/ep_kernels, see the expert-parallel deployment guide)"
-BUILTIN = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveBroadcast, "all_to_all": AllToAll}
-VENDOR = {
-    "pplx": VendorBackend("pplx", "pplx_kernels", "pplx-kernels", EP_KERNELS),
-    "deepep_high_throughput": VendorBackend("deepep_high_throughput", "deep_ep", "DeepEP", EP_KERNELS),
-    "deepep_low_latency": VendorBackend("deepep_low_latency", "deep_ep", "DeepEP", EP_KERNELS),
-    "flashinfer_all2allv": VendorBackend(
-        "flashinfer_all2allv", "flashinfer", "flashinfer", "`pip install flashinfer-python` (FlashInfer, with MNNVL support)"
-    ),
-    "mori": VendorBackend("mori", "mori", "MoRI", "ROCm's MoRI build instructions (https://github.com/ROCm/mori)"),
-}
+_IMPLEMENTATIONS = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveBroadcast, "all_to_all": AllToAll}
+BUILTIN = {name: _IMPLEMENTATIONS[name] for name in BUILTIN_BACKENDS}  # the names come from epkit.backends
+VENDOR = {name: VendorBackend(name, p.module, p.package, p.install) for name, p in VENDOR_PACKAGES.items()}
 BACKENDS: dict[str, Any] = {**BUILTIN, **VENDOR}
 
 

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-model-dir", metavar="DIR", default=None,
                    help="write config.json + tokenizer files for the model to DIR (for clients such as `vllm bench serve`) and exit")
     p.add_argument("--startup-timeout", dest="startup_timeout_s", type=float, default=None)
+    p.add_argument("--check-args", action="store_true",
+                   help="check the command as at start (flags, their values, the EPKIT_* environment, the all2all "
+                   "backend on this machine) and exit: 0 and nothing printed if it would start, 2 and the message if "
+                   "not; starts nothing (checks that need the model's weights still happen at start)")
     return p
 
 
@@ -135,7 +139,14 @@ def _eplb_dotted(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def config_from_args(argv: list[str]):
-    """Parse ``epkit serve`` arguments into an :class:`EngineConfig` (raises EngineError on bad values)."""
+    """Parse ``epkit serve`` arguments into an :class:`EngineConfig` (raises EngineError on bad values).
+
+    Returns ``(config, write_model_dir)``."""
+    cfg, args = _parse(argv)
+    return cfg, args.write_model_dir
+
+
+def _parse(argv: list[str]):
     from epkit.engine.config import EngineConfig
 
     argv, dotted = _eplb_dotted(argv)
@@ -174,7 +185,7 @@ def config_from_args(argv: list[str]):
         enable_eplb=args.enable_eplb,
         eplb_config=eplb,
         enable_log_requests=args.enable_log_requests,
-    ), args.write_model_dir
+    ), args
 
 
 def no_effect_flags(argv: list[str]) -> list[str]:
@@ -183,11 +194,25 @@ def no_effect_flags(argv: list[str]) -> list[str]:
     return [flag for flag in NO_EFFECT if flag in given]
 
 
+def check_args(cfg) -> None:
+    """The start-up checks that need neither the model nor torch: raises :class:`EngineError` (``--check-args``)."""
+    from epkit.engine.all2all import check_backend  # torch-free at import
+    from epkit.engine.config import check_environment
+
+    check_environment()
+    if cfg.ep_size > 1:
+        check_backend(cfg.all2all_backend)
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``epkit serve ARGS``; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [epkit serve] %(levelname)s %(message)s")
     try:
-        cfg, model_dir = config_from_args(list(argv))
+        cfg, args = _parse(list(argv))
+        if args.check_args:  # before logging is set up: nothing on stdout or stderr unless it fails
+            check_args(cfg)
+            return 0
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [epkit serve] %(levelname)s %(message)s")
+        model_dir = args.write_model_dir
         from epkit.engine.config import check_environment
 
         for note in check_environment():

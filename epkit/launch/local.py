@@ -53,9 +53,9 @@ class LocalExecutor:
         if exe is None:
             return ["the local executor runs `vllm serve`, but no `vllm` is on PATH here; install vLLM (or put its "
                     "environment's bin/ on PATH), or use engine: epkit"]
-        from epkit.engine.all2all import VENDOR
+        from epkit.backends import VENDOR_PACKAGES
 
-        vendor = VENDOR.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
+        vendor = VENDOR_PACKAGES.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
         if vendor is None or _importable(_interpreter(exe), vendor.module):
             return []
         return [f"all2all_backend={topology.all2all_backend!r} needs {vendor.package} (Python module "

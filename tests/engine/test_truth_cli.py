@@ -92,6 +92,61 @@ def test_unknown_flags_still_fail_with_argparses_message():
     assert r.returncode == 2 and "--max-num-batched-tokens: invalid integer 'lots'" in r.stderr, r.stderr
 
 
+def _processes_naming(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_check_args_checks_the_command_as_at_start_and_starts_nothing():
+    """`epkit serve ... --check-args` (what `epkit sweep` runs for each topology): exit 0 and silence for a command
+    that would start, exit 2 and one `epkit serve: error:` line naming the field for one that would not; no
+    server, no engine, no process left, and no torch imported on the way."""
+    import socket
+    import uuid
+
+    marker = f"check-args-{uuid.uuid4().hex[:8]}"
+    with socket.socket() as s:  # a port that was free a moment ago: the check must not take it
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    good = ["epkit-tiny-moe", "--served-model-name", marker, "--port", port, "-dp", "2", "--enable-expert-parallel",
+            "--all2all-backend", "all_to_all", "--eplb-config.num_redundant_experts", "2", *PASTED]
+    r = serve(*good, "--check-args")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(port)))  # nothing listens there
+    assert _processes_naming(marker) == []
+
+    bad = [  # (flags, environment, what the one message must say)
+        (["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "deepep_low_latency"], {},
+         "--all2all-backend deepep_low_latency needs the DeepEP package (Python module 'deep_ep')"),
+        (["-tp", "2"], {}, "tensor_parallel_size=2: the built-in engine supports only 1"),
+        (["--all2all-backend", "fastest"], {}, "all2all_backend='fastest'; allowed: allgather_reducescatter"),
+        (["--max-num-seqs", "0"], {}, "max_num_seqs=0 must be an integer >= 1"),
+        (["--eplb-config", "[1]"], {}, "--eplb-config must be a JSON object"),
+        (["--bogus-flag"], {}, "epkit serve: error: unrecognized arguments: --bogus-flag"),
+        ([], {"EPKIT_CUDA_GRAPHS": "on"}, "EPKIT_CUDA_GRAPHS='on': expected auto, emulate or off"),
+    ]
+    for flags, env, message in bad:
+        r = serve("epkit-tiny-moe", "--served-model-name", marker, "--port", port, *flags, "--check-args", env=env)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (flags, r.stderr)
+        assert lines[-1].startswith("epkit serve: error: ") and message in lines[-1], (flags, r.stderr)
+        assert all(line.startswith("usage:") or line.startswith(" ") for line in lines[:-1]), r.stderr  # argparse's usage only
+    assert _processes_naming(marker) == []
+
+    code = ("import sys; from epkit.engine.cli import main; "
+            f"rc = main({good!r} + ['--check-args']); print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["0", "False"], r.stdout + r.stderr
+
+
 def test_environment_variables_are_checked_at_start_and_renamed_with_a_deprecation():
     for env, message in [({"EPKIT_CUDA_GRAPHS": "on"}, "EPKIT_CUDA_GRAPHS='on': expected auto, emulate or off"),
                          ({"EPKIT_CPU_THREADS": "0"}, "EPKIT_CPU_THREADS='0': expected an integer >= 1"),
@@ -115,15 +170,29 @@ def test_environment_variables_are_checked_at_start_and_renamed_with_a_deprecati
     assert "Traceback" not in r.stderr
 
 
+# Where EPKIT_* names are read or set: the package, and what runs around it (shell scripts, CI, tests, notebooks).
+ENV_SCANNED = ("epkit", "scripts", ".ci", "tests", "notebooks", "benchmarks")
+# EPKIT_* words there that are not environment variables: a Python constant, and the misspellings that show
+# check_environment's "did you mean" (a test feeds one; config.py's docstring names the other).
+NOT_ENV_VARS = {"EPKIT_ONLY_BACKENDS", "EPKIT_MOE_GEM", "EPKIT_FUSED_KERNEL"}
+
+
 def test_every_epkit_environment_variable_is_documented():
-    """Every EPKIT_* name that epkit/ reads or sets (string literals) has a row in docs/engine.md's table."""
+    """Every EPKIT_* name in epkit/, scripts/, .ci/, tests/, notebooks/ and benchmarks/ (Python, shell, notebook
+    JSON alike) has a row in one of docs/engine.md's two tables, and every row names a variable still in use."""
     names = set()
-    for path in (ROOT / "epkit").rglob("*.py"):
-        names.update(re.findall(r"[\"'](EPKIT_[A-Z0-9_]+)", path.read_text()))
+    for folder in ENV_SCANNED:
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                names.update(re.findall(r"\b(EPKIT_[A-Z0-9_]*[A-Z0-9])\b", path.read_text(errors="ignore")))
+    assert NOT_ENV_VARS <= names, "stale NOT_ENV_VARS entries"
+    names -= NOT_ENV_VARS
     names |= set(ENV_VARS) | {v.old_name for v in ENV_VARS.values() if v.old_name}
     rows = set(re.findall(r"^\| `(EPKIT_[A-Z0-9_]+)`", (ROOT / "docs/engine.md").read_text(), re.M))
     assert names <= rows, f"undocumented in docs/engine.md: {sorted(names - rows)}"
-    assert {"EPKIT_FUSED_KERNELS", "EPKIT_FUSED_NORMS", "EPKIT_CUDA_GRAPHS", "EPKIT_CPU_THREADS"} <= names
+    assert rows <= names, f"documented in docs/engine.md but used nowhere: {sorted(rows - names)}"
+    assert {"EPKIT_FUSED_KERNELS", "EPKIT_CPU_THREADS", "EPKIT_VLLM_PYTHON", "EPKIT_VENV", "EPKIT_SWEEP_ONLY",
+            "EPKIT_SLURM", "EPKIT_RESULTS"} <= names  # the scan reaches the engine, scripts, tests and notebooks
 
 
 def test_without_chunked_prefill_prompts_are_admitted_whole():
