@@ -97,6 +97,7 @@ class EngineCore:
         device = resolve_device(cfg, local_index)
         if device.type == "cpu":
             torch.set_num_threads(int(env_value("EPKIT_CPU_THREADS")))
+            log.info("DP rank %d: %d torch CPU threads (EPKIT_CPU_THREADS)", dp_rank, torch.get_num_threads())
         else:
             torch.cuda.set_device(device)
         self.store = connect_store(cfg, False, cfg.startup_timeout_s)

@@ -132,9 +132,10 @@ def count_rows(expert_idx: torch.Tensor, bins: int) -> torch.Tensor:
 def accumulation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """(product dtype, accumulation dtype) for combining top-k expert outputs.
 
-    Each weighted expert output is rounded to the product dtype, then summed in a dtype
-    wide enough that the sum of k such values is exact for any order; so the combine is
-    the same whichever rank added which expert first (float32 -> float64; bf16 -> float32).
+    Each weighted expert output is rounded to the product dtype, then summed in a wider dtype
+    (float32 -> float64; bf16 / float16 -> float32, and float64 on CPU: :func:`weighted_sum`), so
+    that the sum of k such values is exact, and the combine the same whichever rank added which
+    expert first, while the sum does not round: see :func:`weighted_sum` for when that holds.
     """
     if dtype in (torch.float32, torch.float64):
         return dtype, torch.float64
@@ -344,9 +345,16 @@ def weighted_sum(y: torch.Tensor, weights: torch.Tensor, token_idx: torch.Tensor
 
     Products are rounded to the product dtype and added in the accumulation dtype (see
     :func:`accumulation_dtypes`); the result stays in the accumulation dtype so partial
-    sums from several ranks can be reduced exactly before the final cast. Rows where
-    ``mask`` is False contribute exactly zero, whatever ``y`` holds there. On CPU the sums are
-    float64 for every dtype (bfloat16 too), so every dtype's combine is exact there.
+    sums from several ranks can be reduced before the final cast. Rows where ``mask`` is False
+    contribute exactly zero, whatever ``y`` holds there. On CPU the sums are float64 for every
+    dtype (bfloat16 too) and the products float32 (24 significant bits; a float64 model's float64
+    products have no such margin), so every partial and whole sum of a token's k products is
+    exact, in any order and split over any ranks, while the k rounded products are within about
+    2**29 of each other in magnitude (2**(29 - log2 k), leaving room for the carries: their bits
+    then fit float64's 53), i.e. while their float64 sum does not round. A product further below
+    the largest (an expert weight or output 2**-29 times another's) can make the sum round in its
+    last bit, and then which rank added which expert may change that bit (rarely the value after
+    the cast to the dtype).
     """
     prod, acc = accumulation_dtypes(y.dtype)
     if y.device.type == "cpu":

@@ -457,19 +457,45 @@ PROMPTS = ["The quick brown fox", "Expert parallelism splits the experts of ever
 GPU_ARGS = ["--dtype", "bfloat16"]  # the GPU path: Triton kernels, torch._grouped_mm experts, CUDA graphs
 
 
-def outputs(deployment) -> list[list[int]]:
-    """Greedy tokens of every prompt (sent together, so the rank batches them) and one seeded sample."""
+def outputs(deployment) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, output token ids) of every prompt (sent together, so the rank batches them) and of one
+    seeded sample."""
     jobs = [dict(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS]
     jobs.append(dict(prompt=PROMPTS[0], max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, seed=1234))
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda job: deployment.complete(**job), jobs))
     assert all(r["usage"]["completion_tokens"] == 24 for r in results)
-    return [r["choices"][0]["token_ids"] for r in results]
+    return [(r["choices"][0]["prompt_token_ids"], r["choices"][0]["token_ids"]) for r in results]
+
+
+def reference_logits(dtype: torch.dtype):
+    """The deployments' model (epkit-tiny-moe, dummy weights of seed 0, one rank holding every expert) run eagerly on
+    the GPU in ``dtype``, as the engine runs it: float32 logits at every position of a token sequence, one prefill."""
+    from epkit.engine.attention import build_meta
+    from epkit.engine.model import ModelConfig, MoEModel, Weights, read_model_config
+    from epkit.engine.moe import Placement, ReplicatedMoE
+
+    cfg = ModelConfig.from_dict(read_model_config("epkit-tiny-moe")[0])
+    dev, block = device(), 16
+    model = MoEModel(cfg, Weights(cfg, Placement(cfg.num_experts, 1, 0), 0, dev, dtype), ReplicatedMoE(), 512, dev)
+
+    def logits(tokens: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        blocks = -(-n // block)
+        shape = (blocks * block, cfg.num_kv_heads, cfg.head_dim)
+        caches = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+                  for _ in range(cfg.num_layers)]
+        meta = build_meta([(0, n, list(range(blocks)))], block, dev, True)
+        with torch.inference_mode():
+            ids, pos = torch.tensor(tokens, device=dev), torch.arange(n, device=dev)
+            return model.logits(model.forward(ids, pos, meta, caches, [n])).cpu()
+
+    return logits, cfg.num_layers
 
 
 def test_serve_on_one_gpu_runs_graph_steps_and_kernels(deploy):
     d = deploy(GPU_ARGS)
-    first = outputs(d)
+    first = [tokens for _, tokens in outputs(d)]
     alone = [d.complete(p, max_tokens=24, ignore_eos=True)["choices"][0]["token_ids"] for p in PROMPTS * 2]
     assert alone[: len(PROMPTS)] == alone[len(PROMPTS) :]  # the same steps again give the same tokens
     assert len({tuple(t) for t in first[: len(PROMPTS)]}) == len(PROMPTS)
@@ -484,15 +510,43 @@ def test_serve_on_one_gpu_runs_graph_steps_and_kernels(deploy):
         assert kernel in log, (kernel, log[-3000:])
 
 
-def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(deploy, monkeypatch):
-    """DESIGN.md's invariant on GPUs: DP=1 and DP=2 + EP (allgather_reducescatter, NCCL) give the same greedy and
-    seeded tokens, CUDA graphs on in both."""
+def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(deploy, monkeypatch, record):
+    """DESIGN.md's invariant on GPUs: DP=1 and DP=2 + EP (allgather_reducescatter, NCCL), CUDA graphs on in both,
+    give the same greedy tokens up to near ties.
+
+    Not exact, unlike on CPU: the GPU path is not batch-invariant by construction. cuBLAS and ``torch._grouped_mm``
+    pick their kernels (and so their bfloat16 reduction order) by the number of rows, the Triton kernels and the graph
+    steps pad and tile by batch size, and DP=2 + EP gives every GEMM other rows than DP=1 does. So the rule of the CPU
+    suite's padded steps (``test_invariance.assert_same_but_near_ties``), with the bfloat16 bound of
+    ``replay_every_size``: each run's logits are within 4 eps per layer (at the logits' scale) of the engine's eager
+    forward on this GPU (``reference_logits``), so a greedy token may differ only where that reference's logits of the
+    two tokens are within twice that; from the first difference on, the sequences part and nothing more is compared.
+    The seeded sample is left out (a near tie of a draw cannot be judged from the logits). Near ties are common in
+    this random-weight model in bfloat16 (eager and graph steps agree on 81-100 % of a step's greedy rows on 2x H200,
+    docs/engine.md), so only a quarter of the tokens must be compared before the sequences part."""
     count = torch.cuda.device_count()
     if count < 2:
         pytest.skip(f"needs 2 CUDA devices for DP=2 + EP; this machine has {count}")
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):  # no NVLink multicast
         monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
-    baseline = outputs(deploy(GPU_ARGS))
+    baseline = outputs(deploy(GPU_ARGS))[: len(PROMPTS)]
     ep = deploy([*GPU_ARGS, "-dp", "2", "--enable-expert-parallel"])
-    assert outputs(ep) == baseline
+    got = outputs(ep)[: len(PROMPTS)]
     assert "DP rank 1: graph steps: CUDA graphs" in ep.nodes[0].log()
+    reference, layers = reference_logits(torch.bfloat16)
+    tie = 2 * 4 * layers * eps_of(torch.bfloat16)
+    compared, differed = 0, []
+    for (prompt, tokens), (want_prompt, expected) in zip(got, baseline, strict=True):
+        assert prompt == want_prompt
+        first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
+        compared += len(expected) if first is None else first
+        if first is not None:
+            logits = reference(prompt + expected[:first])[-1]  # the position that chose expected[first]
+            gap = (logits[expected[first]] - logits[tokens[first]]).item()
+            tolerance = tie * max(1.0, logits.abs().max().item())
+            differed.append({"token": first, "gap": gap, "tol": tolerance})
+            assert abs(gap) <= tolerance, (f"token {first} of prompt {prompt[:8]}...: {tokens[first]} instead of "
+                                           f"{expected[first]}, whose reference logit is {gap:.3g} higher (near tie: "
+                                           f"<= {tolerance:.3g})")
+    record("dp2_ep_vs_dp1", {"compared": compared, "near_ties": differed})
+    assert compared >= len(baseline) * 24 // 4, f"too few tokens compared: {compared} ({differed})"

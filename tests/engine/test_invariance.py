@@ -47,7 +47,7 @@ CONFIGS = {
 
 
 # The same deployments with every all-decode step run as a padded decode-graph step on fixed
-# buffers (EPKIT_DECODE_GRAPHS=emulate: the CUDA-graph path without the capture, so on CPU).
+# buffers (EPKIT_CUDA_GRAPHS=emulate: the CUDA-graph path without the capture, so on CPU).
 PADDED = {
     "dp1": [],
     # ... and with the Triton paged decode-attention kernel, run by Triton's interpreter on CPU
@@ -156,6 +156,18 @@ def test_same_tokens_as_dp1(name, baseline, deploy):
         assert "EPLB rebalance 3 at step" in deployment.nodes[0].log()
 
 
+def test_two_cpu_threads_same_tokens_as_dp1(baseline, deploy, monkeypatch):
+    """The engine cores run torch with EPKIT_CPU_THREADS threads (1 by default, as the baseline and every other case
+    here): with 2, BLAS and the element-wise kernels split their work another way, and still no token changes,
+    seeded sample included (the fixed-point GEMMs are exact whatever the split)."""
+    monkeypatch.setenv("EPKIT_CPU_THREADS", "2")
+    deployment = deploy(["-dp", "2", "--enable-expert-parallel"])
+    got = outputs(deployment)
+    assert got == baseline
+    for rank in (0, 1):
+        assert f"DP rank {rank}: 2 torch CPU threads (EPKIT_CPU_THREADS)" in deployment.nodes[0].log()
+
+
 @pytest.mark.parametrize("name", list(PADDED))
 def test_padded_decode_steps_same_tokens(name, baseline, reference, deploy, monkeypatch):
     """Padding every rank to one capture size and context bucket (scratch KV block, masked MoE rows) changes no token
@@ -166,7 +178,7 @@ def test_padded_decode_steps_same_tokens(name, baseline, reference, deploy, monk
     the logits alone."""
     import re
 
-    monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
+    monkeypatch.setenv("EPKIT_CUDA_GRAPHS", "emulate")
     if "decode-only" in name:
         monkeypatch.setenv("EPKIT_GRAPH_STEPS", "decode")
     if "triton" in name:
@@ -189,7 +201,7 @@ def test_padded_decode_steps_same_tokens(name, baseline, reference, deploy, monk
 
 
 def test_all_to_all_decodes_eager_and_says_why(deploy, monkeypatch):
-    monkeypatch.setenv("EPKIT_DECODE_GRAPHS", "emulate")
+    monkeypatch.setenv("EPKIT_CUDA_GRAPHS", "emulate")
     deployment = deploy(["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "all_to_all"])
     deployment.complete("hello", max_tokens=4)
     assert "the all_to_all backend reads its split sizes on the host every layer" in deployment.nodes[0].log()

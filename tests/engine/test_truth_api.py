@@ -4,10 +4,13 @@ checkpoint built here (tests/engine/truth_model.py): a byte-level BPE tokenizer.
 
 Logprobs are checked against log_softmax of the logits of the same weights, computed in this process with
 the engine's model code. The server computes the prompt in one prefill and each new token in a decode step
-against its KV cache; the reference runs the whole sequence at once, so float32 sums run in other orders
-(different GEMM shapes, attention split differently): they agree to a few ulps per operation over two
-layers. TOL_ULPS ulps of the largest logprob compared is far below any real error (a wrong position,
-temperature applied, a wrong token: differences of 0.1 to 10).
+against its KV cache; the reference runs the whole sequence at once. The GEMMs, norms and activations give
+the same rows either way (on CPU they are exact fixed-point products, ``epkit.engine.batch_invariant``); only
+attention differs: a decode query attends to the cache in its own call, the reference's rows in one causal
+SDPA over the whole sequence, so its float32 sums run in another order. That rounding (a few ulps per
+attention, over two layers, carried through the layers after it) keeps the two within TOL_ULPS ulps of the
+largest logprob compared, which is still far below any real error (a wrong position, temperature applied,
+a wrong token: differences of 0.1 to 10).
 """
 
 from __future__ import annotations

@@ -91,14 +91,28 @@ def test_abort_returns_blocks():
     assert s.abort("a").finish_reason == "abort" and s.blocks.num_free_blocks == 8 and not s.has_work
 
 
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def torch_threads(request):
+    """Run the test with torch's intra-op thread count at 1 and at 2 (the engine cores set it from
+    EPKIT_CPU_THREADS, default 1), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_and_expert_rows_are_the_same_in_every_batch(dtype):
+def test_linear_and_expert_rows_are_the_same_in_every_batch(dtype, torch_threads):
     """The property the invariance tests rest on, checked directly: on CPU a row's result from ``linear``, the
     experts and the SwiGLU / gate activations is bit-identical whether it is computed alone or inside a batch of
     1..17 rows, at any position, whatever the other rows hold and whichever experts they use. A BLAS GEMM does not
     give that (rows of ``x @ w`` differed by 3.6e-7 between 3- and 4-row calls on an AVX-512 EPYC; with MKL's AVX2
     kernels the last 2 rows of an 8-row call differ from the first 6); the engine's fixed-point GEMMs are exact, so
-    it holds by construction on any CPU and thread count (``epkit.engine.batch_invariant``)."""
+    it holds by construction on any CPU and thread count (``epkit.engine.batch_invariant``); run here with 1 and 2
+    intra-op threads, since BLAS splits a GEMM differently by thread count."""
+    assert torch.get_num_threads() == torch_threads
     from epkit.engine.batch_invariant import gate, silu_mul
     from epkit.engine.model import linear
 
