@@ -14,6 +14,14 @@ from epkit.spec import DEFAULT_GPUS, PlanSpec, load_spec
 from epkit.topology import ENGINE_FLAG_FIELDS, EPLBConfig, human_readable_int
 from epkit.vllm_versions import DEFAULT_VLLM_VERSION
 
+
+def _tokens(text: str) -> int:
+    """A token count as vLLM reads --max-model-len (argparse shows this error's text)."""
+    try:
+        return human_readable_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count; e.g. 32768, 32k (= 32000) or 32K (= 32768)")
+
 # CLI flag -> (topology field, type, help), for specs given as flags (vLLM's spellings plus short forms).
 FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
     "--model": ("model", str, "model: a bundled name (e.g. deepseek-ai/DeepSeek-V3-0324) or any name with --model-config"),
@@ -32,8 +40,8 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
     "--gloo-socket-ifname": ("gloo_socket_ifname", str, "GLOO_SOCKET_IFNAME exported on every node (e.g. eth0)"),
     "--nccl-socket-ifname": ("nccl_socket_ifname", str, "NCCL_SOCKET_IFNAME exported on every node"),
     **{ENGINE_FLAG_FIELDS[name]: (name, kind, help_) for name, kind, help_ in (  # flags spelled in topology.py
-        ("max_model_len", int, "the engine's context length in tokens; the memory plan checks that the KV cache "
-                               "holds one such sequence (default: the model's)"),
+        ("max_model_len", _tokens, "the engine's context length in tokens; the memory plan checks that the KV cache "
+                               "holds one such sequence (default: the model's; 32k = 32000, 32K = 32768 as vLLM reads it)"),
         ("gpu_memory_utilization", float, "the share of GPU memory the engine takes and the plan budgets "
                                           "(0 < x <= 1, default 0.9)"),
     )},

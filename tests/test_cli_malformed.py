@@ -119,6 +119,7 @@ CASES = [
     case("plan_flag_gpu", f"plan --model {DS} --gpu B300", "gpu='B300'", "NAME=GiB"),
     case("plan_flag_gpu_size", f"plan --model {DS} --gpu H100=inf", "gpu='H100=inf'", "NAME=GiB"),
     case("plan_flag_length_zero", f"plan --model {DS} --max-model-len 0", "max_model_len=0", ">= 1"),
+    case("plan_flag_length_not_a_count", f"plan --model {DS} --max-model-len 3x2k", "--max-model-len", "32k"),
     case("plan_flag_utilization", f"plan --model {DS} --gpu-memory-utilization 1.5", "gpu_memory_utilization=1.5",
          "(0, 1]"),
     case("plan_flag_eplb_json", ["plan", "--model", DS, "--dp", "8", "--enable-expert-parallel", "--eplb-config",
