@@ -71,11 +71,18 @@ def title(column: str) -> str:
 
 
 def _layout(fig: go.Figure, heading: str, x: str, y: str, legend: str | None = None, shared: str = "") -> go.Figure:
-    """Titles, and the legend in rows below the plot (a legend beside it takes the plot's width)."""
+    """Titles, and the legend in rows below the plot (a legend beside it takes the plot's width).
+
+    Entries get one width, a fraction of the plot's: as many columns as names of the longest
+    length fit in about 1100 px (7 px a character plus the symbol). With widths measured per entry,
+    plotly's wrapping let a row run past the figure's right edge."""
+    names = [t.name or "" for t in fig.data if t.showlegend is not False]
+    entry_px = 7 * max(map(len, names), default=0) + 45
+    columns = max(1, min(len(names), 1100 // entry_px))
     fig.update_layout(title=dict(text=heading, subtitle=dict(text=f"all: {shared}" if shared else "")),
                       xaxis_title=x, yaxis_title=y, template="plotly_white", hovermode="closest",
-                      legend=dict(title_text=f"{legend}: " if legend else None, orientation="h", xanchor="left", x=0,
-                                  yref="container", yanchor="bottom", y=0, entrywidthmode="pixels"),
+                      legend=dict(title_text=f"{legend}: " if legend else None, title_side="top left", orientation="h", xref="container", xanchor="left", x=0.01,
+                                  yref="container", yanchor="bottom", y=0, entrywidthmode="fraction", entrywidth=1 / columns - 0.001),
                       margin=dict(l=70, r=20, t=70 if shared else 60, b=60))
     return fig
 

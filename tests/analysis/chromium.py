@@ -20,17 +20,22 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 # Each plot container: is it drawn (an SVG with at least one trace), how many traces it has, and
 # where its parts landed: the figure (the outer svg.main-svg), the plot area (the drag rectangle
-# plotly lays over the axes, .nsewdrag), the legend and the x-axis title, as page rectangles.
+# plotly lays over the axes, .nsewdrag), the legend (its entries and title) and the x-axis title, as page rectangles.
 PLOTS_JS = """(() => {
   const rect = e => { if (!e) return null; const r = e.getBoundingClientRect();
                       return {left: r.left, top: r.top, right: r.right, bottom: r.bottom, width: r.width, height: r.height}; };
+  // the legend as a reader sees it: its entries' symbols and texts and its title (the clickable boxes and the background may be wider)
+  const union = es => { const rs = es.map(rect).filter(r => r && r.width > 0); if (!rs.length) return null;
+                        const l = Math.min(...rs.map(r => r.left)), t = Math.min(...rs.map(r => r.top)),
+                              r = Math.max(...rs.map(r => r.right)), b = Math.max(...rs.map(r => r.bottom));
+                        return {left: l, top: t, right: r, bottom: b, width: r - l, height: b - t}; };
   return JSON.stringify(Array.from(document.querySelectorAll('.js-plotly-plot')).map(d => ({
     id: d.id, traces: (d._fullData || []).length, svg: d.querySelectorAll('svg.main-svg').length,
     marks: d.querySelectorAll('.scatterlayer .trace, .barlayer .trace, .heatmaplayer .hm, g.bars path').length,
     points: (d._fullData || []).reduce((n, t) => n + ((t.z || t.x || []).length || 0), 0),
     height: d.getBoundingClientRect().height,
     figure: rect(d.querySelector('svg.main-svg')), plot_area: rect(d.querySelector('.draglayer .nsewdrag')),
-    legend: rect(d.querySelector('g.legend')), xtitle: rect(d.querySelector('.g-xtitle text')),
+    legend: union(Array.from(d.querySelectorAll('g.legend g.traces text.legendtext, g.legend g.traces g.layers, g.legend .legendtitletext'))), xtitle: rect(d.querySelector('.g-xtitle text')),
     legend_items: d.querySelectorAll('g.legend g.traces').length,
     legend_texts: Array.from(d.querySelectorAll('g.legend g.traces text.legendtext')).map(t => t.textContent)})));
 })()"""
