@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -24,9 +25,30 @@ from epkit.launch.failure import Failure, tail
 from epkit.launch.node import NodeTask, node_file
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on right now, outside the kernel's ephemeral range.
+
+    Between this check and the server's own bind, any outgoing connection on the machine (a load
+    generator's, a test client's) takes an ephemeral port; a port the kernel handed out from that
+    range (``bind(0)``) can be taken that way, one below or above it cannot."""
+    lo, hi = _ephemeral_range()
+    pool = range(10000, lo) if lo > 11000 else range(hi + 1, 65536)
+    for port in random.sample(pool, min(200, len(pool))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every candidate taken: let the kernel choose
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -71,11 +71,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def _free_port() -> int:
-    import socket
+    from epkit.launch.local import free_port  # outside the ephemeral range: the clients' connections cannot take it
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port("127.0.0.1")
 
 
 @pytest.fixture(scope="module", params=TARGETS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ TINY_ARGS = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(64 * 2**20
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the ephemeral range (clients' connections cannot take it before the engine binds)."""
+    from epkit.launch.local import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 def process_tree(pid: int) -> set[int]:
