@@ -246,7 +246,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait()
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                "kernel": platform.release(), "date": time.strftime("%Y-%m-%d %H:%M"),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "commit": _git("rev-parse", "--short", "HEAD"),
                "old": args.old}
@@ -278,7 +278,8 @@ def _git(*a: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of a benchmark's results."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

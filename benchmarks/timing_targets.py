@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from epkit.bench import RandomWorkload, run  # noqa: E402
 from epkit.bench.stream_server import write_byte_tokenizer  # noqa: E402
+from client_ttft import cpu_model  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
 ROWS: list[dict] = []
 
@@ -146,7 +147,7 @@ def main() -> int:
     arrival_schedule()
     eplb_default_policy()
     serve_rejects_bad_flags()
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     Path(args.out).write_text(json.dumps({"machine": machine, "argv": sys.argv, "rows": ROWS}, indent=1))
     print(f"\nmachine: {machine}\n\n| target | measured | allowed | met |\n|---|---|---|---|")
@@ -154,13 +155,6 @@ def main() -> int:
         print(f"| {r['target']} | {r['value']:.3g} {r['unit']} | [{r['low']:g}, {r['high']:g}] | "
               f"{'yes' if r['met'] else 'NO'} |")
     return 0 if all(r["met"] for r in ROWS) else 1
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

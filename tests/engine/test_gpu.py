@@ -535,18 +535,9 @@ def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(deploy, monkeypatch
     assert "DP rank 1: graph steps: CUDA graphs" in ep.nodes[0].log()
     reference, layers = reference_logits(torch.bfloat16)
     tie = 2 * 4 * layers * eps_of(torch.bfloat16)
-    compared, differed = 0, []
-    for (prompt, tokens), (want_prompt, expected) in zip(got, baseline, strict=True):
-        assert prompt == want_prompt
-        first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
-        compared += len(expected) if first is None else first
-        if first is not None:
-            logits = reference(prompt + expected[:first])[-1]  # the position that chose expected[first]
-            gap = (logits[expected[first]] - logits[tokens[first]]).item()
-            tolerance = tie * max(1.0, logits.abs().max().item())
-            differed.append({"token": first, "gap": gap, "tol": tolerance})
-            assert abs(gap) <= tolerance, (f"token {first} of prompt {prompt[:8]}...: {tokens[first]} instead of "
-                                           f"{expected[first]}, whose reference logit is {gap:.3g} higher (near tie: "
-                                           f"<= {tolerance:.3g})")
+    from near_ties import first_differences
+
+    compared, differed = first_differences(got, baseline, reference,
+                                           lambda logits: tie * max(1.0, logits.abs().max().item()))
     record("dp2_ep_vs_dp1", {"compared": compared, "near_ties": differed})
     assert compared >= len(baseline) * 24 // 4, f"too few tokens compared: {compared} ({differed})"

@@ -107,17 +107,10 @@ def reference():
 
 def assert_same_but_near_ties(got, want, reference) -> None:
     """Greedy outputs ``got`` equal ``want`` except from a near tie on (see ``TIE_EPS``)."""
-    compared = 0
-    for (prompt, tokens), (want_prompt, expected) in zip(got, want, strict=True):
-        assert prompt == want_prompt
-        first = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), None)
-        compared += len(expected) if first is None else first
-        if first is not None:
-            logits = reference(prompt + expected[:first])[-1]  # the position that chose expected[first]
-            gap = (logits[expected[first]] - logits[tokens[first]]).item()
-            tolerance = TIE_EPS * torch.finfo(torch.float32).eps * logits.abs().max().item()
-            assert abs(gap) <= tolerance, (f"token {first} of prompt {prompt[:8]}...: {tokens[first]} instead of "
-                                           f"{expected[first]}, whose logit is {gap:.3g} higher (near tie: <= {tolerance:.3g})")
+    from near_ties import first_differences
+
+    compared, _ = first_differences(got, want, reference,
+                                    lambda logits: TIE_EPS * torch.finfo(torch.float32).eps * logits.abs().max().item())
     assert compared >= len(want) * len(want[0][1]) // 2, "most tokens should be compared"
 
 
