@@ -21,6 +21,15 @@ units in their suffix. Derived columns are named for what they are:
 * ``config`` — one string naming the full configuration (model, engine, TP/DP/EP, nodes,
   backend, EPLB, load, repeat), used as hover text and legend; ``topology`` — the same
   without load; ``load`` — the offered load alone (``rate=inf, concurrency=8``).
+
+What the engine's own log said (the point's ``engine_log``, :mod:`epkit.vllm_logs`), per deployment,
+as ``log_<key>`` columns: ``log_model_load_s``, ``log_model_load_gib``, ``log_torch_compile_s``,
+``log_cuda_graph_capture_s``, ``log_cuda_graph_gib``, ``log_engine_init_s``,
+``log_engine_init_compilation_s``, ``log_kv_cache_tokens``, ``log_kv_cache_device``, ``log_kv_cache_gib``,
+``log_max_concurrency_request_tokens``, ``log_max_concurrency_x``, ``log_all2all_manager``,
+``log_api_server_start_s`` (vLLM only), and with EPLB on ``log_balancedness_count``,
+``log_balancedness_last``, ``log_balancedness_mean`` (vLLM and the built-in engine; counted over the
+deployment's log up to the end of the point). A column is missing or NaN where the log did not say.
 """
 
 from __future__ import annotations
@@ -137,6 +146,7 @@ def _row(doc: dict, path: Path, index: int) -> dict:
         value = point.get(key)
         row[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
     row.update({k: v for k, v in (point.get("timing") or {}).items() if not isinstance(v, (dict, list))})
+    row.update({f"log_{k}": v for k, v in (point.get("engine_log") or {}).items() if not isinstance(v, (dict, list))})
     for key, value in workload.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, sort_keys=True)
@@ -365,8 +375,9 @@ def load(source: str | Path | Iterable[str | Path], *, failed: bool = True) -> p
     file), every topology field (``model``, ``engine``, ``engine_version``, ``tp``, ``dp``,
     ``ep_size``, ``world_size``, ``nodes``, ``all2all_backend``, ``eplb`` and ``eplb_<key>``…),
     ``workload_<key>`` fields with ``request_rate``/``max_concurrency``, every metric under its
-    ``vllm bench serve`` key, hardware, git commit, and the derived columns of
-    :func:`add_derived`. ``failed=False`` drops failed points (they have no metrics).
+    ``vllm bench serve`` key, hardware, git commit, what the engine's log said (``log_<key>``,
+    see the module docstring), and the derived columns of :func:`add_derived`. ``failed=False``
+    drops failed points (they have no metrics).
     """
     rows = []
     for path in result_files(source):
