@@ -32,7 +32,7 @@ def test_every_seed_spec_and_more_parse_as_intended(vllm_python):
         topology = Topology.from_dict(spec)
         items.append((topology, render(topology)))
     version, problems = check_many(items, vllm_python)
-    assert version == "0.32.0"
+    assert version in ("0.32.0", "0.32.0+cpu")  # the venv holds vLLM's CPU build (scripts/vllm_venv.sh)
     assert len(items) >= 10
     for (topology, _), found in zip(items, problems):
         assert found == [], f"{topology.model}: {found}"

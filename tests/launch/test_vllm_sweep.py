@@ -70,6 +70,8 @@ def test_local_vllm_dp1_and_tp2_beside_the_builtin_engine(local_sweep):
         assert record["vllm"]["version_full"] == "0.32.0+cpu" and record["vllm"]["device"] == "cpu"
         assert record["argv"][:2] == [str(Path(os.environ["EPKIT_VLLM_PYTHON"]).parent / "vllm"), "serve"]
         assert "--gpu-memory-utilization" in record["argv"]  # the KV share of host RAM, set by epkit on CPU
+    assert (vllm["log_kv_cache_tokens"] > 0).all()  # vLLM's own start-up log lines, stored with each point
+    assert (vllm["log_engine_init_s"] > 0).all()
     tp2 = node_record(folder, "vllm_default_tp2_dp1_n1_noep")
     assert tp2["argv"][tp2["argv"].index("--tensor-parallel-size") + 1] == "2"
     assert "VLLM_CPU_OMP_THREADS_BIND" in tp2["env"]  # one core group per TP rank, chosen on the node
