@@ -25,6 +25,7 @@ COMMANDS = {
     "sweep": ("epkit.sweep_cli", "run (or --dry-run) a sweep of topologies x workloads; resumes"),
     "doctor": ("epkit.launch.doctor", "preflight checks: GPUs, interfaces, ports, vLLM, EP kernels"),
     "report": ("epkit.report_cli", "one offline HTML page: results table, Pareto frontier, CDFs"),
+    "gate": ("epkit.gate_cli", "regression gate: a sweep's results against a baseline's; exit 1 on a regression"),
 }
 EXIT_USAGE = 2  # bad input: argparse's status, and every epkit sub-command's
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
