@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from epkit.errors import LaunchError
-from epkit.launch.failure import Failure, classify_exit, match_log, tail
+from epkit.launch.failure import Failure, classify_exit, fatal, tail
 from epkit.launch.node import NodeTask, node_file, write_json
 from epkit.launch import vllm_install
 from epkit.render import render
@@ -44,7 +44,7 @@ from epkit.topology import Topology
 # Start-up timeouts per engine: vLLM with DeepGEMM warm-up and CUDA graphs can take many minutes.
 STARTUP_TIMEOUT_S = {"vllm": 1800.0, "epkit": 300.0}
 HANG_TIMEOUT_S = {"vllm": 600.0, "epkit": 120.0}
-FAIL_FAST_KINDS = ("oom", "nccl", "gloo")
+FAIL_FAST_KINDS = ("oom", "kv_cache", "nccl", "gloo")
 RECORD = "deployment.json"
 # Why a node supervisor gets each ending signal (node.END_SIGNALS), when no Slurm job state says more.
 SIGNAL_CAUSES = {"SIGTERM": ("cancelled", "scancel, a kill, or the Slurm time limit"),
@@ -170,9 +170,9 @@ class Deployment:
             info = _read(node_file(self.run_dir, n, "json"))
             if "returncode" in info:
                 return self.node_ended(n, info)
-            found = match_log(tail(self.logs[n], 200))
-            if found and found[0] in FAIL_FAST_KINDS:
-                return Failure(found[0], f"node {n}: {found[1]}", tail(self.logs[n], 40), n)
+            found = fatal(tail(self.logs[n], 200), n, FAIL_FAST_KINDS)
+            if found is not None:
+                return found
         return self.handle.problem()
 
     def node_ended(self, node: int, info: dict) -> Failure:

@@ -153,6 +153,19 @@ def _tail_showing(lines: list[str], index: int, count: int = 40, before: int = 2
     return "\n".join(head + gap + last)
 
 
+def fatal(log_text: str, node: int, kinds: tuple[str, ...]) -> Failure | None:
+    """The first known error in ``log_text`` when it is one of ``kinds`` (those that end a deployment while
+    its engine may still be running): its line, what to change, and a tail that shows it."""
+    lines = log_text.splitlines()
+    found = _first_match(lines)
+    if found is None or found[0] not in kinds:
+        return None
+    kind, index = found
+    advice = ADVICE[kind](_said(lines[index], limit=2000)) if kind in ADVICE else ""
+    return Failure(kind, f"node {node}: {_said(lines[index])}" + (f" -- {advice}" if advice else ""),
+                   _tail_showing(lines, index), node)
+
+
 def classify_exit(returncode: int | None, log_text: str, node: int | None = None,
                   what: str = "engine") -> Failure:
     """A node's engine exited (``returncode``) while it should have been serving: say why."""

@@ -96,6 +96,10 @@ class LocalExecutor:
 
     def launch(self, task: NodeTask, nodes: int) -> "LocalHandle":
         run_dir = Path(task.run_dir)
+        if task.vllm_bin is not None:  # the nodes run here: what the vLLM here is was asked when the sweep was checked
+            found = vllm_install.probe_here(vllm_install.command(task.vllm_bin),
+                                            {**os.environ, **task.topology.get("env", {}), **task.env})
+            task = replace(task, vllm=found.to_dict() if not isinstance(found, str) else None)
         # supervisors carry the deployment's tag too: a resumed sweep finds them after a kill -9 of the driver
         env = {**os.environ, procs.TAG: task.deployment_id}
         sups = []

@@ -51,6 +51,7 @@ class NodeTask:
     poll_s: float = 0.2
     preflight: bool = False
     vllm_bin: str | None = None  # engine vllm: the command that runs vLLM's CLI (epkit.launch.vllm_install)
+    vllm: dict[str, Any] | None = None  # what that command said it is, when the executor asked it on this machine
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -115,7 +116,10 @@ def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str]) -> tuple[
 
     try:
         cmd = vllm_install.command(task.vllm_bin)
-        install = vllm_install.probe(cmd, env)
+        if task.vllm is not None and tuple(task.vllm["command"]) == cmd:  # asked already, on this machine
+            install = vllm_install.VllmInstall(cmd, task.vllm["version_full"], task.vllm["device"])
+        else:
+            install = vllm_install.probe(cmd, env)
     except (ValueError, RuntimeError) as exc:
         return argv, {}, {"command": task.vllm_bin}, str(exc)
     facts = install.to_dict()

@@ -19,7 +19,7 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 from epkit.launch.deployment import FAIL_FAST_KINDS
-from epkit.launch.failure import Failure, match_log, tail
+from epkit.launch.failure import Failure, fatal, match_log, tail
 from epkit.launch.node import node_file, read_json
 
 if TYPE_CHECKING:
@@ -97,7 +97,8 @@ class DeploymentWatch:
         self._log_rest[n] = rest[-4096:]
         found = match_log(complete.decode("utf-8", "replace"))
         if found and found[0] in FAIL_FAST_KINDS:
-            return Failure(found[0], f"node {n}: {found[1]}", tail(path, 40), n)
+            return fatal(tail(path, 200), n, FAIL_FAST_KINDS) or Failure(found[0], f"node {n}: {found[1]}",
+                                                                          tail(path, 40), n)
         return None
 
     def _health(self) -> Failure | None:
