@@ -383,6 +383,7 @@ def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None 
     startup_s = spec.run.get("startup_estimate_s", 600.0 if any(t.topology.engine == "vllm" for t in spec.topologies) else 30.0)
     point_s = spec.run.get("point_estimate_s", 60.0)
     rows, gpu_s, pending_total = [], 0.0, 0
+    executor = spec.make_executor()
     for tp in spec.topologies:
         address = None if tp.topology.nodes == 1 else (tp.topology.data_parallel_address
                                                        if spec.executor == "local" else DRY_RUN_ADDRESS)
@@ -396,6 +397,7 @@ def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None 
             gpu_s += gpus * seconds
         pending_total += len(pending)
         rows.append({"id": tp.id, "nodes": tp.topology.nodes, "gpus": gpus, "commands": commands,
+                     "engine": executor.engine_notes(tp.topology),
                      "memory": None if plan is None else {"gpu": plan.gpu, "fits": plan.fits, "reason": plan.reason},
                      "warnings": tp.topology.warnings() + list(tp.notes),
                      "points": sum(w.repeats for w in spec.workloads),

@@ -20,6 +20,7 @@ def format_plan(plan: dict) -> str:
         lines += ["", f"== {t['id']}  ({t['nodes']} node(s), {t['gpus']} GPUs; {t['pending']}/{t['points']} points "
                       f"to run)", f"   {verdict}"]
         lines += [f"   warning: {w}" for w in t["warnings"]]
+        lines += [f"   vllm: {note}" for note in t.get("engine", [])]
         for n, cmd in enumerate(t["commands"]):
             lines.append(f"   # node {n}" + (" (primary)" if n == 0 else " (headless)"))
             lines += ["   " + ln for ln in cmd.splitlines()]

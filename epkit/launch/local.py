@@ -94,6 +94,22 @@ class LocalExecutor:
                          f"with {vendor.install}")
         return found
 
+    def engine_notes(self, topology: Any) -> list[str]:
+        """For a dry run: which vLLM runs ``topology`` here and what epkit adds to its command on this platform."""
+        if topology.engine != "vllm":
+            return []
+        cmd = vllm_install.command(self.vllm_bin)
+        env = {**os.environ, **topology.env}
+        install = vllm_install.probe_here(cmd, env)
+        if isinstance(install, str):
+            return [install]
+        try:
+            _, _, notes = vllm_install.platform_args(topology, install, vllm_install.HostFacts.here(), env)
+        except ValueError as exc:
+            notes = [str(exc)]
+        return [f"runs `{shlex.join(cmd)}` = vLLM {install.version_full} ({install.device})"] + \
+            [f"adds {note}" for note in notes]
+
     def launch(self, task: NodeTask, nodes: int) -> "LocalHandle":
         run_dir = Path(task.run_dir)
         if task.vllm_bin is not None:  # the nodes run here: what the vLLM here is was asked when the sweep was checked

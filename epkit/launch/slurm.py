@@ -101,6 +101,12 @@ class SlurmExecutor:
         vLLM (release and platform, :mod:`epkit.launch.vllm_install`) and the engine check them at start."""
         return []
 
+    def engine_notes(self, topology: Any) -> list[str]:
+        if topology.engine != "vllm":
+            return []
+        return [f"runs `{self.vllm_bin or '$EPKIT_VLLM_BIN or vllm'}` on each node; its release and platform are "
+                "checked there before it starts (platform flags are added there too)"]
+
     def pick_ports(self) -> tuple[int, int]:
         port = random.Random().randrange(20000, 45000, 2)
         return port, port + 1

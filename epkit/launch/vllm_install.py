@@ -59,7 +59,7 @@ def command(value: str | None = None) -> tuple[str, ...]:
         raise ValueError(f"vllm_bin={text!r} is not a valid command line ({exc})") from None
     if not words:
         raise ValueError(f"vllm_bin={text!r} is empty; give the vLLM executable (e.g. vllm or /opt/venv/bin/vllm)")
-    return words
+    return (os.path.expanduser(words[0]), *words[1:])
 
 
 @dataclass(frozen=True)

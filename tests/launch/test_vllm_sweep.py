@@ -105,6 +105,16 @@ def test_report_shows_vllm_and_epkit_rows_side_by_side(local_sweep, tmp_path):
     assert "vllm 0.32.0" in page and "epkit" in page
 
 
+def test_dry_run_names_the_vllm_and_what_epkit_adds_on_its_platform(vllm_cli, vllm_model_dir):
+    from epkit.sweep import plan_sweep
+
+    plan = plan_sweep(parse_sweep(sweep_dict("dry", vllm_model_dir, vllm_cli, [{"tp": 1}, {"tp": 2}])))
+    tp1, tp2 = (row["engine"] for row in plan["topologies"])
+    assert tp1[0] == f"runs `{vllm_cli}` = vLLM 0.32.0+cpu (cpu)"
+    assert any("--gpu-memory-utilization" in n for n in tp1) and not any("THREADS_BIND" in n for n in tp1)
+    assert any("VLLM_CPU_OMP_THREADS_BIND=" in n for n in tp2)
+
+
 def test_a_topology_vllm_cpu_cannot_run_is_refused_before_launch(vllm_cli, vllm_model_dir):
     with pytest.raises(TopologyError) as info:
         parse_sweep(sweep_dict("refused", vllm_model_dir, vllm_cli, [{"dp": 2, "enable_expert_parallel": True}]))
