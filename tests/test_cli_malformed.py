@@ -72,6 +72,9 @@ FILES = {
     "sweep_dataset_list.yaml": {**SWEEP, "workloads": [{"num_prompts": 2, "dataset": ["random"]}]},
     "sweep_workload_name.yaml": {**SWEEP, "workloads": [{"num_prompts": 2, "name": 7}]},
     "backend_list.yaml": {**EP8, "all2all_backend": ["pplx"]},
+    "sweep_vllm_bin_list.yaml": {**SWEEP, "engine": "vllm", "vllm_bin": ["vllm", "serve"]},
+    "sweep_vllm_missing.yaml": {**SWEEP, "engine": "vllm", "model": "Qwen/Qwen3-30B-A3B",
+                                "vllm_bin": "/no/such/dir/vllm"},
     "trace.json": "garbage",
 }
 
@@ -232,6 +235,17 @@ CASES = [
          "allgather_reducescatter", proc=True),
     case("serve_utilization", "serve epkit-tiny-moe --port @PORT --gpu-memory-utilization 2",
          "gpu_memory_utilization=2", "(0, 1]", proc=True),
+    # ---- epkit sweep: the vLLM executable --------------------------------------------------------------
+    case("sweep_vllm_bin_not_string", "sweep @D/sweep_vllm_bin_list.yaml --dry-run", "vllm_bin=['vllm', 'serve']",
+         "command line as a string"),
+    case("sweep_vllm_bin_quote", ["sweep", "@D/sweep_vllm_missing.yaml", "--dry-run", "--vllm-bin", "'unclosed"],
+         "vllm_bin=\"'unclosed\"", "not a valid command line"),
+    case("sweep_vllm_bin_missing", "sweep @D/sweep_vllm_missing.yaml --dry-run", "/no/such/dir/vllm", "is not found",
+         "vllm_bin:", "--vllm-bin", "EPKIT_VLLM_BIN"),
+    # ---- epkit gate ------------------------------------------------------------------------------------
+    case("gate_missing_folder", "gate @D/nope @D", "nope"),
+    case("gate_bare_number", "gate @D @D --max-regression output_throughput=5", "output_throughput=5", "%"),
+    case("gate_unknown_metric", "gate @D @D --max-regression ttft=5%", "ttft", "output_throughput"),
     # ---- epkit itself ----------------------------------------------------------------------------------
     case("epkit_unknown_command", "plna @D/nomodel.yaml", "unknown command 'plna'", "plan, serve", proc=True),
 ]
