@@ -108,7 +108,8 @@ def _exec_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str]) -> tuple[list[str], dict, dict, str | None]:
+def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str],
+                 address: str | None) -> tuple[list[str], dict, dict, str | None]:
     """For ``vllm serve``: (argv with the node's vLLM command and its platform's flags, env to add, what the
     node's vLLM is, why it must not start or None). The refusal comes before anything starts."""
     from epkit.launch import vllm_install
@@ -128,7 +129,8 @@ def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str]) -> tuple[
     if problems:
         return argv, {}, facts, "; ".join(problems)
     try:
-        extra, add_env, notes = vllm_install.platform_args(topology, install, vllm_install.HostFacts.here(), env)
+        host = vllm_install.HostFacts.here(address if topology.nodes > 1 else None)
+        extra, add_env, notes = vllm_install.platform_args(topology, install, host, env)
     except ValueError as exc:
         return argv, {}, facts, str(exc)
     facts["platform_notes"] = notes
@@ -171,7 +173,7 @@ def run_node(task: NodeTask) -> dict:
            "PYTHONUNBUFFERED": "1"}
     log_path = node_file(run_dir, node, "log")
     if argv[:2] == ["vllm", "serve"]:
-        argv, platform_env, info["vllm"], refused = prepare_vllm(task, argv, env)
+        argv, platform_env, info["vllm"], refused = prepare_vllm(task, argv, env, address)
         env_add.update(platform_env)
         env.update(platform_env)
         if refused is not None:  # the node's vLLM cannot run this topology: say why, start nothing

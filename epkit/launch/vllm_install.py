@@ -13,8 +13,12 @@ inside any wrapper) and checks the topology against it:
   ``all_gatherv``), and expert parallelism needs that communicator too.
 
 On the CPU build, epkit also supplies what that platform needs and the topology does not say
-(:func:`platform_args`): the KV cache's share of host memory, one core group per TP rank, eager mode
-for TP > 1.
+(:func:`platform_args`): the KV cache's share of host memory and one core group per local TP rank
+(TP=2 also runs with torch.compile there: ≈ 125 s to healthy on 2 cores against ≈ 40 s with
+``--enforce-eager``, which stays the user's choice). On every platform, a node of a multi-node
+deployment is told the address it reaches the primary from (``VLLM_HOST_IP``): vLLM otherwise finds
+its own address through the default route, and where there is none it falls back to 0.0.0.0, which
+its peers cannot reach (they wait forever).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ PROBE_TIMEOUT_S = 180.0  # `vllm --version` imports vLLM's argument stack: secon
 CPU_KV_CACHE_BYTES = 2 * 2**30
 CPU_KV_SHARE_OF_AVAILABLE = 0.25
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-EAGER_FLAG = "--enforce-eager"  # the one flag only this platform table adds
+HOST_IP_ENV = "VLLM_HOST_IP"
 _VERSION = re.compile(r"^v?(\d+\.\d+(?:\.\d+)?(?:[.\w-]*)?(?:\+[\w.]+)?)$")
 
 
@@ -152,14 +156,16 @@ def problems(topology: Any, install: VllmInstall) -> list[str]:
 
 @dataclass(frozen=True)
 class HostFacts:
-    """The node's cores (those this process may run on) and memory."""
+    """The node's cores (those this process may run on), its memory, and the address it reaches the
+    deployment's primary from (None for a single node, or when no route is found)."""
 
     cores: tuple[int, ...]
     mem_total_bytes: int
     mem_available_bytes: int
+    ip_toward_primary: str | None = None
 
     @classmethod
-    def here(cls) -> "HostFacts":
+    def here(cls, primary: str | None = None) -> "HostFacts":
         cores = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else \
             tuple(range(os.cpu_count() or 1))
         info = {}
@@ -170,7 +176,19 @@ class HostFacts:
         except (OSError, ValueError, IndexError):
             pass
         total = info.get("MemTotal", 0)
-        return cls(cores, total, info.get("MemAvailable", total))
+        return cls(cores, total, info.get("MemAvailable", total), ip_toward(primary) if primary else None)
+
+
+def ip_toward(address: str) -> str | None:
+    """This machine's address on the route to ``address`` (a UDP socket "connected" there sends nothing)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(address), 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
 
 
 def cpu_memory_fraction(host: HostFacts) -> float:
@@ -193,32 +211,37 @@ def cpu_bind(cores: tuple[int, ...], tp: int) -> str:
                     else ",".join(map(str, g)) for g in groups)
 
 
+def local_tp(topology: Any) -> int:
+    """The TP ranks on one node (all of them, unless TP spans nodes)."""
+    return topology.tp_per_node if getattr(topology, "tp_spans_nodes", False) else topology.tp
+
+
 def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
                   env: Mapping[str, str]) -> tuple[list[str], dict[str, str], list[str]]:
-    """(flags to add, environment to add, one note per addition) for ``install``'s platform.
+    """(flags to add, environment to add, one note per addition) for ``install``'s platform on this node.
 
-    Nothing on GPUs. On vLLM's CPU build: ``--gpu-memory-utilization`` (:func:`cpu_memory_fraction`)
-    unless the topology sets it; with TP > 1, ``VLLM_CPU_OMP_THREADS_BIND`` (one core group per rank;
-    vLLM's ``auto`` asks for one NUMA node per rank, which a small machine does not have) unless
-    ``env`` sets it, and ``--enforce-eager`` (the TP > 1 mode verified on vLLM-CPU 0.32.0) unless
-    the topology's extra_args say it. Raises ``ValueError`` when the node has too few cores."""
+    Every platform, several nodes: ``VLLM_HOST_IP`` = ``host.ip_toward_primary`` unless ``env`` sets it.
+    vLLM's CPU build: ``--gpu-memory-utilization`` (:func:`cpu_memory_fraction`) unless the topology sets
+    it; with more than one TP rank on the node, ``VLLM_CPU_OMP_THREADS_BIND`` (one core group per rank;
+    vLLM's ``auto`` asks for one NUMA node per rank, which a small machine does not have) unless ``env``
+    sets it. Raises ``ValueError`` when the node has too few cores."""
     args: list[str] = []
     add_env: dict[str, str] = {}
     notes: list[str] = []
+    if topology.nodes > 1 and HOST_IP_ENV not in env and host.ip_toward_primary:
+        add_env[HOST_IP_ENV] = host.ip_toward_primary
+        notes.append(f"{HOST_IP_ENV}={host.ip_toward_primary}: the address this node reaches the primary from")
     if install.device != "cpu":
         return args, add_env, notes
     if topology.gpu_memory_utilization is None:
         fraction = cpu_memory_fraction(host)
         flag = ENGINE_FLAG_FIELDS["gpu_memory_utilization"]
         args += [flag, f"{fraction:g}"]
-        notes.append(f"{flag} {fraction:g}: on vLLM's CPU build the flag is the share of host memory "
-                     f"for the KV cache ({fraction * host.mem_total_bytes / 2**30:.1f} GiB of "
+        notes.append(f"{flag} {fraction:g}: on vLLM's CPU build the flag is the share of host memory for the KV "
+                     f"cache ({fraction * host.mem_total_bytes / 2**30:.1f} GiB of "
                      f"{host.mem_total_bytes / 2**30:.1f} GiB)")
-    if topology.tp > 1:
-        if CPU_BIND_ENV not in env:
-            add_env[CPU_BIND_ENV] = cpu_bind(host.cores, topology.tp)
-            notes.append(f"{CPU_BIND_ENV}={add_env[CPU_BIND_ENV]}: one core group per TP rank")
-        if EAGER_FLAG not in topology.extra_args:
-            args.append(EAGER_FLAG)
-            notes.append(f"{EAGER_FLAG}: TP={topology.tp} on vLLM's CPU build runs in eager mode")
+    ranks = local_tp(topology)
+    if ranks > 1 and CPU_BIND_ENV not in env:
+        add_env[CPU_BIND_ENV] = cpu_bind(host.cores, ranks)
+        notes.append(f"{CPU_BIND_ENV}={add_env[CPU_BIND_ENV]}: one core group per TP rank on this node")
     return args, add_env, notes

@@ -51,11 +51,22 @@ def test_cpu_platform_args():
     args, env, notes = vi.platform_args(topo(), CPU, HOST, {})
     assert args == ["--gpu-memory-utilization", "0.09"] and env == {}  # 2 GiB of 24 GiB, rounded up
     args, env, notes = vi.platform_args(topo(tp=2), CPU, HOST, {})
-    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} and "--enforce-eager" in args and len(notes) == 3
-    args, env, _ = vi.platform_args(topo(tp=2, gpu_memory_utilization=0.2, extra_args=("--enforce-eager",)), CPU,
-                                    HOST, {"VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"})
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} and args == ["--gpu-memory-utilization", "0.09"]
+    assert len(notes) == 2
+    args, env, _ = vi.platform_args(topo(tp=2, gpu_memory_utilization=0.2), CPU, HOST,
+                                    {"VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"})
     assert args == [] and env == {}  # what the topology says is kept
     assert vi.platform_args(topo(tp=2), GPU, HOST, {}) == ([], {}, [])
+
+
+def test_every_node_of_a_multi_node_deployment_is_told_its_address():
+    two = Topology(model="epkit-tiny-moe", dp=2, nodes=2, gpus_per_node=1, data_parallel_address="10.0.0.1",
+                   vllm_version="0.26.0")
+    host = vi.HostFacts((0, 1), 24 * 2**30, 16 * 2**30, ip_toward_primary="10.0.0.2")
+    assert vi.platform_args(two, GPU, host, {})[1] == {"VLLM_HOST_IP": "10.0.0.2"}
+    assert vi.platform_args(two, GPU, host, {"VLLM_HOST_IP": "10.0.0.9"})[1] == {}  # the user's value is kept
+    assert vi.platform_args(topo(), GPU, host, {})[1] == {}  # one node: vLLM needs no address
+    assert vi.ip_toward("127.0.0.1") == "127.0.0.1"
     with pytest.raises(ValueError, match="tensor_parallel_size=4 needs at least 4 cores"):
         vi.platform_args(topo(tp=4), CPU, HOST, {})
 
