@@ -86,12 +86,12 @@ class LocalExecutor:
         from epkit.backends import VENDOR_PACKAGES
 
         vendor = VENDOR_PACKAGES.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
-        python = _interpreter(shutil.which(cmd[0]) or cmd[0]) if "python" not in os.path.basename(cmd[0]) \
-            else (shutil.which(cmd[0]) or cmd[0])
+        exe = shutil.which(cmd[0]) or cmd[0]
+        python = exe if "python" in os.path.basename(exe) else _interpreter(exe)
         if vendor is not None and not _importable(python, vendor.module):
             found.append(f"all2all_backend={topology.all2all_backend!r} needs {vendor.package} (Python module "
-                         f"{vendor.module!r}) in the Python of {shlex.join(cmd)}, which does not have it; install it "
-                         f"with {vendor.install}")
+                         f"{vendor.module!r}) in the Python of {shlex.join((exe, *cmd[1:]))}, which does not have it; "
+                         f"install it with {vendor.install}")
         return found
 
     def engine_notes(self, topology: Any) -> list[str]:
