@@ -172,6 +172,10 @@ def backend_advice(topology: Topology) -> str:
         return "no expert parallelism: MoE layers are tensor-parallel; all2all backend unused"
     if topology.engine != "vllm":
         return "built-in engine: every backend runs the same MoE; compare them in a sweep"
+    if not topology.all2all_in_effect:
+        return (f"dp=1: vLLM runs no all2all (tensor-parallel MoE over tp={topology.tp}"
+                + (f" across {topology.nodes} nodes" if topology.tp_spans_nodes else "")
+                + "); the backend is unused")
     release = vllm_versions.release(topology.vllm_version)
     real = {b for b in release.backends if b not in release.replaced}
 
@@ -203,6 +207,8 @@ def derived_sizes(topology: Topology) -> dict[str, Any]:
         "tp": topology.tp,
         "dp": topology.dp,
         "nodes": topology.nodes,
+        "tp_spans_nodes": topology.tp_spans_nodes,
+        "tp_per_node": topology.tp_per_node,
         "dp_per_node": topology.dp_per_node,
         "gpus_per_node_used": topology.gpus_on_node,
         "world_size": topology.world_size,

@@ -37,6 +37,8 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
     "--api-server-count": ("api_server_count", int, "API server processes on the primary node"),
     "--data-parallel-address": ("data_parallel_address", str, "primary node's IP or hostname (needed for nodes > 1)"),
     "--data-parallel-rpc-port": ("data_parallel_rpc_port", int, "DP RPC port (1-65535)"),
+    "--master-port": ("master_port", int, "torch.distributed port of TP across nodes (tp > gpus_per_node; "
+                      "1-65535; default vLLM's)"),
     "--gloo-socket-ifname": ("gloo_socket_ifname", str, "GLOO_SOCKET_IFNAME exported on every node (e.g. eth0)"),
     "--nccl-socket-ifname": ("nccl_socket_ifname", str, "NCCL_SOCKET_IFNAME exported on every node"),
     **{ENGINE_FLAG_FIELDS[name]: (name, kind, help_) for name, kind, help_ in (  # flags spelled in topology.py
@@ -50,7 +52,7 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
 }
 ALIASES = {"--tensor-parallel-size": ["--tp"], "--data-parallel-size": ["--dp"]}
 METAVARS = {"model": "NAME", "model_config": "PATH", "all2all_backend": "BACKEND", "eplb": "JSON",
-            "data_parallel_address": "HOST", "data_parallel_rpc_port": "PORT", "gloo_socket_ifname": "IFNAME",
+            "data_parallel_address": "HOST", "data_parallel_rpc_port": "PORT", "master_port": "PORT", "gloo_socket_ifname": "IFNAME",
             "nccl_socket_ifname": "IFNAME", "max_model_len": "TOKENS", "gpu_memory_utilization": "FRACTION",
             "engine": "ENGINE", "vllm_version": "VERSION"}
 EPLB_DOTTED = "--eplb-config."
@@ -188,8 +190,13 @@ def format_text(report: dict[str, Any]) -> str:
         f"  ep_size = tp × dp = {d['tp']} × {d['dp']} = {d['ep_size']}" if d["ep_size"] > 1
         else "  expert parallelism off: experts are tensor-parallel"
     )
-    out.append(f"  GPUs: {d['world_size']} ({d['nodes']} node(s) × {d['gpus_per_node_used']}); DP ranks per node {d['dp_per_node']}; "
-               f"start ranks {d['node_start_ranks']}")
+    if d["tp_spans_nodes"]:
+        out.append(f"  GPUs: {d['world_size']} ({d['nodes']} node(s) × {d['gpus_per_node_used']}); tensor parallelism "
+                   f"across nodes: one TP group of {d['tp']}, {d['tp_per_node']} ranks per node (node ranks "
+                   f"0..{d['nodes'] - 1}), dp=1")
+    else:
+        out.append(f"  GPUs: {d['world_size']} ({d['nodes']} node(s) × {d['gpus_per_node_used']}); DP ranks per node "
+                   f"{d['dp_per_node']}; start ranks {d['node_start_ranks']}")
     out.append(f"  experts: {d['num_logical_experts']} logical + {d['num_redundant_experts']} redundant = "
                f"{d['num_physical_experts']} physical" + (f", {d['experts_per_rank']:g} per EP rank" if d["experts_per_rank"] else ""))
     out.append(f"  MoE layers {d['num_moe_layers']}; bytes per expert {d['bytes_per_expert'] / 1e6:.1f} MB; "

@@ -28,7 +28,30 @@ VLLM_FLAGS = {
     "eplb_config": "--eplb-config",
     "api_server_count": "--api-server-count",
     "headless": "--headless",
+    "nnodes": "--nnodes",  # tensor parallelism across nodes (Topology.tp_spans_nodes)
+    "node_rank": "--node-rank",
+    "master_addr": "--master-addr",
+    "master_port": "--master-port",
     **ENGINE_FLAG_FIELDS,
+}
+# vLLM's short spellings of the flags above (vllm/engine/arg_utils.py), refused in extra_args too.
+VLLM_SHORT_FLAGS = {
+    "-tp": "tp",
+    "-dp": "dp",
+    "-dpl": "dp_local",
+    "-dpr": "start_rank",
+    "-dpa": "address",
+    "-dpp": "rpc_port",
+    "-ep": "enable_expert_parallel",
+    "-n": "nnodes",
+    "-r": "node_rank",
+}
+
+# The topology field a VLLM_FLAGS word is rendered from, where the two names differ.
+_FIELD_OF_WORD = {
+    "start_rank": "nodes", "headless": "nodes", "nnodes": "nodes", "node_rank": "nodes",
+    "address": "data_parallel_address", "master_addr": "data_parallel_address",
+    "rpc_port": "data_parallel_rpc_port", "enable_eplb": "eplb", "eplb_config": "eplb",
 }
 
 # topology word -> environment variable set on every node.
@@ -74,8 +97,10 @@ def _check_extra_args(topology: Topology) -> None:
         flag = arg.split("=", 1)[0]
         if flag.startswith("--"):
             flag = "--" + flag[2:].replace("_", "-")  # vLLM reads --data_parallel_size as --data-parallel-size
+        flag = VLLM_FLAGS.get(VLLM_SHORT_FLAGS.get(flag, ""), flag)
         if flag in owned or flag.startswith(VLLM_FLAGS["eplb_config"] + "."):
             word = next((k for k, v in VLLM_FLAGS.items() if v == flag), "eplb")
+            word = _FIELD_OF_WORD.get(word, word)
             raise TopologyError(
                 f"topology.extra_args contains {arg!r}, which epkit renders from the topology; "
                 f"set the topology field ({word}) instead"
@@ -97,19 +122,41 @@ def _eplb_args(topology: Topology) -> list[str]:
     return args
 
 
+def _placement_args(topology: Topology, node: int, address: str | None) -> list[str]:
+    """Where this node's ranks sit: DP placement flags, or ``--nnodes``/``--node-rank`` when TP spans nodes."""
+    if topology.tp_spans_nodes:  # one TP group over every node; its workers meet at tcp://ADDR:PORT
+        args = [VLLM_FLAGS["nnodes"], str(topology.nodes), VLLM_FLAGS["node_rank"], str(node),
+                VLLM_FLAGS["master_addr"], address]
+        if topology.master_port is not None:
+            args += [VLLM_FLAGS["master_port"], str(topology.master_port)]
+        return args
+    args = []
+    if topology.nodes > 1 or topology.dp_local is not None:
+        args += [VLLM_FLAGS["dp_local"], str(topology.dp_per_node)]
+    if node > 0:
+        args += [VLLM_FLAGS["start_rank"], str(topology.node_start_rank(node))]
+    if address:
+        args += [VLLM_FLAGS["address"], address]
+    if topology.data_parallel_rpc_port is not None:
+        args += [VLLM_FLAGS["rpc_port"], str(topology.data_parallel_rpc_port)]
+    return args
+
+
 def render(topology: Topology, address: str | None = None) -> list[NodeLaunch]:
     """One :class:`NodeLaunch` per node, primary first.
 
     ``address`` overrides ``topology.data_parallel_address`` (a Slurm executor knows
-    node 0's hostname only once the job runs). A multi-node topology needs one.
+    node 0's hostname only once the job runs). A multi-node topology needs one: the
+    DP address the headless nodes reach, or, when TP spans nodes, vLLM's ``--master-addr``.
     """
     _check_extra_args(topology)
     address = address or topology.data_parallel_address
-    multi = topology.nodes > 1
-    if multi and not address:
+    if topology.nodes > 1 and not address:
+        why = (f"it is {VLLM_FLAGS['master_addr']}, where every node's TP workers meet in torch.distributed"
+               if topology.tp_spans_nodes else "the headless nodes must reach the primary")
         raise TopologyError(
-            f"topology.data_parallel_address is required when nodes={topology.nodes}: "
-            "the headless nodes must reach the primary (give its IP or hostname)"
+            f"topology.data_parallel_address is required when nodes={topology.nodes}: {why} "
+            "(give node 0's IP or hostname)"
         )
     env = {var: getattr(topology, word) for word, var in ENV_VARS.items() if getattr(topology, word)}
     env.update(topology.env)
@@ -118,14 +165,7 @@ def render(topology: Topology, address: str | None = None) -> list[NodeLaunch]:
         headless = node > 0
         argv = [*ENGINE_COMMANDS[topology.engine], topology.model]
         argv += [VLLM_FLAGS["tp"], str(topology.tp), VLLM_FLAGS["dp"], str(topology.dp)]
-        if multi or topology.dp_local is not None:
-            argv += [VLLM_FLAGS["dp_local"], str(topology.dp_per_node)]
-        if headless:
-            argv += [VLLM_FLAGS["start_rank"], str(topology.node_start_rank(node))]
-        if address:
-            argv += [VLLM_FLAGS["address"], address]
-        if topology.data_parallel_rpc_port is not None:
-            argv += [VLLM_FLAGS["rpc_port"], str(topology.data_parallel_rpc_port)]
+        argv += _placement_args(topology, node, address)
         if topology.enable_expert_parallel:
             argv.append(VLLM_FLAGS["enable_expert_parallel"])
         if topology.all2all_backend:

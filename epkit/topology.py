@@ -209,6 +209,7 @@ class Topology:
     api_server_count: int | None = None
     data_parallel_address: str | None = None
     data_parallel_rpc_port: int | None = None
+    master_port: int | None = None  # --master-port of TP across nodes; None: vLLM's (a Deployment picks a free one)
     gloo_socket_ifname: str | None = None
     nccl_socket_ifname: str | None = None
     max_model_len: int | None = None  # --max-model-len; None: the model's (what the memory plan assumes too)
@@ -230,29 +231,17 @@ class Topology:
             _check_int(owner, name, getattr(self, name), 1)
         _check_bool(owner, "enable_expert_parallel", self.enable_expert_parallel)
         _check_bool(owner, "allow_replaced_backend", self.allow_replaced_backend)
-        if self.dp_local is not None:
-            _check_int(owner, "dp_local", self.dp_local, 1)
-            if self.dp_local * self.nodes != self.dp:
-                raise TopologyError(
-                    f"{owner}.dp_local={self.dp_local} × nodes={self.nodes} = {self.dp_local * self.nodes} "
-                    f"must equal dp={self.dp}"
-                )
-        elif self.dp % self.nodes:
-            raise TopologyError(
-                f"{owner}.dp={self.dp} is not divisible by nodes={self.nodes}; every node runs the same number "
-                f"of DP ranks (dp must be a multiple of {self.nodes})"
-            )
-        if self.gpus_on_node > self.gpus_per_node:
-            raise TopologyError(
-                f"{owner}: tp={self.tp} × dp_local={self.dp_per_node} = {self.gpus_on_node} GPUs per node "
-                f"exceeds gpus_per_node={self.gpus_per_node}"
-            )
+        if self.tp_spans_nodes:
+            self._check_tp_across_nodes(owner)
+        else:
+            self._check_dp_placement(owner)
         if self.eplb_flag_style not in ("json", "dotted"):
             raise TopologyError(f"{owner}.eplb_flag_style={self.eplb_flag_style!r}; allowed: json, dotted")
         if self.api_server_count is not None:
             _check_int(owner, "api_server_count", self.api_server_count, 1)
-        if self.data_parallel_rpc_port is not None:
-            _check_int(owner, "data_parallel_rpc_port", self.data_parallel_rpc_port, 1, 65535)
+        for name in ("data_parallel_rpc_port", "master_port"):
+            if getattr(self, name) is not None:
+                _check_int(owner, name, getattr(self, name), 1, 65535)
         if self.data_parallel_address is not None and (
             not isinstance(self.data_parallel_address, str) or not self.data_parallel_address.strip()
             or any(c.isspace() for c in self.data_parallel_address)
@@ -271,6 +260,67 @@ class Topology:
         self._check_experts(owner)
 
     # ---- validation pieces ------------------------------------------------------
+    def _check_dp_placement(self, owner: str) -> None:
+        """Every node runs the same number of DP ranks, each of them ``tp`` GPUs of that node."""
+        if self.dp_local is not None:
+            _check_int(owner, "dp_local", self.dp_local, 1)
+            if self.dp_local * self.nodes != self.dp:
+                raise TopologyError(
+                    f"{owner}.dp_local={self.dp_local} × nodes={self.nodes} = {self.dp_local * self.nodes} "
+                    f"must equal dp={self.dp}"
+                )
+        elif self.dp % self.nodes:
+            hint = ""
+            if self.dp == 1 and self.tp % self.nodes == 0 and self.tp > 1:
+                hint = (f"; for tensor parallelism across nodes give gpus_per_node={self.tp // self.nodes} "
+                        f"(tp / nodes: TP spans nodes when tp > gpus_per_node)")
+            raise TopologyError(
+                f"{owner}.dp={self.dp} is not divisible by nodes={self.nodes}; every node runs the same number "
+                f"of DP ranks (dp must be a multiple of {self.nodes}){hint}"
+            )
+        if self.gpus_on_node > self.gpus_per_node:
+            hint = ""
+            if self.nodes == 1 and self.dp == 1 and self.tp % self.gpus_per_node == 0:
+                hint = (f"; for tensor parallelism across nodes give nodes={self.tp // self.gpus_per_node} "
+                        "and data_parallel_address (node 0's address)")
+            raise TopologyError(
+                f"{owner}: tp={self.tp} × dp_local={self.dp_per_node} = {self.gpus_on_node} GPUs per node "
+                f"exceeds gpus_per_node={self.gpus_per_node}{hint}"
+            )
+
+    def _check_tp_across_nodes(self, owner: str) -> None:
+        """tp > gpus_per_node over several nodes: vLLM's ``--nnodes`` / ``--node-rank`` with one DP rank.
+
+        vLLM (``EngineArgs.create_engine_config``) needs ``nnodes`` to divide the world size and runs
+        ``world_size // nnodes`` ranks on every node; epkit asks for full nodes (tp = nodes ×
+        gpus_per_node), so ``gpus_per_node`` is also the number of TP ranks a node holds."""
+        what = (f"tp={self.tp} > gpus_per_node={self.gpus_per_node} over nodes={self.nodes} "
+                "(tensor parallelism across nodes)")
+        if self.engine != "vllm":
+            raise TopologyError(
+                f"{owner}.engine={self.engine!r} cannot run {what}: the built-in engine has no tensor parallelism "
+                "across nodes (it runs tp=1); allowed: engine vllm (vLLM's --nnodes/--node-rank)"
+            )
+        if self.dp != 1:
+            raise TopologyError(
+                f"{owner}.dp={self.dp} with {what}; allowed: dp=1 (one TP group over all nodes, as vLLM's "
+                "--nnodes/--node-rank run it; DP with TP across nodes is not supported by epkit)"
+            )
+        if self.dp_local is not None:
+            raise TopologyError(
+                f"{owner}.dp_local={self.dp_local} with {what}; allowed: unset (the one DP rank spans every node)"
+            )
+        if self.tp != self.nodes * self.gpus_per_node:
+            hint = (f"gpus_per_node={self.tp // self.nodes} (tp / nodes TP ranks on each node)"
+                    if self.tp % self.nodes == 0 else f"a node count that divides tp={self.tp}")
+            raise TopologyError(
+                f"{owner}.tp={self.tp} spans nodes (tp > gpus_per_node={self.gpus_per_node}) but is not "
+                f"nodes={self.nodes} × gpus_per_node={self.gpus_per_node} = {self.nodes * self.gpus_per_node}; "
+                f"vLLM runs tp / nnodes ranks on every node, so allowed: tp={self.nodes * self.gpus_per_node}, "
+                f"or {hint}"
+            )
+        vllm_versions.check_nnodes(self.vllm_version)
+
     def _read_engine_flags(self, owner: str) -> None:
         """Move ``--max-model-len`` / ``--gpu-memory-utilization`` from extra_args into their fields."""
         rest, found = _lift_engine_flags(tuple(self.extra_args))
@@ -389,12 +439,27 @@ class Topology:
             ) from exc
 
     @property
+    def tp_spans_nodes(self) -> bool:
+        """Whether one TP group spans several nodes (tp > gpus_per_node): vLLM's ``--nnodes``/``--node-rank``."""
+        return self.nodes > 1 and self.tp > self.gpus_per_node
+
+    @property
+    def tp_per_node(self) -> int:
+        """TP ranks on one node: ``tp / nodes`` when TP spans nodes, else ``tp``."""
+        return self.tp // self.nodes if self.tp_spans_nodes else self.tp
+
+    @property
     def dp_per_node(self) -> int:
+        """DP ranks per node (``--data-parallel-size-local``); 1 when TP spans nodes (the one DP rank is on
+        every node, as vLLM infers it from ``--nnodes``)."""
+        if self.tp_spans_nodes:
+            return 1
         return self.dp_local if self.dp_local is not None else self.dp // self.nodes
 
     @property
     def gpus_on_node(self) -> int:
-        return self.tp * self.dp_per_node
+        """GPUs the deployment uses on each node."""
+        return self.tp_per_node if self.tp_spans_nodes else self.tp * self.dp_per_node
 
     @property
     def world_size(self) -> int:
@@ -420,10 +485,11 @@ class Topology:
         return self.num_physical_experts / self.ep_size
 
     def node_start_rank(self, node: int) -> int:
-        """``--data-parallel-start-rank`` of a node: the local DP sizes of the nodes before it."""
+        """``--data-parallel-start-rank`` of a node: the local DP sizes of the nodes before it (0 on every
+        node when TP spans nodes: each holds part of DP rank 0)."""
         if not 0 <= node < self.nodes:
             raise TopologyError(f"node={node} must be in [0, {self.nodes - 1}]")
-        return node * self.dp_per_node
+        return 0 if self.tp_spans_nodes else node * self.dp_per_node
 
     @property
     def expert_bytes_per_rank(self) -> float:

@@ -66,4 +66,23 @@ def warnings(t: Topology) -> list[str]:
         notes.append("multi-node on InfiniBand clusters: set gloo_socket_ifname (e.g. eth0) to avoid start-up hangs")
     if t.api_server_count and t.api_server_count > t.dp:
         notes.append(f"api_server_count={t.api_server_count} exceeds dp={t.dp}")
+    notes += _tp_across_nodes(t)
+    return notes
+
+
+def _tp_across_nodes(t: Topology) -> list[str]:
+    if not t.tp_spans_nodes:
+        if t.master_port is not None:
+            return [f"master_port={t.master_port} has no effect: it is the torch.distributed port of tensor "
+                    f"parallelism across nodes (tp > gpus_per_node over nodes > 1), and tp={t.tp} fits one node"]
+        return []
+    notes = ["tensor parallelism across nodes: started by hand, every node needs VLLM_HOST_IP=<that node's "
+             "address> where its default route does not give one, and a hostname that resolves to that address "
+             "(else vLLM announces 0.0.0.0 or gloo dials 127.0.0.1 and start-up hangs); epkit's launcher sets "
+             "VLLM_HOST_IP itself"]
+    row = vllm_versions.release(t.vllm_version).version
+    if row not in vllm_versions.NNODES_RUN_ON:
+        notes.append(f"tensor parallelism across nodes: vLLM {row} has the flags (from "
+                     f"{vllm_versions.FIRST_NNODES_RELEASE}), but epkit has run it on vLLM "
+                     f"{', '.join(vllm_versions.NNODES_RUN_ON)} only")
     return notes

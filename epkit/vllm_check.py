@@ -68,14 +68,18 @@ def expected_values(topology: Topology, launch: NodeLaunch, address: str | None 
     argv = launch.argv
     headless = launch.role == "headless"
     address = address or topology.data_parallel_address
+    spans = topology.tp_spans_nodes  # then no DP placement flag: vLLM infers it from --nnodes/--node-rank
     expected: dict[str, Any] = {
         "model": topology.model,
         "tensor_parallel_size": topology.tp,
         "data_parallel_size": topology.dp,
-        "data_parallel_size_local": topology.dp_per_node if (topology.nodes > 1 or topology.dp_local) else None,
-        "data_parallel_start_rank": topology.node_start_rank(launch.node_index) if headless else None,
-        "data_parallel_address": address,
-        "data_parallel_rpc_port": topology.data_parallel_rpc_port,
+        "data_parallel_size_local": (topology.dp_per_node if not spans and (topology.nodes > 1 or topology.dp_local)
+                                     else None),
+        "data_parallel_start_rank": topology.node_start_rank(launch.node_index) if headless and not spans else None,
+        "data_parallel_address": None if spans else address,
+        "data_parallel_rpc_port": None if spans else topology.data_parallel_rpc_port,
+        "nnodes": topology.nodes if spans else 1,
+        "node_rank": launch.node_index if spans else 0,
         "enable_expert_parallel": topology.enable_expert_parallel,
         "all2all_backend": topology.all2all_backend or "allgather_reducescatter",
         "headless": headless,
@@ -85,6 +89,10 @@ def expected_values(topology: Topology, launch: NodeLaunch, address: str | None 
     }
     if topology.gpu_memory_utilization is not None:  # unset: the release's own default, whatever it is
         expected["gpu_memory_utilization"] = topology.gpu_memory_utilization
+    if spans:
+        expected["master_addr"] = address
+        if topology.master_port is not None:  # unset: the release's own default
+            expected["master_port"] = topology.master_port
     assert argv[2] == topology.model
     return expected
 

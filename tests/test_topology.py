@@ -14,6 +14,7 @@ DS = "deepseek-ai/DeepSeek-V3-0324"
 QWEN = "Qwen/Qwen3-30B-A3B"
 BASE = dict(model=DS, tp=1, dp=8, enable_expert_parallel=True)
 TWO_NODE = dict(BASE, dp=16, nodes=2, data_parallel_address="10.0.0.1")
+TP_NODES = dict(model=QWEN, tp=16, nodes=2, gpus_per_node=8, data_parallel_address="10.0.0.1")  # TP across nodes
 
 # (name, spec dict, the field the message must name, another piece the message must contain)
 INVALID = [
@@ -58,6 +59,16 @@ INVALID = [
     ("eplb_flag_style", dict(BASE, eplb_flag_style="yaml"), "eplb_flag_style='yaml'", "json, dotted"),
     ("eplb_not_mapping", dict(BASE, eplb=5), "eplb=5", "mapping"),
     ("backend_not_in_old_release", dict(BASE, all2all_backend="deepep_v2", vllm_version="0.16.0"), "all2all_backend", "does not accept 'deepep_v2'"),
+    ("master_port_out_of_range", dict(TP_NODES, master_port=70000), "master_port=70000", "65535"),
+    # tensor parallelism across nodes (tp > gpus_per_node over nodes > 1): one rule each
+    ("tp_nodes_built_in_engine", dict(TP_NODES, engine="epkit"), "engine='epkit'", "allowed: engine vllm"),
+    ("tp_nodes_with_dp", dict(TP_NODES, dp=2), "dp=2", "allowed: dp=1"),
+    ("tp_nodes_with_dp_local", dict(TP_NODES, dp_local=1), "dp_local=1", "allowed: unset"),
+    ("tp_nodes_not_full_nodes", dict(TP_NODES, tp=12), "tp=12", "allowed: tp=16, or gpus_per_node=6"),
+    ("tp_nodes_uneven", dict(TP_NODES, tp=10, nodes=3, gpus_per_node=3), "tp=10", "a node count that divides tp=10"),
+    ("tp_nodes_old_vllm", dict(TP_NODES, vllm_version="0.11.0"), "vllm_version='0.11.0'", "vllm_version >= 0.11.1"),
+    ("tp_over_one_node", dict(model=QWEN, tp=16), "gpus_per_node=8", "give nodes=2"),
+    ("dp1_over_nodes_with_room", dict(TP_NODES, tp=8), "dp=1 is not divisible by nodes=2", "gpus_per_node=4"),
 ]
 
 # Valid topologies that must still be refused at render time.
@@ -65,6 +76,13 @@ INVALID_AT_RENDER = [
     ("multinode_without_address", dict(BASE, dp=16, nodes=2), "data_parallel_address", "nodes=2"),
     ("extra_args_override_owned_flag", dict(BASE, extra_args=["--data-parallel-size", "4"]), "extra_args", "dp"),
     ("extra_args_override_eplb", dict(BASE, extra_args=["--eplb-config.window_size=5"]), "extra_args", "eplb"),
+    ("tp_nodes_without_address", dict(TP_NODES, data_parallel_address=None), "data_parallel_address", "--master-addr"),
+    ("extra_args_nnodes", dict(BASE, extra_args=["--nnodes", "2"]), "'--nnodes'", "(nodes)"),
+    ("extra_args_node_rank_short", dict(TP_NODES, extra_args=["-r", "1"]), "'-r'", "(nodes)"),
+    ("extra_args_master_addr", dict(TP_NODES, extra_args=["--master-addr=10.0.0.2"]), "'--master-addr=10.0.0.2'",
+     "(data_parallel_address)"),
+    ("extra_args_master_port", dict(TP_NODES, extra_args=["--master_port", "29500"]), "'--master_port'", "(master_port)"),
+    ("extra_args_short_tp", dict(BASE, extra_args=["-tp", "2"]), "'-tp'", "(tp)"),
 ]
 
 

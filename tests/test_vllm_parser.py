@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from epkit.render import render
+from epkit.render import NodeLaunch, render
 from epkit.spec import load_spec
 from epkit.topology import Topology
-from epkit.vllm_check import check_many, parse_with_vllm
+from epkit.vllm_check import check_many, compare, parse_with_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +20,12 @@ EXTRA_TOPOLOGIES = [
     dict(model="openai/gpt-oss-120b", tp=1, dp=4, gpus_per_node=4, enable_expert_parallel=True,
          eplb={"num_redundant_experts": 4, "use_async": True, "communicator": "torch_gloo"},
          extra_args=["--max-model-len", "8192"]),
+    # tensor parallelism across nodes: --nnodes/--node-rank/--master-addr[/--master-port], --headless on nodes > 0
+    dict(model="Qwen/Qwen3-30B-A3B", tp=16, nodes=2, gpus_per_node=8, data_parallel_address="10.0.0.1"),
+    dict(model="Qwen/Qwen3-30B-A3B", tp=2, nodes=2, gpus_per_node=1, data_parallel_address="10.199.0.1",
+         master_port=29611, max_model_len=1024, gpu_memory_utilization=0.08),
+    dict(model="Qwen/Qwen3-235B-A22B", tp=32, nodes=4, gpus_per_node=8, data_parallel_address="node-0.cluster",
+         master_port=29555, enable_expert_parallel=True, api_server_count=1),
 ]
 
 
@@ -33,17 +39,30 @@ def test_every_seed_spec_and_more_parse_as_intended(vllm_python):
         items.append((topology, render(topology)))
     version, problems = check_many(items, vllm_python)
     assert version in ("0.32.0", "0.32.0+cpu")  # the venv holds vLLM's CPU build (scripts/vllm_venv.sh)
-    assert len(items) >= 10
+    assert len(items) >= 13
+    assert sum(t.tp_spans_nodes for t, _ in items) == 3
     for (topology, _), found in zip(items, problems):
         assert found == [], f"{topology.model}: {found}"
 
 
 def test_the_oracle_catches_a_wrong_command(vllm_python):
     """The check is not vacuous: a command with a wrong flag or value is reported."""
+    tp_nodes = Topology(model="Qwen/Qwen3-30B-A3B", tp=2, nodes=2, gpus_per_node=1, data_parallel_address="10.0.0.1",
+                        master_port=29611)
+    primary, headless = render(tp_nodes)
+    argv = list(headless.argv)
+    argv[argv.index("--node-rank") + 1] = "0"  # both nodes claim rank 0
+    argv[argv.index("--master-port") + 1] = "29612"
+    wrong = NodeLaunch(headless.node_index, headless.role, tuple(argv))
     parsed = parse_with_vllm([["vllm", "serve", "m", "--all2all-backend", "bogus"],
                               ["vllm", "serve", "m", "--eplb-config", '{"window": 1}'],
-                              ["vllm", "serve", "m", "--data-parallel-size", "3"]], vllm_python)
-    bad_backend, bad_eplb, ok = parsed["results"]
+                              ["vllm", "serve", "m", "--data-parallel-size", "3"],
+                              primary.argv, wrong.argv], vllm_python)
+    bad_backend, bad_eplb, ok, *tp_results = parsed["results"]
     assert not bad_backend["ok"] and "bogus" in bad_backend["error"]
     assert not bad_eplb["ok"] and "window" in bad_eplb["error"]
     assert ok["ok"] and ok["values"]["data_parallel_size"] == 3
+    assert compare(tp_nodes, [primary, wrong], tp_results, parsed["vllm_version"]) == [
+        "node 1 (headless): node_rank parsed as 0, topology means 1",
+        "node 1 (headless): master_port parsed as 29612, topology means 29611",
+    ]
