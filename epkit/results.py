@@ -53,6 +53,7 @@ _DETAIL = ("start_times", "ttfts", "itls", "latencies", "input_lens", "output_le
            "generated_texts", "queue_times")
 # Topology fields that are not worth a column (long or machine-specific).
 _TOPOLOGY_SKIP = ("extra_args", "env", "model_config", "data_parallel_address", "data_parallel_rpc_port",
+                  "master_port",
                   "gloo_socket_ifname", "nccl_socket_ifname", "plan")
 
 IDENTITY = ["sweep", "topology_id", "workload_id", "repeat", "status", "config", "topology", "load"]

@@ -124,21 +124,36 @@ def test_a_topology_vllm_cpu_cannot_run_is_refused_before_launch(vllm_cli, vllm_
         parse_sweep(sweep_dict("refused", vllm_model_dir, vllm_cli, [{"dp": 1}], vllm_version="0.26.0"))
 
 
-def test_slurm_vllm_deployment_and_node_refusal(slurm, vllm_cli, vllm_model_dir, tmp_path):
-    """One vLLM deployment on a Slurm node through submitit; a DP=2 topology in the same sweep is refused by
-    its node (which learns the vLLM it runs only there) before vLLM starts: a `config` failure saying why."""
-    data = sweep_dict("vllm-slurm", vllm_model_dir, vllm_cli, [{"tp": 1}, {"dp": 2}], executor="slurm",
+def test_slurm_vllm_one_node_two_nodes_and_a_node_refusal(slurm, vllm_cli, vllm_model_dir, tmp_path):
+    """On the 2-node Slurm cluster through submitit: vLLM on one node; TP=2 across both nodes (node 0 serves the
+    API, node 1 runs headless TP workers; `--nnodes/--node-rank/--master-addr`); and a DP=2 topology in the same
+    sweep, refused by its node (which learns the vLLM it runs only there) before vLLM starts."""
+    data = sweep_dict("vllm-slurm", vllm_model_dir, vllm_cli,
+                      [{"tp": 1}, {"tp": 2, "nodes": 2, "gpus_per_node": 1}, {"dp": 2}], executor="slurm",
                       slurm={"timeout_min": 10, "cpus_per_task": 2, "signal_delay_s": 30})
     data["workloads"] = [{**WORKLOAD, "max_concurrency": 4}]
     summary = run_sweep(parse_sweep(data), results_root=tmp_path, progress=False)
-    df = results.load(tmp_path / "vllm-slurm")
-    ok = df[df["topology_id"] == "vllm_default_tp1_dp1_n1_noep"].iloc[0]
-    assert ok["status"] == "ok" and ok["engine_version"] == "0.32.0" and ok["completed"] == WORKLOAD["num_prompts"]
-    record = node_record(tmp_path / "vllm-slurm", "vllm_default_tp1_dp1_n1_noep")
+    folder = tmp_path / "vllm-slurm"
+    df = results.load(folder).set_index("topology_id")
+    for tid in ("vllm_default_tp1_dp1_n1_noep", "vllm_default_tp2_dp1_n2_noep"):
+        ok = df.loc[tid]
+        assert ok["status"] == "ok" and ok["engine_version"] == "0.32.0", summary["failures"]
+        assert ok["completed"] == WORKLOAD["num_prompts"]
+        assert ok["total_output_tokens"] == WORKLOAD["num_prompts"] * WORKLOAD["output_len"]
+    record = node_record(folder, "vllm_default_tp1_dp1_n1_noep")
     assert record["slurm_job_id"] and record["hostname"] in ("n1", "n2")
+    (run,) = (folder / "vllm_default_tp2_dp1_n2_noep" / "logs").glob("*")
+    nodes = [json.loads((run / f"node{n}.json").read_text()) for n in range(2)]
+    assert [n["hostname"] for n in nodes] == ["n1", "n2"] and nodes[0]["slurm_job_id"] == nodes[1]["slurm_job_id"]
+    for rank, node in enumerate(nodes):
+        argv = node["argv"]
+        assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == str(rank)
+        assert argv[argv.index("--master-addr") + 1] == "n1" and ("--headless" in argv) == (rank == 1)
+        assert node["env"]["VLLM_HOST_IP"].startswith("10.")  # its own address toward n1, not 0.0.0.0
+    assert nodes[0]["env"]["VLLM_HOST_IP"] != nodes[1]["env"]["VLLM_HOST_IP"]
     (refused,) = [f for f in summary["failures"] if f["topology_id"] == "vllm_default_tp1_dp2_n1_noep"]
     assert refused["kind"] == "config" and "serves DP=1 only" in refused["message"]
-    dp2 = node_record(tmp_path / "vllm-slurm", "vllm_default_tp1_dp2_n1_noep")
+    dp2 = node_record(folder, "vllm_default_tp1_dp2_n1_noep")
     assert "argv" not in dp2 and dp2["reason"].startswith("refused: ")  # vLLM never started
-    assert pd.isna(df[df["topology_id"] == "vllm_default_tp1_dp2_n1_noep"]["output_throughput"]).all()
-    assert no_leftovers(deployment_ids(tmp_path / "vllm-slurm")) == []
+    assert pd.isna(df.loc["vllm_default_tp1_dp2_n1_noep", "output_throughput"])
+    assert no_leftovers(deployment_ids(folder)) == []
