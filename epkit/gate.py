@@ -256,9 +256,10 @@ def _change(base: float, new: float) -> float:
 
 def judge(baseline: Side, new: Side, threshold: Threshold) -> tuple[str, float, float | None, str]:
     """The significance rule on one metric: (verdict, change, p, reason). See the module docstring."""
-    if baseline.n == 0 or new.n == 0:
-        side = "baseline" if baseline.n == 0 else "new"
-        return MISSING, math.nan, None, f"no value on the {side} side"
+    if baseline.n == 0:
+        return MISSING, math.nan, None, "no value on the baseline side"
+    if new.n == 0:  # gated, measured before, gone now (renamed, or not reported): the gate cannot pass it
+        return FAILED, math.nan, None, "the baseline has a value, the new run none"
     change = _change(baseline.median, new.median)
     worse = -change if threshold.direction == HIGHER else change  # > 0: moved the bad way
     if worse <= threshold.fraction:

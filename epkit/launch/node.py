@@ -162,7 +162,8 @@ def run_node(task: NodeTask) -> dict:
     if task.preflight:
         from epkit.launch import doctor
 
-        preflight = doctor.collect(ports=[task.port, task.topology.get("data_parallel_rpc_port") or 0])
+        preflight = doctor.collect(ports=[task.port, task.topology.get("data_parallel_rpc_port")
+                                          or task.topology.get("master_port") or 0])
         write_json(node_file(run_dir, node, "preflight.json"), preflight)
     if (run_dir / "stop").exists():  # ended before it started (a queued job of a dead driver)
         info.update(returncode=None, reason="stop requested", finished_at=time.time())
@@ -172,7 +173,7 @@ def run_node(task: NodeTask) -> dict:
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
     log_path = node_file(run_dir, node, "log")
-    if argv[:2] == ["vllm", "serve"]:
+    if task.topology.get("engine") == "vllm":
         argv, platform_env, info["vllm"], refused = prepare_vllm(task, argv, env, address)
         env_add.update(platform_env)
         env.update(platform_env)

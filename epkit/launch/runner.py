@@ -85,23 +85,18 @@ def hardware(deployment: Deployment | None) -> dict:
 
 
 def engine_version(tp: TopologyPoint, deployment: Deployment | None) -> str | None:
-    """The engine release that served: epkit's own version, or what the node's ``vllm --version`` said
-    (recorded by the node before vLLM started; the node's preflight as a fallback)."""
+    """The engine release that served: epkit's own version, or what node 0's ``<vllm_bin> --version`` said
+    (recorded in ``node0.json`` before vLLM started)."""
     if tp.topology.engine == "epkit":
         from epkit import __version__
 
         return __version__
-    if deployment is not None:
-        for name in ("node0.json", "node0.preflight.json"):
-            p = deployment.run_dir / name
-            if p.exists():
-                try:
-                    found = json.loads(p.read_text()).get("vllm", {}).get("version")
-                except ValueError:
-                    continue
-                if found:
-                    return found
-    return None
+    if deployment is None:
+        return None
+    try:
+        return json.loads((deployment.run_dir / "node0.json").read_text()).get("vllm", {}).get("version")
+    except (OSError, ValueError):
+        return None
 
 
 class SweepRunner:

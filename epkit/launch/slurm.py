@@ -104,7 +104,9 @@ class SlurmExecutor:
     def engine_notes(self, topology: Any) -> list[str]:
         if topology.engine != "vllm":
             return []
-        return [f"runs `{self.vllm_bin or '$EPKIT_VLLM_BIN or vllm'}` on each node; its release and platform are "
+        from epkit.launch import vllm_install
+
+        return [f"runs `{vllm_install.vllm_bin(self.vllm_bin)}` on each node; its release and platform are "
                 "checked there before it starts (platform flags are added there too)"]
 
     def pick_ports(self) -> tuple[int, int]:

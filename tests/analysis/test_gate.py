@@ -161,8 +161,10 @@ def test_no_common_point_names_both_sides_points():
 def test_a_metric_missing_on_one_side_is_listed_and_one_in_neither_is_an_error():
     base = frame({P: [(100.0, 50.0)]})
     new = frame({P: [(100.0, 50.0)]}).drop(columns=["p99_ttft_ms"])
-    result = G.compare(base, new, [TTFT])
+    result = G.compare(new, base, [TTFT])  # nothing to hold the new run to: listed
     assert verdicts(result) == {("t/w", "p99_ttft_ms"): G.MISSING} and result.passed
+    result = G.compare(base, new, [TTFT])  # measured before, gone now: the gate fails
+    assert verdicts(result) == {("t/w", "p99_ttft_ms"): G.FAILED} and not result.passed
     with pytest.raises(G.GateError, match=r"'p99_itl_ms' is in neither result set; metrics they have: "
                                           r"output_throughput, p99_ttft_ms"):
         G.compare(base, new, [G.parse_threshold("p99_itl_ms=10%")])

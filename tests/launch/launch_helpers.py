@@ -25,6 +25,33 @@ def no_leftovers(deployment_ids, timeout_s: float = 20.0) -> list:
         time.sleep(0.2)
 
 
+def served(url: str) -> float:
+    """Requests the engine has finished (its request-success counter, vLLM's name, which the built-in engine
+    shares; 0 while unreachable)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return max([sum(s.value for s in fam.samples if s.name.endswith("_total"))
+                for fam in text_string_to_metric_families(text) if fam.name.endswith("request_success")] or [0.0])
+
+
+def vllm_processes(vllm_cli: str, timeout_s: float = 30.0) -> list:
+    """Wait until no process runs from the real vLLM venv (``vllm serve``, its EngineCore and workers: every
+    one's command line names the venv's python or bin/); return what is left."""
+    venv = str(Path(vllm_cli).parents[1])
+    me = os.getpid()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in procs.processes() if p.pid != me and venv in p.cmdline]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def end_leftovers(root: Path, grace_s: float = 30.0) -> list[dict]:
     """End what a failed test left running under ``root`` (its tmp_path): first every sweep driver whose
     command names ``root`` (Ctrl-C, so it stops its own deployment; SIGKILL after ``grace_s``), then every

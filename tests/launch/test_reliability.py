@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import yaml
 
 from epkit.store import ResultStore
 from epkit.sweep_cli import main as sweep_main
-from launch_helpers import TINY, DeploymentSampler, end_leftovers, no_leftovers
+from launch_helpers import TINY, DeploymentSampler, end_leftovers, no_leftovers, served
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,19 +88,6 @@ def _record(results: Path) -> dict | None:
     return max(records, key=lambda r: r["run_dir"]) if records else None
 
 
-def _served(url: str) -> float:
-    """Requests the engine has finished (its request-success counter; 0 while unreachable)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return 0.0
-    return max([sum(s.value for s in fam.samples if s.name.endswith("_total"))
-                for fam in text_string_to_metric_families(text) if fam.name.endswith("request_success")] or [0.0])
-
-
 def _point(results: Path, name: str) -> dict:
     (path,) = results.glob(f"*/*/{name}.json")
     return json.loads(path.read_text())["epkit"]["point"]
@@ -124,7 +110,7 @@ def test_kill9_then_immediate_resume_never_runs_two_deployments(tmp_path):
         record = _wait("the first point", lambda: list(results.glob("k9/*/short.json")) and _record(results),
                        driver=first)
         url = f"http://127.0.0.1:{record['port']}"
-        _wait("requests of the second point", lambda: _served(url) > SHORT["num_prompts"], driver=first)
+        _wait("requests of the second point", lambda: served(url) > SHORT["num_prompts"], driver=first)
         os.kill(first.pid, signal.SIGKILL)  # mid-point: the second point's load is running
         first.wait()
         killed_at = time.monotonic()
@@ -159,7 +145,7 @@ def test_engine_crash_mid_point_ends_the_point_at_once(tmp_path):
     results = tmp_path / "results"
     driver = _driver(spec, results, tmp_path / "driver.log")
     record = _wait("the deployment", lambda: _record(results), driver=driver)
-    _wait("requests being served", lambda: _served(f"http://127.0.0.1:{record['port']}") > 0, driver=driver)
+    _wait("requests being served", lambda: served(f"http://127.0.0.1:{record['port']}") > 0, driver=driver)
     node0 = json.loads((Path(record["run_dir"]) / "node0.json").read_text())
     os.killpg(node0["pgid"], signal.SIGKILL)  # the engine crashes in the middle of the 200 s schedule
     assert driver.wait(120) == 1
@@ -187,7 +173,7 @@ def test_scancel_of_two_node_slurm_job_mid_point_is_cancelled(slurm, tmp_path):
     record = _wait("the Slurm job", lambda: _record(results), driver=driver)
     job = record["handle"]["slurm_job_id"]
     _wait("the primary on n1", lambda: (Path(record["run_dir"]) / "node0.json").exists(), driver=driver)
-    _wait("requests being served", lambda: _served(f"http://n1:{record['port']}") > 0, driver=driver)
+    _wait("requests being served", lambda: served(f"http://n1:{record['port']}") > 0, driver=driver)
     subprocess.run(["scancel", job], check=True)
     assert driver.wait(180) == 1
     out = (tmp_path / "driver.log").read_text()

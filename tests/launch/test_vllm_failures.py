@@ -15,7 +15,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from epkit.launch.local import free_port
 from epkit.launch.runner import run_sweep
 from epkit.sweep import parse_sweep
 from epkit.topology import Topology
-from launch_helpers import end_leftovers, no_leftovers
+from launch_helpers import end_leftovers, no_leftovers, served, vllm_processes
 
 pytestmark = pytest.mark.timeout(420)
 ENGINE_ARGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--enforce-eager"]
@@ -58,6 +57,7 @@ def _fails_to_start(topology: Topology, executor: LocalExecutor, run_dir: Path):
     with pytest.raises(DeploymentFailed) as info:
         d.wait_ready(300)
     assert no_leftovers([d.id]) == [] and _vllm_serving(d.port) == []
+    assert vllm_processes(str(executor.vllm_bin)) == []  # nothing of the vLLM venv runs (ps)
     return info.value.failure, d
 
 
@@ -104,26 +104,13 @@ def test_kv_cache_refusal_says_what_to_raise(vllm_cli, vllm_model_dir, tmp_path)
     assert cause in (tmp_path / "node0.log").read_text()  # the tail shows the cause, however long the traceback after
 
 
-def _served(url: str) -> float:
-    """Requests vLLM has finished (its request-success counter; 0 while unreachable)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return 0.0
-    return max([sum(s.value for s in fam.samples if s.name.endswith("_total"))
-                for fam in text_string_to_metric_families(text) if fam.name.endswith("request_success")] or [0.0])
-
-
 def _kill_mid_point(results: Path, done: threading.Event, killed: dict) -> None:
     """Once the first point's requests are being served, SIGKILL the engine's process group (node0.json)."""
     while not done.wait(0.2):
         records = [json.loads(p.read_text()) for p in results.glob("*/*/logs/*/deployment.json")]
         record = next((r for r in records if r.get("handle")), None)
         node0 = Path(record["run_dir"]) / "node0.json" if record else None
-        if node0 is None or not node0.exists() or _served(f"http://127.0.0.1:{record['port']}") < 1:
+        if node0 is None or not node0.exists() or served(f"http://127.0.0.1:{record['port']}") < 1:
             continue
         info = json.loads(node0.read_text())
         killed.update(record=record, pgid=info["pgid"])
@@ -167,7 +154,7 @@ def test_engine_killed_mid_point_fails_the_point_and_the_rest(vllm_cli, vllm_mod
     assert first["failure"]["message"].startswith(after["failure"]["message"])
     assert any("FAILED" in line and "[killed]" in line for line in said)
     assert no_leftovers([killed["record"]["deployment_id"]]) == []
-    assert _vllm_serving(killed["record"]["port"]) == []
+    assert _vllm_serving(killed["record"]["port"]) == [] and vllm_processes(vllm_cli) == []
     assert not [p for p in procs.processes() if p.pgid == killed["pgid"]]
 
 

@@ -80,6 +80,12 @@ def test_core_groups_and_memory_share():
     assert vi.cpu_memory_fraction(vi.HostFacts((0,), 0, 0)) == 0.05
 
 
+def test_a_relative_vllm_bin_is_made_absolute_for_the_nodes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert vi.command("venv/bin/vllm serve-ignored")[0] == str(tmp_path / "venv/bin/vllm")
+    assert vi.command("vllm") == ("vllm",)  # a name is looked up on PATH where it runs
+
+
 def test_probe_says_what_is_missing(tmp_path):
     with pytest.raises(RuntimeError, match="is not found"):
         vi.probe(("no-such-vllm-here",), {"PATH": str(tmp_path)})
@@ -88,3 +94,9 @@ def test_probe_says_what_is_missing(tmp_path):
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match=r"did not print a vLLM version \(exit code 3\): usage: nothing"):
         vi.probe((str(fake),), {"PATH": str(tmp_path)})
+    fake.write_text("#!/bin/sh\necho 12.4\n")  # a wrapper's own output is no vLLM version
+    with pytest.raises(RuntimeError, match="did not print a vLLM version"):
+        vi.probe((str(fake),), {"PATH": str(tmp_path)})
+    assert isinstance(vi.probe_here((str(fake),), {"PATH": str(tmp_path)}), str)
+    fake.write_text("#!/bin/sh\necho 0.32.0+cpu\n")  # installed since: asked again, errors are not remembered
+    assert vi.probe_here((str(fake),), {"PATH": str(tmp_path)}).version_full == "0.32.0+cpu"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from epkit.errors import TopologyError
 from epkit.launch.runner import run_sweep
 from epkit.sweep import parse_sweep
 
-from launch_helpers import no_leftovers
+from launch_helpers import no_leftovers, vllm_processes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -57,7 +58,7 @@ def local_sweep(vllm_cli, vllm_model_dir, tmp_path_factory):
     return summary, folder, results.load(folder)
 
 
-def test_local_vllm_dp1_and_tp2_beside_the_builtin_engine(local_sweep):
+def test_local_vllm_dp1_and_tp2_beside_the_builtin_engine(local_sweep, vllm_cli):
     summary, folder, df = local_sweep
     assert summary["failures"] == [] and summary["points_ok"] == 6, summary["failures"]
     assert set(df["topology_id"]) == {"vllm_default_tp1_dp1_n1_noep", "vllm_default_tp2_dp1_n1_noep",
@@ -77,7 +78,7 @@ def test_local_vllm_dp1_and_tp2_beside_the_builtin_engine(local_sweep):
     assert "VLLM_CPU_OMP_THREADS_BIND" in tp2["env"]  # one core group per TP rank, chosen on the node
     for path in folder.rglob("short_conc*.json"):  # per-request rows next to every ok point
         assert path.with_name(path.stem + ".requests.parquet").exists()
-    assert no_leftovers(deployment_ids(folder)) == []
+    assert no_leftovers(deployment_ids(folder)) == [] and vllm_processes(vllm_cli) == []
 
 
 def test_both_engines_account_for_the_same_requests_and_tokens(local_sweep):
@@ -102,7 +103,9 @@ def test_report_shows_vllm_and_epkit_rows_side_by_side(local_sweep, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     page = out.read_text()
-    assert "vllm 0.32.0" in page and "epkit" in page
+    from epkit import __version__
+
+    assert "vllm 0.32.0" in page and f"epkit {__version__}" in page  # both engines' rows, each with its version
 
 
 def test_dry_run_names_the_vllm_and_what_epkit_adds_on_its_platform(vllm_cli, vllm_model_dir):
@@ -149,11 +152,12 @@ def test_slurm_vllm_one_node_two_nodes_and_a_node_refusal(slurm, vllm_cli, vllm_
         argv = node["argv"]
         assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == str(rank)
         assert argv[argv.index("--master-addr") + 1] == "n1" and ("--headless" in argv) == (rank == 1)
-        assert node["env"]["VLLM_HOST_IP"].startswith("10.")  # its own address toward n1, not 0.0.0.0
+        # its own address on the Slurm network (toward n1), not 0.0.0.0: what its hostname resolves to there
+        assert node["env"]["VLLM_HOST_IP"] == socket.gethostbyname(node["hostname"])
     assert nodes[0]["env"]["VLLM_HOST_IP"] != nodes[1]["env"]["VLLM_HOST_IP"]
     (refused,) = [f for f in summary["failures"] if f["topology_id"] == "vllm_default_tp1_dp2_n1_noep"]
     assert refused["kind"] == "config" and "serves DP=1 only" in refused["message"]
     dp2 = node_record(folder, "vllm_default_tp1_dp2_n1_noep")
     assert "argv" not in dp2 and dp2["reason"].startswith("refused: ")  # vLLM never started
     assert pd.isna(df.loc["vllm_default_tp1_dp2_n1_noep", "output_throughput"])
-    assert no_leftovers(deployment_ids(folder)) == []
+    assert no_leftovers(deployment_ids(folder)) == [] and vllm_processes(vllm_cli) == []
