@@ -6,8 +6,9 @@ their ratio, p99 ITL of each and their ratio, mean TTFT and TPOT of each. A rati
 the issue's goal (output tok/s >= 0.8x vLLM; p99 ITL <= 1.25x vLLM) is marked ✅, one that misses
 it ❌; the ``goal`` column says whether both are met.
 
-Which run is which comes from the ``--metadata`` keys ``benchmarks/vllm_vs_engine.sh`` saves
-(``bench_topology``, ``bench_server``, ``bench_load``), else from the file name
+Which run is which comes from the ``--metadata`` keys the retired ``vllm_vs_engine.sh`` saved
+(``bench_topology``, ``bench_server``, ``bench_load``; its runs are in ``benchmarks/results/2026-11-30-h200x2``,
+and both engines are now measured through ``epkit sweep``, docs/vllm_compare.md), else from the file name
 ``<topology>_<server>_<load>.json`` (so the anchor runs ``dp4ep_agrs_graph_inf.json`` read as
 topology ``dp4ep_agrs``, server ``graph``, load ``inf``).
 

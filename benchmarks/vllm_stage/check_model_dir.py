@@ -3,7 +3,7 @@
 1. ``transformers.AutoTokenizer`` loads the folder (vLLM loads tokenizers through it) and its
    length equals ``config.json``'s ``vocab_size``; text round-trips.
 2. With ``--random-dataset`` (needs an importable ``vllm``): vLLM's own ``RandomDataset`` draws the
-   benchmark's prompts (512 tokens; the warm-up and measured seeds of ``vllm_vs_engine.sh``) and
+   benchmark's prompts (512 tokens; the warm-up and measured seeds of the retired ``vllm_vs_engine.sh``, 101, 202 and 303) and
    every prompt re-encodes to exactly 512 tokens, so both servers see 512-token prompts.
 
     python check_model_dir.py DIR [--random-dataset]

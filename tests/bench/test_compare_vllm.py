@@ -48,7 +48,7 @@ def test_ratio_is_the_ratio_of_the_files_throughputs(anchors: Path):
 
 
 def test_metadata_labels_win_over_file_names(anchors: Path):
-    """Runs saved by vllm_vs_engine.sh carry bench_* metadata keys; the file name is then irrelevant."""
+    """Runs saved by the retired vllm_vs_engine.sh carry bench_* metadata keys; the file name is then irrelevant."""
     for f, server in (("dp4ep_agrs_graph_inf.json", "vllm"), ("dp4ep_agrs_eager_inf.json", "engine")):
         doc = json.loads((anchors / f).read_text())
         doc.update(bench_server=server, bench_topology="dp4ep_agrs", bench_load="inf")
