@@ -88,6 +88,7 @@ class Deployment:
         self.id = uuid.uuid4().hex[:12]
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"epkit-{self.id}-")).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        topology = with_absolute_paths(topology)
         port, rpc_port = self.executor.pick_ports()
         if topology.tp_spans_nodes:
             if topology.master_port is None:  # where the nodes' TP workers meet
@@ -302,6 +303,18 @@ class Deployment:
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("ready" if self.ready else "starting")
         return f"Deployment({self.topology.model!r}, nodes={self.topology.nodes}, url={self.url!r}, {state})"
+
+
+def with_absolute_paths(topology: Topology) -> Topology:
+    """``topology`` with a relative ``model_config``, and a ``model`` that is a local folder, made absolute: every
+    node runs in its own run folder (on Slurm, on another machine), where a path relative to the driver's
+    working directory names nothing."""
+    changes = {}
+    if topology.model_config and not os.path.isabs(topology.model_config) and os.path.exists(topology.model_config):
+        changes["model_config"] = os.path.abspath(topology.model_config)
+    if not os.path.isabs(topology.model) and os.path.isdir(topology.model):
+        changes["model"] = os.path.abspath(topology.model)
+    return replace(topology, **changes) if changes else topology
 
 
 def deploy(topology: Topology, executor: Any = "local", **options: Any) -> Deployment:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from epkit.launch import procs, vllm_install
-from epkit.launch.failure import Failure, tail
+from epkit.launch.failure import Failure, error_line, tail
 from epkit.launch.node import NodeTask, node_file
 
 
@@ -150,8 +150,11 @@ class LocalHandle:
                 continue
             info = _read(node_file(self.run_dir, node, "json"))
             if "returncode" not in info:
-                return Failure("lost", f"node {node}'s supervisor exited with code {rc} before its engine ended",
-                               tail(node_file(self.run_dir, node, "supervisor.log")), node)
+                log = tail(node_file(self.run_dir, node, "supervisor.log"))
+                said = error_line(log)
+                return Failure("lost", f"node {node}'s supervisor exited with code {rc} before its engine ended"
+                               + (f": {said}" if said else "") + f" (its log: {node_file(self.run_dir, node, 'supervisor.log')})",
+                               log, node)
         return None
 
     def describe(self) -> dict:

@@ -285,7 +285,7 @@ class SweepRunner:
         async def load_point():
             out["loop"], out["task"] = asyncio.get_running_loop(), asyncio.current_task()
             loop_known.set()
-            return await bench.arun(deployment.url, tp.topology.model, w.workload(), endpoint=w.endpoint,
+            return await bench.arun(deployment.url, deployment.model, w.workload(), endpoint=w.endpoint,
                                     label=f"{tp.id}/{w.id}", progress=False, seed=repeat,
                                     timeout_s=self.spec.run.get("request_timeout_s", 3600.0), **load)
 

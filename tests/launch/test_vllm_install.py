@@ -100,3 +100,20 @@ def test_probe_says_what_is_missing(tmp_path):
     assert isinstance(vi.probe_here((str(fake),), {"PATH": str(tmp_path)}), str)
     fake.write_text("#!/bin/sh\necho 0.32.0+cpu\n")  # installed since: asked again, errors are not remembered
     assert vi.probe_here((str(fake),), {"PATH": str(tmp_path)}).version_full == "0.32.0+cpu"
+
+
+def test_relative_model_paths_are_made_absolute_for_the_nodes(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import epkit
+    from epkit.launch.deployment import with_absolute_paths
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(
+        (Path(epkit.__file__).parent / "models" / "epkit-tiny-moe.json").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    bundled = Topology(model="epkit-tiny-moe", gpus_per_node=1)
+    assert with_absolute_paths(bundled) is bundled  # a bundled name (or a hub id) is no path: untouched
+    assert with_absolute_paths(Topology(model="m", gpus_per_node=1)).model == str(tmp_path / "m")
+    out = with_absolute_paths(Topology(model="acme/custom", model_config="m/config.json", gpus_per_node=1))
+    assert out.model_config == str(tmp_path / "m" / "config.json") and out.model == "acme/custom"
