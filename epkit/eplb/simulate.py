@@ -85,6 +85,40 @@ def _ratio(mean: np.ndarray, peak: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, mean / np.where(peak > 0, peak, 1), 0.0)
 
 
+def _replay(load: np.ndarray, placement: Placement, rearranged: np.ndarray, rebalance, window: int,
+            num_physical: int, num_groups: int, num_nodes: int, num_ranks: int) -> tuple[dict, Placement]:
+    """Step through ``load`` segment by segment (a rearrangement ends a segment): per-step mean/max rank load
+    under the placement of the time, and at each rearrangement what the policy saw, did and later realised.
+    Returns the per-step arrays and the final placement."""
+    steps_n = load.shape[0]
+    out = {"mean": np.empty(steps_n), "max": np.empty(steps_n), "moved": np.zeros(steps_n, dtype=np.int64),
+           **{k: np.full(steps_n, np.nan) for k in ("compute_ms", "window_before", "window_after", "next_steps",
+                                                    "next_kept", "next_new")}}
+    previous: Placement | None = None  # the placement before the last rearrangement
+    bounds = np.unique(np.concatenate([[0], np.nonzero(rearranged)[0] + 1, [steps_n]]))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop > start:
+            out["mean"][start:stop], out["max"][start:stop] = step_balancedness(load[start:stop], placement, num_ranks)
+            if previous is not None:  # the realised effect of the rearrangement after step start - 1
+                kept = _ratio(*step_balancedness(load[start:stop], previous, num_ranks))
+                out["next_steps"][start - 1] = stop - start
+                out["next_kept"][start - 1] = kept.mean()
+                out["next_new"][start - 1] = _ratio(out["mean"][start:stop], out["max"][start:stop]).mean()
+        if stop < steps_n or rearranged[stop - 1]:
+            t = stop - 1
+            window_load = load[max(0, t + 1 - window): t + 1].sum(0)
+            began = time.perf_counter()
+            new = rebalance(window_load, num_physical, num_groups, num_nodes, num_ranks, current=placement)
+            out["compute_ms"][t] = (time.perf_counter() - began) * 1e3
+            out["moved"][t] = experts_moved(placement, new, num_ranks).sum()
+            out["window_before"][t] = balancedness(placement.rank_loads(window_load, num_ranks))
+            out["window_after"][t] = balancedness(new.rank_loads(window_load, num_ranks))
+            if t == steps_n - 1:
+                out["next_steps"][t] = 0
+            previous, placement = placement, new
+    return out, placement
+
+
 def simulate(
     trace: Trace | np.ndarray,
     config: Any = None,
@@ -127,35 +161,11 @@ def simulate(
         raise ValueError(f"initial placement has shape {placement.phy2log.shape}; expected ({layers}, {num_physical})")
 
     rearranged, logged = schedule(steps_n, interval, values["log_balancedness_interval"])
-    mean_load = np.empty(steps_n)
-    max_load = np.empty(steps_n)
-    moved = np.zeros(steps_n, dtype=np.int64)
-    compute_ms = np.full(steps_n, np.nan)
-    window_before, window_after = np.full(steps_n, np.nan), np.full(steps_n, np.nan)
-    next_steps = np.full(steps_n, np.nan)
-    next_kept, next_new = np.full(steps_n, np.nan), np.full(steps_n, np.nan)
-    previous: Placement | None = None  # the placement before the last rearrangement
-    bounds = np.unique(np.concatenate([[0], np.nonzero(rearranged)[0] + 1, [steps_n]]))
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        if stop > start:
-            mean_load[start:stop], max_load[start:stop] = step_balancedness(load[start:stop], placement, num_ranks)
-            if previous is not None:  # the realised effect of the rearrangement after step start - 1
-                kept = _ratio(*step_balancedness(load[start:stop], previous, num_ranks))
-                next_steps[start - 1] = stop - start
-                next_kept[start - 1] = kept.mean()
-                next_new[start - 1] = _ratio(mean_load[start:stop], max_load[start:stop]).mean()
-        if stop < steps_n or rearranged[stop - 1]:
-            t = stop - 1
-            window_load = load[max(0, t + 1 - window): t + 1].sum(0)
-            began = time.perf_counter()
-            new = rebalance(window_load, num_physical, num_groups, num_nodes, num_ranks, current=placement)
-            compute_ms[t] = (time.perf_counter() - began) * 1e3
-            moved[t] = experts_moved(placement, new, num_ranks).sum()
-            window_before[t] = balancedness(placement.rank_loads(window_load, num_ranks))
-            window_after[t] = balancedness(new.rank_loads(window_load, num_ranks))
-            if t == steps_n - 1:
-                next_steps[t] = 0
-            previous, placement = placement, new
+    steps, placement = _replay(load, placement, rearranged, rebalance, window, num_physical, num_groups, num_nodes,
+                               num_ranks)
+    mean_load, max_load, moved, compute_ms = steps["mean"], steps["max"], steps["moved"], steps["compute_ms"]
+    window_before, window_after = steps["window_before"], steps["window_after"]
+    next_steps, next_kept, next_new = steps["next_steps"], steps["next_kept"], steps["next_new"]
     frame = pd.DataFrame({
         "step": trace.step if isinstance(trace, Trace) else np.arange(steps_n),
         "balancedness": _ratio(mean_load, max_load),

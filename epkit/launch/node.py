@@ -90,8 +90,8 @@ def _slurm_place(task: NodeTask) -> tuple[int, str]:
 
 def engine_argv(topology_dict: dict, node: int, address: str | None, host: str, port: int) -> tuple[list[str], dict]:
     """The node's rendered argv (plus the primary's --host/--port) and its extra env."""
-    from epkit.render import render
     from epkit.topology import Topology
+    from epkit.topology.render import render
 
     topo = Topology.from_dict(topology_dict)
     launch = render(topo, address=address)[node]
@@ -137,19 +137,60 @@ def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str],
     return [*cmd, *argv[1:], *extra], add_env, facts, None
 
 
-def run_node(task: NodeTask) -> dict:
-    """Run one node of a deployment to its end; return what happened (also in ``node<i>.json``)."""
-    stop = threading.Event()
-    reason: list[str] = []
-
+def _end_on_signals(stop: threading.Event, reason: list[str]) -> None:
+    """An ending signal sets ``stop`` and says which it was (replaces submitit's handlers: it bypasses SIGTERM
+    and requeues on USR2)."""
     def on_signal(signum, _frame):
         reason.append(f"signal {signal.Signals(signum).name}")
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
-        for name in END_SIGNALS:  # replaces submitit's handlers: it bypasses SIGTERM and requeues on USR2
+        for name in END_SIGNALS:
             signal.signal(getattr(signal, name), on_signal)
 
+
+def _finish(run_dir: Path, node: int, info: dict, started: bool = True, **ended: Any) -> dict:
+    """Record how the node ended (``node<i>.json``); the end of a primary that got as far as starting (or
+    refusing) its engine also ends the headless nodes (``primary.done``)."""
+    info.update(**ended, finished_at=time.time())
+    write_json(node_file(run_dir, node, "json"), info)
+    if node == 0 and started:
+        (run_dir / "primary.done").write_text(info["reason"])
+    return info
+
+
+def _supervise(task: NodeTask, proc: subprocess.Popen, node: int, stop: threading.Event,
+               reason: list[str]) -> int | None:
+    """Wait until the engine exits or the deployment must end (stop file, primary done, stale lease, signal);
+    return the engine's exit code if it exited by itself."""
+    run_dir = Path(task.run_dir)
+    while True:
+        returncode = proc.poll()
+        if returncode is not None:
+            reason.append("engine exited")
+            return returncode
+        if stop.wait(task.poll_s):
+            return None
+        if (run_dir / "stop").exists():
+            reason.append("stop requested")
+            return None
+        if node > 0 and (run_dir / "primary.done").exists():
+            reason.append("primary done")
+            return None
+        if task.lease_timeout_s is not None:
+            try:
+                age = time.time() - (run_dir / "lease").stat().st_mtime
+            except OSError:
+                age = 0.0
+            if age > task.lease_timeout_s:
+                reason.append(f"driver lease expired ({age:.0f} s old)")
+                return None
+
+
+def run_node(task: NodeTask) -> dict:
+    """Run one node of a deployment to its end; return what happened (also in ``node<i>.json``)."""
+    stop, reason = threading.Event(), []
+    _end_on_signals(stop, reason)
     if task.node is None or (task.address is None and task.topology.get("nodes", 1) > 1):
         node, address = _slurm_place(task)
     else:
@@ -166,9 +207,7 @@ def run_node(task: NodeTask) -> dict:
                                           or task.topology.get("master_port") or 0])
         write_json(node_file(run_dir, node, "preflight.json"), preflight)
     if (run_dir / "stop").exists():  # ended before it started (a queued job of a dead driver)
-        info.update(returncode=None, reason="stop requested", finished_at=time.time())
-        write_json(node_file(run_dir, node, "json"), info)
-        return info
+        return _finish(run_dir, node, info, started=False, returncode=None, reason="stop requested")
     argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
@@ -180,11 +219,7 @@ def run_node(task: NodeTask) -> dict:
         if refused is not None:  # the node's vLLM cannot run this topology: say why, start nothing
             with open(log_path, "ab", buffering=0) as log:
                 log.write(f"[epkit node {node}] refused to start vLLM: {refused}\n".encode())
-            info.update(returncode=None, reason=f"refused: {refused}", finished_at=time.time())
-            write_json(node_file(run_dir, node, "json"), info)
-            if node == 0:
-                (run_dir / "primary.done").write_text(info["reason"])
-            return info
+            return _finish(run_dir, node, info, returncode=None, reason=f"refused: {refused}")
     info.update(argv=argv, env=env_add, started_at=time.time())
     with open(log_path, "ab", buffering=0) as log:
         log.write(f"[epkit node {node}] {' '.join(argv)}\n".encode())
@@ -192,36 +227,11 @@ def run_node(task: NodeTask) -> dict:
                                 env=env, start_new_session=True, cwd=run_dir)
     info.update(pid=proc.pid, pgid=proc.pid)
     write_json(node_file(run_dir, node, "json"), info)
-
-    returncode = None
-    while True:
-        returncode = proc.poll()
-        if returncode is not None:
-            reason.append("engine exited")
-            break
-        if stop.wait(task.poll_s):
-            break
-        if (run_dir / "stop").exists():
-            reason.append("stop requested")
-            break
-        if node > 0 and (run_dir / "primary.done").exists():
-            reason.append("primary done")
-            break
-        if task.lease_timeout_s is not None:
-            try:
-                age = time.time() - (run_dir / "lease").stat().st_mtime
-            except OSError:
-                age = 0.0
-            if age > task.lease_timeout_s:
-                reason.append(f"driver lease expired ({age:.0f} s old)")
-                break
+    returncode = _supervise(task, proc, node, stop, reason)
     procs.terminate([proc.pid], task.deployment_id, node, grace_s=task.grace_s)
     if returncode is None:
         returncode = proc.poll()
-    info.update(returncode=returncode, reason=reason[0] if reason else "unknown", finished_at=time.time())
-    write_json(node_file(run_dir, node, "json"), info)
-    if node == 0:
-        (run_dir / "primary.done").write_text(info["reason"])
+    _finish(run_dir, node, info, returncode=returncode, reason=reason[0] if reason else "unknown")
     info["preflight"] = preflight
     return info
 
