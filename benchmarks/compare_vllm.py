@@ -1,6 +1,6 @@
 """The issue-8 table: the built-in engine against real vLLM, per topology and load point.
 
-Reads every ``vllm bench serve`` result JSON under a folder (``epkit.results.load``), pairs the
+Reads every ``vllm bench serve`` result JSON under a folder (``epkit.analysis.results.load``), pairs the
 two servers' runs of each (topology, load) and prints a markdown table: output tok/s of each and
 their ratio, p99 ITL of each and their ratio, mean TTFT and TPOT of each. A ratio cell that meets
 the issue's goal (output tok/s >= 0.8x vLLM; p99 ITL <= 1.25x vLLM) is marked ✅, one that misses
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from epkit import results
+from epkit.analysis import results
 
 GOAL_THROUGHPUT_RATIO = 0.8
 GOAL_P99_ITL_RATIO = 1.25
@@ -35,7 +35,7 @@ METRICS = ["output_throughput", "p99_itl_ms", "mean_ttft_ms", "mean_tpot_ms", "n
 
 
 def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` (from :func:`epkit.results.load`) with ``bench_topology``, ``bench_server`` and
+    """``runs`` (from :func:`epkit.analysis.results.load`) with ``bench_topology``, ``bench_server`` and
     ``bench_load`` filled from the saved metadata or, where absent, from the file name."""
     runs = runs.copy()
     for key in ("bench_topology", "bench_server", "bench_load"):

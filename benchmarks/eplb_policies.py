@@ -24,7 +24,7 @@ import pandas as pd
 
 from epkit.eplb import (POLICIES, Placement, balancedness, load_reference_cases, node_locality, popularity,
                         routing_load, simulate, synthetic_routing, synthetic_trace)
-from epkit.models import ModelSpec
+from epkit.topology.models import ModelSpec
 
 LAYERS, EXPERTS, RANKS, NODES, GROUPS, SLOTS, TOP_K, TOPK_GROUP = 58, 256, 32, 4, 8, 288, 8, 4
 OWN = ["refined", "balanced", "sticky"]

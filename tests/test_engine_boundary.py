@@ -1,7 +1,7 @@
 """DESIGN.md's boundary around the built-in engine, read from every import statement (top level or in a function):
 the rest of epkit reaches the engine only through its command line (``epkit serve``, ``--check-args``) and HTTP
-API; the engine imports from the rest of epkit only ``eplb/``, ``models.py``, the exception tree and the shared
-all2all backend table ``epkit/backends.py``."""
+API; the engine imports from the rest of epkit only ``eplb/``, ``topology/models.py``, the exception tree and the shared
+all2all backend table ``epkit/topology/backends.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "epkit"
-ENGINE_MAY_IMPORT = ("epkit.engine", "epkit.eplb", "epkit.models", "epkit.errors", "epkit.backends")
+ENGINE_MAY_IMPORT = ("epkit.engine", "epkit.eplb", "epkit.topology.models", "epkit.errors", "epkit.topology.backends")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -45,6 +45,6 @@ def test_the_engine_imports_only_what_design_allows():
     import subprocess
     import sys
 
-    code = "import sys, epkit.backends; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('epkit.engine')))"
+    code = "import sys, epkit.topology.backends; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('epkit.engine')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from epkit.errors import TopologyError
-from epkit.models import ModelSpec, bundled_model_names
+from epkit.topology.models import ModelSpec, bundled_model_names
 
 GIB = 2**30
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from epkit.plan import GIB, memory_plan
-from epkit.spec import load_spec
 from epkit.topology import Topology
+from epkit.topology.plan import GIB, memory_plan
+from epkit.topology.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_SPECS = sorted((ROOT / "launchers/seed").glob("*.yaml"))
@@ -103,7 +103,7 @@ def test_plan_reads_the_engine_flags_the_command_renders(tmp_path):
 
 
 def test_backend_advice_follows_the_target_release():
-    from epkit.plan import backend_advice
+    from epkit.topology.plan import backend_advice
 
     old = Topology(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True, vllm_version="0.16.0")
     new = Topology(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True, vllm_version="0.32.0")

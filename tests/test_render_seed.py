@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from epkit.render import render
-from epkit.spec import load_spec
+from epkit.topology.render import render
+from epkit.topology.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "tests/data/expert_parallel_deployment.md"

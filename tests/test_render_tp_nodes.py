@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from epkit import vllm_versions
 from epkit.errors import TopologyError
-from epkit.plan import derived_sizes, memory_plan
-from epkit.render import render
 from epkit.topology import EPLBConfig, Topology
+from epkit.topology.plan import derived_sizes, memory_plan
+from epkit.topology.render import render
+from epkit.vllm import versions as vllm_versions
 
 QWEN = "Qwen/Qwen3-30B-A3B"
 CPU_PAIR = dict(model=QWEN, tp=2, nodes=2, gpus_per_node=1, data_parallel_address="10.199.0.1")

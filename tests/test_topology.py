@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from epkit.errors import TopologyError
-from epkit.render import render
-from epkit.spec import PlanSpec
 from epkit.topology import EPLBConfig, Topology, valid_redundant_experts
+from epkit.topology.render import render
+from epkit.topology.spec import PlanSpec
 
 DS = "deepseek-ai/DeepSeek-V3-0324"
 QWEN = "Qwen/Qwen3-30B-A3B"
@@ -129,7 +129,7 @@ def test_plan_options_validated():
 def test_plan_gpu_key_is_one_spelling_for_plan_and_sweep_specs():
     """`gpus` in both; the sweep's old `gpu` (and a single string) still reads, with a deprecation warning."""
     from epkit.errors import EpkitDeprecationWarning
-    from epkit.sweep import parse_sweep
+    from epkit.sweep.spec import parse_sweep
 
     with pytest.warns(EpkitDeprecationWarning, match="plan.gpu is deprecated; write plan.gpus"):
         old = PlanSpec.from_dict(dict(BASE, plan={"gpu": "H200"}))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from epkit.sweep import load_sweep, parse_sweep, plan_sweep
-from epkit.sweep_cli import main as sweep_main
+from epkit.cli.sweep import main as sweep_main
+from epkit.sweep.spec import load_sweep, parse_sweep, plan_sweep
 from epkit.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]

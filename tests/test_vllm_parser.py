@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from epkit.render import NodeLaunch, render
-from epkit.spec import load_spec
 from epkit.topology import Topology
-from epkit.vllm_check import check_many, compare, parse_with_vllm
+from epkit.topology.render import NodeLaunch, render
+from epkit.topology.spec import load_spec
+from epkit.vllm.check import check_many, compare, parse_with_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 

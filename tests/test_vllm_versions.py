@@ -1,4 +1,4 @@
-"""epkit.vllm_versions: the per-release table of --all2all-backend / EPLB facts."""
+"""epkit.vllm.versions: the per-release table of --all2all-backend / EPLB facts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from epkit.errors import TopologyError
-from epkit.vllm_versions import (
+from epkit.vllm.versions import (
     DEFAULT_VLLM_VERSION,
     FIRST_CLI_RELEASE,
     RELEASES,

@@ -14,7 +14,7 @@ Implemented over ``torch.distributed`` (gloo on CPU, NCCL on GPU):
 ``pplx``, ``deepep_high_throughput``, ``deepep_low_latency``, ``flashinfer_all2allv`` and
 ``mori`` name vendor kernels. The engine never runs another algorithm under their names: at
 startup it fails, naming the missing package and its install step. Which names are built in and
-which package each vendor name needs is :mod:`epkit.backends`, shared with the rest of epkit.
+which package each vendor name needs is :mod:`epkit.topology.backends`, shared with the rest of epkit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from epkit.backends import BUILTIN_BACKENDS, VENDOR_PACKAGES
+from epkit.topology.backends import BUILTIN_BACKENDS, VENDOR_PACKAGES
 from epkit.errors import EngineError
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ class VendorBackend:
 
 
 _IMPLEMENTATIONS = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveBroadcast, "all_to_all": AllToAll}
-BUILTIN = {name: _IMPLEMENTATIONS[name] for name in BUILTIN_BACKENDS}  # the names come from epkit.backends
+BUILTIN = {name: _IMPLEMENTATIONS[name] for name in BUILTIN_BACKENDS}  # the names come from epkit.topology.backends
 VENDOR = {name: VendorBackend(name, p.module, p.package, p.install) for name, p in VENDOR_PACKAGES.items()}
 BACKENDS: dict[str, Any] = {**BUILTIN, **VENDOR}
 

@@ -213,7 +213,7 @@ def read_model_config(model: str) -> tuple[dict[str, Any], Path | None]:
             return json.loads(config_path.read_text()), path
         except json.JSONDecodeError as exc:
             raise EngineError(f"{config_path} is not valid JSON: {exc}") from exc
-    from epkit.models import ModelSpec, bundled_model_names
+    from epkit.topology.models import ModelSpec, bundled_model_names
     from epkit.errors import TopologyError
 
     try:

@@ -121,7 +121,7 @@ def _need_ep(args) -> None:
 def _bytes_per_expert(model: str | None) -> float | None:
     if not model:
         return None
-    from epkit.models import ModelSpec
+    from epkit.topology.models import ModelSpec
 
     return ModelSpec.load(model).bytes_per_expert
 
@@ -141,7 +141,7 @@ def _simulate(args) -> int:
 
 def _bundled(model: str | None) -> str | None:
     """A trace's model name when epkit knows its sizes (the built-in engine's dumps name theirs)."""
-    from epkit.models import ModelSpec
+    from epkit.topology.models import ModelSpec
 
     try:
         return model if model and ModelSpec.load(model) else None
@@ -234,7 +234,7 @@ def _redundant(args) -> int:
 
     experts = args.experts
     if args.model:
-        from epkit.models import ModelSpec
+        from epkit.topology.models import ModelSpec
 
         experts = ModelSpec.load(args.model).num_experts
     if not experts:

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from epkit.errors import LaunchError
+from epkit.launch import vllm_install
 from epkit.launch.failure import Failure, classify_exit, fatal, tail
 from epkit.launch.node import NodeTask, node_file, write_json
-from epkit.launch import vllm_install
-from epkit.render import render
 from epkit.topology import Topology
+from epkit.topology.render import render
 
 # Start-up timeouts per engine: vLLM with DeepGEMM warm-up and CUDA graphs can take many minutes.
 STARTUP_TIMEOUT_S = {"vllm": 1800.0, "epkit": 300.0}
@@ -156,7 +156,7 @@ class Deployment:
         for n in range(self.topology.nodes):
             info = _read(node_file(self.run_dir, n, "json"))
             if info.get("argv"):
-                from epkit.render import NodeLaunch
+                from epkit.topology.render import NodeLaunch
 
                 out.append(NodeLaunch(n, info["role"], tuple(info["argv"]), info.get("env", {})).shell(False))
         if len(out) == self.topology.nodes:

@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from epkit import vllm_versions
 from epkit.errors import TopologyError
+from epkit.vllm import versions as vllm_versions
 
 EP_KERNELS = "vLLM's tools/ep_kernels scripts"
 # prerequisite -> (python modules, shared libraries / devices, install hint from the seed)
@@ -157,7 +157,7 @@ def installed_vllm() -> str | None:
 
 
 def check_vllm(target: str | None = None) -> dict:
-    """The installed vLLM and the all2all backends its release accepts (from epkit.vllm_versions);
+    """The installed vLLM and the all2all backends its release accepts (from epkit.vllm.versions);
     with a ``target`` release, a different installed one fails the check."""
     version = installed_vllm()
     if version is None:

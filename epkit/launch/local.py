@@ -83,7 +83,7 @@ class LocalExecutor:
         if isinstance(install, str):
             return [f"the local executor runs vLLM, but {install}; or use engine: epkit"]
         found = vllm_install.problems(topology, install)
-        from epkit.backends import VENDOR_PACKAGES
+        from epkit.topology.backends import VENDOR_PACKAGES
 
         vendor = VENDOR_PACKAGES.get(topology.all2all_backend or "") if topology.enable_expert_parallel else None
         exe = shutil.which(cmd[0]) or cmd[0]

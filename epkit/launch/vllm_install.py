@@ -7,7 +7,7 @@ the node asks that executable for its version (``vllm --version``, the same on e
 inside any wrapper) and checks the topology against it:
 
 - the release must be the one the topology was checked against (``vllm_version``): flags and backends
-  differ between releases (epkit.vllm_versions);
+  differ between releases (epkit.vllm.versions);
 - vLLM's CPU build (a version labelled ``+cpu``, vLLM's own test for its CPU platform) serves DP=1 with
   TP >= 1 only: with DP >= 2 it starts but fails at the first request (its CPU communicator has no
   ``all_gatherv``), and expert parallelism needs that communicator too.
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from epkit import vllm_versions
 from epkit.topology import ENGINE_FLAG_FIELDS
+from epkit.vllm import versions as vllm_versions
 
 ENV_VAR = "EPKIT_VLLM_BIN"
 DEFAULT_BIN = "vllm"

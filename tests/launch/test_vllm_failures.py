@@ -24,8 +24,8 @@ import yaml
 from epkit.launch import DeploymentFailed, LocalExecutor, deploy, procs
 from epkit.launch.failure import KINDS, classify_exit, match_log
 from epkit.launch.local import free_port
-from epkit.launch.runner import run_sweep
-from epkit.sweep import parse_sweep
+from epkit.sweep.runner import run_sweep
+from epkit.sweep.spec import parse_sweep
 from epkit.topology import Topology
 from launch_helpers import end_leftovers, no_leftovers, served, vllm_processes
 

@@ -110,7 +110,7 @@ def test_relative_model_paths_are_made_absolute_for_the_nodes(tmp_path, monkeypa
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_bytes(
-        (Path(epkit.__file__).parent / "models" / "epkit-tiny-moe.json").read_bytes())
+        (Path(epkit.__file__).parent / "topology" / "models" / "epkit-tiny-moe.json").read_bytes())
     monkeypatch.chdir(tmp_path)
     bundled = Topology(model="epkit-tiny-moe", gpus_per_node=1)
     assert with_absolute_paths(bundled) is bundled  # a bundled name (or a hub id) is no path: untouched

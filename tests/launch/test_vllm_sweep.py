@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from epkit import results
+from epkit.analysis import results
 from epkit.errors import TopologyError
-from epkit.launch.runner import run_sweep
-from epkit.sweep import parse_sweep
+from epkit.sweep.runner import run_sweep
+from epkit.sweep.spec import parse_sweep
 
 from launch_helpers import no_leftovers, vllm_processes
 
@@ -109,7 +109,7 @@ def test_report_shows_vllm_and_epkit_rows_side_by_side(local_sweep, tmp_path):
 
 
 def test_dry_run_names_the_vllm_and_what_epkit_adds_on_its_platform(vllm_cli, vllm_model_dir):
-    from epkit.sweep import plan_sweep
+    from epkit.sweep.spec import plan_sweep
 
     plan = plan_sweep(parse_sweep(sweep_dict("dry", vllm_model_dir, vllm_cli, [{"tp": 1}, {"tp": 2}])))
     tp1, tp2 = (row["engine"] for row in plan["topologies"])

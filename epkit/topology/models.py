@@ -3,7 +3,7 @@
 Supported families: DeepSeek-V2/V3/R1 (MLA attention, grouped routing, fp8 block
 quantization), Qwen2/Qwen3-MoE, Mixtral and gpt-oss (mxfp4 experts). Nothing is
 downloaded: a config comes from a path, a dict, or a name bundled in
-``epkit/models/`` (``deepseek-ai/DeepSeek-V3-0324`` is stored as
+``epkit/topology/models/`` (``deepseek-ai/DeepSeek-V3-0324`` is stored as
 ``deepseek-ai--DeepSeek-V3-0324.json``).
 """
 
@@ -25,13 +25,13 @@ MOE_FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral
 
 def bundled_model_names() -> list[str]:
     """Names accepted by :meth:`ModelSpec.load` without a path (``org/name`` form)."""
-    folder = resources.files("epkit") / "models"
+    folder = resources.files("epkit.topology") / "models"
     names = [p.name[: -len(".json")].replace("--", "/") for p in folder.iterdir() if p.name.endswith(".json")]
     return sorted(names)
 
 
 def _read_bundled(name: str) -> dict[str, Any] | None:
-    folder = resources.files("epkit") / "models"
+    folder = resources.files("epkit.topology") / "models"
     candidate = folder / (name.replace("/", "--") + ".json")
     if candidate.is_file():
         return json.loads(candidate.read_text())

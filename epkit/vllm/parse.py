@@ -19,7 +19,7 @@ FIELDS = (
     "enable_expert_parallel", "all2all_backend", "headless", "api_server_count", "enable_eplb",
     "max_model_len", "gpu_memory_utilization", "nnodes", "node_rank", "master_addr", "master_port",
 )
-NO_VLLM_STATUS = 3  # epkit.vllm_check reads this status as "no vLLM under this Python"
+NO_VLLM_STATUS = 3  # epkit.vllm.check reads this status as "no vLLM under this Python"
 
 
 def _parser():

@@ -8,11 +8,11 @@ import sys
 from typing import Any
 
 from epkit.errors import EpkitError, TopologyError
-from epkit.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
-from epkit.render import render
-from epkit.spec import DEFAULT_GPUS, PlanSpec, load_spec
 from epkit.topology import ENGINE_FLAG_FIELDS, EPLBConfig, human_readable_int
-from epkit.vllm_versions import DEFAULT_VLLM_VERSION
+from epkit.topology.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
+from epkit.topology.render import render
+from epkit.topology.spec import DEFAULT_GPUS, PlanSpec, load_spec
+from epkit.vllm.versions import DEFAULT_VLLM_VERSION
 
 
 def _tokens(text: str) -> int:
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args, dotted)
         report = plan_report(spec)
         if args.check_with_vllm:
-            from epkit.vllm_check import check_launches
+            from epkit.vllm.check import check_launches
 
             report["vllm_check"] = check_launches(spec.topology, render(spec.topology), args.check_with_vllm)
     except EpkitError as exc:

@@ -1,13 +1,13 @@
 """Plotly figures for notebooks and ``epkit report``: every axis titled with its unit, every
 point's hover text naming the full configuration and the file its numbers came from.
 
-Legends name each group by what sets it apart from the others (:func:`epkit.results.short_labels`:
+Legends name each group by what sets it apart from the others (:func:`epkit.analysis.results.short_labels`:
 ``DP2 EP2 · naive``), sit below the plot so the plot keeps the figure's width, and the parts every
 group shares (model, engine, …) go into the subtitle.
 
-Figures take the frames :mod:`epkit.results` and :func:`epkit.eplb.simulate` build; they
-draw, they do not compute metrics (aggregation over repeats is :func:`epkit.results.aggregate`,
-the frontier :func:`epkit.results.pareto_frontier`).
+Figures take the frames :mod:`epkit.analysis.results` and :func:`epkit.eplb.simulate` build; they
+draw, they do not compute metrics (aggregation over repeats is :func:`epkit.analysis.results.aggregate`,
+the frontier :func:`epkit.analysis.results.pareto_frontier`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from epkit import results as R
+from epkit.analysis import results as R
 
 # Axis titles for the columns figures use most; others get a title from their unit suffix.
 TITLES = {
@@ -213,7 +213,7 @@ def metric_vs_load(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str | N
 def latency_cdf(requests: pd.DataFrame, metric: str = "ttft_ms", color: str = "config",
                 max_points: int = 400, heading: str | None = None) -> go.Figure:
     """The empirical CDF of a per-request latency (``ttft_ms``, ``tpot_ms``, ``e2el_ms``, or
-    ``itl_ms``, pooled over every token gap) from :func:`epkit.results.requests`, one line per
+    ``itl_ms``, pooled over every token gap) from :func:`epkit.analysis.results.requests`, one line per
     ``color`` group. Long lines are thinned to ``max_points`` quantiles (the curve keeps its shape)."""
     data = R.itl_samples(requests) if metric == "itl_ms" else requests.dropna(subset=[metric])
     keys = _ordered(data[color]) if len(data) else []

@@ -1,7 +1,7 @@
 """Memory plan per GPU: what the weights take, what EPLB adds, what is left for KV cache.
 
-Pure arithmetic over a :class:`~epkit.topology.Topology` and its
-:class:`~epkit.models.ModelSpec`. The one assumption that is not a public fact is
+Pure arithmetic over a :class:`~epkit.topology.topology.Topology` and its
+:class:`~epkit.topology.models.ModelSpec`. The one assumption that is not a public fact is
 ``runtime_reserve_bytes`` (activations, CUDA graphs, NCCL buffers), which vLLM
 measures by profiling at start-up; it is a parameter with a stated default.
 """
@@ -12,9 +12,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from epkit import vllm_versions
 from epkit.errors import TopologyError
-from epkit.topology import Topology
+from epkit.topology.topology import Topology
+from epkit.vllm import versions as vllm_versions
 
 GIB = 2**30
 MIB = 2**20

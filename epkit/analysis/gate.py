@@ -20,7 +20,7 @@ ranges overlap is reported as ``noise`` and does not fail the gate.
 
 A point whose baseline repeats all ran ok and whose new run has a failed repeat is a regression
 (verdict ``FAILED``). Points present on one side only are listed and fail the gate only with
-``require_all``. Pure: no I/O except reading result folders through :func:`epkit.results.load`.
+``require_all``. Pure: no I/O except reading result folders through :func:`epkit.analysis.results.load`.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class GateResult:
 def load_side(source: str | Path, name: str) -> pd.DataFrame:
     """One side's results (a sweep's results folder, as ``epkit report`` reads it) — the only I/O here.
     ``name`` (BASELINE / NEW) goes into the error when the folder is missing or holds no results."""
-    from epkit import results as R
+    from epkit.analysis import results as R
 
     if not Path(source).exists():
         raise GateError(f"{name} {str(source)!r} does not exist; give a sweep's results folder (results/<sweep>)")
@@ -307,7 +307,7 @@ def _workload_notes(pid: str, base: pd.DataFrame, new: pd.DataFrame) -> list[str
 
 def compare(baseline: pd.DataFrame, new: pd.DataFrame, thresholds: Sequence[Threshold] | None = None, *,
             require_all: bool = False, names: tuple[str, str] = ("BASELINE", "NEW")) -> GateResult:
-    """Gate ``new`` against ``baseline`` (frames of :func:`epkit.results.load`): one :class:`Verdict`
+    """Gate ``new`` against ``baseline`` (frames of :func:`epkit.analysis.results.load`): one :class:`Verdict`
     per matched point and threshold, plus a ``status`` verdict where repeats failed.
 
     Raises :class:`GateError` when the sides share no point (naming both sides' points) or a
@@ -351,7 +351,7 @@ def compare(baseline: pd.DataFrame, new: pd.DataFrame, thresholds: Sequence[Thre
 
 def gate(baseline_dir: str | Path, new_dir: str | Path, thresholds: Sequence[Threshold] | None = None, *,
          require_all: bool = False) -> GateResult:
-    """:func:`compare` on two results folders (read with :func:`epkit.results.load`)."""
+    """:func:`compare` on two results folders (read with :func:`epkit.analysis.results.load`)."""
     base = load_side(baseline_dir, "BASELINE")
     new = load_side(new_dir, "NEW")
     return compare(base, new, thresholds, require_all=require_all,

@@ -1,6 +1,6 @@
 """What a valid topology's choices change, and warnings for the ones that are legal but probably not meant.
 
-A :class:`~epkit.topology.Topology` checks that its fields are allowed; this module says whether a
+A :class:`~epkit.topology.topology.Topology` checks that its fields are allowed; this module says whether a
 choice has any effect where it is made (an all2all backend at dp=1 runs the same code as any other)
 and lists what is worth a line to the user. Pure functions of the topology, read through
 ``Topology.all2all_in_effect`` and ``Topology.warnings()``.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from epkit import vllm_versions
+from epkit.vllm import versions as vllm_versions
 
 if TYPE_CHECKING:
-    from epkit.topology import Topology
+    from epkit.topology.topology import Topology
 
 PREFILL_CONTEXT_PARALLEL_FLAGS = ("--prefill-context-parallel-size", "--prefill_context_parallel_size", "-pcp")
 

@@ -10,7 +10,7 @@ EXIT_PASS, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 
 
 def parser() -> argparse.ArgumentParser:
-    from epkit.gate import DEFAULT_THRESHOLDS, THRESHOLD_FORM
+    from epkit.analysis.gate import DEFAULT_THRESHOLDS, THRESHOLD_FORM
 
     defaults = ", ".join(f"{m}={v * 100:g}%%" for m, v in DEFAULT_THRESHOLDS.items())  # %% : argparse formats help
     p = argparse.ArgumentParser(
@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from epkit.gate import GateError, format_table, gate, parse_thresholds
+    from epkit.analysis.gate import GateError, format_table, gate, parse_thresholds
 
     def fail(message: str) -> int:
         print(f"epkit gate: error: {message}", file=sys.stderr)

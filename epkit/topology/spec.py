@@ -28,8 +28,8 @@ from typing import Any, Mapping
 import yaml
 
 from epkit.errors import EpkitDeprecationWarning, TopologyError
-from epkit.plan import DEFAULT_RUNTIME_RESERVE_BYTES, GIB, MemoryPlan, gpu_memory_bytes, memory_plan
-from epkit.topology import Topology
+from epkit.topology.plan import DEFAULT_RUNTIME_RESERVE_BYTES, GIB, MemoryPlan, gpu_memory_bytes, memory_plan
+from epkit.topology.topology import Topology
 
 PLAN_KEYS = ("gpus", "runtime_reserve_gib")
 DEFAULT_GPUS = ("H100", "H200", "H20")

@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from epkit.report import write
+    from epkit.analysis.report import write
 
     def fail(message: str) -> int:
         print(f"epkit report: error: {message}", file=sys.stderr)

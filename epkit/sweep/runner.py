@@ -39,8 +39,8 @@ from epkit.launch import orphans
 from epkit.launch.deployment import Deployment, DeploymentFailed
 from epkit.launch.failure import Failure
 from epkit.launch.watch import DeploymentWatch
-from epkit.store import ResultStore
-from epkit.sweep import SweepSpec, TopologyPoint, WorkloadPoint
+from epkit.sweep.spec import SweepSpec, TopologyPoint, WorkloadPoint
+from epkit.sweep.store import ResultStore
 
 
 # How long a cancelled point's load thread may take to end before the driver goes on without it.
@@ -346,7 +346,7 @@ class SweepRunner:
 
     def point_dict(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, status: str, failure: Failure | None,
                    deployment: Deployment | None, started_at: str, commands: list[str] | None = None) -> dict:
-        from epkit import vllm_logs
+        from epkit.vllm import logs as vllm_logs
 
         t = tp.topology
         return {

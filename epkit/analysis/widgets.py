@@ -1,7 +1,7 @@
 """An ipywidgets planner: pick model, GPUs, nodes, TP/DP, backend and EPLB; the per-node
 commands and the memory plan (exactly what ``epkit plan`` prints) update on every change.
 
-    from epkit.widgets import planner
+    from epkit.analysis.widgets import planner
     planner(model="deepseek-ai/DeepSeek-V3-0324", dp=8, enable_expert_parallel=True)
 """
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import ipywidgets as W
 
-from epkit import vllm_versions
+from epkit.cli.plan import format_text, plan_report
 from epkit.errors import EpkitError
-from epkit.models import bundled_model_names
-from epkit.plan import GPU_MEMORY_BYTES
-from epkit.plan_cli import format_text, plan_report
-from epkit.spec import PlanSpec
+from epkit.topology.models import bundled_model_names
+from epkit.topology.plan import GPU_MEMORY_BYTES
+from epkit.topology.spec import PlanSpec
+from epkit.vllm import versions as vllm_versions
 
 
 def plan_text(model: str, tp: int = 1, dp: int = 1, nodes: int = 1, gpus_per_node: int = 8,

@@ -41,7 +41,7 @@ WORKLOAD_LOAD_KEYS = ("request_rate", "max_concurrency", "num_warmups", "max_req
                       "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos")
 RUN_KEYS = ("startup_timeout_s", "hang_timeout_s", "grace_s", "lease_timeout_s", "request_timeout_s",
             "point_estimate_s", "startup_estimate_s")
-PLAN_KEYS = ("gpus", "runtime_reserve_gib", "allow_unfit")  # read by epkit.spec.plan_block, as in `epkit plan` specs
+PLAN_KEYS = ("gpus", "runtime_reserve_gib", "allow_unfit")  # read by epkit.topology.spec.plan_block, as in `epkit plan` specs
 DRY_RUN_ADDRESS = "<node0-hostname>"
 
 
@@ -268,7 +268,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", 
     extra = sorted(map(str, set(data.get("run") or {}) - set(RUN_KEYS)))
     if extra:
         raise TopologyError(f"{source}: run has unknown key(s) {', '.join(extra)}; valid keys: {', '.join(RUN_KEYS)}")
-    from epkit.spec import merge_topology_fields, plan_block
+    from epkit.topology.spec import merge_topology_fields, plan_block
 
     plan_options, plan_fields = plan_block(data.get("plan"), source, PLAN_KEYS)
     if plan_fields:  # deprecated plan.max_model_len / plan.gpu_memory_utilization: topology fields now
@@ -310,7 +310,7 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", 
 
 
 def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
-    from epkit.render import render
+    from epkit.topology.render import render
 
     try:
         launches = render(tp.topology, address=DRY_RUN_ADDRESS if tp.topology.nodes > 1 else None)
@@ -360,7 +360,7 @@ def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
     """The memory plan on the tightest of ``plan.gpus`` (None when the spec names no GPU)."""
     if not spec.plan.get("gpus"):
         return None
-    from epkit.plan import GIB, memory_plan
+    from epkit.topology.plan import GIB, memory_plan
 
     reserve = spec.plan.get("runtime_reserve_gib")
     kw = {} if reserve is None else {"runtime_reserve_bytes": reserve * GIB}
@@ -370,7 +370,7 @@ def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
 
 def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
     """Read and check a sweep YAML; errors name the file and the point. ``vllm_bin`` overrides the spec's."""
-    from epkit.spec import read_spec_file
+    from epkit.topology.spec import read_spec_file
 
     data, text = read_spec_file(path, "sweep spec")  # missing, a folder, not text, not YAML: one line each
     return parse_sweep(data, str(path), text, vllm_bin)
@@ -379,7 +379,7 @@ def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
 # ---- the plan a dry run prints (pure) ---------------------------------------------------------
 def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None = None) -> dict:
     """Per topology: commands per node, memory verdict, points to run; totals and GPU-hours."""
-    from epkit.render import render
+    from epkit.topology.render import render
 
     done = done or {}
     startup_s = spec.run.get("startup_estimate_s", 600.0 if any(t.topology.engine == "vllm" for t in spec.topologies) else 30.0)

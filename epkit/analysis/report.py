@@ -1,7 +1,7 @@
 """``epkit report``: one self-contained HTML page for a results folder.
 
 The page holds the sweep's table (one row per stored result, failures with their message)
-and the figures of :mod:`epkit.plots`: the Pareto frontier, throughput and latency against
+and the figures of :mod:`epkit.analysis.plots`: the Pareto frontier, throughput and latency against
 load, TTFT/ITL CDFs and a per-topology comparison. plotly.js is inlined once, so the page
 opens offline and makes no network request.
 """
@@ -17,8 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from epkit import plots as P
-from epkit import results as R
+from epkit.analysis import plots as P
+from epkit.analysis import results as R
 
 TABLE_COLUMNS = ["config", "status", "gpus", "output_throughput", "output_tok_s_per_gpu", "total_tok_s_per_gpu",
                  "interactivity_pareto_tok_s", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms",
@@ -39,7 +39,7 @@ tr.failed td { background: #fff0f0; }
 
 def figures(runs: pd.DataFrame, reqs: pd.DataFrame | None = None, color: str | None = None,
             x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu") -> dict[str, go.Figure]:
-    """The report's figures, by heading, for a frame :func:`epkit.results.load` built (and its
+    """The report's figures, by heading, for a frame :func:`epkit.analysis.results.load` built (and its
     request frame, for the CDFs)."""
     ok = runs[runs["status"] == "ok"]
     out: dict[str, go.Figure] = {}

@@ -1,4 +1,4 @@
-"""Render a :class:`~epkit.topology.Topology` into one exact launch command per node.
+"""Render a :class:`~epkit.topology.topology.Topology` into one exact launch command per node.
 
 The flag spellings live in one table, :data:`VLLM_FLAGS`; the built-in engine
 takes the same flags (``epkit serve``), so both engines render through it.
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from epkit.errors import TopologyError
-from epkit.topology import ENGINE_FLAG_FIELDS, Topology
+from epkit.topology.topology import ENGINE_FLAG_FIELDS, Topology
 
 # topology word -> vLLM flag. No flag string is spelled anywhere else in epkit (the fields the
 # memory plan reads, ENGINE_FLAG_FIELDS, live next to the topology that reads them from extra_args).

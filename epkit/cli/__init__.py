@@ -18,14 +18,14 @@ from epkit.errors import EpkitDeprecationWarning, EpkitError
 # sub-command -> module whose ``main(argv) -> int`` runs it. Modules load lazily so that
 # `epkit plan` never imports torch or the HTTP stack.
 COMMANDS = {
-    "plan": ("epkit.plan_cli", "render per-node commands, derived sizes and the memory plan"),
+    "plan": ("epkit.cli.plan", "render per-node commands, derived sizes and the memory plan"),
     "serve": ("epkit.engine.cli", "run the built-in engine (takes `vllm serve` flags)"),
     "bench": ("epkit.bench.cli", "drive load at an OpenAI-compatible server"),
     "eplb": ("epkit.eplb.cli", "EPLB policies and the what-if simulator"),
-    "sweep": ("epkit.sweep_cli", "run (or --dry-run) a sweep of topologies x workloads; resumes"),
+    "sweep": ("epkit.cli.sweep", "run (or --dry-run) a sweep of topologies x workloads; resumes"),
     "doctor": ("epkit.launch.doctor", "preflight checks: GPUs, interfaces, ports, vLLM, EP kernels"),
-    "report": ("epkit.report_cli", "one offline HTML page: results table, Pareto frontier, CDFs"),
-    "gate": ("epkit.gate_cli", "regression gate: a sweep's results against a baseline's; exit 1 on a regression"),
+    "report": ("epkit.cli.report", "one offline HTML page: results table, Pareto frontier, CDFs"),
+    "gate": ("epkit.cli.gate", "regression gate: a sweep's results against a baseline's; exit 1 on a regression"),
 }
 EXIT_USAGE = 2  # bad input: argparse's status, and every epkit sub-command's
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
@@ -86,6 +86,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epkit {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: vllm on PATH)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from epkit.sweep import load_sweep, plan_sweep
+    from epkit.sweep.spec import load_sweep, plan_sweep
 
     try:
         spec = load_sweep(args.spec, vllm_bin=args.vllm_bin)
     except EpkitError as exc:
         print(f"epkit sweep: {exc}", file=sys.stderr)
         return 2
-    from epkit.store import ResultStore
+    from epkit.sweep.store import ResultStore
 
     store = ResultStore(args.results or spec.results_dir, spec.name)
     done = {}
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
         return 0
     print(format_plan(plan).split("\n", 1)[0], file=sys.stderr)
-    from epkit.launch.runner import format_failure, run_sweep
+    from epkit.sweep.runner import format_failure, run_sweep
 
     try:
         summary = run_sweep(spec, args.results, args.retry_failed, progress=not args.no_progress, only=args.only)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from epkit.errors import TopologyError
-from epkit.render import NodeLaunch
 from epkit.topology import Topology
+from epkit.topology.render import NodeLaunch
 
-PARSER_SCRIPT = Path(__file__).with_name("vllm_parse.py")
+PARSER_SCRIPT = Path(__file__).with_name("parse.py")
 
 
-# vllm_parse.py exits with this status when vLLM cannot be imported under that Python.
+# parse.py exits with this status when vLLM cannot be imported under that Python.
 NO_VLLM_STATUS = 3
 
 

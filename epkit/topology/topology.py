@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping
 
-from epkit import topology_warnings, vllm_versions
+import epkit.topology.warnings as topology_warnings
 from epkit.errors import TopologyError
-from epkit.models import ModelSpec, bundled_model_names
+from epkit.topology.models import ModelSpec, bundled_model_names
+from epkit.vllm import versions as vllm_versions
 
 ENGINES = ("vllm", "epkit")
 # Backends only the built-in engine has (its true all_to_all dispatch/combine). Whether a vendor
@@ -128,7 +129,7 @@ class EPLBConfig:
     communicator: str | None = None
     enable_migration_batching: bool | None = None
 
-    # The defaults of epkit's default target release (epkit.vllm_versions has every release's).
+    # The defaults of epkit's default target release (epkit.vllm.versions has every release's).
     DEFAULTS = dict(vllm_versions.release(vllm_versions.DEFAULT_VLLM_VERSION).eplb_keys)
 
     def __post_init__(self) -> None:
@@ -507,11 +508,11 @@ class Topology:
 
     @property
     def all2all_in_effect(self) -> bool:
-        """Whether ``all2all_backend`` changes what runs (:func:`epkit.topology_warnings.all2all_in_effect`)."""
+        """Whether ``all2all_backend`` changes what runs (:func:`epkit.topology.warnings.all2all_in_effect`)."""
         return topology_warnings.all2all_in_effect(self)
 
     def warnings(self) -> list[str]:
-        """Things that are legal but probably not what the author meant (:mod:`epkit.topology_warnings`)."""
+        """Things that are legal but probably not what the author meant (:mod:`epkit.topology.warnings`)."""
         return topology_warnings.warnings(self)
 
     # ---- (de)serialisation --------------------------------------------------------

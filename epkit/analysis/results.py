@@ -22,7 +22,7 @@ units in their suffix. Derived columns are named for what they are:
   backend, EPLB, load, repeat), used as hover text and legend; ``topology`` — the same
   without load; ``load`` — the offered load alone (``rate=inf, concurrency=8``).
 
-What the engine's own log said (the point's ``engine_log``, :mod:`epkit.vllm_logs`), per deployment,
+What the engine's own log said (the point's ``engine_log``, :mod:`epkit.vllm.logs`), per deployment,
 as ``log_<key>`` columns: ``log_model_load_s``, ``log_model_load_gib``, ``log_torch_compile_s``,
 ``log_cuda_graph_capture_s``, ``log_cuda_graph_gib``, ``log_engine_init_s``,
 ``log_engine_init_compilation_s``, ``log_kv_cache_tokens``, ``log_kv_cache_device``, ``log_kv_cache_gib``,
