@@ -41,6 +41,35 @@ def _api_entry(cfg: EngineConfig, index: int) -> None:
 
 def serve(cfg: EngineConfig) -> int:
     """Run this node's part of the deployment until a signal or a failure; returns the exit code."""
+    _check_deployment(cfg)
+    store = _join_rendezvous(cfg)
+    metrics_dir = _shared_metrics_dir(cfg)
+    children = _node_processes(cfg)
+    stop_reason: list[str] = []
+
+    def _on_signal(signum, frame):
+        if not stop_reason:
+            stop_reason.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for child in children:
+            child.start()
+        log.info("started %s (pids %s)", ", ".join(c.name for c in children), ", ".join(str(c.pid) for c in children))
+        return _supervise(cfg, children, store, stop_reason)
+    finally:
+        _stop_all(children)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_deployment(cfg: EngineConfig) -> None:
+    """Refuse, before any process starts, what the cores would fail on: backend, EP size, batch budget, weights,
+    EPLB config; log the weight source and (on the primary) the tokenizer."""
     from epkit.engine.all2all import check_backend
     from epkit.engine.model import ModelConfig, model_config_of
 
@@ -69,6 +98,11 @@ def serve(cfg: EngineConfig) -> int:
         eplb = resolve_eplb_config(cfg.eplb_config, mcfg.num_experts, cfg.ep_size)
         if eplb["use_async"]:
             log.warning("eplb_config.use_async=true: the built-in engine rebalances synchronously between steps")
+
+
+def _join_rendezvous(cfg: EngineConfig):
+    """The TCPStore every rank of every node joins: hosted here on the primary (with a fresh auth key), reached
+    from a headless node."""
     try:
         store = connect_store(cfg, not cfg.headless, cfg.startup_timeout_s)
     except (RuntimeError, OSError) as exc:
@@ -77,16 +111,27 @@ def serve(cfg: EngineConfig) -> int:
                           f"{exc}") from exc
     if not cfg.headless:
         store.set(STORE_PREFIX + "authkey", secrets.token_hex(16))
-    # A fork server imports torch and the server stack once; every child forks from it, already warm
-    # (and, unlike fork from this process, without inheriting the TCPStore's threads).
-    metrics_dir = None
-    if not cfg.headless and cfg.api_server_count > 1:
-        # prometheus_client's multiprocess mode: set before the fork server imports it (it reads the
-        # variable at import), so every API server's /metrics shows all servers' series, as vLLM does
-        import tempfile
+    return store
 
-        metrics_dir = tempfile.mkdtemp(prefix="epkit-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+def _shared_metrics_dir(cfg: EngineConfig) -> str | None:
+    """With several API servers, prometheus_client's multiprocess folder (set before the fork server imports
+    prometheus_client, which reads the variable at import), so every server's /metrics shows all servers' series,
+    as vLLM does; None otherwise."""
+    if cfg.headless or cfg.api_server_count <= 1:
+        return None
+    import tempfile
+
+    metrics_dir = tempfile.mkdtemp(prefix="epkit-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    return metrics_dir
+
+
+def _node_processes(cfg: EngineConfig) -> list[mp.process.BaseProcess]:
+    """This node's children, not started: one engine core per local DP rank, then (primary) the API servers.
+
+    A fork server imports torch and the server stack once; every child forks from it, already warm
+    (and, unlike fork from this process, without inheriting the TCPStore's threads)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["epkit.engine.core", "epkit.engine.runner", "epkit.engine.server"])
     children: list[mp.process.BaseProcess] = []
@@ -95,45 +140,32 @@ def serve(cfg: EngineConfig) -> int:
     if not cfg.headless:
         for i in range(cfg.api_server_count):
             children.append(ctx.Process(target=_api_entry, args=(cfg, i), name=f"ApiServer_{i}"))
-    stop_reason: list[str] = []
+    return children
 
-    def _on_signal(signum, frame):
-        if not stop_reason:
-            stop_reason.append(signal.Signals(signum).name)
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+def _supervise(cfg: EngineConfig, children: list, store, stop_reason: list[str]) -> int:
+    """Wait until a signal (``stop_reason`` filled by the handler), a child's exit or, on a headless node, the loss
+    of the primary's store; returns the node's exit code."""
     code = 0
-    try:
-        for child in children:
-            child.start()
-        log.info("started %s (pids %s)", ", ".join(c.name for c in children), ", ".join(str(c.pid) for c in children))
-        while not stop_reason:
-            ready = wait([c.sentinel for c in children], timeout=0.5)
-            if ready:
-                dead = [c for c in children if c.sentinel in ready]
-                for c in dead:
-                    c.join()
-                failed = [c for c in dead if c.exitcode != 0]
-                if failed or not cfg.headless or len(dead) == len(children):
-                    desc = ", ".join(f"{c.name} (pid {c.pid}) exited with code {c.exitcode}" for c in dead)
-                    code = 1 if failed else 0
-                    (log.error if failed else log.info)("%s; stopping this node", desc)
-                    break
-            if cfg.headless and not _store_alive(store):
-                log.error("lost the primary node's rendezvous store at %s:%d; stopping this node",
-                          cfg.data_parallel_address, cfg.data_parallel_rpc_port)
-                code = 1
+    while not stop_reason:
+        ready = wait([c.sentinel for c in children], timeout=0.5)
+        if ready:
+            dead = [c for c in children if c.sentinel in ready]
+            for c in dead:
+                c.join()
+            failed = [c for c in dead if c.exitcode != 0]
+            if failed or not cfg.headless or len(dead) == len(children):
+                desc = ", ".join(f"{c.name} (pid {c.pid}) exited with code {c.exitcode}" for c in dead)
+                code = 1 if failed else 0
+                (log.error if failed else log.info)("%s; stopping this node", desc)
                 break
-        if stop_reason:
-            log.info("received %s; stopping %d processes", stop_reason[0], len(children))
-    finally:
-        _stop_all(children)
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if metrics_dir is not None:
-            import shutil
-
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if cfg.headless and not _store_alive(store):
+            log.error("lost the primary node's rendezvous store at %s:%d; stopping this node",
+                      cfg.data_parallel_address, cfg.data_parallel_rpc_port)
+            code = 1
+            break
+    if stop_reason:
+        log.info("received %s; stopping %d processes", stop_reason[0], len(children))
     return code
 
 

@@ -11,9 +11,10 @@ buckets), so a Grafana dashboard made for vLLM reads the built-in engine unchang
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -93,6 +94,16 @@ class Metrics:
                      for rank in range(dp_size)]
         for rank in range(dp_size):
             self.set_load(rank, 0, 0)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) of ``/metrics``: with several API servers, the whole deployment's series."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def set_eplb(self, stats: dict) -> None:
         m = self.model
