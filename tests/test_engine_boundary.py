@@ -1,7 +1,7 @@
 """DESIGN.md's boundary around the built-in engine, read from every import statement (top level or in a function):
 the rest of epkit reaches the engine only through its command line (``epkit serve``, ``--check-args``) and HTTP
-API; the engine imports from the rest of epkit only ``eplb/``, ``topology/models.py``, the exception tree and the shared
-all2all backend table ``epkit/topology/backends.py``."""
+API; the engine imports from the rest of epkit only ``eplb/``, ``topology/models.py``, the EPLB key list
+``topology/eplb.py``, the exception tree and the shared all2all backend table ``epkit/topology/backends.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "epkit"
-ENGINE_MAY_IMPORT = ("epkit.engine", "epkit.eplb", "epkit.topology.models", "epkit.errors", "epkit.topology.backends")
+ENGINE_MAY_IMPORT = ("epkit.engine", "epkit.eplb", "epkit.topology.models", "epkit.topology.eplb", "epkit.errors",
+                     "epkit.topology.backends")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -8,23 +8,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epkit.errors import EngineError
+from epkit.topology.eplb import EPLB_COMMUNICATORS, EPLB_KEYS  # vLLM's --eplb-config keys
 
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy", "safetensors")
 KV_CACHE_DTYPES = ("auto",)  # the KV cache is kept in the model dtype
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # vLLM's --uvicorn-log-level choices
-# vLLM's --eplb-config keys (the same set as epkit.topology.EPLBConfig; a unit test keeps them equal).
-EPLB_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness", "log_balancedness_interval",
-             "use_async", "policy", "communicator", "enable_migration_batching")
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise EngineError(message)
-
-
-EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
 
 
 def check_eplb_values(config: dict[str, Any]) -> None:

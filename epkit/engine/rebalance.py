@@ -34,14 +34,12 @@ from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
 
-EPLB_DEFAULTS = {"window_size": 1000, "step_interval": 3000, "num_redundant_experts": 0,
-                 "log_balancedness": False, "log_balancedness_interval": 1, "use_async": False, "policy": "default",
-                 "communicator": None, "enable_migration_batching": False}
 TRACE_STEPS = 1024  # per-step physical loads kept on each rank for the dump endpoint
 
 
 def resolve_eplb_config(config: dict[str, Any], num_experts: int, ep_size: int) -> dict[str, Any]:
     """vLLM's defaults filled in; raises :class:`EngineError` naming the key, value and what is allowed."""
+    from epkit.eplb.config import EPLB_DEFAULTS
     from epkit.eplb.policies import POLICIES
 
     check_eplb_values(config)

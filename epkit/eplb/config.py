@@ -1,6 +1,5 @@
-"""Checks that tie an :class:`~epkit.topology.EPLBConfig` to a model and an EP size.
-
-``epkit.topology`` is imported lazily so that the policies load without it.
+"""Checks that tie an :class:`~epkit.topology.eplb.EPLBConfig` to a model and an EP size, and the
+EPLB keys and defaults the built-in engine reads (the key list itself is ``EPLBConfig``'s fields).
 """
 
 from __future__ import annotations
@@ -8,20 +7,24 @@ from __future__ import annotations
 from typing import Any
 
 from epkit.errors import TopologyError
+from epkit.topology.eplb import EPLB_COMMUNICATORS, EPLB_KEYS, EPLBConfig, valid_redundant_experts
+
+__all__ = ["EPLB_COMMUNICATORS", "EPLB_DEFAULTS", "EPLB_KEYS", "EPLBConfig", "redundant_hint", "resolve",
+           "valid_redundant"]
+
+# The built-in engine's defaults: vLLM's (epkit's default target release), except that the engine
+# rebalances synchronously between steps.
+EPLB_DEFAULTS = {**EPLBConfig.DEFAULTS, "use_async": False}
 
 
 def redundant_hint(num_experts: int, num_ranks: int, limit: int = 6) -> str:
     """'valid num_redundant_experts for EP=…: a, b, c …' for error messages."""
-    from epkit.topology import valid_redundant_experts
-
     values = ", ".join(map(str, valid_redundant_experts(num_experts, num_ranks, limit=limit)))
     return f"valid num_redundant_experts for {num_experts} experts on EP={num_ranks}: {values} …"
 
 
 def valid_redundant(num_experts: int, num_ranks: int, limit: int = 8) -> list[int]:
     """The first ``limit`` ``num_redundant_experts`` values that make ``E + R`` divisible by ``num_ranks``."""
-    from epkit.topology import valid_redundant_experts
-
     return valid_redundant_experts(num_experts, num_ranks, limit=limit)
 
 
@@ -31,8 +34,6 @@ def resolve(config: Any, num_experts: int, num_ranks: int, num_nodes: int) -> di
     ``config`` is an ``EPLBConfig``, a mapping of vLLM's keys, a JSON string or None.
     Raises :class:`~epkit.errors.TopologyError` naming the field, the value and what is allowed.
     """
-    from epkit.topology import EPLBConfig
-
     if config is None:
         config = EPLBConfig()
     elif isinstance(config, str):

@@ -5,21 +5,17 @@
     launches = render(topology, address="10.0.0.1")  # one NodeLaunch (argv, env, role) per node
 
 Pure: nothing here starts a process (``epkit.launch`` does). ``models`` reads Hugging Face
-``config.json`` files (bundled ones in ``models/``), ``topology`` checks a deployment, ``render`` translates it to vLLM's or the built-in engine's flags, ``plan`` sizes GPU
+``config.json`` files (bundled ones in ``models/``), ``topology`` checks a deployment and ``eplb``
+its EPLB keys, ``render`` translates it to vLLM's or the built-in engine's flags, ``plan`` sizes GPU
 memory, ``spec`` reads ``epkit plan`` spec files, ``warnings`` names legal but probably unmeant
 choices and ``backends`` is the all2all backend table shared with the engine.
 """
 
+from epkit.topology.eplb import EPLBConfig, valid_redundant_experts
 from epkit.topology.models import ModelSpec, bundled_model_names
 from epkit.topology.plan import MemoryPlan, memory_plan
 from epkit.topology.render import NodeLaunch, render
-from epkit.topology.topology import (
-    ENGINE_FLAG_FIELDS,
-    EPLBConfig,
-    Topology,
-    human_readable_int,
-    valid_redundant_experts,
-)
+from epkit.topology.topology import ENGINE_FLAG_FIELDS, Topology, human_readable_int
 
 __all__ = [
     "ENGINE_FLAG_FIELDS", "EPLBConfig", "MemoryPlan", "ModelSpec", "NodeLaunch", "Topology", "bundled_model_names",

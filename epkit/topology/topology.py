@@ -1,4 +1,5 @@
-"""Topology and EPLBConfig: one typed, self-checking description of an EP deployment.
+"""Topology: one typed, self-checking description of an EP deployment (its EPLB part is
+:class:`~epkit.topology.eplb.EPLBConfig`).
 
 Fields follow vLLM's meaning (``tp`` is ``--tensor-parallel-size``, ``dp`` is
 ``--data-parallel-size`` …). Every check runs in ``__post_init__`` and raises
@@ -8,15 +9,16 @@ allowed, so a bad topology never renders a command.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping
 
-import epkit.topology.warnings as topology_warnings
 from epkit.errors import TopologyError
+from epkit.topology.checks import check_bool, check_int
+from epkit.topology.eplb import EPLBConfig, valid_redundant_experts
 from epkit.topology.models import ModelSpec, bundled_model_names
+import epkit.topology.warnings as topology_warnings
 from epkit.vllm import versions as vllm_versions
 
 ENGINES = ("vllm", "epkit")
@@ -24,7 +26,6 @@ ENGINES = ("vllm", "epkit")
 # backend can run is the engine's call at start-up: it fails naming the missing package.
 EPKIT_ONLY_BACKENDS = frozenset({"all_to_all"})
 EPLB_POLICIES = ("default",)
-EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:^,-]+$")
 
 # Topology fields that are plain engine flags the memory plan depends on. They are fields (so the
@@ -51,19 +52,6 @@ def human_readable_int(text: str) -> int:
     if suffix in _DECIMAL_SCALE:
         return int(float(number) * _DECIMAL_SCALE[suffix])
     return int(number) * _BINARY_SCALE[suffix]
-
-
-def _check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TopologyError(f"{owner}.{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise TopologyError(f"{owner}.{name}={value!r} must be {bound}")
-
-
-def _check_bool(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TopologyError(f"{owner}.{name}={value!r} must be true or false")
 
 
 def _flag_value(name: str, text: str) -> int | float:
@@ -115,85 +103,6 @@ def _lift_engine_flags(extra_args: tuple[str, ...]) -> tuple[tuple[str, ...], di
 
 
 @dataclass(frozen=True)
-class EPLBConfig:
-    """vLLM's ``--eplb-config``. ``None`` means "vLLM's default" and is not rendered,
-    so a config renders exactly the keys its author set (as in the seed's examples)."""
-
-    window_size: int | None = None
-    step_interval: int | None = None
-    num_redundant_experts: int | None = None
-    log_balancedness: bool | None = None
-    log_balancedness_interval: int | None = None
-    use_async: bool | None = None
-    policy: str | None = None
-    communicator: str | None = None
-    enable_migration_batching: bool | None = None
-
-    # The defaults of epkit's default target release (epkit.vllm.versions has every release's).
-    DEFAULTS = dict(vllm_versions.release(vllm_versions.DEFAULT_VLLM_VERSION).eplb_keys)
-
-    def __post_init__(self) -> None:
-        owner = "eplb_config"
-        for name in ("window_size", "step_interval", "log_balancedness_interval"):
-            if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1)
-        if self.num_redundant_experts is not None:
-            _check_int(owner, "num_redundant_experts", self.num_redundant_experts, 0)
-        for name in ("log_balancedness", "use_async", "enable_migration_batching"):
-            if getattr(self, name) is not None:
-                _check_bool(owner, name, getattr(self, name))
-        if self.policy is not None and (not isinstance(self.policy, str) or not self.policy):
-            raise TopologyError(f"{owner}.policy={self.policy!r} must be a policy name such as 'default'")
-        if self.communicator is not None and self.communicator not in EPLB_COMMUNICATORS:
-            raise TopologyError(
-                f"{owner}.communicator={self.communicator!r}; allowed: {', '.join(EPLB_COMMUNICATORS)}"
-            )
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "EPLBConfig":
-        """Build from a mapping with vLLM's keys; unknown keys list every valid one."""
-        data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.keys()))
-        if unknown:
-            raise TopologyError(
-                f"eplb_config has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(cls.keys())}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "EPLBConfig":
-        """Parse the ``--eplb-config '{…}'`` JSON string."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TopologyError(f"eplb_config={text!r} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(data, dict):
-            raise TopologyError(f"eplb_config={text!r} must be a JSON object like '{{\"window_size\": 1000}}'")
-        return cls.from_dict(data)
-
-    def explicit(self) -> dict[str, Any]:
-        """The keys set by the user, in vLLM's documented order."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    def resolved(self, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Every key with the user's value or the (given release's) default."""
-        base = dict(self.DEFAULTS if defaults is None else defaults)
-        base.update(self.explicit())
-        return base
-
-    @property
-    def redundant(self) -> int:
-        return self.num_redundant_experts or 0
-
-    def to_json(self) -> str:
-        return json.dumps(self.explicit(), separators=(",", ":"))
-
-
-@dataclass(frozen=True)
 class Topology:
     """One deployment: model, parallel sizes, backend, EPLB, placement over nodes."""
 
@@ -229,9 +138,9 @@ class Topology:
         if self.engine not in ENGINES:
             raise TopologyError(f"{owner}.engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
         for name in ("tp", "dp", "nodes", "gpus_per_node"):
-            _check_int(owner, name, getattr(self, name), 1)
-        _check_bool(owner, "enable_expert_parallel", self.enable_expert_parallel)
-        _check_bool(owner, "allow_replaced_backend", self.allow_replaced_backend)
+            check_int(owner, name, getattr(self, name), 1)
+        check_bool(owner, "enable_expert_parallel", self.enable_expert_parallel)
+        check_bool(owner, "allow_replaced_backend", self.allow_replaced_backend)
         if self.tp_spans_nodes:
             self._check_tp_across_nodes(owner)
         else:
@@ -239,10 +148,10 @@ class Topology:
         if self.eplb_flag_style not in ("json", "dotted"):
             raise TopologyError(f"{owner}.eplb_flag_style={self.eplb_flag_style!r}; allowed: json, dotted")
         if self.api_server_count is not None:
-            _check_int(owner, "api_server_count", self.api_server_count, 1)
+            check_int(owner, "api_server_count", self.api_server_count, 1)
         for name in ("data_parallel_rpc_port", "master_port"):
             if getattr(self, name) is not None:
-                _check_int(owner, name, getattr(self, name), 1, 65535)
+                check_int(owner, name, getattr(self, name), 1, 65535)
         if self.data_parallel_address is not None and (
             not isinstance(self.data_parallel_address, str) or not self.data_parallel_address.strip()
             or any(c.isspace() for c in self.data_parallel_address)
@@ -264,7 +173,7 @@ class Topology:
     def _check_dp_placement(self, owner: str) -> None:
         """Every node runs the same number of DP ranks, each of them ``tp`` GPUs of that node."""
         if self.dp_local is not None:
-            _check_int(owner, "dp_local", self.dp_local, 1)
+            check_int(owner, "dp_local", self.dp_local, 1)
             if self.dp_local * self.nodes != self.dp:
                 raise TopologyError(
                     f"{owner}.dp_local={self.dp_local} × nodes={self.nodes} = {self.dp_local * self.nodes} "
@@ -335,7 +244,7 @@ class Topology:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "extra_args", rest)
         if self.max_model_len is not None:
-            _check_int(owner, "max_model_len", self.max_model_len, 1)
+            check_int(owner, "max_model_len", self.max_model_len, 1)
         gmu = self.gpu_memory_utilization
         if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
             raise TopologyError(f"{owner}.gpu_memory_utilization={gmu!r} must be a number in (0, 1]")
@@ -569,9 +478,3 @@ class Topology:
             out[f.name] = value
         return out
 
-
-def valid_redundant_experts(num_experts: int, ep_size: int, limit: int = 8) -> list[int]:
-    """The first ``limit`` values of ``num_redundant_experts`` that make ``E + R`` divisible by ``ep_size``."""
-    _check_int("valid_redundant_experts", "ep_size", ep_size, 1)
-    first = (-num_experts) % ep_size
-    return [first + i * ep_size for i in range(limit)]

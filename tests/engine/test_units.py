@@ -420,7 +420,7 @@ def test_static_map_local_or_sentinel_matches_locate():
 
 def test_engine_accepts_exactly_the_eplb_keys_of_topology_and_checks_values():
     from epkit.engine.config import EPLB_KEYS, EngineConfig
-    from epkit.engine.rebalance import EPLB_DEFAULTS
+    from epkit.eplb.config import EPLB_DEFAULTS
     from epkit.errors import EngineError
     from epkit.topology import EPLBConfig
 
