@@ -11,12 +11,10 @@ so every step has the same shapes). For each batch size and each variant it repo
   expert GEMMs, all-gather / reduce-scatter, routing, combine, logits + sampling, meta build;
   GPU kernels also by name category.
 
-Variants: ``before`` = the MoE code as of 905545f (``torch.bincount`` and ``repeat_interleave``,
-which read back to the host every MoE layer), ``after`` = the engine as it is, ``graph`` = the
-engine's forward captured once in a CUDA graph and replayed (the prototype that preceded the
-engine's decode graphs), ``engine-graph`` = ``ModelRunner.execute`` with every rank's step shape,
-i.e. the engine's own decode CUDA graphs (``epkit/engine/graphs.py``: padded to a capture size and
-a context bucket, captured on first use, replayed after); it also reports how many greedy tokens
+Variants: ``after`` = the engine as it is, ``graph`` = the engine's forward captured once in a CUDA graph
+and replayed (the prototype that preceded the engine's graph steps), ``engine-graph`` = ``ModelRunner.execute``
+with every rank's step shape, i.e. the engine's own CUDA graphs (``StepGraphs`` in ``epkit/engine/graphs.py``:
+padded to a capture size and a context bucket, captured on first use, replayed after); it also reports how many greedy tokens
 equal the eager step's; ``engine-graph-torch`` = the same with the Triton kernels off (PyTorch
 attention gather, RMSNorm and RoPE chains: ``EPKIT_DECODE_ATTENTION=torch EPKIT_FUSED_KERNELS=torch``), so
 one call measures what the kernels are worth. ``after`` runs with the kernels as the engine picks
@@ -31,6 +29,9 @@ GEMMs instead of the engine's choice, usually the Triton expert GEMMs at decode 
 of the Triton paged prefill kernel), ``-triton`` with ``EPKIT_PREFILL_ATTENTION=triton`` (the kernel also for a
 burst of equal whole prompts, which the engine sends to SDPA over views). Eager steps with prompts record their greedy tokens (``sampled``), so the
 A/B also shows whether both give the same tokens.
+Every variant runs the engine's own code (the script only wraps it in profiler ranges and sets its ``EPKIT_*``
+switches). The ``before`` variant of docs/benchmarks.md (the MoE code as of 905545f, with ``torch.bincount`` and
+``repeat_interleave``) is that commit's copy of this script: check it out to measure it again.
 Example (2 GPUs):
 
     python benchmarks/engine_profile.py --dp 2 --batch 16,128 --out /tmp/prof
@@ -53,6 +54,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REGIONS = ("meta", "attention", "route", "experts", "combine", "all_gather", "reduce_scatter", "logits", "sample")
+VARIANTS = ("after", "graph", "engine-graph", "engine-graph-torch", "mixed", "mixed-graph", "prefill")
 KERNEL_CATS = [  # first match wins
     ("nccl", r"nccl"),
     ("grouped_gemm (experts)", r"grouped|Grouped|cutlass.*[Gg]roup|ptr_array"),
@@ -61,42 +63,6 @@ KERNEL_CATS = [  # first match wins
     ("index/gather/scatter", r"index|gather|scatter|Index|Scatter"),
     ("elementwise/reduce", r"elementwise|reduce|Reduce|vectorized|unrolled|fill|copy|Copy"),
 ]
-
-
-def old_with_sentinel(self, x, expert_idx):
-    """LocalExperts.with_sentinel as of 905545f (bincount: 2 host syncs per call on CUDA)."""
-    import torch.nn.functional as F
-
-    order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=self.num_local + 1)[: self.num_local]
-    self._count(counts)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    h = torch._grouped_mm(x[order], self.w13, offs=offs)
-    act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
-    y = torch._grouped_mm(act, self.w2, offs=offs)
-    out = torch.empty_like(y)
-    out[order] = y
-    return out
-
-
-def old_local_partial(self, gx, gmeta, counts, capacity, experts):
-    """_GatherBased._local_partial as of 905545f (repeat_interleave)."""
-    from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
-    from epkit.engine.moe import weighted_sum
-
-    k = gmeta.shape[1] // 2
-    gids, gw = gmeta[:, :k].long(), gmeta[:, k:]
-    owner, local = experts.map.locate(gids)
-    mine = (owner == self.comm.rank) & self._valid_rows(counts, capacity, gx.device).unsqueeze(1)
-    if experts.supports_sentinel(gx) and gids.numel() <= SYNC_FREE_MAX_PAIRS:
-        token_idx = torch.arange(gx.shape[0], device=gx.device).repeat_interleave(k)
-        flat_mine = mine.reshape(-1)
-        expert_idx = torch.where(flat_mine, local.reshape(-1), experts.num_local)
-        y = experts.with_sentinel(gx[token_idx], expert_idx)
-        return weighted_sum(y, gw.reshape(-1), token_idx, gx.shape[0], mask=flat_mine)
-    token_idx, slot_idx = mine.nonzero(as_tuple=True)
-    y = experts(gx[token_idx], local[token_idx, slot_idx])
-    return weighted_sum(y, gw[token_idx, slot_idx], token_idx, gx.shape[0])
 
 
 def wrap(obj, attr: str, region: str) -> None:
@@ -111,7 +77,6 @@ def wrap(obj, attr: str, region: str) -> None:
 
 def annotate(runner) -> None:
     """Wrap the engine's functions in profiler ranges (instance / module attributes only)."""
-    import epkit.engine.all2all as a2a
     import epkit.engine.attention as attention
     import epkit.engine.model as model
     import epkit.engine.moe as moe
@@ -133,23 +98,6 @@ def annotate(runner) -> None:
                 return _fn(self, *a, **kw)
 
         setattr(moe.LocalExperts, name, method)
-    del a2a
-
-
-def set_variant(variant: str, saved: dict) -> None:
-    import epkit.engine.all2all as a2a
-    import epkit.engine.moe as moe
-
-    if not saved:
-        saved["ws"], saved["lp"] = moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial
-    if variant == "before":
-        def ws(self, x, idx):
-            with torch.profiler.record_function("R:experts"):
-                return old_with_sentinel(self, x, idx)
-
-        moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = ws, old_local_partial
-    else:
-        moe.LocalExperts.with_sentinel, a2a._GatherBased._local_partial = saved["ws"], saved["lp"]
 
 
 def base_variant(name: str) -> str:
@@ -170,7 +118,7 @@ def use_torch_kernels(on: bool, runner, moe_gemm: str = "auto", prefill: str = "
         else:
             os.environ.pop(key, None)
     os.environ["EPKIT_MOE_GEMM"] = moe_gemm
-    kernels._checked.clear()
+    kernels.forget_verdicts()
     if runner.graphs is not None:
         runner.graphs.drop("kernel choice changed")
         runner.graphs.paged_kernel = not on and runner.graphs.paged_kernel_checked
@@ -270,18 +218,9 @@ def profile_breakdown(fn, steps: int, trace_path: str | None) -> dict:
 
 def graph_step(runner, batch, counts):
     """Capture runner.model.forward for this batch once; return a step function that replays it."""
-    from epkit.engine.attention import build_meta
+    from epkit.engine.runner import step_inputs
 
-    dev = runner.device
-    ids, positions, seqs_meta = [], [], []
-    for seq, new in batch:
-        start = seq.num_computed_tokens
-        ids.extend(seq.token_ids[start : start + new])
-        positions.extend(range(start, start + new))
-        seqs_meta.append((start, new, seq.block_table))
-    meta = build_meta(seqs_meta, runner.block_size, dev, batch_decode=True)
-    ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
-    pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+    ids_t, pos_t, meta = step_inputs(batch, runner.block_size, runner.device, batch_decode=True)
     fwd = lambda: runner.model.forward(ids_t, pos_t, meta, runner.kv_caches, counts)  # noqa: E731
     with torch.inference_mode():
         s = torch.cuda.Stream()
@@ -307,7 +246,9 @@ def graph_step(runner, batch, counts):
     return step
 
 
-def rank_main(rank: int, args) -> None:
+def start_rank(rank: int, args):
+    """This rank's process groups (NCCL + a gloo control group, like ``epkit serve``) and ``ModelRunner`` with dummy
+    weights: (runner, seconds it took to build)."""
     from epkit.engine.all2all import Communicator
     from epkit.engine.config import EngineConfig
     from epkit.engine.model import model_config_of
@@ -329,9 +270,81 @@ def rank_main(rank: int, args) -> None:
     mc, mdir = model_config_of(cfg)
     t0 = time.perf_counter()
     runner = ModelRunner(cfg, mc, mdir, rank, device, comm)
-    build_s = time.perf_counter() - t0
+    return runner, time.perf_counter() - t0
+
+
+def variant_step(runner, args, name: str, batch_size: int, rows_of: dict, res: dict):
+    """The step function that variant ``name`` times at ``batch_size`` (None where it does not run: ``graph`` off
+    CUDA), after its first steps (captures, greedy tokens against eager) are recorded in ``res``. ``rows_of``: the
+    ``decode`` and ``mixed`` rows per batch size and the ``prefill`` rows."""
+    variant = base_variant(name)
+    gemm = "torch" if "-gmm" in name else "auto"  # -gmm: torch._grouped_mm as the expert GEMMs
+    # -sdpa: SDPA for multi-token sequences; -triton: the Triton prefill kernel for all of them
+    prefill_attn = "torch" if "-sdpa" in name else "triton" if "-triton" in name else "auto"
+    batch = rows_of["decode"][batch_size]
+    counts = [batch_size] * args.dp
+    if variant in ("mixed", "mixed-graph", "prefill"):
+        use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner, gemm, prefill_attn)
+        rows = rows_of["prefill"] if variant == "prefill" else rows_of["mixed"][batch_size]
+        counts = [sum(new for _, new in rows)] * args.dp
+        res["tokens_per_rank"] = counts[0]
+        shapes = [runner.step_shape(rows)] * args.dp if variant == "mixed-graph" else None
+        if variant == "mixed-graph":
+            if runner.graphs is None or not runner.graphs.mixed:
+                raise RuntimeError("the runner has no mixed graph steps (see its 'graph steps:' log line)")
+            first_graph_step(runner, rows, counts, shapes, res)
+        else:
+            res["sampled"] = list(runner.execute(rows, counts).values())
+        return lambda: runner.execute(rows, counts, shapes)
+    if variant == "graph":
+        return graph_step(runner, batch, counts) if runner.device.type == "cuda" else None
+    if variant.startswith("engine-graph"):
+        if runner.graphs is None:
+            raise RuntimeError("the runner has no graph steps (see its 'graph steps:' log line)")
+        use_torch_kernels(variant.endswith("-torch"), runner, gemm, prefill_attn)
+        shapes = [(1, args.ctx)] * args.dp
+        first_graph_step(runner, batch, counts, shapes, res)
+        return lambda: runner.execute(batch, counts, shapes)
+    use_torch_kernels(args.eager_torch, runner, gemm, prefill_attn)
+    return lambda: runner.execute(batch, counts)
+
+
+def first_graph_step(runner, rows, counts, shapes, res: dict) -> None:
+    """One eager step, then the same step through the engine's graphs (it captures): the capture time and the share
+    of greedy tokens that equal the eager step's go into ``res``."""
+    eager = runner.execute(rows, counts)
+    t0 = time.perf_counter()
+    graphed = runner.execute(rows, counts, shapes)  # captures
+    res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
+    res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
+
+
+def measure(fn, args, comm, res: dict, trace: str | None) -> None:
+    """Warm-up, host syncs, wall time and the profiler breakdown of step function ``fn``, into ``res``."""
+    for _ in range(args.warmup):
+        fn()
+    sync()
+    res["syncs_per_step"] = count_syncs(fn)
+    ms = timed(fn, args.steps, comm)
+    res["wall_ms"] = {"median": sorted(ms)[len(ms) // 2], "min": min(ms), "mean": sum(ms) / len(ms)}
+    res["profile"] = profile_breakdown(fn, args.profile_steps, trace)
+
+
+def print_result(res: dict, name: str, batch_size: int) -> None:
+    w = res.get("wall_ms", {})
+    variant = base_variant(name)
+    extra = (f" tokens {res.get('tokens_per_rank', batch_size)} match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
+             if variant.startswith("engine-graph") or variant == "mixed-graph" else
+             f" greedy tokens {res['sampled'][:8]}" if "sampled" in res else "")
+    print(f"B={batch_size}/rank {name:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
+          f"syncs {res.get('syncs_per_step')}  gpu kernels "
+          f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
+
+
+def rank_main(rank: int, args) -> None:
+    runner, build_s = start_rank(rank, args)
+    comm, device = runner.comm, runner.device
     annotate(runner)
-    saved: dict = {}
     report = {"rank": rank, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dp": args.dp, "backend": args.backend, "model": args.model, "ctx": args.ctx,
               "build_s": round(build_s, 1), "results": []}
@@ -341,78 +354,25 @@ def rank_main(rank: int, args) -> None:
     plan += [(b, v) for b in args.batches for v in args.variants if base_variant(v) in graphs]
     batches = {b: make_batch(runner, b, args.ctx, rank) for b in args.batches}
     bm = make_batch.blocks
-    mixed = {b: batches[b] + make_prompts(runner, 1, args.prefill_len, rank, f"m{b}-", bm) for b in args.batches}
-    prefill = make_prompts(runner, args.prefill_seqs, args.ctx, rank, "p-", bm) if "prefill" in args.variants else []
+    rows_of = {"decode": batches,
+               "mixed": {b: batches[b] + make_prompts(runner, 1, args.prefill_len, rank, f"m{b}-", bm) for b in args.batches},
+               "prefill": make_prompts(runner, args.prefill_seqs, args.ctx, rank, "p-", bm) if "prefill" in args.variants else []}
     # one prefill step, whatever the batch
     plan = [(b, v) for b, v in plan if base_variant(v) != "prefill" or b == args.batches[0]]
     for batch_size, name in plan:
-        variant = base_variant(name)
-        gemm = "torch" if "-gmm" in name else "auto"  # -gmm: torch._grouped_mm as the expert GEMMs
-        # -sdpa: SDPA for multi-token sequences; -triton: the Triton prefill kernel for all of them
-        prefill_attn = "torch" if "-sdpa" in name else "triton" if "-triton" in name else "auto"
-        batch = batches[batch_size]
-        counts = [batch_size] * args.dp
         res = {"batch_per_rank": batch_size, "variant": name}
         try:
-            if variant in ("mixed", "mixed-graph", "prefill"):
-                set_variant("after", saved)
-                use_torch_kernels(args.eager_torch and variant != "mixed-graph", runner, gemm, prefill_attn)
-                rows = prefill if variant == "prefill" else mixed[batch_size]
-                counts = [sum(new for _, new in rows)] * args.dp
-                res["tokens_per_rank"] = counts[0]
-                shapes = [runner.step_shape(rows)] * args.dp if variant == "mixed-graph" else None
-                if variant == "mixed-graph":
-                    if runner.graphs is None or not runner.graphs.mixed:
-                        raise RuntimeError("the runner has no mixed graph steps (see its 'graph steps:' log line)")
-                    eager = runner.execute(rows, counts)
-                    t0 = time.perf_counter()
-                    graphed = runner.execute(rows, counts, shapes)  # captures
-                    res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
-                    res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
-                else:
-                    res["sampled"] = list(runner.execute(rows, counts).values())
-                fn = lambda rows=rows, counts=counts, shapes=shapes: runner.execute(rows, counts, shapes)  # noqa: E731
-            elif variant == "graph":
-                if device.type != "cuda":
-                    continue
-                set_variant("after", saved)
-                fn = graph_step(runner, batch, counts)
-            elif variant.startswith("engine-graph"):
-                if runner.graphs is None:
-                    raise RuntimeError("the runner has no decode graphs (see its 'graph steps:' log line)")
-                set_variant("after", saved)
-                use_torch_kernels(variant.endswith("-torch"), runner, gemm, prefill_attn)
-                shapes = [(1, args.ctx)] * args.dp
-                eager = runner.execute(batch, counts)
-                t0 = time.perf_counter()
-                graphed = runner.execute(batch, counts, shapes)  # captures
-                res["first_step_with_capture_s"] = round(time.perf_counter() - t0, 3)
-                res["greedy_match_vs_eager"] = sum(eager[k] == graphed[k] for k in eager) / max(1, len(eager))
-                fn = lambda: runner.execute(batch, counts, shapes)  # noqa: E731
-            else:
-                set_variant(variant, saved)
-                use_torch_kernels(args.eager_torch, runner, gemm, prefill_attn)
-                fn = lambda: runner.execute(batch, counts)  # noqa: E731
-            for _ in range(args.warmup):
-                fn()
-            sync()
-            res["syncs_per_step"] = count_syncs(fn)
-            ms = timed(fn, args.steps, comm)
-            res["wall_ms"] = {"median": sorted(ms)[len(ms) // 2], "min": min(ms), "mean": sum(ms) / len(ms)}
+            fn = variant_step(runner, args, name, batch_size, rows_of, res)
+            if fn is None:
+                continue
             trace = os.path.join(args.out, f"trace_b{batch_size}_{name}.json") if args.trace and rank == 0 else None
-            res["profile"] = profile_breakdown(fn, args.profile_steps, trace)
+            measure(fn, args, comm, res, trace)
         except Exception as exc:  # a failed variant (e.g. graph capture) must not lose the others
             res["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             sync()
         report["results"].append(res)
         if rank == 0:
-            w = res.get("wall_ms", {})
-            extra = (f" tokens {res.get('tokens_per_rank', batch_size)} match {res.get('greedy_match_vs_eager')} capture {res.get('first_step_with_capture_s')} s"
-                     if variant.startswith("engine-graph") or variant == "mixed-graph" else
-                     f" greedy tokens {res['sampled'][:8]}" if "sampled" in res else "")
-            print(f"B={batch_size}/rank {name:6s}{extra} wall median {w.get('median', float('nan')):8.2f} ms  "
-                  f"syncs {res.get('syncs_per_step')}  gpu kernels "
-                  f"{res.get('profile', {}).get('gpu_kernel_total_ms', float('nan')):.2f} ms  {res.get('error', '')}", flush=True)
+            print_result(res, name, batch_size)
         with open(os.path.join(args.out, f"profile_rank{rank}.json"), "w") as f:  # after every result
             json.dump(report, f, indent=1)
         dist.barrier(group=comm.cpu_group)
@@ -494,7 +454,7 @@ def main() -> None:
     ap.add_argument("--model", default="epkit-qwen3-30b-a3b-shape")
     ap.add_argument("--backend", default="allgather_reducescatter")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--variants", default="before,after,graph")
+    ap.add_argument("--variants", default="after,graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--eager-torch", action="store_true", help="eager variants without the Triton kernels")
     ap.add_argument("--steps", type=int, default=20)
@@ -515,6 +475,9 @@ def main() -> None:
         return
     args.batches = [int(b) for b in args.batch.split(",")]
     args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if base_variant(v) not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} (with -gmm, -sdpa or -triton)")
     os.makedirs(args.out, exist_ok=True)
     mp.spawn(rank_main, args=(args,), nprocs=args.dp, join=True)
     print(summarize(os.path.join(args.out, "profile_rank0.json")))

@@ -33,7 +33,9 @@ class AttentionMeta:
     decode_ctx: torch.Tensor | None = None  # [B] tokens each of them attends to (cached + the new one)
     decode_len: int = 0  # columns of the PyTorch path's gathered context (>= every decode_ctx)
     block_size: int = 16
-    all_decode: bool = False  # every row is a single-token decode (decode_rows would be 0..T-1)
+    # a graph step: every row (a decode, or one token of a prompt) is one query over its own decode_tables row and
+    # decode_ctx, through the batched decode path (decode_rows would be 0..T-1)
+    every_row_as_decode: bool = False
     prefill: "PrefillBatch | None" = None  # multi-token sequences attended in one batched call (GPU)
     paged: "PagedPrefill | None" = None  # the same sequences for the Triton prefill kernel (GPU), until it is refused
     pending: list[tuple[int, int, torch.Tensor]] | None = None  # ... and their host (row, new, slots) for the fallback
@@ -215,7 +217,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     meta: AttentionMeta) -> torch.Tensor:
     """Write this step's K/V into the cache, attend, return ``[T, heads * head_dim]``."""
     write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    if meta.all_decode:  # a captured decode step: one batched call, no per-sequence work
+    if meta.every_row_as_decode:  # a graph step: one batched call, no per-sequence work
         out = _batched_decode(q, k_cache, v_cache, meta)
         return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
     out = torch.empty_like(q)

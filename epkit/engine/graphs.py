@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,10 @@ from epkit.engine.attention import AttentionMeta
 from epkit.engine.config import env_value
 
 if TYPE_CHECKING:
-    from epkit.engine.runner import ModelRunner
+    from epkit.engine.all2all import Communicator
+    from epkit.engine.config import EngineConfig
+    from epkit.engine.model import ModelConfig, MoEModel
+    from epkit.engine.rebalance import Rebalancer
     from epkit.engine.sequence import Sequence
 
 log = logging.getLogger("epkit.engine")
@@ -72,7 +75,24 @@ def token_sizes(largest: int) -> list[int]:
     return small + big + ([largest] if largest > small[-1] else [])
 
 
-def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
+class StepRunner(Protocol):
+    """What graph steps read of their rank's model runner (:class:`epkit.engine.runner.ModelRunner`, which builds
+    them): the runner imports this module, never the other way round."""
+
+    cfg: EngineConfig
+    mcfg: ModelConfig
+    model: MoEModel
+    comm: Communicator
+    device: torch.device
+    dtype: torch.dtype
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    block_size: int
+    num_blocks: int  # blocks the block manager hands out; the KV cache holds one more (the scratch block)
+    max_model_len: int
+    rebalancer: Rebalancer | None
+
+
+def graph_mode(runner: StepRunner) -> tuple[str, str]:
     """("cuda" | "emulate" | "off", why) for this runner."""
     want = env_value("EPKIT_CUDA_GRAPHS")  # checked at start (EnvVarError names the value and the choices)
     if runner.cfg.enforce_eager or want == "off":
@@ -93,10 +113,11 @@ def graph_mode(runner: "ModelRunner") -> tuple[str, str]:
     return "cuda", "CUDA graphs"
 
 
-class DecodeGraphs:
-    """The fixed step buffers of one rank and its captured graphs, keyed by (rows, context bucket)."""
+class StepGraphs:
+    """The fixed step buffers of one rank and its captured graphs of whole steps (all-decode, or mixed prefill +
+    decode where the paged kernel serves), keyed by (rows, context bucket)."""
 
-    def __init__(self, runner: "ModelRunner", mode: str):
+    def __init__(self, runner: StepRunner, mode: str):
         self.runner, self.mode = runner, mode
         cfg, dev = runner.cfg, runner.device
         self.world, self.rank = runner.comm.world_size, runner.comm.rank
@@ -238,7 +259,7 @@ class DecodeGraphs:
         model, bs, d = runner.model, runner.block_size, self.dev
         width = ctx // bs
         meta = AttentionMeta(d["slot"][:size], [], decode_tables=d["tables"][:size, :width], decode_ctx=d["ctx"][:size],
-                             decode_len=ctx, block_size=bs, all_decode=True)
+                             decode_len=ctx, block_size=bs, every_row_as_decode=True)
         valid = d["valid"][: self.world * size].bool()
         model.moe.static_valid = valid
         model.row_mask = valid.view(self.world, size)[self.rank]

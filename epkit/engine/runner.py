@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from epkit.engine.all2all import Communicator, make_backend
-from epkit.engine.attention import build_meta
+from epkit.engine.attention import AttentionMeta, build_meta
 from epkit.engine.config import EngineConfig
-from epkit.engine.graphs import MAX_ROW_CONTEXT, DecodeGraphs, graph_mode
+from epkit.engine.graphs import MAX_ROW_CONTEXT, StepGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
@@ -96,6 +96,22 @@ def resolve_dtype(cfg: EngineConfig, model_config: dict, device: torch.device) -
     return DTYPES.get(str(model_config.get("torch_dtype") or "bfloat16"), torch.bfloat16)
 
 
+def step_inputs(batch: list[tuple[Sequence, int]], block_size: int, device: torch.device,
+                batch_decode: bool) -> tuple[torch.Tensor, torch.Tensor, AttentionMeta]:
+    """(token ids, positions, attention metadata) of an eager step over ``batch``'s rows: one row per new token."""
+    ids: list[int] = []
+    positions: list[int] = []
+    seqs_meta = []
+    for seq, new in batch:
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids[start : start + new])
+        positions.extend(range(start, start + new))
+        seqs_meta.append((start, new, seq.block_table))
+    meta = build_meta(seqs_meta, block_size, device, batch_decode=batch_decode)
+    return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(positions, dtype=torch.long, device=device),
+            meta)
+
+
 class ModelRunner:
     """Builds this rank's share of the model and runs one step for a scheduled batch."""
 
@@ -135,7 +151,7 @@ class ModelRunner:
             self.model.record_routing = self.rebalancer.record
         self.block_size = cfg.block_size
         self.num_blocks = self._num_blocks()
-        slots = (self.num_blocks + 1) * self.block_size  # + one scratch block for the padding rows of decode graphs
+        slots = (self.num_blocks + 1) * self.block_size  # + one scratch block for the padding rows of graph steps
         shape = (slots, self.mcfg.num_kv_heads, self.mcfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
@@ -148,7 +164,7 @@ class ModelRunner:
         # all ranks or none: a rank without graphs would run eager steps whose collectives the others do not
         if not all(on for on, in comm.exchange_step_info([int(mode != "off")])) and mode != "off":
             mode, why = "off", "another DP rank cannot use CUDA graphs (see its log); every step runs eager on all ranks"
-        self.graphs = DecodeGraphs(self, mode) if mode != "off" else None
+        self.graphs = StepGraphs(self, mode) if mode != "off" else None
         log.info("DP rank %d: graph steps: %s%s", dp_rank, why,
                  f" ({'mixed prefill + decode' if self.graphs.mixed else 'all-decode'} steps of "
                  f"{self.graphs.sizes[0]}..{self.graphs.sizes[-1]} rows, context buckets of "
@@ -168,7 +184,7 @@ class ModelRunner:
             budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - GPU_ACTIVATION_RESERVE_BYTES
         else:
             budget = CPU_KV_DEFAULT_BYTES
-        num_blocks = budget // block_bytes - 1  # one block of the budget is the decode graphs' scratch block
+        num_blocks = budget // block_bytes - 1  # one block of the budget is the graph steps' scratch block
         needed = -(-self.max_model_len // self.block_size)
         if num_blocks < needed:
             raise EngineError(
@@ -209,18 +225,8 @@ class ModelRunner:
         if key is not None:
             hidden = self.graphs.run(batch, counts, key)
         else:
-            ids: list[int] = []
-            positions: list[int] = []
-            seqs_meta = []
-            for seq, new in batch:
-                start = seq.num_computed_tokens
-                ids.extend(seq.token_ids[start : start + new])
-                positions.extend(range(start, start + new))
-                seqs_meta.append((start, new, seq.block_table))
-            dev = self.device
-            meta = build_meta(seqs_meta, self.block_size, dev, batch_decode=dev.type == "cuda")
-            hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev),
-                                        torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv_caches, counts)
+            ids, positions, meta = step_inputs(batch, self.block_size, self.device, batch_decode=self.device.type == "cuda")
+            hidden = self.model.forward(ids, positions, meta, self.kv_caches, counts)
         rows, seqs, row = [], [], 0  # the last new token of every sequence whose prompt is now complete samples
         for seq, new in batch:
             row += new

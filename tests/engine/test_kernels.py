@@ -270,3 +270,24 @@ def test_prefill_attention_kernel_matches_per_sequence_sdpa():
         assert case["fresh"] == [5, 3, 6] and case["seqs"] == [1, 2, 3], case
         assert case["fallback"] is (case["heads"] == 12), case
         assert max(case["errs"]) <= 1e-5, case
+
+
+def test_a_kernel_verdict_is_kept_per_key_until_forgotten(monkeypatch):
+    """``kernel_serves`` runs a kernel's check once per key and keeps the verdict; ``forget_verdicts`` (the A/B runs of
+    ``benchmarks/engine_profile.py``, after they change an ``EPKIT_*`` choice) makes the next use check again."""
+    import torch
+
+    from epkit.engine.kernels import registry
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # a device the kernels run on, for kernel_serves
+    saved = dict(registry.verdicts)
+    key, x, runs = ("test-kernel", "cpu"), torch.zeros(1), []
+    try:
+        assert registry.kernel_serves("test kernel", key, x, lambda: runs.append("first")) is True  # None: passed
+        assert registry.kernel_serves("test kernel", key, x, lambda: runs.append("again") or "refused") is True
+        assert runs == ["first"]
+        registry.forget_verdicts()
+        assert registry.kernel_serves("test kernel", key, x, lambda: "refused") is False
+    finally:
+        registry.verdicts.clear()
+        registry.verdicts.update(saved)

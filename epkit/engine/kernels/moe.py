@@ -1,0 +1,387 @@
+"""The MoE kernels: the fused router (softmax, top-k, renormalisation) and the row kernels (a counting sort of
+the (token, expert) pairs, the row gather, SiLU * up, the per-token weighted combine, the expert-grouped GEMMs)
+that touch only the pairs a rank computes, sized on the device (no host sync)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from epkit.engine.kernels.registry import fused_kernels_off, kernel_choice, kernel_serves, mismatch, tl, triton
+from epkit.engine.kernels.timing import graph_ms
+
+log = logging.getLogger("epkit.engine")
+
+# (tile rows, up to this many rows per expert on average). Only decode-sized groups: measured on an H200
+# (graph replays, top-8 routing), 32- and 64-row tiles lost to torch._grouped_mm at 32+ rows per expert
+# (routing skew gives many experts a second tile, which reads their weights again).
+MOE_BLOCK_M = ((16, 16),)
+MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
+PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, E, K: tl.constexpr, KPAD: tl.constexpr,
+                      BLOCK_E: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+        t = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        logit = tl.load(logits_ptr + t * stride_l + e, mask=emask, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            logit = logit + tl.load(bias_ptr + e, mask=emask, other=0.0)
+        z = tl.exp(logit - tl.max(logit, 0))
+        p = z / tl.sum(z, 0)
+        p = tl.where(emask, p, -1.0)
+        kk = tl.arange(0, KPAD)
+        top_w = tl.zeros([KPAD], tl.float32)
+        top_i = tl.zeros([KPAD], tl.int64)
+        for j in tl.static_range(K):
+            best = tl.max(p, 0)
+            idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)  # the lowest expert id among equal weights
+            top_w = tl.where(kk == j, best, top_w)
+            top_i = tl.where(kk == j, idx.to(tl.int64), top_i)
+            p = tl.where(e == idx, -1.0, p)
+        if RENORM:
+            top_w = top_w / tl.sum(top_w, 0)
+        kmask = kk < K
+        tl.store(ids_ptr + t * K + kk, top_i, mask=kmask)
+        tl.store(w_ptr + t * K + kk, top_w, mask=kmask)
+
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, src_ptr, n_ptr, out_ptr, stride_x, H, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)  # int64 offsets: pairs x hidden can pass 2**31
+        if r < tl.load(n_ptr):
+            s = tl.load(src_ptr + r)
+            for c in range(0, H, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                m = cols < H
+                tl.store(out_ptr + r * H + cols, tl.load(x_ptr + s * stride_x + cols, mask=m), mask=m)
+
+    @triton.jit
+    def _count_pairs_kernel(e_ptr, counts_ptr, P, NUM_LOCAL, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
+        m = e < NUM_LOCAL  # other ranks' pairs are not counted (no contention on one sentinel counter)
+        tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")
+
+    @triton.jit
+    def _place_pairs_kernel(e_ptr, cursor_ptr, pos_ptr, src_ptr, P, K, NUM_LOCAL, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
+        m = e < NUM_LOCAL
+        p = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")  # its row in its group
+        tl.store(pos_ptr + i, p, mask=m)
+        tl.store(src_ptr + p.to(tl.int64), (i // K).to(tl.int64), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, n_ptr, out_ptr, stride_h, INTER, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        if r < tl.load(n_ptr):
+            for c in range(0, INTER, BLOCK):
+                cols = c + tl.arange(0, BLOCK)
+                m = cols < INTER
+                gate = tl.load(h_ptr + r * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+                up = tl.load(h_ptr + r * stride_h + INTER + cols, mask=m, other=0.0)
+                # rounded to the input dtype like F.silu, then the product (exp/division may differ from
+                # PyTorch's by one unit in the last place: the self-check allows that)
+                act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+                tl.store(out_ptr + r * INTER + cols, act * up, mask=m)
+
+    @triton.jit
+    def _combine_rows_kernel(y_ptr, pos_ptr, e_ptr, w_ptr, out_ptr, stride_y, H, NUM_LOCAL,
+                             K: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        for c in range(0, H, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            m = cols < H
+            acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+            for j in tl.static_range(K):
+                i = t * K + j
+                width = tl.where(tl.load(e_ptr + i) < NUM_LOCAL, H, 0)  # another rank's pair reads nothing
+                p = tl.load(pos_ptr + i).to(tl.int64)
+                w = tl.load(w_ptr + i).to(tl.float32)
+                prod = tl.load(y_ptr + p * stride_y + cols, mask=cols < width, other=0.0).to(tl.float32) * w
+                acc += prod.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + t * H + cols, acc, mask=m)
+
+    @triton.jit
+    def _moe_gemm_kernel(a_ptr, src_ptr, w_ptr, out_ptr, offs_ptr, tiles_ptr, stride_a, stride_we, stride_wk,
+                         stride_out, N, K, E: tl.constexpr, E_PAD: tl.constexpr, GATHER: tl.constexpr,
+                         GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (t, nb): tile t of the expert-sorted rows (tiles never straddle two experts) times
+        # columns nb * BLOCK_N.. of that expert's weight. offs / tiles: inclusive prefix sums per expert
+        # of rows and of BLOCK_M-row tiles, on the device, so the grid is an upper bound and extra
+        # programs return at once.
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        if t >= tl.load(tiles_ptr + E - 1):  # past the last tile (the grid counts other ranks' pairs and padding)
+            return
+        ev = tl.arange(0, E_PAD)
+        tile_cum = tl.load(tiles_ptr + ev, mask=ev < E, other=2**30)
+        e = tl.minimum(tl.sum((tile_cum <= t).to(tl.int32), axis=0), E - 1)
+        tiles_before = tl.load(tiles_ptr + e - 1, mask=e > 0, other=0)
+        rows_before = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        r = rows_before + (t - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = r < tl.load(offs_ptr + e)
+        if GATHER:  # row r of the sorted order copies token row src[r]: no gathered copy in memory
+            arow = tl.load(src_ptr + r, mask=rmask, other=0).to(tl.int64)
+        else:
+            arow = r.to(tl.int64)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + arow[:, None] * stride_a + kk[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + n[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (and compiled away) unless GATED
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & nmask[None, :]
+            acc = tl.dot(a, tl.load(w_ptrs, mask=wmask, other=0.0), acc)
+            if GATED:  # the up projection: the same rows times columns N + n
+                acc_up = tl.dot(a, tl.load(w_ptrs + N, mask=wmask, other=0.0), acc_up)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        dtype = out_ptr.dtype.element_ty
+        if GATED:  # silu(gate) * up, rounded where the PyTorch path rounds (GEMM output, silu, product)
+            gate = acc.to(dtype).to(tl.float32)
+            res = (gate / (1.0 + tl.exp(-gate))).to(dtype) * acc_up.to(dtype)
+        else:
+            res = acc.to(dtype)
+        tl.store(out_ptr + r[:, None].to(tl.int64) * stride_out + n[None, :], res,
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool,
+          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax router of :func:`epkit.engine.moe.route` in one launch: (ids ``[T, k]`` int64, float32 weights)."""
+    T, E = router_logits.shape
+    ids = torch.empty((T, top_k), dtype=torch.long, device=router_logits.device)
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=router_logits.device)
+    if T:
+        _route_kernel[(T,)](router_logits, bias if bias is not None else router_logits, ids, weights, router_logits.stride(0), E,
+                            K=top_k, KPAD=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E),
+                            HAS_BIAS=bias is not None, RENORM=norm_topk_prob)
+    return ids, weights
+
+
+def gather_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``out[r] = x[src[r]]`` for ``r < n`` (``n`` a 1-element device tensor); later rows are left unwritten.
+
+    ``out`` has ``rows`` rows (default: as many as ``src``; a caller that knows ``n`` passes it)."""
+    P, H = (src.shape[0] if rows is None else rows), x.shape[1]
+    out = torch.empty((P, H), dtype=x.dtype, device=x.device)
+    if P:
+        _gather_rows_kernel[(P,)](x, src, n, out, x.stride(0), H, BLOCK=min(2048, triton.next_power_of_2(H)))
+    return out
+
+
+def group_pairs(expert_idx: torch.Tensor, num_local: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A counting sort of this rank's (token, slot) pairs by expert, without a host sync: (``pos``, ``src``, ``counts``).
+
+    Pair ``i`` is (row ``i // k``, expert ``expert_idx[i]``); experts ``>= num_local`` are other
+    ranks' and skipped. ``counts[e]`` is the number of pairs of local expert ``e`` (int64), ``pos[i]``
+    the row local pair ``i`` takes in the expert-sorted order (groups in expert order; within a group
+    in any order - each row's GEMM result does not depend on its neighbours; undefined for skipped
+    pairs), and ``src[pos[i]] = i // k``: the token row each sorted row copies."""
+    P = expert_idx.shape[0]
+    counts = torch.zeros(num_local, dtype=torch.int32, device=expert_idx.device)
+    pos = torch.empty(P, dtype=torch.int32, device=expert_idx.device)
+    src = torch.empty(P, dtype=torch.long, device=expert_idx.device)
+    if P:
+        grid = (triton.cdiv(P, PAIR_BLOCK),)
+        _count_pairs_kernel[grid](expert_idx, counts, P, num_local, BLOCK=PAIR_BLOCK)
+        cursor = torch.cumsum(counts, 0, dtype=torch.int32) - counts  # each group's first row
+        _place_pairs_kernel[grid](expert_idx, cursor, pos, src, P, k, num_local, BLOCK=PAIR_BLOCK)
+    return pos, src, counts.long()
+
+
+def combine_rows(y: torch.Tensor, pos: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, k: int,
+                 num_local: int, num_rows: int, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_j acc(float32(y[pos[t*k+j]]) * weights[t*k+j])`` over the slots ``j`` whose expert is local.
+
+    One program per output row adds its own pairs in slot order and writes the row once: no zero-fill,
+    no atomics; rows without a local pair are written as zeros. Products are rounded to ``acc_dtype``
+    before the sum, as :func:`epkit.engine.moe.weighted_sum` does."""
+    H = y.shape[1]
+    out = torch.empty((num_rows, H), dtype=acc_dtype, device=y.device)
+    if num_rows:
+        # no fused multiply-add: each product is rounded before the sum, as in weighted_sum
+        _combine_rows_kernel[(num_rows,)](y, pos, expert_idx, weights, out, y.stride(0), H, num_local, K=k,
+                                          BLOCK=min(2048, triton.next_power_of_2(H)), enable_fp_fusion=False)
+    return out
+
+
+def silu_mul(h: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``silu(h[:, :I]) * h[:, I:]`` for the first ``n`` rows (``n`` a 1-element device tensor); later rows unwritten."""
+    P, inter = h.shape[0], h.shape[1] // 2
+    out = torch.empty((P, inter), dtype=h.dtype, device=h.device)
+    if P:
+        _silu_mul_kernel[(P,)](h, n, out, h.stride(0), inter, BLOCK=min(1024, triton.next_power_of_2(inter)))
+    return out
+
+
+def moe_block_m(rows_per_expert: float) -> int | None:
+    """Rows per tile of :func:`moe_gemm` for about ``rows_per_expert`` rows of each expert (None: too many for it,
+    the grouped GEMM of PyTorch serves them). Small tiles for decode-sized groups, so each expert's weights are
+    read about once."""
+    for block_m, most in MOE_BLOCK_M:
+        if rows_per_expert <= most:
+            return block_m
+    return None
+
+
+def moe_tiles(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive prefix sums per expert of the rows (``counts``) and of their ``block_m``-row tiles (int32, on the device)."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    tiles = torch.cumsum(torch.div(counts + (block_m - 1), block_m, rounding_mode="floor"), 0, dtype=torch.int32)
+    return offs, tiles
+
+
+def moe_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, tiles: torch.Tensor, block_m: int, rows: int,
+             src: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """Expert-grouped GEMM over expert-sorted rows, sized on the device (no host sync): ``[rows, N]``.
+
+    Row ``r`` of expert ``e`` (rows ``offs[e-1] <= r < offs[e]``) is ``a[src[r]] @ w[e]`` (``a[r]`` without
+    ``src``). ``gated``: ``w`` is ``[E, K, 2N]`` (gate then up) and the row is ``silu(gate) * up``. Rows past
+    ``offs[-1]`` are left unwritten. ``rows`` bounds the sorted rows (the grid is sized by it)."""
+    E, K = w.shape[0], w.shape[1]
+    N = w.shape[2] // 2 if gated else w.shape[2]
+    assert a.stride(1) == 1 and w.stride(2) == 1, "moe_gemm reads rows and weight rows with unit stride"
+    out = torch.empty((rows, N), dtype=a.dtype, device=a.device)
+    if rows:
+        grid = (triton.cdiv(rows, block_m) + E, triton.cdiv(N, MOE_BLOCK_N))
+        _moe_gemm_kernel[grid](a, a if src is None else src, w, out, offs, tiles, a.stride(0), w.stride(0),
+                               w.stride(1), out.stride(0), N, K, E=E, E_PAD=triton.next_power_of_2(E),
+                               GATHER=src is not None, GATED=gated, BLOCK_M=block_m, BLOCK_N=MOE_BLOCK_N,
+                               BLOCK_K=MOE_BLOCK_K, num_warps=4, num_stages=4 if block_m <= 32 else 3)
+    return out
+
+
+def route_enabled(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, bias: torch.Tensor | None, reference) -> bool:
+    """Whether :func:`route` serves these router logits (checked once against ``reference``: ids and weights)."""
+    if fused_kernels_off():
+        return False
+    E = logits.shape[-1]
+
+    def check() -> str | None:
+        if E > 4096 or logits.stride(-1) != 1:
+            return f"{E} experts (at most 4096, contiguous)"
+        gen = torch.Generator(device=logits.device).manual_seed(3)
+        ll = (torch.randn((33, E), generator=gen, device=logits.device) * 2).to(logits.dtype)
+        bb = bias if bias is None else torch.linspace(0, -3, E, device=logits.device)
+        got_i, got_w = route(ll, top_k, norm_topk_prob, bb)
+        want_i, want_w = reference(ll, top_k, norm_topk_prob, bb)
+        # bf16 logits tie often and top-k may order tied experts either way: compare the chosen experts' probabilities
+        probs = torch.softmax(ll.float() + (bb if bb is not None else 0), dim=-1)
+        if (probs.gather(1, got_i) - probs.gather(1, want_i)).abs().max().item() > 1e-6:
+            return "self-check: different experts chosen"
+        return mismatch(got_w, want_w, torch.float32)
+
+    key = ("route", logits.device, logits.dtype, E, top_k, norm_topk_prob, bias is not None)
+    return kernel_serves("router softmax + top-k", key, logits, check)
+
+
+def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
+    """Whether :func:`gather_rows`, :func:`group_pairs` and :func:`combine_rows` serve rows like ``x`` into
+    ``acc_dtype`` sums (checked once)."""
+    if fused_kernels_off():
+        return False
+
+    def check() -> str | None:
+        gen = torch.Generator(device=x.device).manual_seed(4)
+        H = x.shape[1]
+        xx = torch.randn((9, H), generator=gen, device=x.device).to(x.dtype)
+        src = torch.tensor([4, 0, 4, 8, 1, 2], device=x.device)
+        n = torch.tensor([4], device=x.device)
+        got = gather_rows(xx, src, n)[:4]
+        if not torch.equal(got, xx[src[:4]]):
+            return "self-check: gathered rows differ"
+        w = torch.rand(6, generator=gen, device=x.device)
+        # the counting sort and the per-row combine: 3 rows x 2 slots, experts 0..2 local, 3 = another rank's
+        e = torch.tensor([2, 0, 3, 2, 0, 1], device=x.device)
+        own = e < 3
+        pos, src2, counts = group_pairs(e, 3, 2)
+        rows = pos[own].long()
+        if counts.tolist() != [2, 1, 2] or sorted(rows.tolist()) != list(range(5)):
+            return f"self-check: counting sort gave counts {counts.tolist()}, rows {rows.tolist()}"
+        order = torch.empty(5, dtype=torch.long, device=x.device)
+        order[rows] = own.nonzero().flatten()  # sorted row -> pair
+        if e[order].tolist() != sorted(e[own].tolist()) or not torch.equal(src2[:5], order // 2):
+            return "self-check: counting sort rows are not grouped by expert"
+        y = torch.zeros((6, H), dtype=x.dtype, device=x.device)
+        y[rows] = xx[:6][own]  # y[pos[i]] = xx[i] for local pairs; row 5 holds garbage the combine must skip
+        y[5] = float("nan")
+        out = combine_rows(y, pos, e, w, 2, 3, 3, acc_dtype)
+        want = torch.zeros((3, H), dtype=acc_dtype, device=x.device).index_add_(
+            0, torch.arange(6, device=x.device) // 2,
+            torch.where(own.unsqueeze(1), (xx[:6].float() * w.unsqueeze(1)).to(acc_dtype), 0))
+        return mismatch(out, want, torch.float32)
+
+    key = ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1])
+    return kernel_serves("MoE row sort / gather / combine", key, x, check)
+
+
+def silu_mul_enabled(h: torch.Tensor) -> bool:
+    """Whether :func:`silu_mul` serves ``[rows, 2 * intermediate]`` tensors like ``h`` (checked once against PyTorch)."""
+    if fused_kernels_off():
+        return False
+
+    def check() -> str | None:
+        gen = torch.Generator(device=h.device).manual_seed(5)
+        hh = (3 * torch.randn((5, h.shape[1]), generator=gen, device=h.device)).to(h.dtype)
+        got = silu_mul(hh, torch.tensor([3], device=h.device))[:3]
+        inter = h.shape[1] // 2
+        want = F.silu(hh[:3, :inter]) * hh[:3, inter:]
+        return mismatch(got, want, h.dtype, want.float().abs().max().item())
+
+    key = ("silu_mul", h.device, h.dtype, h.shape[1])
+    return kernel_serves("SiLU * up (this rank's expert rows)", key, h, check)
+
+
+def moe_gemm_enabled(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, block_m: int, reference) -> bool:
+    """Whether :func:`moe_gemm` runs these experts' GEMMs at ``block_m``-row tiles (decided once per shape family).
+
+    ``reference(x, src, counts)`` is the PyTorch path (gather, grouped GEMM, SiLU * up, grouped GEMM). On first
+    use outside a CUDA graph capture both run on the layer's own weights: the kernel must match, and on CUDA it
+    must also be the faster of the two at ``block_m``'s group sizes (both timings are logged).
+    ``EPKIT_MOE_GEMM=triton`` skips the timing, ``=torch`` keeps PyTorch's grouped GEMM."""
+    mode = kernel_choice("EPKIT_MOE_GEMM")
+    if mode == "torch" or fused_kernels_off():
+        return False
+    key = ("moe_gemm", x.device, x.dtype, tuple(w13.shape), tuple(w2.shape), block_m, mode)
+
+    def check() -> str | None:
+        E = w13.shape[0]
+        most = dict(MOE_BLOCK_M)[block_m]
+        counts = torch.tensor([(0, 1, block_m, block_m + 3, most)[e % 5] for e in range(E)], device=x.device)
+        total = int(counts.sum())
+        gen = torch.Generator(device=x.device).manual_seed(6)
+        xx = torch.randn((total // 2 + 1, x.shape[1]), generator=gen, device=x.device).to(x.dtype)
+        src = torch.randint(0, xx.shape[0], (total,), generator=gen, device=x.device)
+
+        def ours(xx: torch.Tensor, src: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            offs, tiles = moe_tiles(counts, block_m)
+            act = moe_gemm(xx, w13, offs, tiles, block_m, src.shape[0], src=src, gated=True)
+            return moe_gemm(act, w2, offs, tiles, block_m, src.shape[0])
+
+        want = reference(xx, src, counts)
+        why = mismatch(ours(xx, src, counts), want, x.dtype, want.float().abs().max().item())
+        if why is not None or x.device.type != "cuda" or mode == "triton":
+            return why
+        # the timing: random routing, half the bucket's most rows per expert on average, as CUDA graph replays
+        # (steps of this size run as graphs; eager timing would mostly measure launch costs)
+        pairs = E * max(1, most // 2)
+        counts = torch.bincount(torch.randint(0, E, (pairs,), generator=gen, device=x.device), minlength=E)
+        xx = torch.randn((pairs // 8 + 1, x.shape[1]), generator=gen, device=x.device).to(x.dtype)
+        src = torch.randint(0, xx.shape[0], (pairs,), generator=gen, device=x.device)
+        t_ours, t_torch = graph_ms(lambda: ours(xx, src, counts)), graph_ms(lambda: reference(xx, src, counts))
+        log.info("MoE GEMMs, %d experts x %.0f rows on average: Triton %.3f ms, torch._grouped_mm path %.3f ms "
+                 "(CUDA graph replays)", E, pairs / E, t_ours, t_torch)
+        return None if t_ours < t_torch else f"slower: {t_ours:.3f} ms against {t_torch:.3f} ms"
+
+    return kernel_serves(f"MoE expert GEMMs ({block_m}-row tiles)", key, x, check, fallback="torch._grouped_mm")
