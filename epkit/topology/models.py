@@ -129,45 +129,23 @@ class ModelSpec:
                 f"model {name!r}: model_type={model_type!r} is not a supported MoE family; "
                 f"supported: {', '.join(MOE_FAMILIES)}"
             )
-
-        def need(key: str, *alternatives: str) -> Any:
-            for k in (key, *alternatives):
-                if k in config and config[k] is not None:
-                    return config[k]
-            keys = " or ".join((key, *alternatives))
-            raise TopologyError(f"model {name!r} ({model_type}): config.json lacks {keys}")
-
+        need = _reader(config, f"model {name!r} ({model_type})")
         hidden = int(need("hidden_size"))
         layers = int(need("num_hidden_layers"))
         heads = int(need("num_attention_heads"))
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         if dtype not in DTYPE_BYTES:
             raise TopologyError(f"model {name!r}: torch_dtype={dtype!r}; supported: {', '.join(DTYPE_BYTES)}")
-        plain = Quantization("none", DTYPE_BYTES[dtype])
-        expert_quant, dense_quant = plain, plain
-        quant = config.get("quantization_config") or {}
-        method = quant.get("quant_method")
-        if method == "fp8":
-            block = tuple(quant.get("weight_block_size") or (128, 128))
-            fp8 = Quantization("fp8", 1.0, block=(int(block[0]), int(block[1])), scale_bytes=4.0)
-            expert_quant, dense_quant = fp8, fp8
-        elif method == "mxfp4":
-            # 4-bit E2M1 elements, one E8M0 scale byte per 32 elements; attention stays bf16.
-            expert_quant = Quantization("mxfp4", 0.5, group_size=32, scale_bytes=1.0)
-        elif method is not None:
-            raise TopologyError(f"model {name!r}: quantization_config.quant_method={method!r}; supported: fp8, mxfp4")
-
-        common: dict[str, Any] = dict(
+        expert_quant, dense_quant = _quantization(config, name, dtype)
+        spec = cls(
             name=name,
             model_type=model_type,
             hidden_size=hidden,
             num_layers=layers,
             vocab_size=int(need("vocab_size")),
             num_attention_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
             dtype=dtype,
             expert_quant=expert_quant,
             dense_quant=dense_quant,
@@ -176,53 +154,8 @@ class ModelSpec:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=int(config.get("max_position_embeddings") or 0),
             raw=config,
+            **_moe_fields(model_type, config, layers, need),
         )
-        if model_type in ("deepseek_v2", "deepseek_v3"):
-            first_dense = int(config.get("first_k_dense_replace", 0))
-            freq = int(config.get("moe_layer_freq", 1))
-            moe = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
-            spec = cls(
-                moe_layer_indices=moe,
-                num_experts=int(need("n_routed_experts")),
-                moe_intermediate_size=int(need("moe_intermediate_size")),
-                dense_intermediate_size=int(need("intermediate_size")),
-                num_expert_groups=int(config.get("n_group") or 1),
-                topk_group=int(config.get("topk_group") or 1),
-                num_shared_experts=int(config.get("n_shared_experts") or 0),
-                shared_expert_intermediate_size=int(need("moe_intermediate_size")),
-                kv_lora_rank=int(need("kv_lora_rank")),
-                q_lora_rank=int(config.get("q_lora_rank") or 0),
-                qk_rope_head_dim=int(need("qk_rope_head_dim")),
-                qk_nope_head_dim=int(need("qk_nope_head_dim")),
-                v_head_dim=int(need("v_head_dim")),
-                **common,
-            )
-        elif model_type in ("qwen2_moe", "qwen3_moe"):
-            step = int(config.get("decoder_sparse_step", 1))
-            mlp_only = {int(i) for i in config.get("mlp_only_layers") or ()}
-            experts = int(need("num_experts"))
-            moe = tuple(
-                i for i in range(layers) if i not in mlp_only and experts > 0 and step > 0 and (i + 1) % step == 0
-            )
-            shared_size = int(config.get("shared_expert_intermediate_size") or 0)
-            spec = cls(
-                moe_layer_indices=moe,
-                num_experts=experts,
-                moe_intermediate_size=int(need("moe_intermediate_size")),
-                dense_intermediate_size=int(need("intermediate_size")),
-                num_shared_experts=1 if shared_size else 0,
-                shared_expert_intermediate_size=shared_size,
-                **common,
-            )
-        else:  # mixtral, gpt_oss: every layer is MoE
-            spec = cls(
-                moe_layer_indices=tuple(range(layers)),
-                num_experts=int(need("num_local_experts")),
-                moe_intermediate_size=int(need("intermediate_size")),
-                dense_intermediate_size=0,
-                expert_bias=model_type == "gpt_oss",
-                **common,
-            )
         if spec.top_k > spec.num_experts:
             raise TopologyError(
                 f"model {name!r}: num_experts_per_tok={spec.top_k} exceeds the {spec.num_experts} routed experts"
@@ -356,3 +289,72 @@ class ModelSpec:
             "total_bytes": self.total_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token(),
         }
+
+
+def _reader(config: dict[str, Any], what: str):
+    """``need(key, *alternatives)``: the first of those keys the config sets, else an error naming them."""
+    def need(key: str, *alternatives: str) -> Any:
+        for k in (key, *alternatives):
+            if k in config and config[k] is not None:
+                return config[k]
+        raise TopologyError(f"{what}: config.json lacks {' or '.join((key, *alternatives))}")
+
+    return need
+
+
+def _quantization(config: dict[str, Any], name: str, dtype: str) -> tuple[Quantization, Quantization]:
+    """(expert weights', dense weights') storage, from ``quantization_config``."""
+    plain = Quantization("none", DTYPE_BYTES[dtype])
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method is None:
+        return plain, plain
+    if method == "fp8":
+        block = tuple(config["quantization_config"].get("weight_block_size") or (128, 128))
+        fp8 = Quantization("fp8", 1.0, block=(int(block[0]), int(block[1])), scale_bytes=4.0)
+        return fp8, fp8
+    if method == "mxfp4":  # 4-bit E2M1 elements, one E8M0 scale byte per 32 elements; attention stays bf16
+        return Quantization("mxfp4", 0.5, group_size=32, scale_bytes=1.0), plain
+    raise TopologyError(f"model {name!r}: quantization_config.quant_method={method!r}; supported: fp8, mxfp4")
+
+
+def _moe_fields(model_type: str, config: dict[str, Any], layers: int, need) -> dict[str, Any]:
+    """The family's MoE layout: which layers are MoE, experts, expert and dense sizes, MLA sizes."""
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        first_dense = int(config.get("first_k_dense_replace", 0))
+        freq = int(config.get("moe_layer_freq", 1))
+        return dict(
+            moe_layer_indices=tuple(i for i in range(layers) if i >= first_dense and i % freq == 0),
+            num_experts=int(need("n_routed_experts")),
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            dense_intermediate_size=int(need("intermediate_size")),
+            num_expert_groups=int(config.get("n_group") or 1),
+            topk_group=int(config.get("topk_group") or 1),
+            num_shared_experts=int(config.get("n_shared_experts") or 0),
+            shared_expert_intermediate_size=int(need("moe_intermediate_size")),
+            kv_lora_rank=int(need("kv_lora_rank")),
+            q_lora_rank=int(config.get("q_lora_rank") or 0),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+        )
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        step = int(config.get("decoder_sparse_step", 1))
+        mlp_only = {int(i) for i in config.get("mlp_only_layers") or ()}
+        experts = int(need("num_experts"))
+        shared_size = int(config.get("shared_expert_intermediate_size") or 0)
+        return dict(
+            moe_layer_indices=tuple(i for i in range(layers)
+                                    if i not in mlp_only and experts > 0 and step > 0 and (i + 1) % step == 0),
+            num_experts=experts,
+            moe_intermediate_size=int(need("moe_intermediate_size")),
+            dense_intermediate_size=int(need("intermediate_size")),
+            num_shared_experts=1 if shared_size else 0,
+            shared_expert_intermediate_size=shared_size,
+        )
+    return dict(  # mixtral, gpt_oss: every layer is MoE
+        moe_layer_indices=tuple(range(layers)),
+        num_experts=int(need("num_local_experts")),
+        moe_intermediate_size=int(need("intermediate_size")),
+        dense_intermediate_size=0,
+        expert_bias=model_type == "gpt_oss",
+    )
