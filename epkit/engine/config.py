@@ -92,7 +92,10 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        from epkit.engine.all2all import BACKENDS  # local: all2all imports torch lazily too
+        # all2all.BACKENDS' names, in its order; not all2all itself: it imports moe, whose kernels read this module
+        from epkit.topology.backends import BUILTIN_BACKENDS, VENDOR_PACKAGES
+
+        backends = (*BUILTIN_BACKENDS, *VENDOR_PACKAGES)
 
         if self.api_server_count is None and isinstance(self.data_parallel_size, int):
             object.__setattr__(self, "api_server_count", self.data_parallel_size)
@@ -125,8 +128,8 @@ class EngineConfig:
         _check(self.headless or self.data_parallel_start_rank == 0,
                f"data_parallel_start_rank={self.data_parallel_start_rank} needs --headless: only the primary node "
                "(start rank 0) runs the API server")
-        _check(self.all2all_backend in BACKENDS,
-               f"all2all_backend={self.all2all_backend!r}; allowed: {', '.join(BACKENDS)}")
+        _check(self.all2all_backend in backends,
+               f"all2all_backend={self.all2all_backend!r}; allowed: {', '.join(backends)}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0,
                f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
