@@ -155,23 +155,10 @@ def _parse(argv: list[str]):
     model = args.model_flag or args.model
     if model:
         values["model"] = model
-    eplb = {}
-    if args.eplb_config:
-        try:
-            eplb = json.loads(args.eplb_config)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"--eplb-config is not valid JSON: {exc}") from exc
-        if not isinstance(eplb, dict):
-            raise EngineError(f"--eplb-config must be a JSON object, got {args.eplb_config!r}")
+    eplb = _json_object("--eplb-config", args.eplb_config) if args.eplb_config else {}
     eplb.update(dotted)
     if args.hf_overrides:
-        try:
-            overrides = json.loads(args.hf_overrides)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"--hf-overrides is not valid JSON: {exc}") from exc
-        if not isinstance(overrides, dict):
-            raise EngineError(f"--hf-overrides must be a JSON object, got {args.hf_overrides!r}")
-        values["hf_overrides"] = overrides
+        values["hf_overrides"] = _json_object("--hf-overrides", args.hf_overrides)
     if args.startup_timeout_s is not None:
         values["startup_timeout_s"] = args.startup_timeout_s
     if args.enable_chunked_prefill is not None:
@@ -234,6 +221,18 @@ def main(argv: list[str]) -> int:
     except EngineError as exc:
         print(f"epkit serve: error: {exc}", file=sys.stderr)
         return 2
+
+
+
+def _json_object(flag: str, text: str) -> dict:
+    """A flag's value that must be a JSON object (vLLM's --eplb-config, --hf-overrides)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"{flag} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise EngineError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

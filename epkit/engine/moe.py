@@ -142,6 +142,19 @@ def accumulation_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return torch.float32, torch.float32
 
 
+def _grouped_mm_probe(x: torch.Tensor, rows: int, group: int) -> bool:
+    """Whether ``torch._grouped_mm`` on ``x``'s device and dtype computes group ``group`` of two 16-row groups right,
+    with ``rows - 32`` trailing rows outside ``offs`` (the sentinel rows that sync-free dispatch leaves)."""
+    try:
+        a = torch.randn(rows, 64, device=x.device, dtype=x.dtype)
+        b = torch.randn(2, 64, 32, device=x.device, dtype=x.dtype)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=x.device, dtype=torch.int32))
+        part = slice(16 * group, 16 * (group + 1))
+        return bool(torch.allclose(out[part].float(), (a[part] @ b[group]).float(), atol=0.5, rtol=0.05))
+    except RuntimeError:
+        return False
+
+
 class LocalExperts:
     """The routed experts one rank holds for one layer, run as grouped GEMMs.
 
@@ -175,13 +188,7 @@ class LocalExperts:
         if not self._use_grouped_mm(x):
             return False
         if LocalExperts.sentinel_ok is None:
-            try:
-                a = torch.randn(48, 64, device=x.device, dtype=x.dtype)
-                b = torch.randn(2, 64, 32, device=x.device, dtype=x.dtype)
-                out = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=x.device, dtype=torch.int32))
-                LocalExperts.sentinel_ok = bool(torch.allclose(out[16:32].float(), (a[16:32] @ b[1]).float(), atol=0.5, rtol=0.05))
-            except RuntimeError:
-                LocalExperts.sentinel_ok = False
+            LocalExperts.sentinel_ok = _grouped_mm_probe(x, rows=48, group=1)
             import logging
 
             logging.getLogger("epkit.engine").info("sync-free MoE dispatch (sentinel rows): %s", LocalExperts.sentinel_ok)
@@ -268,13 +275,7 @@ class LocalExperts:
         if x.device.type != "cuda" or x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
             return False
         if LocalExperts.grouped_mm_ok is None:
-            try:
-                a = torch.randn(32, 64, device=x.device, dtype=x.dtype)
-                b = torch.randn(2, 64, 32, device=x.device, dtype=x.dtype)
-                out = torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=x.device, dtype=torch.int32))
-                LocalExperts.grouped_mm_ok = bool(torch.allclose(out[:16].float(), (a[:16] @ b[0]).float(), atol=0.5, rtol=0.05))
-            except RuntimeError:
-                LocalExperts.grouped_mm_ok = False
+            LocalExperts.grouped_mm_ok = _grouped_mm_probe(x, rows=32, group=0)
             import logging
 
             logging.getLogger("epkit.engine").info(

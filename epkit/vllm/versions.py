@@ -197,43 +197,23 @@ def _version_key(version: str) -> tuple[int, ...]:
     return nums + (0 if m.group(5) else 1,)
 
 
+def _by_release(key: tuple[int, ...], ladder, latest):
+    """The value of the first ``(value, until)`` step whose ``until`` release is later than ``key``, else ``latest``."""
+    for value, until in ladder:
+        if key < _version_key(until):
+            return value
+    return latest
+
+
 def _row(version: str, a2a_line: int, rm_line: int | None, eplb_line: int,
          cli_line: int) -> VllmRelease:
     k = _version_key(version)
-    if k < (0, 15, 0, 0, 1):
-        backends = _B_0_11
-    elif k < (0, 18, 0, 0, 1):
-        backends = _B_0_15
-    elif k < (0, 23, 0, 0, 1):
-        backends = _B_0_18
-    elif k < (0, 24, 0, 0, 1):
-        backends = _B_0_23
-    elif k < (0, 31, 0, 0, 1):
-        backends = _B_0_24
-    else:
-        backends = _B_0_31
-
-    if k < (0, 17, 0, 0, 1):
-        replaced: dict[str, str] = {}
-    elif k < (0, 19, 0, 0, 1):
-        replaced = {"pplx": _AGRS}
-    else:
-        replaced = {"pplx": _AGRS, "naive": _AGRS}
-
-    if k < (0, 12, 0, 0, 1):
-        eplb = _E_0_11
-    elif k < (0, 13, 0, 0, 1):
-        eplb = _E_0_12
-    elif k < (0, 14, 0, 0, 1):
-        eplb = _E_0_13
-    elif k < (0, 20, 0, 0, 1):
-        eplb = _E_0_14
-    elif k < (0, 23, 0, 0, 1):
-        eplb = _E_0_20
-    elif k < (0, 32, 0, 0, 1):
-        eplb = _E_0_23
-    else:
-        eplb = _E_0_32
+    backends = _by_release(k, ((_B_0_11, "0.15.0"), (_B_0_15, "0.18.0"), (_B_0_18, "0.23.0"), (_B_0_23, "0.24.0"),
+                               (_B_0_24, "0.31.0")), _B_0_31)
+    replaced: dict[str, str] = _by_release(k, (({}, "0.17.0"), ({"pplx": _AGRS}, "0.19.0")),
+                                           {"pplx": _AGRS, "naive": _AGRS})
+    eplb = _by_release(k, ((_E_0_11, "0.12.0"), (_E_0_12, "0.13.0"), (_E_0_13, "0.14.0"), (_E_0_14, "0.20.0"),
+                           (_E_0_20, "0.23.0"), (_E_0_23, "0.32.0")), _E_0_32)
 
     # flashinfer_all2allv became a deprecated alias of flashinfer_nvlink_two_sided in 0.18.0
     # (vllm/distributed/device_communicators/cuda_communicator.py: "'flashinfer_all2allv' is
