@@ -93,7 +93,7 @@ class Communicator:
 def _all_gather(out, t, group) -> None:
     import torch.distributed as dist
 
-    # torch >= 2.13 renames all_gather_into_tensor to all_gather_single; the device image has 2.11.
+    # torch >= 2.13 names it all_gather_single; older releases (still on GPU machines) all_gather_into_tensor.
     if hasattr(dist, "all_gather_single"):
         dist.all_gather_single(out, t, group=group)
     else:

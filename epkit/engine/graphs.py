@@ -1,7 +1,7 @@
 """CUDA graphs for engine steps: capture a step's forward once per shape, then replay it.
 
 Eager steps on a GPU are bound by the host: a 48-layer step launches ~3,000-6,000 kernels and
-the GPU idles most of the step (docs/benchmarks.md, issue 8). A graph step pads every DP rank's
+the GPU idles most of the step (docs/benchmarks.md has the profile). A graph step pads every DP rank's
 rows to one capture size ``T`` (the smallest that holds the largest rank's token count, from the
 counts all ranks exchange each step), so all ranks replay the same graph and the MoE collectives
 inside it line up. Rows are tokens: a decode row is a sequence's one new token, and a prefill

@@ -20,8 +20,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU int
 # Above this many bytes of expert buffers sized by every gathered (token, expert) pair, an eager step reads
 # this rank's pair count on the host once per layer and sizes them by it: at DP=8 + EP an 8k-token prefill
 # gathers 524k pairs, ~6.7 GB of buffers if every pair had a row, of which this rank computes ~1/8. Below it
-# nothing waits (at DP=2 a 9k-token prefill step had 48 such reads, and the GPU idled after each one while
-# the host caught up).
+# nothing waits: a host read per MoE layer stalls the GPU until the host catches up, every layer of the step.
 EXACT_ROWS_MIN_BYTES = 2 * 2**30
 
 

@@ -201,8 +201,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def prefill_programs(news: list[int], block_tokens: int, device: torch.device,
                      skip: range = range(0)) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence, first new token) of every ``block_tokens``-token query block of the sequences (with ``news`` new
-    tokens each) outside ``skip``. Built from Python lists: CPU ``repeat_interleave`` took 4-12 ms per call in a GPU
-    server process (measured on an H200 host), once per step but on the step's critical path."""
+    tokens each) outside ``skip``. Built from Python lists: a CPU ``repeat_interleave`` costs milliseconds per call
+    in a busy GPU server process, once per step but on the step's critical path."""
     seqs = [s for s in range(len(news)) if s not in skip]
     seq = [s for s in seqs for _ in range(-(-news[s] // block_tokens))]
     first = [i * block_tokens for s in seqs for i in range(-(-news[s] // block_tokens))]

@@ -14,9 +14,9 @@ from epkit.engine.kernels.timing import graph_ms
 
 log = logging.getLogger("epkit.engine")
 
-# (tile rows, up to this many rows per expert on average). Only decode-sized groups: measured on an H200
-# (graph replays, top-8 routing), 32- and 64-row tiles lost to torch._grouped_mm at 32+ rows per expert
-# (routing skew gives many experts a second tile, which reads their weights again).
+# (tile rows, up to this many rows per expert on average). Only decode-sized groups: with more rows per expert,
+# 32- and 64-row tiles lose to torch._grouped_mm (routing skew gives many experts a second tile, which reads
+# their weights again; docs/benchmarks.md has the measurement).
 MOE_BLOCK_M = ((16, 16),)
 MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
 PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
