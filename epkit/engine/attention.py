@@ -24,7 +24,11 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMeta:
-    """Where this step's tokens go in the cache and which cached tokens each sequence reads."""
+    """Where this step's tokens go in the cache and which cached tokens each sequence reads.
+
+    Built by :func:`build_meta` and read by every layer. How the multi-token sequences attend
+    (:class:`PrefillPlan`) depends on the layers' q and cache (device, dtype, heads): it is made
+    once per step by :meth:`planned`, which the model's forward calls before its first layer."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     per_seq: list[tuple[int, int, torch.Tensor]]  # (first row, new tokens, slots of the whole context)
@@ -36,10 +40,45 @@ class AttentionMeta:
     # a graph step: every row (a decode, or one token of a prompt) is one query over its own decode_tables row and
     # decode_ctx, through the batched decode path (decode_rows would be 0..T-1)
     every_row_as_decode: bool = False
-    prefill: "PrefillBatch | None" = None  # multi-token sequences attended in one batched call (GPU)
-    paged: "PagedPrefill | None" = None  # the same sequences for the Triton prefill kernel (GPU), until it is refused
-    pending: list[tuple[int, int, torch.Tensor]] | None = None  # ... and their host (row, new, slots) for the fallback
-    fallback_planned: bool = False  # the kernel was refused: ``prefill`` / ``per_seq`` hold what it would have done
+    paged: "PagedPrefill | None" = None  # multi-token sequences attended in one batched call (GPU), as the kernel reads them
+    # ... and their host (row, new, slots): what the SDPA fallback is built from where the kernel is refused
+    prefill_host: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    plan: "PrefillPlan | None" = None  # how ``paged`` attends this step: set once by ``planned``
+
+    def planned(self, q: torch.Tensor, k_cache: torch.Tensor) -> "PrefillPlan":
+        """This step's :class:`PrefillPlan` for layers whose q / K cache look like ``q`` / ``k_cache`` (every layer's
+        do); made on the first call (the model's forward asks before its first layer), the same object after."""
+        if self.plan is None:
+            self.plan = plan_prefill(self, q, k_cache)
+        return self.plan
+
+    @property
+    def prefill(self) -> "PrefillBatch | None":
+        """The SDPA fallback's one padded call, if the plan chose it."""
+        return self.plan.batch if self.plan is not None else None
+
+    @property
+    def fallback_planned(self) -> bool:
+        """Whether the plan refused the Triton prefill kernel for some of ``paged``'s sequences (SDPA serves them)."""
+        return self.plan is not None and self.plan.fallback
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """How one step's multi-token sequences (``AttentionMeta.paged``) attend in every layer; made before the first.
+
+    ``fresh``: the burst of equal whole prompts (``paged.fresh``) runs as one causal SDPA call over views of q/k/v.
+    The other sequences go through the Triton prefill kernel (``programs``: its query blocks) or, where the kernel
+    is refused (``fallback``), through SDPA: one padded call (``batch``) or one call each (``each``)."""
+
+    fresh: bool = False
+    programs: tuple[torch.Tensor, torch.Tensor] | None = None
+    fallback: bool = False
+    batch: "PrefillBatch | None" = None
+    each: tuple[tuple[int, int, torch.Tensor], ...] = ()
+
+
+NO_PREFILL = PrefillPlan()
 
 
 @dataclass
@@ -56,16 +95,6 @@ class PagedPrefill:
     # ``fresh_seqs`` are their indices among the step's multi-token sequences
     fresh: tuple[int, int, int] | None = None
     fresh_seqs: range = range(0)
-    _programs: dict[tuple[int, range], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def programs(self, block_tokens: int, skip: range) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence, first new token) per query block of the sequences outside ``skip``; built once per step,
-        shared by every layer."""
-        if (block_tokens, skip) not in self._programs:
-            from epkit.engine.kernels import prefill_programs
-
-            self._programs[block_tokens, skip] = prefill_programs(self.news, block_tokens, self.tables.device, skip)
-        return self._programs[block_tokens, skip]
 
 
 @dataclass
@@ -154,7 +183,7 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
         row += new
     mapping = torch.cat(slot_mapping) if slot_mapping else torch.zeros(0, dtype=torch.long)
     meta = AttentionMeta(mapping.to(device), per_seq, block_size=block_size)
-    if paged:  # the fallback (PyTorch SDPA) is planned only if the kernel is refused: _plan_fallback
+    if paged:  # how they attend (kernel or SDPA) is chosen by plan_prefill, once the layers' shapes are known
         width = max(len(table) for *_, table in paged)
         numbers = torch.tensor([(row, new, ctx) for row, new, ctx, _ in paged]).t().contiguous().to(device)
         tables = torch.tensor([table + [0] * (width - len(table)) for *_, table in paged]).to(device)
@@ -164,7 +193,7 @@ def build_meta(seqs: list[tuple[int, int, list[int]]], block_size: int, device: 
             start, count = max(runs, key=lambda run: run[1])
             meta.paged.fresh = (paged[start][0], count, paged[start][1])
             meta.paged.fresh_seqs = range(start, start + count)
-        meta.pending = prefill_host
+        meta.prefill_host = prefill_host
     if decode_rows:
         width = max(len(t) for t in decode_tables)
         meta.decode_rows = torch.tensor(decode_rows).to(device)
@@ -189,14 +218,29 @@ def _equal_prompt_runs(paged: list[tuple[int, int, int, list[int]]]) -> list[tup
     return runs
 
 
-def _plan_fallback(meta: AttentionMeta, device: torch.device, skip: range) -> None:
-    """The step's multi-token sequences outside ``skip`` for SDPA: one batched call, or one call each."""
-    pending = [seq for i, seq in enumerate(meta.pending) if i not in skip]
-    meta.pending, meta.fallback_planned = None, True
-    if prefill_batchable([new for _, new, _ in pending], [slots.shape[0] for _, _, slots in pending]):
-        meta.prefill = _prefill_batch(pending, device)
-    else:  # one sequence (its own causal call is as good), or too much padding
-        meta.per_seq.extend((row, new, slots.to(device, non_blocking=True)) for row, new, slots in pending)
+def plan_prefill(meta: AttentionMeta, q: torch.Tensor, k_cache: torch.Tensor) -> PrefillPlan:
+    """How ``meta.paged`` attends in layers whose q / K cache look like ``q`` / ``k_cache`` (only their device, dtype
+    and shape are read): the burst over views where the choice is ``auto``, the rest through the Triton kernel where
+    it passed its self-check, else SDPA over the sequences outside the burst (one batched call, or one call each)."""
+    p = meta.paged
+    if p is None:
+        return NO_PREFILL
+    from epkit.engine import kernels
+    from epkit.engine.moe import use_triton
+
+    fresh = p.fresh is not None and use_triton(q) and kernels.prefill_choice() == "auto"
+    done = p.fresh_seqs if fresh else range(0)
+    if len(done) == len(p.news):
+        return PrefillPlan(fresh=fresh)
+    if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
+        block_tokens = kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1])
+        return PrefillPlan(fresh=fresh, programs=kernels.prefill_programs(p.news, block_tokens, p.tables.device, done))
+    rest = [seq for i, seq in enumerate(meta.prefill_host) if i not in done]
+    if prefill_batchable([new for _, new, _ in rest], [slots.shape[0] for _, _, slots in rest]):
+        return PrefillPlan(fresh=fresh, fallback=True, batch=_prefill_batch(rest, q.device))
+    # one sequence (its own causal call is as good), or too much padding
+    return PrefillPlan(fresh=fresh, fallback=True,
+                       each=tuple((row, new, slots.to(q.device, non_blocking=True)) for row, new, slots in rest))
 
 
 def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -221,24 +265,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out = _batched_decode(q, k_cache, v_cache, meta)
         return out.reshape(q.shape[0], q.shape[1] * q.shape[2])
     out = torch.empty_like(q)
-    if meta.paged is not None:
+    plan = meta.planned(q, k_cache) if meta.paged is not None else NO_PREFILL
+    if plan.fresh:
+        _fresh_prefill(q, k, v, out, *meta.paged.fresh)
+    if plan.programs is not None:
         from epkit.engine import kernels
-        from epkit.engine.moe import use_triton
 
-        p, done = meta.paged, range(0)
-        if p.fresh is not None and use_triton(q) and kernels.prefill_choice() == "auto":
-            _fresh_prefill(q, k, v, out, *p.fresh)
-            done = p.fresh_seqs
-        if len(done) < len(p.news) and not meta.fallback_planned:
-            if use_triton(q) and kernels.prefill_kernel_enabled(q, k_cache, meta.block_size, attend_each):
-                kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx,
-                                          p.programs(kernels.prefill_block_tokens(q.shape[1], k_cache.shape[1]), done),
-                                          meta.block_size)
-            else:
-                _plan_fallback(meta, q.device, done)
+        p = meta.paged
+        kernels.prefill_attention(q, k_cache, v_cache, out, p.tables, p.starts, p.new, p.ctx, plan.programs,
+                                  meta.block_size)
     attend_each(q, k_cache, v_cache, out, meta.per_seq)
-    if meta.prefill is not None:
-        out[meta.prefill.rows] = _batched_prefill(q, k, v, k_cache, v_cache, meta.prefill)
+    attend_each(q, k_cache, v_cache, out, plan.each)
+    if plan.batch is not None:
+        out[plan.batch.rows] = _batched_prefill(q, k, v, k_cache, v_cache, plan.batch)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _batched_decode(q[meta.decode_rows], k_cache, v_cache, meta)
     return out.reshape(q.shape[0], q.shape[1] * q.shape[2])

@@ -312,6 +312,8 @@ class MoEModel:
 
             fused = kernels.norm_rope_enabled(x, d, cfg.qk_norm, torch_norm_rope)
         cos, sin = (None, None) if fused else (self.cos[positions], self.sin[positions])
+        if meta.paged is not None:  # how the multi-token sequences attend, decided once for every layer
+            meta.planned(x.new_empty((0, cfg.num_heads, d)), kv_caches[0][0])
         for i, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
             qkv = linear(h, layer["qkv"])
