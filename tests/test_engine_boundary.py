@@ -1,7 +1,8 @@
 """DESIGN.md's boundary around the built-in engine, read from every import statement (top level or in a function):
 the rest of epkit reaches the engine only through its command line (``epkit serve``, ``--check-args``) and HTTP
 API; the engine imports from the rest of epkit only ``eplb/``, ``topology/models.py``, the EPLB key list
-``topology/eplb.py``, the exception tree and the shared all2all backend table ``epkit/topology/backends.py``."""
+``topology/eplb.py``, the exception tree and the two tables shared with the rest: the all2all backends
+``epkit/topology/backends.py`` and GPT-2's byte alphabet ``epkit/topology/byte_level.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "epkit"
 ENGINE_MAY_IMPORT = ("epkit.engine", "epkit.eplb", "epkit.topology.models", "epkit.topology.eplb", "epkit.errors",
-                     "epkit.topology.backends")
+                     "epkit.topology.backends", "epkit.topology.byte_level")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -42,10 +43,11 @@ def test_the_engine_imports_only_what_design_allows():
              for line, module in _imports(path)
              if _inside(module, "epkit") and not any(_inside(module, ok) for ok in ENGINE_MAY_IMPORT)]
     assert found == []
-    # and the table both sides share stays plain data: importing it loads neither torch nor the engine
+    # and the tables both sides share stay plain data: importing them loads neither torch nor the engine
     import subprocess
     import sys
 
-    code = "import sys, epkit.topology.backends; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('epkit.engine')))"
+    code = ("import sys, epkit.topology.backends, epkit.topology.byte_level; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('epkit.engine')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

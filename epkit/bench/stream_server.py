@@ -250,10 +250,12 @@ def write_byte_tokenizer(directory: str | Path) -> Path:
     """Write a Hugging Face tokenizer (one token per UTF-8 byte) that counts as this server does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    from epkit.topology.byte_level import byte_of
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars, key=lambda c: _byte_of(c)))}
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars, key=byte_of))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -264,20 +266,6 @@ def write_byte_tokenizer(directory: str | Path) -> Path:
         "model_max_length": 1 << 20, "add_bos_token": False}))
     (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 258, "bos_token_id": 256, "eos_token_id": 257}))
     return directory
-
-
-def _byte_of(ch: str) -> int:
-    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to 256+.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = {chr(c): b for b, c in zip(bs, cs)}
-    return table[ch]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from epkit.errors import EngineError
+from epkit.topology.byte_level import byte_of
 
 IM_START = "<|im_start|>"
 CHAT_TEMPLATE = (
@@ -54,7 +55,7 @@ def build_tokenizer(config: dict[str, Any]):
 
     vocab_size = int(config["vocab_size"])
     specials = special_tokens(config)
-    alphabet = sorted(ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    alphabet = sorted(ByteLevel.alphabet(), key=byte_of)
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     for i in range(256, vocab_size):
         vocab[specials.get(i, f"<|reserved_{i}|>")] = i
@@ -63,24 +64,6 @@ def build_tokenizer(config: dict[str, Any]):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(text, special=True, normalized=False) for _, text in sorted(specials.items())])
     return tok
-
-
-_BYTE_OF: dict[str, int] = {}
-
-
-def _byte_of(ch: str) -> int:
-    if not _BYTE_OF:
-        # GPT-2's bytes_to_unicode, inverted.
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_OF.update({chr(c): b for b, c in zip(bs, cs)})
-    return _BYTE_OF[ch]
 
 
 def write_model_dir(config: dict[str, Any], directory: str | Path) -> Path:
@@ -131,7 +114,7 @@ class ByteTokenizer:
         self._bytes: dict[int, bytes] = {}
         for text, i in self.tokenizer.get_vocab(with_added_tokens=True).items():
             if i < 256:
-                self._bytes[i] = bytes([_byte_of(text)])
+                self._bytes[i] = bytes([byte_of(text)])
             else:
                 self._bytes[i] = text.encode()
 
