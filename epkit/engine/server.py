@@ -17,11 +17,10 @@ from fastapi.responses import JSONResponse, Response
 
 from epkit.engine.client import EngineClient
 from epkit.engine.config import EngineConfig
-from epkit.engine.eplb_export import add_eplb_routes, stitch_trace, trace_npz  # noqa: F401 (the last two: re-exported)
+from epkit.engine.eplb_export import add_eplb_routes
 from epkit.engine.metrics import Metrics
 from epkit.engine.openai_api import Api, add_openai_routes
 from epkit.engine.protocol import ApiError
-from epkit.engine.streaming import StopChecker  # noqa: F401 (re-exported: tests/engine/test_units.py imports it from here)
 from epkit.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger("epkit.engine")

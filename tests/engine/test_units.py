@@ -255,7 +255,7 @@ def test_tokenizer_roundtrip_and_incremental_utf8():
 
 def test_stop_strings_are_held_back_and_cut():
     from epkit.engine.model import read_model_config
-    from epkit.engine.server import StopChecker
+    from epkit.engine.streaming import StopChecker
     from epkit.engine.tokenizer import ByteTokenizer
 
     config, _ = read_model_config("epkit-tiny-moe")
@@ -452,7 +452,7 @@ def test_stitched_dump_reads_back_as_a_trace(tmp_path):
 
     import numpy as np
 
-    from epkit.engine.server import stitch_trace, trace_npz
+    from epkit.engine.eplb_export import stitch_trace, trace_npz
     from epkit.eplb import read_trace
 
     p2l_a = [[0, 1, 2, 0], [0, 1, 2, 1]]
