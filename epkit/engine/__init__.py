@@ -7,5 +7,6 @@ backend named on the command line. Nothing here is imported by ``import epkit``.
 Layout (nano-vllm's split): ``config`` (validated settings), ``sequence``/``block_manager``/
 ``scheduler`` (pure CPU bookkeeping), ``model``/``moe``/``all2all``/``runner`` (the only
 code that touches devices and collectives), ``core`` (one DP rank's loop), ``server``
-(OpenAI-compatible HTTP API) and ``launcher`` (process tree, signals, teardown).
+(OpenAI-compatible HTTP API: ``openai_api``, ``streaming``, ``eplb_export``, ``metrics``) and ``launcher``
+(process tree, signals, teardown).
 """
