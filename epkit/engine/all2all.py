@@ -185,7 +185,7 @@ class _GatherBased:
         if gx.shape[0] and fused_rows_ok(gx, experts):
             # only this rank's pairs are sorted, gathered, computed and combined (Triton row kernels): no host
             # sync and no work on other ranks' pairs, so no size limit either (large prefill steps too)
-            local = experts.map.local_or(gids, self.comm.rank, experts.num_local)
+            local = experts.map.local_index_or(gids, self.comm.rank, experts.num_local)
             expert_idx = torch.where(valid, local, experts.num_local).reshape(-1)
             return experts.partial(gx, expert_idx, gw.reshape(-1), k, local_share=1 / self.comm.world_size)
         owner, local = experts.map.locate(gids)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from epkit.engine import batch_invariant
-from epkit.engine.moe import LocalExperts, Placement, route, router_bias, use_triton
+from epkit.engine.moe import LocalExperts, ExpertRanges, route, router_bias, use_triton
 from epkit.errors import EngineError
 
 FAMILIES = ("qwen3_moe", "qwen2_moe")
@@ -104,7 +104,7 @@ def init_tensor(shape: tuple[int, ...], std: float, seed: int, key: tuple, devic
 class Weights:
     """All tensors one rank holds; routed experts only for the logical experts it owns."""
 
-    def __init__(self, cfg: ModelConfig, placement: Placement, seed: int, device: torch.device, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, placement: ExpertRanges, seed: int, device: torch.device, dtype: torch.dtype,
                  model_dir: Path | None = None, experts_of_layer: Callable[[int], list[int]] | None = None):
         self.cfg, self.placement, self.device, self.dtype = cfg, placement, device, dtype
         files = sorted(model_dir.glob("*.safetensors")) if model_dir is not None else []

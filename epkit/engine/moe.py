@@ -30,7 +30,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class Placement:
+class ExpertRanges:
     """Which logical experts each EP rank holds: contiguous ranges, the first ``E % ep`` one larger.
 
     This is vLLM's default linear placement (no redundant experts); an EPLB placement
@@ -73,26 +73,26 @@ class Placement:
 
 
 class StaticExpertMap:
-    """Where each logical expert of a layer lives under a fixed :class:`Placement` (no replicas)."""
+    """Where each logical expert of a layer lives under a fixed :class:`ExpertRanges` (no replicas)."""
 
-    def __init__(self, placement: Placement, device: torch.device):
+    def __init__(self, placement: ExpertRanges, device: torch.device):
         self.owner = placement.owner_table(device)
         self.local = placement.local_index_table(device)
         # built here, not on first use (which could fall inside a CUDA-graph warm-up): this rank's common case
         mine = len(placement.local_experts)
-        self._local_or_key: tuple[int, int] = (placement.ep_rank, mine)
-        self._local_or = torch.where(self.owner == placement.ep_rank, self.local, mine)
+        self._local_index_or_key: tuple[int, int] = (placement.ep_rank, mine)
+        self._local_index_or = torch.where(self.owner == placement.ep_rank, self.local, mine)
 
     def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(owner EP rank, index among the owner's local experts) for every entry of ``ids``."""
         return self.owner[ids], self.local[ids]
 
-    def local_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
+    def local_index_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
         """Index among ``rank``'s local experts for every entry of ``ids``, ``other`` where another rank owns it."""
-        if self._local_or_key != (rank, other):  # one table lookup per call instead of locate's two and a compare
-            self._local_or = torch.where(self.owner == rank, self.local, other)
-            self._local_or_key = (rank, other)
-        return self._local_or[ids]
+        if self._local_index_or_key != (rank, other):  # one table lookup per call instead of locate's two and a compare
+            self._local_index_or = torch.where(self.owner == rank, self.local, other)
+            self._local_index_or_key = (rank, other)
+        return self._local_index_or[ids]
 
 
 class ReplicatedExpertMap:
@@ -113,7 +113,7 @@ class ReplicatedExpertMap:
         slot = self.log2phy[ids, spread]
         return slot // self.slots_per_rank, slot % self.slots_per_rank
 
-    def local_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
+    def local_index_or(self, ids: torch.Tensor, rank: int, other: int) -> torch.Tensor:
         """Index among ``rank``'s local slots for every entry of ``ids``, ``other`` where a slot of another rank serves it."""
         owner, local = self.locate(ids)
         return torch.where(owner == rank, local, other)

@@ -13,7 +13,7 @@ from epkit.engine.attention import AttentionMeta, build_meta
 from epkit.engine.config import EngineConfig
 from epkit.engine.graphs import MAX_ROW_CONTEXT, StepGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
-from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
+from epkit.engine.moe import ExpertRanges, ReplicatedMoE, StaticExpertMap
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
 from epkit.engine.sequence import PositionLogprobs, Sequence
 from epkit.errors import EngineError
@@ -128,7 +128,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(cfg, model_config, device)
         self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings
         ep = cfg.ep_size
-        self.placement = Placement(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
+        self.placement = ExpertRanges(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
         self.rebalancer: Rebalancer | None = None
         if cfg.enable_eplb:
             eplb = resolve_eplb_config(cfg.eplb_config, self.mcfg.num_experts, ep)

@@ -473,11 +473,11 @@ def reference_logits(dtype: torch.dtype):
     the GPU in ``dtype``, as the engine runs it: float32 logits at every position of a token sequence, one prefill."""
     from epkit.engine.attention import build_meta
     from epkit.engine.model import ModelConfig, MoEModel, Weights, read_model_config
-    from epkit.engine.moe import Placement, ReplicatedMoE
+    from epkit.engine.moe import ExpertRanges, ReplicatedMoE
 
     cfg = ModelConfig.from_dict(read_model_config("epkit-tiny-moe")[0])
     dev, block = device(), 16
-    model = MoEModel(cfg, Weights(cfg, Placement(cfg.num_experts, 1, 0), 0, dev, dtype), ReplicatedMoE(), 512, dev)
+    model = MoEModel(cfg, Weights(cfg, ExpertRanges(cfg.num_experts, 1, 0), 0, dev, dtype), ReplicatedMoE(), 512, dev)
 
     def logits(tokens: list[int]) -> torch.Tensor:
         n = len(tokens)

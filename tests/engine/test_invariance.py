@@ -86,11 +86,11 @@ def reference():
     expert) at every position of a token sequence: one prefill through the engine's own forward pass."""
     from epkit.engine.attention import build_meta
     from epkit.engine.model import ModelConfig, MoEModel, Weights, read_model_config
-    from epkit.engine.moe import Placement, ReplicatedMoE
+    from epkit.engine.moe import ExpertRanges, ReplicatedMoE
 
     cfg = ModelConfig.from_dict(read_model_config("epkit-tiny-moe")[0])
     cpu, block = torch.device("cpu"), 16
-    model = MoEModel(cfg, Weights(cfg, Placement(cfg.num_experts, 1, 0), 0, cpu, torch.float32), ReplicatedMoE(), 512, cpu)
+    model = MoEModel(cfg, Weights(cfg, ExpertRanges(cfg.num_experts, 1, 0), 0, cpu, torch.float32), ReplicatedMoE(), 512, cpu)
 
     def logits(tokens: list[int]) -> torch.Tensor:
         n = len(tokens)

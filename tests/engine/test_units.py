@@ -7,7 +7,7 @@ import torch
 
 from epkit.engine.block_manager import BlockManager
 from epkit.engine.config import EngineConfig
-from epkit.engine.moe import LocalExperts, Placement
+from epkit.engine.moe import LocalExperts, ExpertRanges
 from epkit.engine.scheduler import Scheduler, SchedulerConfig
 from epkit.engine.sequence import EngineRequest, SamplingParams, Status
 from epkit.errors import EngineError
@@ -27,13 +27,13 @@ def test_config_errors_name_field_value_and_allowed():
 
 
 def test_placement_covers_every_expert_once_and_is_uneven_when_needed():
-    placements = [Placement(10, 4, r) for r in range(4)]
+    placements = [ExpertRanges(10, 4, r) for r in range(4)]
     assert [len(p.local_experts) for p in placements] == [3, 3, 2, 2]
     assert sorted(e for p in placements for e in p.local_experts) == list(range(10))
     owner = placements[0].owner_table(torch.device("cpu"))
     assert owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
     with pytest.raises(ValueError, match="ep_size=8"):
-        Placement(4, 8, 0)
+        ExpertRanges(4, 8, 0)
 
 
 def _scheduler(num_blocks: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
@@ -195,12 +195,12 @@ def test_weights_depend_on_logical_expert_not_on_rank(tmp_path):
 
     config, _ = read_model_config("epkit-tiny-moe")
     mcfg = ModelConfig.from_dict(config)
-    whole = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 3, torch.device("cpu"), torch.float32)
-    half = Weights(mcfg, Placement(mcfg.num_experts, 2, 1), 3, torch.device("cpu"), torch.float32)
+    whole = Weights(mcfg, ExpertRanges(mcfg.num_experts, 1, 0), 3, torch.device("cpu"), torch.float32)
+    half = Weights(mcfg, ExpertRanges(mcfg.num_experts, 2, 1), 3, torch.device("cpu"), torch.float32)
     n = mcfg.num_experts // 2
     assert torch.equal(whole.layers[1]["experts"].w13[n:], half.layers[1]["experts"].w13)
     assert torch.equal(whole.layers[0]["qkv"], half.layers[0]["qkv"])
-    other_seed = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 4, torch.device("cpu"), torch.float32)
+    other_seed = Weights(mcfg, ExpertRanges(mcfg.num_experts, 1, 0), 4, torch.device("cpu"), torch.float32)
     assert not torch.equal(whole.embed, other_seed.embed)
 
 
@@ -213,7 +213,7 @@ def test_safetensors_directory_is_loaded(tmp_path):
     config, _ = read_model_config("epkit-tiny-moe")
     config = {**config, "num_hidden_layers": 1}
     mcfg = ModelConfig.from_dict(config)
-    ref = Weights(mcfg, Placement(mcfg.num_experts, 1, 0), 0, torch.device("cpu"), torch.float32)
+    ref = Weights(mcfg, ExpertRanges(mcfg.num_experts, 1, 0), 0, torch.device("cpu"), torch.float32)
     layer, d, h = ref.layers[0], mcfg.head_dim, mcfg.hidden_size
     nq, nkv = mcfg.num_heads * d, mcfg.num_kv_heads * d
     p = "model.layers.0."
@@ -233,7 +233,7 @@ def test_safetensors_directory_is_loaded(tmp_path):
         tensors[f"{p}mlp.experts.{e}.down_proj.weight"] = w2.t()
     write_model_dir(config, tmp_path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors")
-    loaded = Weights(mcfg, Placement(mcfg.num_experts, 2, 1), 99, torch.device("cpu"), torch.float32, tmp_path)
+    loaded = Weights(mcfg, ExpertRanges(mcfg.num_experts, 2, 1), 99, torch.device("cpu"), torch.float32, tmp_path)
     assert torch.equal(loaded.norm, ref.norm * 2)  # read from the file, not generated
     assert torch.equal(loaded.layers[0]["experts"].w13, layer["experts"].w13[mcfg.num_experts // 2:])
     assert torch.equal(loaded.layers[0]["qkv"], layer["qkv"])
@@ -369,7 +369,7 @@ def test_sync_free_sentinel_path_matches_the_gathered_path():
     from epkit.engine.moe import StaticExpertMap
 
     g = torch.Generator().manual_seed(1)
-    placement = Placement(8, 2, 1)
+    placement = ExpertRanges(8, 2, 1)
     experts = LocalExperts(torch.randn(4, 16, 24, generator=g), torch.randn(4, 12, 16, generator=g))
     experts.map = StaticExpertMap(placement, torch.device("cpu"))
     backend = AllGatherReduceScatter(Communicator(1, 2), torch.device("cpu"))
@@ -398,7 +398,7 @@ def test_eplb_map_sends_every_expert_to_a_slot_that_holds_it_and_spreads_replica
     assert (torch.tensor(phy2log[0])[slot] == ids).all()
     assert len(set(slot[ids == 0].tolist())) == 3  # expert 0's four entries use all three replicas
     for rank in range(3):  # the row kernels' lookup: local slot where this rank serves the entry, else the sentinel
-        assert torch.equal(m.local_or(ids, rank, 2), torch.where(owner == rank, local, 2))
+        assert torch.equal(m.local_index_or(ids, rank, 2), torch.where(owner == rank, local, 2))
     with pytest.raises(EngineError, match=r"num_redundant_experts=1: 32 experts \+ 1 = 33 .* EP size 2; valid values: 0, 2"):
         resolve_eplb_config({"num_redundant_experts": 1}, 32, 2)
     with pytest.raises(EngineError, match="policy='best'; allowed: default"):
@@ -406,16 +406,16 @@ def test_eplb_map_sends_every_expert_to_a_slot_that_holds_it_and_spreads_replica
 
 
 def test_static_map_local_or_sentinel_matches_locate():
-    from epkit.engine.moe import Placement, StaticExpertMap
+    from epkit.engine.moe import ExpertRanges, StaticExpertMap
 
     ids = torch.tensor([[0, 9], [4, 5], [10, 3]])
     for rank in range(3):
-        placement = Placement(11, 3, rank)  # 4, 4, 3 experts
+        placement = ExpertRanges(11, 3, rank)  # 4, 4, 3 experts
         m = StaticExpertMap(placement, torch.device("cpu"))
         owner, local = m.locate(ids)
         mine = len(placement.local_experts)
-        assert torch.equal(m.local_or(ids, rank, mine), torch.where(owner == rank, local, mine))
-        assert torch.equal(m.local_or(ids, (rank + 1) % 3, 7), torch.where(owner == (rank + 1) % 3, local, 7))
+        assert torch.equal(m.local_index_or(ids, rank, mine), torch.where(owner == rank, local, mine))
+        assert torch.equal(m.local_index_or(ids, (rank + 1) % 3, 7), torch.where(owner == (rank + 1) % 3, local, 7))
 
 
 def test_engine_accepts_exactly_the_eplb_keys_of_topology_and_checks_values():

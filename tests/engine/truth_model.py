@@ -102,12 +102,12 @@ def reference_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
     engine's own model code over the same checkpoint: row ``i`` scores token ``i + 1``."""
     from epkit.engine.attention import build_meta
     from epkit.engine.model import ModelConfig, MoEModel, Weights, read_model_config
-    from epkit.engine.moe import Placement, ReplicatedMoE, StaticExpertMap
+    from epkit.engine.moe import ExpertRanges, ReplicatedMoE, StaticExpertMap
 
     cpu = torch.device("cpu")
     config, _ = read_model_config(str(model_dir))
     mcfg = ModelConfig.from_dict(config)
-    placement = Placement(mcfg.num_experts, 1, 0)
+    placement = ExpertRanges(mcfg.num_experts, 1, 0)
     weights = Weights(mcfg, placement, 0, cpu, torch.float32, model_dir)
     expert_map = StaticExpertMap(placement, cpu)
     for layer in weights.layers:
