@@ -88,12 +88,10 @@ def _slurm_place(task: NodeTask) -> tuple[int, str]:
     return env.node, (task.address or env.hostnames[0])
 
 
-def engine_argv(topology_dict: dict, node: int, address: str | None, host: str, port: int) -> tuple[list[str], dict]:
+def engine_argv(topo: Any, node: int, address: str | None, host: str, port: int) -> tuple[list[str], dict]:
     """The node's rendered argv (plus the primary's --host/--port) and its extra env."""
-    from epkit.topology import Topology
     from epkit.topology.render import render
 
-    topo = Topology.from_dict(topology_dict)
     launch = render(topo, address=address)[node]
     argv = list(launch.argv)
     if launch.role == "primary":
@@ -108,12 +106,11 @@ def _exec_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str],
+def prepare_vllm(task: NodeTask, topology: Any, argv: list[str], env: dict[str, str],
                  address: str | None) -> tuple[list[str], dict, dict, str | None]:
     """For ``vllm serve``: (argv with the node's vLLM command and its platform's flags, env to add, what the
     node's vLLM is, why it must not start or None). The refusal comes before anything starts."""
     from epkit.launch import vllm_install
-    from epkit.topology import Topology
 
     try:
         cmd = vllm_install.command(task.vllm_bin)
@@ -124,7 +121,6 @@ def prepare_vllm(task: NodeTask, argv: list[str], env: dict[str, str],
     except (ValueError, RuntimeError) as exc:
         return argv, {}, {"command": task.vllm_bin}, str(exc)
     facts = install.to_dict()
-    topology = Topology.from_dict(task.topology)
     problems = vllm_install.problems(topology, install)
     if problems:
         return argv, {}, facts, "; ".join(problems)
@@ -208,12 +204,15 @@ def run_node(task: NodeTask) -> dict:
         write_json(node_file(run_dir, node, "preflight.json"), preflight)
     if (run_dir / "stop").exists():  # ended before it started (a queued job of a dead driver)
         return _finish(run_dir, node, info, started=False, returncode=None, reason="stop requested")
-    argv, env_add = engine_argv(task.topology, node, address, task.host, task.port)
+    from epkit.topology import Topology
+
+    topology = Topology.from_dict(task.topology)
+    argv, env_add = engine_argv(topology, node, address, task.host, task.port)
     env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
     log_path = node_file(run_dir, node, "log")
-    if task.topology.get("engine") == "vllm":
-        argv, platform_env, info["vllm"], refused = prepare_vllm(task, argv, env, address)
+    if topology.engine == "vllm":
+        argv, platform_env, info["vllm"], refused = prepare_vllm(task, topology, argv, env, address)
         env_add.update(platform_env)
         env.update(platform_env)
         if refused is not None:  # the node's vLLM cannot run this topology: say why, start nothing
