@@ -22,6 +22,12 @@ What the two stamps mean, and why they are taken where they are:
 
 A failure of any kind (refused connection, 4xx/5xx, a stream closed early, malformed
 SSE, a timeout) is returned as a record with ``success=False``; nothing is raised.
+
+Behind ``epkit proxy`` (disaggregated prefill/decode) the last chunk of a stream (or the body of
+a whole response) carries ``epkit_pd``: what the router measured of the prefill call and the KV
+transfer, and which instances served the request. :func:`record_pd` copies it into the record's
+``prefill_ms``, ``kv_transfer_ms``, ``kv_transfer_bytes``, ``prefill_url``, ``decode_url``; a
+server without a router (colocated, a plain vLLM) leaves them None.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ class RequestRecord:
     success: bool = False
     http_status: int | None = None
     error: str = ""
+    prefill_ms: float | None = None
+    kv_transfer_ms: float | None = None
+    kv_transfer_bytes: int | None = None
+    prefill_url: str | None = None
+    decode_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,28 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, rec: Reques
     return rec
 
 
+PD_FIELDS = {"prefill_ms": float, "kv_transfer_ms": float, "kv_transfer_bytes": int, "prefill_url": str,
+             "decode_url": str}
+
+
+def record_pd(rec: RequestRecord, body: dict) -> None:
+    """Copy what ``epkit proxy`` reported of one request (``body["epkit_pd"]``: a streamed chunk,
+    the last one carries it, or a whole response's JSON) into ``rec``. A missing or null field
+    stays None; a field of the wrong type is left None too (the router's numbers are extras to
+    the measurement, never a reason to fail a request)."""
+    pd_info = body.get("epkit_pd")
+    if not isinstance(pd_info, dict):
+        return
+    for name, kind in PD_FIELDS.items():
+        value = pd_info.get(name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if kind is str and isinstance(value, str):
+            setattr(rec, name, value)
+        elif kind is not str and isinstance(value, (int, float)):
+            setattr(rec, name, kind(value))
+
+
 class EventReader:
     """Server-sent events of one OpenAI stream into its record. Each event that carries a
     choice adds one chunk time (that of the read that completed the event) and its text;
@@ -246,6 +279,8 @@ class EventReader:
                 if usage := msg.get("usage"):
                     rec.prompt_tokens = usage.get("prompt_tokens")
                     rec.completion_tokens = usage.get("completion_tokens")
+                if "epkit_pd" in msg:
+                    record_pd(rec, msg)
         self.buf = buf[pos:]
         return True
 

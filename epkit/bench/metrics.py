@@ -12,7 +12,12 @@ The definitions are ``vllm bench serve``'s (``vllm/benchmarks/serve.py``,
 - throughputs divide by the run duration; ``max_output_tokens_per_s`` and
   ``max_concurrent_requests`` come from one-second buckets since the first send;
 - goodput counts requests meeting every SLO (ms, ``value <= slo``; TPOT of a one-token
-  request is 0).
+  request is 0): vLLM's ``--goodput``; :func:`meets_slos` says it per request, so attainment
+  under any limits can be computed again from a stored request table;
+- behind ``epkit proxy`` (disaggregated prefill/decode), ``prefill_ms`` and ``kv_transfer_ms``
+  are what the router measured per request (:mod:`epkit.bench.client`); their statistics
+  (``mean_prefill_ms``, ``p99_kv_transfer_ms``…) are there only when some request has them.
+  The decode side's inter-token latency is the ITL above.
 
 Variants other tools use carry their own names: ``tpot_incl_first_ms`` (E2EL/output_len,
 guidellm's "time per output token"), ``interactivity_pareto_tok_s`` (output_throughput /
@@ -31,6 +36,7 @@ import pandas as pd
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+PD_METRICS = ("prefill", "kv_transfer")  # per-request <name>_ms the router reports, when there is one
 
 
 def request_table(records: Iterable) -> pd.DataFrame:
@@ -137,17 +143,51 @@ def peak_rates(derived: pd.DataFrame) -> tuple[float, int]:
     return float(tokens.max()), int(conc.max())
 
 
-def goodput_count(derived: pd.DataFrame, slos_ms: dict[str, float]) -> int:
-    """Successful requests meeting every SLO (ms) in ``slos_ms`` (keys: ttft, tpot, e2el)."""
+def check_slos(slos_ms: dict[str, float]) -> dict[str, float]:
+    """``slos_ms`` as floats, or ValueError naming the bad key or value (vLLM's ``--goodput``
+    rules: keys ttft, tpot, e2el; values in ms, >= 0)."""
     bad = set(slos_ms) - set(GOODPUT_METRICS)
     if bad:
         raise ValueError(f"goodput SLO keys {sorted(bad)} unknown; valid: {list(GOODPUT_METRICS)}")
-    ok = derived[derived["success"].astype(bool)]
-    good = pd.Series(True, index=ok.index)
+    out = {}
+    for key, value in slos_ms.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"goodput SLO {key}={value!r} is not a number of milliseconds") from None
+        if not out[key] >= 0:
+            raise ValueError(f"goodput SLO {key}={value!r} must be >= 0 ms")
+    return out
+
+
+def meets_slos(derived: pd.DataFrame, slos_ms: dict[str, float]) -> pd.Series:
+    """Per request of a :func:`derive` table: True where it succeeded and meets every SLO (ms)
+    in ``slos_ms`` (keys ttft, tpot, e2el; ``value <= slo``; a one-token request's TPOT is 0),
+    as ``vllm bench serve --goodput`` counts it."""
+    slos_ms = check_slos(slos_ms)
+    good = derived["success"].astype(bool) if len(derived) else pd.Series(dtype=bool)
     for key, slo in slos_ms.items():
-        col = ok[f"{key}_ms"].fillna(0.0) if key == "tpot" else ok[f"{key}_ms"]
+        col = derived[f"{key}_ms"].fillna(0.0) if key == "tpot" else derived[f"{key}_ms"]
         good &= col <= slo
-    return int(good.sum())
+    return good
+
+
+def goodput_count(derived: pd.DataFrame, slos_ms: dict[str, float]) -> int:
+    """Successful requests meeting every SLO (ms) in ``slos_ms`` (keys: ttft, tpot, e2el)."""
+    return int(meets_slos(derived, slos_ms).sum())
+
+
+def pd_stats(derived: pd.DataFrame, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+    """``mean_/median_/std_/p<N>_prefill_ms`` and ``…_kv_transfer_ms`` over the successful
+    requests that carry them; empty for a run without a router in front (no value anywhere)."""
+    out: dict = {}
+    ok = derived[derived["success"].astype(bool)] if len(derived) else derived
+    for name in PD_METRICS:
+        col = f"{name}_ms"
+        values = pd.to_numeric(ok[col], errors="coerce").dropna() if col in ok else pd.Series(dtype=float)
+        if len(values):
+            out.update(_stats(name, values.to_numpy(float), percentiles))
+    return out
 
 
 def summarize(table: pd.DataFrame, duration_s: float, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
@@ -185,4 +225,5 @@ def summarize(table: pd.DataFrame, duration_s: float, percentiles: Sequence[floa
     users = max_concurrency or peak_conc
     out["interactivity_pareto_tok_s"] = out["output_throughput"] / users if users else 0.0
     out["interactivity_inferencex_tok_s"] = 1e3 / out["median_tpot_ms"] if out["median_tpot_ms"] > 0 else 0.0
+    out.update(pd_stats(d, percentiles))
     return out

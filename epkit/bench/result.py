@@ -32,9 +32,11 @@ VLLM_DETAILED = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "g
 
 def epkit_only_keys(doc: dict) -> set[str]:
     """The top-level keys of a saved epkit result that ``vllm bench serve`` does not write:
-    ``"epkit"`` (config and metadata) and the named metric variants (``*_tpot_incl_first_ms``,
-    ``interactivity_*``; see :mod:`epkit.bench.metrics`). Every other key is vLLM's, same meaning."""
-    return {k for k in doc if k == "epkit" or k.endswith("_tpot_incl_first_ms") or k.startswith("interactivity_")}
+    ``"epkit"`` (config and metadata), the named metric variants (``*_tpot_incl_first_ms``,
+    ``interactivity_*``) and, behind ``epkit proxy``, ``*_prefill_ms`` and ``*_kv_transfer_ms``
+    (see :mod:`epkit.bench.metrics`). Every other key is vLLM's, same meaning."""
+    own = ("_tpot_incl_first_ms",) + tuple(f"_{name}_ms" for name in M.PD_METRICS)
+    return {k for k in doc if k == "epkit" or k.endswith(own) or k.startswith("interactivity_")}
 
 
 @dataclass
@@ -113,15 +115,17 @@ class BenchResult:
         row("Total token throughput (tok/s):", m["total_token_throughput"])
         for key, name, header in (("ttft", "TTFT", "Time to First Token"),
                                   ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
-                                  ("itl", "ITL", "Inter-token Latency"), ("e2el", "E2EL", "End-to-end Latency")):
+                                  ("itl", "ITL", "Inter-token Latency"), ("e2el", "E2EL", "End-to-end Latency"),
+                                  ("prefill", "prefill", "Prefill (router)"),
+                                  ("kv_transfer", "KV transfer", "KV Transfer (router)")):
             if f"mean_{key}_ms" not in m:
                 continue
             lines.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
             row(f"Mean {name} (ms):", m[f"mean_{key}_ms"])
             row(f"Median {name} (ms):", m[f"median_{key}_ms"])
             for k in m:
-                if k.startswith("p") and k.endswith(f"_{key}_ms") and k.count("_") == 2:
-                    row(f"P{k[1:].split('_')[0]} {name} (ms):", m[k])
+                if k.startswith("p") and k.endswith(f"_{key}_ms") and k[1:-len(key) - 4].replace(".", "").isdigit():
+                    row(f"P{k[1:-len(key) - 4]} {name} (ms):", m[k])
         lines.append("=" * 50)
         return "\n".join(lines)
 
