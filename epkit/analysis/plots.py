@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from epkit.analysis import results as R
+from epkit.analysis import sla as SLA
 
 # Axis titles for the columns figures use most; others get a title from their unit suffix.
 TITLES = {
@@ -49,7 +50,8 @@ TITLES = {
     "duration": "Duration (s)",
     "gpus": "GPUs",
 }
-_LAT = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency", "tpot_incl_first": "TPOT incl. first token"}
+_LAT = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency", "tpot_incl_first": "TPOT incl. first token",
+        "prefill": "prefill (router)", "kv_transfer": "KV transfer (router)"}
 _CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -264,6 +266,41 @@ def compare_bars(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str = "to
     fig.update_xaxes(tickangle=0, categoryorder="array", categoryarray=order)  # short labels, one part per line
     return _layout(fig, heading or f"{title(y)} by {x.replace('_', ' ')}{note}", x.replace("_", " "), title(y),
                    color.replace("_", " ") if color else None, _shared(data, x))
+
+
+def pd_latency(df: pd.DataFrame, x: str = "p99_ttft_ms", y: str = "p99_itl_ms",
+               slos_ms: Mapping[str, float] | None = None, heading: str | None = None) -> go.Figure:
+    """What disaggregated prefill/decode trades: TTFT (``x``) against decode ITL (``y``), one marker
+    per stored point (configuration and load), one line per topology through its loads, the marker
+    shape per ``pd`` value. Colocated points are the reference: black, larger, first in the legend.
+    A ``ttft`` limit in ``slos_ms`` is drawn as a dashed line. Lower and further left is better."""
+    data = _ok(df).dropna(subset=[x, y])
+    data = data.assign(pd=data["pd"].fillna(SLA.COLOCATED).astype(str) if "pd" in data else SLA.COLOCATED)
+    pds = sorted(set(data["pd"]), key=SLA.pd_order)
+    symbols = dict(zip(pds, ["diamond", "circle", "square", "triangle-up", "cross", "x", "star", "hexagon"] * 4))
+    first_pd = data.groupby("topology")["pd"].first()
+    topologies = sorted(first_pd.index, key=lambda t: (SLA.pd_order(first_pd[t]), t))
+    split = [t for t in topologies if (data.loc[data["topology"] == t, "pd"] != SLA.COLOCATED).any()]
+    colors = {**_colors(split), **{t: "#111111" for t in topologies if t not in split}}
+    names = _labels(data, "topology")
+    fig = go.Figure()
+    for key in topologies:
+        g = data[data["topology"] == key]
+        g = g.iloc[sorted(range(len(g)), key=lambda i: SLA.load_order(g.iloc[i]))]
+        reference = key not in split
+        hover = [f"{h}<br>pd: {p}<br>load: {ld}" for h, p, ld in zip(_hover(g, x, y), g["pd"], g["load"])]
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers",
+                                 name=names.get(key, key) + (" (reference)" if reference else ""),
+                                 line=dict(color=colors[key], width=2.5 if reference else 1.5,
+                                           dash="dot" if reference else "solid"),
+                                 marker=dict(color=colors[key], size=13 if reference else 10,
+                                             symbol=[symbols[p] for p in g["pd"]], line=dict(color="white", width=1)),
+                                 hovertext=hover, hoverinfo="text"))
+    if slos_ms and "ttft" in slos_ms and x.endswith("_ttft_ms"):
+        fig.add_vline(x=slos_ms["ttft"], line=dict(color="#888", dash="dash"),
+                      annotation_text=f"TTFT limit {slos_ms['ttft']:g} ms")
+    return _layout(fig, heading or f"P/D: {title(x)} vs {title(y)} (one point per configuration and load)",
+                   title(x), title(y), "topology", _shared(data, "topology"))
 
 
 def balancedness_timeline(sims: Mapping[str, pd.DataFrame] | pd.DataFrame, y: str = "balancedness",

@@ -2,7 +2,11 @@
 
 The page holds the sweep's table (one row per stored result, failures with their message)
 and the figures of :mod:`epkit.analysis.plots`: the Pareto frontier, throughput and latency against
-load, TTFT/ITL CDFs and a per-topology comparison. plotly.js is inlined once, so the page
+load, TTFT/ITL CDFs and a per-topology comparison. Results that compare prefill/decode
+configurations (a ``pd`` column: colocated, 1P1D…) also get the P/D figure (p99 TTFT against p99
+ITL, one point per configuration and load, colocated as the reference) and the table of SLA
+attainment per configuration and load (:mod:`epkit.analysis.sla`; limits from ``slos_ms``, the
+same table for any results when limits are given). plotly.js is inlined once, so the page
 opens offline and makes no network request.
 """
 
@@ -19,10 +23,13 @@ from plotly.offline import get_plotlyjs
 
 from epkit.analysis import plots as P
 from epkit.analysis import results as R
+from epkit.analysis import sla as SLA
 
+SLA_COLUMNS = ["pd", "topology", "load", "repeat", "requests", "good", "ttft_attainment", "tpot_attainment", "e2el_attainment",
+               "sla_attainment", "request_goodput", "request_throughput", "source"]
 TABLE_COLUMNS = ["config", "status", "gpus", "output_throughput", "output_tok_s_per_gpu", "total_tok_s_per_gpu",
                  "interactivity_pareto_tok_s", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms",
-                 "p99_itl_ms", "completed", "failed", "failure_message", "hardware", "git_commit", "source"]
+                 "p99_itl_ms", "mean_prefill_ms", "mean_kv_transfer_ms", "completed", "failed", "failure_message", "hardware", "git_commit", "source"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px auto; max-width: 1280px; color: #222; }
@@ -38,13 +45,16 @@ tr.failed td { background: #fff0f0; }
 
 
 def figures(runs: pd.DataFrame, reqs: pd.DataFrame | None = None, color: str | None = None,
-            x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu") -> dict[str, go.Figure]:
+            x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu",
+            slos_ms: dict[str, float] | None = None) -> dict[str, go.Figure]:
     """The report's figures, by heading, for a frame :func:`epkit.analysis.results.load` built (and its
     request frame, for the CDFs)."""
     ok = runs[runs["status"] == "ok"]
     out: dict[str, go.Figure] = {}
     if not len(ok):
         return out
+    if SLA.has_pd(ok) and {"p99_ttft_ms", "p99_itl_ms"} <= set(ok):
+        out["P/D: TTFT vs ITL"] = P.pd_latency(ok, slos_ms=slos_ms)
     out["Pareto frontier"] = P.pareto(ok, x=x, y=y, color=color)
     out["Throughput vs load"] = P.metric_vs_load(ok, y=y)
     out["TTFT vs load"] = P.metric_vs_load(ok, y="p99_ttft_ms" if "p99_ttft_ms" in ok else "median_ttft_ms")
@@ -69,8 +79,8 @@ def _height(fig: go.Figure, width_px: int = 1150, row_px: int = 19) -> int:
     return 460 + row_px * max(0, rows - 2)
 
 
-def _table(runs: pd.DataFrame) -> str:
-    cols = [c for c in TABLE_COLUMNS if c in runs and runs[c].notna().any()]
+def _table(runs: pd.DataFrame, columns: list[str] = TABLE_COLUMNS) -> str:
+    cols = [c for c in columns if c in runs and runs[c].notna().any()]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = []
     for _, r in runs.iterrows():
@@ -87,12 +97,31 @@ def _table(runs: pd.DataFrame) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
+def _sla_section(runs: pd.DataFrame, reqs: pd.DataFrame, slos_ms: dict[str, float] | None) -> str:
+    """The SLA attainment table, with the limits it was computed for and where they came from."""
+    table = SLA.attainment(runs, reqs, slos_ms)
+    limits = SLA.DEFAULT_SLOS_MS if slos_ms is None else slos_ms
+    said = ", ".join(f"{k.upper()} ≤ {v:g} ms" for k, v in limits.items())
+    origin = ("the defaults (MLPerf's Llama-2-70B server limits; epkit report --slo ttft=…,tpot=… sets others)"
+              if slos_ms is None else "epkit report --slo")
+    note = (f'<p class="meta">Limits: {html.escape(said)}, from {html.escape(origin)}. A request meets the SLA '
+            "when it succeeded and meets every limit (vllm bench serve --goodput); attainment = such requests ÷ "
+            "requests sent; request_goodput = such requests ÷ the point's duration (req/s). From each point's "
+            "stored requests table.</p>")
+    if not len(table):
+        return "<h2>SLA attainment</h2>" + note + "<p>No stored requests table to compute it from.</p>"
+    return "<h2>SLA attainment</h2>" + note + _table(table.assign(status="ok"), SLA_COLUMNS)
+
+
 def render(source: str | Path | Iterable[str | Path], title: str | None = None, color: str | None = None,
-           x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu") -> str:
-    """The report page for every result under ``source``, as one HTML string."""
+           x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu",
+           slos_ms: dict[str, float] | None = None) -> str:
+    """The report page for every result under ``source``, as one HTML string. ``slos_ms`` (keys
+    ttft, tpot, e2el) are the limits of the SLA attainment table, shown for P/D results and
+    whenever limits are given."""
     runs = R.load(source)
     reqs = R.requests(runs)
-    figs = figures(runs, reqs, color=color, x=x, y=y)
+    figs = figures(runs, reqs, color=color, x=x, y=y, slos_ms=slos_ms or SLA.DEFAULT_SLOS_MS)
     sources = [str(source)] if isinstance(source, (str, Path)) else [str(s) for s in source]
     n_failed = int((runs["status"] != "ok").sum())
     sweeps = sorted({str(s) for s in runs["sweep"].dropna()}) if "sweep" in runs else []
@@ -105,6 +134,8 @@ def render(source: str | Path | Iterable[str | Path], title: str | None = None, 
         body = fig.to_html(full_html=False, include_plotlyjs=False, config=P.show_config(),
                            div_id=f"fig-{i}", default_height=f"{_height(fig)}px")
         parts.append(f'<h2>{html.escape(heading)}</h2><div class="figure">{body}</div>')
+    if (slos_ms is not None or SLA.has_pd(runs)) and (runs["status"] == "ok").any():
+        parts.append(_sla_section(runs, reqs, slos_ms))
     parts.append("<h2>Results</h2>" + _table(runs))
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title or 'epkit report')}</title><style>{_CSS}</style>"

@@ -18,12 +18,17 @@ def parser() -> argparse.ArgumentParser:
                                                  "when it varies, else topology)")
     p.add_argument("--x", default="interactivity_pareto_tok_s", help="Pareto x column (default: %(default)s)")
     p.add_argument("--y", default="output_tok_s_per_gpu", help="Pareto y column (default: %(default)s)")
+    p.add_argument("--slo", default=None, metavar="KEY=MS,…",
+                   help="latency limits of the SLA attainment table (vllm bench serve --goodput's keys: ttft, tpot, "
+                        "e2el; ms), e.g. ttft=500,tpot=50; the table is on the page for P/D results (default limits "
+                        "ttft=2000,tpot=200) and whenever --slo is given")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from epkit.analysis.report import write
+    from epkit.analysis.sla import parse_slos
 
     def fail(message: str) -> int:
         print(f"epkit report: error: {message}", file=sys.stderr)
@@ -32,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(args.output):
         return fail(f"-o {args.output!r} is a folder; give the HTML file to write, e.g. {args.output}/report.html")
     try:
-        path = write(args.results, args.output, title=args.title, color=args.color, x=args.x, y=args.y)
+        slos = parse_slos(args.slo) if args.slo is not None else None
+    except ValueError as exc:
+        return fail(f"--slo: {exc}")
+    try:
+        path = write(args.results, args.output, title=args.title, color=args.color, x=args.x, y=args.y, slos_ms=slos)
     except KeyError as exc:  # a column the results do not have
         said = exc.args[0] if exc.args else exc
         if not isinstance(said, str):  # pandas names the missing columns as a list
