@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=False, help="accepted; no effect (the engine runs no code from the model directory)")
     p.add_argument("--enable-eplb", action="store_true")
     p.add_argument("--eplb-config", default=None, help="JSON object (window_size, step_interval, num_redundant_experts, ...)")
+    p.add_argument("--kv-transfer-config", default=None,
+                   help="JSON object as for vLLM, e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}': "
+                   "disaggregated prefill/decode with NixlConnector's protocol (docs/engine.md)")
     p.add_argument("--hf-overrides", default=None,
                    help="JSON object merged into the model's config.json (e.g. '{\"router_skew\": 3.0}' for a skewed router)")
     p.add_argument("--write-model-dir", metavar="DIR", default=None,
@@ -159,6 +162,8 @@ def _parse(argv: list[str]):
     eplb.update(dotted)
     if args.hf_overrides:
         values["hf_overrides"] = _json_object("--hf-overrides", args.hf_overrides)
+    if args.kv_transfer_config:
+        values["kv_transfer_config"] = _json_object("--kv-transfer-config", args.kv_transfer_config)
     if args.startup_timeout_s is not None:
         values["startup_timeout_s"] = args.startup_timeout_s
     if args.enable_chunked_prefill is not None:

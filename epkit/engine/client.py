@@ -40,6 +40,7 @@ class EngineClient:
         self.on_stats: Callable[[int, int, int, int, float], None] = lambda rank, running, waiting, preemptions, kv: None
         self.on_output: Callable[[RequestOutput], None] = lambda out: None
         self.on_eplb_stats: Callable[[dict], None] = lambda stats: None
+        self.on_kv_stats: Callable[[int, int, int], None] = lambda rank, requests, blocks: None
         self._eplb_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._eplb_lock: asyncio.Lock | None = None
         authkey = store.get(STORE_PREFIX + "authkey")
@@ -81,6 +82,8 @@ class EngineClient:
             self.on_stats(rank, running, waiting, preemptions, kv_usage)
             if extra and extra[0]:
                 self.on_eplb_stats(extra[0])
+            if len(extra) > 1:  # (requests, blocks) held for remote decodes (KV transfer on)
+                self.on_kv_stats(rank, *extra[1])
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for out in outputs:
                 entry = self._queues.get(out.request_id)

@@ -90,6 +90,7 @@ class EngineConfig:
     enable_log_requests: bool = False
     uvicorn_log_level: str = "warning"
     startup_timeout_s: float = 600.0
+    kv_transfer_config: dict[str, Any] | None = None  # vLLM's --kv-transfer-config (NixlConnector's protocol)
 
     def __post_init__(self) -> None:
         # all2all.BACKENDS' names, in its order; not all2all itself: it imports moe, whose kernels read this module
@@ -143,6 +144,10 @@ class EngineConfig:
                "enable_eplb=True needs expert parallelism: pass --enable-expert-parallel with --data-parallel-size > 1")
         if self.eplb_config:
             check_eplb_values(self.eplb_config)
+        if self.kv_transfer_config is not None:
+            from epkit.engine.kv_transfer import check_kv_transfer_config
+
+            object.__setattr__(self, "kv_transfer_config", check_kv_transfer_config(self.kv_transfer_config))
         _check(not self.enable_prefix_caching,
                "enable_prefix_caching=True is not supported by the built-in engine; pass --no-enable-prefix-caching")
 

@@ -116,6 +116,11 @@ class EngineCore:
                             cfg.enable_chunked_prefill),
             BlockManager(self.runner.num_blocks, cfg.block_size),
         )
+        self.kv = None
+        if cfg.kv_transfer_config is not None:
+            from epkit.engine.kv_agent import KVAgent
+
+            self.kv = KVAgent(cfg.kv_transfer_config, dp_rank, self.scheduler, self.runner)
         self._conns: list[Connection] = []
         self._conns_lock = threading.Lock()
         self._owner: dict[str, Connection] = {}
@@ -139,10 +144,13 @@ class EngineCore:
     def _drain(self, timeout: float) -> None:
         with self._conns_lock:
             conns = list(self._conns)
-        if not conns:
+        waitables = conns + ([self.kv.wakeup] if self.kv is not None else [])
+        if not waitables:
             time.sleep(timeout)
             return
-        for conn in wait(conns, timeout=timeout):
+        for conn in wait(waitables, timeout=timeout):
+            if self.kv is not None and conn is self.kv.wakeup:
+                continue  # a KV peer or pull is ready: served by KVAgent.service
             try:
                 while conn.poll():
                     self._handle(conn, conn.recv())
@@ -188,15 +196,21 @@ class EngineCore:
         self._broadcast(("out", [], stats), {key: ("out", outs, stats) for key, (_, outs) in by_conn.items()})
 
     def _stats(self) -> tuple:
-        """(rank, running, waiting, preemptions, KV cache usage 0..1[, EPLB stats when rank 0's changed since last sent])."""
-        blocks = self.scheduler.blocks
-        stats = (self.rank, len(self.scheduler.running), len(self.scheduler.waiting), self.scheduler.num_preemptions,
+        """(rank, running, waiting, preemptions, KV cache usage 0..1, EPLB stats when rank 0's changed since last
+        sent or None[, (requests, blocks) held for remote decodes when KV transfer is on]).
+
+        Waiting includes requests pulling their prompt's KV (vLLM counts them waiting); held blocks count as used."""
+        blocks, sched = self.scheduler.blocks, self.scheduler
+        stats = (self.rank, len(sched.running), len(sched.waiting) + len(sched.receiving), sched.num_preemptions,
                  1.0 - blocks.num_free_blocks / blocks.num_blocks)
         rebalancer = self.runner.rebalancer
+        eplb = None
         if rebalancer is not None and self.rank == 0 and rebalancer.stats_version != self._eplb_sent:
             self._eplb_sent = rebalancer.stats_version
-            stats += (dict(rebalancer.stats),)
-        return stats
+            eplb = dict(rebalancer.stats)
+        if self.kv is not None:
+            return stats + (eplb, self.kv.held)
+        return stats + ((eplb,) if eplb is not None else ())
 
     def _broadcast(self, message: tuple, per_conn: dict[int, tuple] | None = None) -> None:
         with self._conns_lock:
@@ -215,6 +229,10 @@ class EngineCore:
         last_stats = None
         while True:
             self._drain(0 if busy else IDLE_POLL_S[idle_steps > IDLE_BACKOFF_STEPS])
+            if self.kv is not None:
+                failed = self.kv.service()
+                if failed:
+                    self._send(failed)
             batch = self.scheduler.schedule() if not self.stopping else []
             tokens = sum(n for _, n in batch)
             info = self.comm.exchange_step_info([tokens, int(self.stopping), *self.runner.step_shape(batch)])
@@ -228,7 +246,8 @@ class EngineCore:
             busy = sum(counts) > 0
             idle_steps = 0 if busy else idle_steps + 1
             if not busy:
-                stats = (len(self.scheduler.running), len(self.scheduler.waiting))
+                stats = (len(self.scheduler.running), len(self.scheduler.waiting), len(self.scheduler.receiving),
+                         len(self.scheduler.holding))
                 if stats != last_stats:
                     self._send([])
                     last_stats = stats

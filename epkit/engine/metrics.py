@@ -69,6 +69,11 @@ class Metrics:
                                               "under the old and the new placement", ["model_name", "placement"], registry=r)
         self.eplb_median_step = _gauge("epkit:eplb_median_step_seconds", "EPLB: rank 0's median step time between the last "
                                       "two rearrangements", labels, registry=r)
+        # disaggregated prefill/decode: a prefill's blocks kept for remote decodes (they count in kv_cache_usage_perc)
+        self.kv_held_blocks = _gauge("epkit:kv_transfer_held_blocks", "KV blocks held for remote decodes (prefill "
+                                     "side), per DP rank", ["model_name", "dp_rank"], registry=r)
+        self.kv_held_requests = _gauge("epkit:kv_transfer_held_requests", "Finished prefills whose KV blocks wait for "
+                                       "their decode, per DP rank", ["model_name", "dp_rank"], registry=r)
         # vLLM's names for the same quantities, per engine (DP rank), as vLLM labels them
         vl = ["model_name", "engine"]
         self.vllm_running = _gauge("vllm:num_requests_running", "Number of requests in model execution batches.", vl, registry=r)
@@ -119,6 +124,11 @@ class Metrics:
             self.eplb_window_balancedness.labels(m, "after").set(stats["window_balancedness_after"])
             if stats.get("median_step_ms") == stats.get("median_step_ms"):  # not NaN
                 self.eplb_median_step.labels(m).set(stats["median_step_ms"] / 1e3)
+
+    def set_kv_held(self, rank: int, requests: int, blocks: int) -> None:
+        """A DP rank's KV held for remote decodes (``--kv-transfer-config``)."""
+        self.kv_held_requests.labels(self.model, str(rank)).set(requests)
+        self.kv_held_blocks.labels(self.model, str(rank)).set(blocks)
 
     def set_load(self, rank: int, running: int, waiting: int, preemptions: int = 0, kv_usage: float = 0.0) -> None:
         """A DP rank's report: requests running and waiting, preemptions so far, KV cache usage (0..1)."""

@@ -97,6 +97,8 @@ class Api:
         gen = self.engine.generate(prompt_ids, params, ticket)
         try:
             async for out in gen:
+                if out.error is not None:
+                    raise ApiError(502, out.error, "kv_transfer_params")
                 now = time.perf_counter()
                 if first:
                     metrics.ttft_m.observe(now - last)
@@ -120,17 +122,59 @@ class Api:
             await gen.aclose()
 
 
+class KVFields:
+    """A reply's disaggregated prefill/decode fields: the request's checked ``kv_transfer_params``, and what the
+    engine said: a prefill's ``kv_transfer_params`` (where its KV is held), a decode's ``epkit_kv_transfer``."""
+
+    def __init__(self, params: dict[str, Any] | None):
+        self.params = params
+        self.remote_prefill = bool(params and params.get("do_remote_prefill"))
+        self.returned: dict[str, Any] | None = None
+        self.transfer: dict[str, Any] | None = None
+
+    def see(self, out: RequestOutput) -> None:
+        self.returned = out.kv_transfer_params or self.returned
+        self.transfer = out.kv_transfer_stats or self.transfer
+
+    def fields(self) -> dict[str, Any]:
+        """Top-level keys of the body (or the last streamed chunk): vLLM's ``kv_transfer_params`` when a transfer
+        was asked (null when nothing is held), epkit's ``epkit_kv_transfer`` after a pull."""
+        out: dict[str, Any] = {}
+        if self.params is not None:
+            out["kv_transfer_params"] = self.returned
+        if self.transfer is not None:
+            out["epkit_kv_transfer"] = self.transfer
+        return out
+
+
+async def primed(stream):
+    """``stream`` with its first item already awaited (so its errors raise here), as an async iterator."""
+    first = await stream.__anext__()
+
+    async def chain():
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # a client that left: the request is aborted now
+
+    return chain()
+
+
 class CompletionReply:
     """One ``/v1/completions`` request, started: its prompts' streams and how its choices read (streamed or whole)."""
 
-    def __init__(self, api: Api, req: CompletionRequest, pinned: int | None):
+    def __init__(self, api: Api, req: CompletionRequest, pinned: int | None, request_id: str | None = None):
         self.api, self.req, self.model = api, req, api.cfg.model_name
         top = req.engine_logprobs(api.cfg.max_logprobs, api.tok.vocab_size)
         raw_prompts = prompts_of(req)
         self.prompts = [api.encode(p) for p in raw_prompts]
         self.echo_only = req.echo and req.max_tokens == 0  # vLLM: only the prompt comes back
-        params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens, top, self.echo_only) for p in self.prompts]
-        self.rid, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.kv = KVFields(req.kv_params(api.cfg.kv_transfer_config is not None, len(self.prompts)))
+        params = [req.sampling_params(len(p), api.max_model_len, req.max_tokens, top, self.echo_only, self.kv.params)
+                  for p in self.prompts]
+        self.rid, self.created = f"cmpl-{request_id or uuid.uuid4().hex}", int(time.time())
         self.streams, ranks = zip(*(api.stream(p, sp, req.stop_strings(), pinned, f"{self.rid}-{i}")
                                     for i, (p, sp) in enumerate(zip(self.prompts, params))))
         self.prompt_tokens = sum(len(p) for p in self.prompts)
@@ -165,6 +209,7 @@ class CompletionReply:
         async for i, (text, out, reason) in merge(self.streams):
             ids = list(out.new_token_ids)
             completion += len(ids)
+            self.kv.see(out)
             text_shown, ids_shown, entries = self.shown(i, text, ids, list(out.logprobs or ()), out.prompt_logprobs,
                                                         not started[i])
             c = self.choice(i, text_shown, reason, ids)
@@ -176,6 +221,8 @@ class CompletionReply:
             payload = self.envelope([c])
             if req.include_usage:
                 payload["usage"] = None
+            if reason is not None:
+                payload.update(self.kv.fields())
             yield sse(payload)
         if req.include_usage:
             yield sse(self.envelope([], usage=usage(self.prompt_tokens, completion)))
@@ -187,6 +234,7 @@ class CompletionReply:
         texts, reasons, token_ids = [""] * n, [None] * n, [[] for _ in range(n)]
         entries, prompt_entries = [[] for _ in range(n)], [None] * n
         async for i, (text, out, reason) in merge(self.streams):
+            self.kv.see(out)
             texts[i] += text
             reasons[i] = reason or reasons[i]
             token_ids[i].extend(out.new_token_ids)
@@ -205,21 +253,27 @@ class CompletionReply:
                 c["prompt_token_ids"] = self.prompts[i]
             choices.append(c)
         completion = sum(len(ids) for ids in token_ids)
-        return self.envelope(choices, usage=usage(self.prompt_tokens, completion))
+        return self.envelope(choices, usage=usage(self.prompt_tokens, completion), **self.kv.fields())
+
+    async def prime(self) -> None:
+        """Wait for the first output, so that a failed KV pull is an error reply, not a broken stream."""
+        self.streams = (await primed(self.streams[0]),)
 
 
 class ChatReply:
     """One ``/v1/chat/completions`` request, started: the chat template applied, one stream (streamed or whole)."""
 
-    def __init__(self, api: Api, req: ChatRequest, pinned: int | None):
+    def __init__(self, api: Api, req: ChatRequest, pinned: int | None, request_id: str | None = None):
         self.api, self.req, self.model = api, req, api.cfg.model_name
         self.top = req.engine_logprobs(api.cfg.max_logprobs, api.tok.vocab_size)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         self.prompt = api.tok.encode(api.tok.apply_chat_template(messages, req.add_generation_prompt),
                                      add_special_tokens=False)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = req.sampling_params(len(self.prompt), api.max_model_len, requested, self.top)
-        self.rid, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.kv = KVFields(req.kv_params(api.cfg.kv_transfer_config is not None))
+        params = req.sampling_params(len(self.prompt), api.max_model_len, requested, self.top,
+                                     kv_transfer_params=self.kv.params)
+        self.rid, self.created = f"chatcmpl-{request_id or uuid.uuid4().hex}", int(time.time())
         self.stream, rank = api.stream(self.prompt, params, req.stop_strings(), pinned, self.rid)
         self.headers = {"x-data-parallel-rank": str(rank), "x-epkit-api-server": str(api.engine.server_index)}
         self.role = "assistant" if req.add_generation_prompt else messages[-1]["role"]  # vLLM's response role
@@ -241,8 +295,11 @@ class ChatReply:
             yield sse(self.chunk({"content": self.echo}, None))
         async for text, out, reason in self.stream:
             completion += len(out.new_token_ids)
+            self.kv.see(out)
             lp = chat_logprobs(tok, out.new_token_ids, out.logprobs, self.top) if req.logprobs else None
             c = self.chunk({"content": text} if text else {}, reason, lp)
+            if reason is not None:
+                c.update(self.kv.fields())
             if req.return_token_ids:
                 c["choices"][0]["token_ids"] = list(out.new_token_ids)
             yield sse(c)
@@ -256,6 +313,7 @@ class ChatReply:
         req, tok = self.req, self.api.tok
         text, reason, token_ids, entries, prompt_entries = self.echo, None, [], [], None
         async for delta, out, r in self.stream:
+            self.kv.see(out)
             text, reason = text + delta, r or reason
             token_ids.extend(out.new_token_ids)
             entries.extend(out.logprobs or ())
@@ -271,10 +329,17 @@ class ChatReply:
             body["prompt_token_ids"] = self.prompt
         if req.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(tok, prompt_entries or [])
+        body.update(self.kv.fields())
         return body
+
+    async def prime(self) -> None:
+        """Wait for the first output, so that a failed KV pull is an error reply, not a broken stream."""
+        self.stream = await primed(self.stream)
 
 
 async def _reply(reply: CompletionReply | ChatReply, stream: bool):
+    if stream and reply.kv.remote_prefill:
+        await reply.prime()
     if stream:
         return StreamingResponse(reply.events(), media_type="text/event-stream", headers=reply.headers)
     return JSONResponse(await reply.body(), headers=reply.headers)
@@ -291,9 +356,11 @@ def add_openai_routes(app: FastAPI, api: Api) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await api.parse(request, CompletionRequest)
-        return await _reply(CompletionReply(api, req, api.pinned_rank(request)), req.stream)
+        return await _reply(CompletionReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id")),
+                            req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req: ChatRequest = await api.parse(request, ChatRequest)
-        return await _reply(ChatReply(api, req, api.pinned_rank(request)), req.stream)
+        return await _reply(ChatReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id")),
+                            req.stream)

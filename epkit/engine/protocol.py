@@ -55,6 +55,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated (and prompt) token ids
     prompt_logprobs: int | None = None  # vLLM's extension (not with stream)
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's extension: disaggregated prefill/decode
 
     def unknown_fields(self) -> list[str]:
         """Names of the request's fields the engine does not know (to log); raises ApiError (400) for a field of
@@ -84,8 +85,40 @@ class _Sampling(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]
 
+    def kv_params(self, transfer_on: bool, prompts: int = 1) -> dict[str, Any] | None:
+        """The request's ``kv_transfer_params`` for the engine (None when it asks no transfer), checked.
+
+        Raises ApiError (400) naming the field when the engine has no ``--kv-transfer-config``, when both
+        directions are asked, when a decode lacks where to pull from, or for several prompts or choices."""
+        params = self.kv_transfer_params
+        if not params or not (params.get("do_remote_decode") or params.get("do_remote_prefill")):
+            return None
+        if not transfer_on:
+            raise ApiError(400, "kv_transfer_params asks a KV transfer, but this engine was started without "
+                                "--kv-transfer-config", "kv_transfer_params")
+        if params.get("do_remote_decode") and params.get("do_remote_prefill"):
+            raise ApiError(400, "kv_transfer_params: do_remote_decode and do_remote_prefill cannot both be true",
+                           "kv_transfer_params")
+        if prompts != 1 or self.n != 1:
+            raise ApiError(400, f"kv_transfer_params needs one prompt and n=1 (got {prompts} prompts, n={self.n})",
+                           "kv_transfer_params")
+        if params.get("do_remote_prefill"):
+            missing = [k for k in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")
+                       if params.get(k) in (None, "")]
+            if missing:
+                raise ApiError(400, f"kv_transfer_params.do_remote_prefill=true needs {', '.join(missing)} (the "
+                                    "prefill's response kv_transfer_params)", "kv_transfer_params")
+            if not str(params["remote_port"]).isdigit():
+                raise ApiError(400, f"kv_transfer_params.remote_port={params['remote_port']!r} must be a port number",
+                               "kv_transfer_params")
+            if params.get("tp_size", 1) != 1:
+                raise ApiError(400, f"kv_transfer_params.tp_size={params['tp_size']!r}: the built-in engine pulls KV "
+                                    "from prefills with tensor_parallel_size 1 only (its own)", "kv_transfer_params")
+        return dict(params)
+
     def sampling_params(self, prompt_len: int, max_model_len: int, requested_max: int | None,
-                        logprobs: int | None = None, echo_only: bool = False) -> SamplingParams:
+                        logprobs: int | None = None, echo_only: bool = False,
+                        kv_transfer_params: dict[str, Any] | None = None) -> SamplingParams:
         """Check limits against the context window and build :class:`SamplingParams`.
 
         ``echo_only``: ``echo`` with ``max_tokens=0`` - vLLM generates one token and returns only the prompt."""
@@ -116,6 +149,7 @@ class _Sampling(BaseModel):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 logprobs=logprobs,
                 prompt_logprobs=self.prompt_logprobs,
+                kv_transfer_params=kv_transfer_params,
             )
         except ValueError as exc:
             raise ApiError(400, str(exc)) from exc

@@ -324,3 +324,35 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+
+    # ---- KV blocks for disaggregated prefill/decode (epkit.engine.kv_agent) ------------------
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head dim) of this cache: what a peer's pulled KV must match."""
+        return self.mcfg.num_layers, self.mcfg.num_kv_heads, self.mcfg.head_dim
+
+    def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        positions = torch.arange(num_tokens)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return (blocks * self.block_size + positions % self.block_size).to(self.device)
+
+    @torch.inference_mode()
+    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """The K and V of a sequence's first ``num_tokens`` tokens, on the host: ``[layers, 2, tokens, heads, dim]``
+        (one device-to-host copy, into pinned memory on a GPU)."""
+        slots = self._slots(block_table, num_tokens)
+        data = torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_caches])
+        if self.device.type == "cpu":
+            return data
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+        host.copy_(data)
+        return host
+
+    @torch.inference_mode()
+    def write_kv(self, block_table: list[int], data: torch.Tensor) -> None:
+        """Write ``[layers, 2, tokens, heads, dim]`` (from :meth:`read_kv`, maybe another engine's) into a
+        sequence's blocks (one host-to-device copy, from the pinned receive buffer on a GPU)."""
+        slots = self._slots(block_table, data.shape[2])
+        data = data.to(self.device, dtype=self.dtype, non_blocking=True)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k[slots] = data[layer, 0]
+            v[slots] = data[layer, 1]

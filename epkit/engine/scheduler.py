@@ -5,12 +5,18 @@ waiting ones are admitted while ``max_num_seqs``, the token budget
 ``max_num_batched_tokens`` and free KV blocks allow. When blocks run out, the most
 recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
 Without chunked prefill (``--no-enable-chunked-prefill``) a prompt is admitted only whole.
+
+Disaggregated prefill/decode (:mod:`epkit.engine.kv_transfer`): a decode request whose prompt was prefilled
+elsewhere is admitted with blocks for its whole prompt into ``receiving`` while its KV is pulled; then its
+prompt counts as computed except the last token, which it recomputes to sample its first token (vLLM's
+rule). A finished prefill whose decode runs elsewhere keeps its blocks in ``holding`` until released.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from epkit.engine.block_manager import BlockManager
 from epkit.engine.sequence import EngineRequest, PositionLogprobs, RequestOutput, Sequence, Status
@@ -33,6 +39,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.receiving: dict[str, Sequence] = {}  # decodes whose prompt KV is being pulled
+        self.new_receiving: list[Sequence] = []  # admitted to ``receiving`` since the last look
+        self.holding: dict[str, Sequence] = {}  # finished prefills whose blocks wait for their decode
+        self.on_hold: Callable[[Sequence], dict[str, Any]] | None = None  # -> the kv_transfer_params to return
 
     def add(self, request: EngineRequest) -> Sequence:
         seq = Sequence(request)
@@ -48,7 +58,41 @@ class Scheduler:
                     self.blocks.free(seq)
                     seq.status, seq.finish_reason = Status.FINISHED, "abort"
                     return seq
-        return None
+        seq = self.receiving.pop(request_id, None)
+        if seq is not None:
+            self.blocks.free(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return seq
+
+    # ---- disaggregated prefill/decode ----------------------------------------------------
+    def receive_done(self, request_id: str, stats: dict[str, Any]) -> None:
+        """The prompt's KV is in the blocks: all but the last prompt token count as computed (vLLM recomputes
+        that one to sample the first token) and the sequence runs; a later preemption recomputes it locally."""
+        seq = self.receiving.pop(request_id)
+        seq.kv_transfer_params = {**seq.kv_transfer_params, "do_remote_prefill": False}
+        seq.num_computed_tokens = seq.num_prompt_tokens - 1
+        seq.kv_transfer_stats, seq.status = stats, Status.RUNNING
+        self.running.append(seq)
+
+    def receive_failed(self, request_id: str, error: str) -> RequestOutput:
+        """The pull failed: the blocks are freed and the request ends with ``error``."""
+        seq = self.receiving.pop(request_id)
+        self.blocks.free(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return RequestOutput(request_id, (), "abort", seq.num_prompt_tokens, error=error)
+
+    def release_held(self, request_id: str) -> int | None:
+        """Free a finished prefill's held blocks; their count, or None if none are held for ``request_id``."""
+        seq = self.holding.pop(request_id, None)
+        if seq is None:
+            return None
+        count = len(seq.block_table)
+        self.blocks.free(seq)
+        return count
+
+    @property
+    def held_blocks(self) -> int:
+        return sum(len(seq.block_table) for seq in self.holding.values())
 
     @property
     def has_work(self) -> bool:
@@ -75,8 +119,14 @@ class Scheduler:
             batch.append((seq, new))
             budget -= new
             i += 1
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if seq.remote_prefill:
+                if not self.blocks.can_allocate(seq, seq.num_prompt_tokens):
+                    break
+                self._receive(self.waiting.popleft())
+                continue
             remaining = seq.num_tokens - seq.num_computed_tokens
             new = min(remaining, budget)
             if (new < remaining and not self.config.chunked_prefill) or not self.blocks.can_allocate(
@@ -89,6 +139,12 @@ class Scheduler:
             batch.append((seq, new))
             budget -= new
         return batch
+
+    def _receive(self, seq: Sequence) -> None:
+        self.blocks.allocate(seq, seq.num_prompt_tokens)
+        seq.status = Status.RECEIVING
+        self.receiving[seq.request_id] = seq
+        self.new_receiving.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -118,16 +174,27 @@ class Scheduler:
             token = sampled[seq.request_id]
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
+            kv_params = None
             if reason is not None:
                 seq.status, seq.finish_reason = Status.FINISHED, reason
                 self.running.remove(seq)
-                self.blocks.free(seq)
+                kv_params = self._hold_or_free(seq)
             prompt_lp = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 prompt_lp, seq.prompt_logprobs_sent = tuple(seq.prompt_logprobs), True
             token_lp = (logprobs[seq.request_id],) if logprobs and seq.request_id in logprobs else None
-            outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens, token_lp, prompt_lp))
+            stats, seq.kv_transfer_stats = seq.kv_transfer_stats, None
+            outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens, token_lp, prompt_lp,
+                                         kv_params, stats))
         return outputs
+
+    def _hold_or_free(self, seq: Sequence) -> dict[str, Any] | None:
+        """A finished prefill for a remote decode keeps its blocks (its kv_transfer_params returned); else free."""
+        if self.on_hold is not None and seq.remote_decode:
+            self.holding[seq.request_id] = seq
+            return self.on_hold(seq)
+        self.blocks.free(seq)
+        return None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

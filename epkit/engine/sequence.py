@@ -20,6 +20,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # alternatives per sampled token (0: the token's own only; -1: the whole vocabulary)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # disaggregated prefill/decode (vLLM puts them in SamplingParams.extra_args): do_remote_decode on a prefill,
+    # do_remote_prefill and where to pull from on a decode; see epkit.engine.kv_transfer
+    kv_transfer_params: dict | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -69,10 +72,14 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     logprobs: tuple[PositionLogprobs, ...] | None = None
     prompt_logprobs: tuple[PositionLogprobs | None, ...] | None = None
+    kv_transfer_params: dict | None = None  # a prefill's, with its last output: where its held KV is
+    kv_transfer_stats: dict | None = None  # a decode's, with its first output: how its prompt's KV was pulled
+    error: str | None = None  # why the request failed (finish_reason "abort"), for the API's error reply
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    RECEIVING = "receiving"  # blocks allocated, the prompt's KV being pulled from its prefill (vLLM's WAITING_FOR_REMOTE_KVS)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -93,6 +100,18 @@ class Sequence:
         # prompt logprobs gathered over prefill chunks (index = prompt position); sent with the first token
         self.prompt_logprobs: list[PositionLogprobs | None] | None = [None] if self.params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
+        self.kv_transfer_params = self.params.kv_transfer_params
+        self.kv_transfer_stats: dict | None = None
+
+    @property
+    def remote_prefill(self) -> bool:
+        """True until the prompt's KV has been pulled from the prefill named in ``kv_transfer_params``."""
+        return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_prefill"))
+
+    @property
+    def remote_decode(self) -> bool:
+        """True for a prefill whose blocks are kept for a decode instance once it finishes."""
+        return bool(self.kv_transfer_params and self.kv_transfer_params.get("do_remote_decode"))
 
     @property
     def num_tokens(self) -> int:

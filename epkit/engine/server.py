@@ -70,7 +70,38 @@ def build_app(api: Api) -> FastAPI:
     _add_health_and_metrics(app, api.metrics)
     add_eplb_routes(app, api)
     add_openai_routes(app, api)
+    if api.cfg.kv_transfer_config is not None:
+        _add_kv_release(app, api.cfg.kv_transfer_config["engine_id"])
     return app
+
+
+def _add_kv_release(app: FastAPI, engine_id: str) -> None:
+    """``POST /epkit/kv/release`` with ``{"kv_transfer_params": <a prefill's>}``: free the KV blocks this engine holds
+    for them (a router calls it when the decode failed after the prefill): 200 with what was freed, 404 if none."""
+    from epkit.engine.kv_transfer import rank_of_engine, release, side_channel_address
+
+    @app.post("/epkit/kv/release")
+    async def kv_release(request: Request):
+        try:
+            params = (await request.json())["kv_transfer_params"]
+            rank = rank_of_engine(engine_id, params.get("remote_engine_id"))
+            params["remote_host"], int(params["remote_port"]), params["remote_request_id"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ApiError(400, f"body must be {{\"kv_transfer_params\": {{remote_engine_id, remote_request_id, "
+                                f"remote_host, remote_port, ...}}}} as a prefill returned them ({type(exc).__name__}: "
+                                f"{exc})", "kv_transfer_params")
+        if rank is None or int(params["remote_port"]) != side_channel_address(rank)[1]:
+            raise ApiError(404, f"remote_engine_id={params.get('remote_engine_id')!r} at port {params['remote_port']} is "
+                                f"not a side channel of this instance (engine {engine_id}_dp<rank>)", "kv_transfer_params")
+        try:
+            reply = await asyncio.to_thread(release, params)
+        except OSError as exc:
+            raise ApiError(502, f"the KV side channel at {params['remote_host']}:{params['remote_port']} did not "
+                                f"answer: {exc}", "kv_transfer_params")
+        if not reply.get("ok"):
+            raise ApiError(404, str(reply.get("error")), "kv_transfer_params")
+        return {"released": True, "engine_id": reply["engine_id"], "request_id": reply["request_id"],
+                "blocks": reply["blocks"]}
 
 
 def run_api_server(cfg: EngineConfig, server_index: int) -> None:
@@ -102,6 +133,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
         metrics = Metrics(cfg.model_name, cfg.data_parallel_size, server_index)
         engine.on_stats = metrics.set_load
         engine.on_eplb_stats = metrics.set_eplb
+        engine.on_kv_stats = metrics.set_kv_held
         app = build_app(Api(cfg, engine, tokenizer, max_model_len, metrics))
         sock = _bound_socket(cfg)
         config = uvicorn.Config(app, log_level=cfg.uvicorn_log_level, timeout_graceful_shutdown=2, access_log=False)

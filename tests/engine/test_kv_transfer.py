@@ -1,0 +1,207 @@
+"""Disaggregated prefill/decode with the built-in engine: vLLM's NixlConnector protocol (kv_transfer_params),
+the KV pulled over the engines' side channels, the real `openai` client doing the seed's orchestration.
+
+Two instances, both ``kv_both``: A with DP=2, B with DP=1; each is the other's prefill or decode, so both
+directions of "DP sizes differ" run. Greedy tokens of prefill-on-one + decode-on-other equal colocated serving.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from deployments import ROOT, Deployment, free_port, wait_gone
+
+MODEL = "epkit-tiny-moe"
+KV_CONFIG = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})
+PROMPTS = [
+    "Hi",  # shorter than a block (16 tokens)
+    "Sixteen tokens!!",  # exactly one block
+    "Expert parallelism splits the experts of every MoE layer",  # not a multiple of the block size
+    [5, 17, 200, 33, 99, 128, 7, 64, 12, 250, 3, 88, 41, 19, 150, 77, 9, 31, 2, 111, 45, 66, 90, 8, 13, 14, 15, 16,
+     17, 18, 19, 20, 21],  # token ids, two blocks and a bit
+]
+PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                  "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def side_channel_base(ranks: int) -> int:
+    """A port with ``ranks`` free ports from it on (VLLM_NIXL_SIDE_CHANNEL_PORT + dp_rank)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for port in range(base + 1, base + ranks):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no free consecutive ports")
+
+
+def start(tmp, monkeypatch, args: list[str], ranks: int = 1, **env) -> Deployment:
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_PORT", str(side_channel_base(ranks)))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Deployment(tmp, ["--kv-transfer-config", KV_CONFIG, *args]).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("pd")
+    started = []
+    try:
+        started.append(start(tmp, mp, ["-dp", "2", "--enable-expert-parallel"], ranks=2))
+        started.append(start(tmp, mp, []))
+        yield started
+    finally:
+        mp.undo()
+        for d in started:
+            pids = d.pids()
+            d.stop()
+            assert not wait_gone(pids)
+
+
+def client(d: Deployment) -> openai.OpenAI:
+    return openai.OpenAI(base_url=d.url + "/v1", api_key="EMPTY", max_retries=0)
+
+
+def prefill(p: openai.OpenAI, prompt, request_id: str):
+    """The seed's prefill call: max_tokens=1 and kv_transfer_params asking a remote decode."""
+    return p.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                extra_body={"kv_transfer_params": PREFILL_PARAMS},
+                                extra_headers={"X-Request-Id": request_id})
+
+
+def disaggregated(p: openai.OpenAI, d: openai.OpenAI, prompt, max_tokens: int = 10):
+    request_id = str(uuid.uuid4())
+    first = prefill(p, prompt, request_id)
+    return d.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                extra_body={"kv_transfer_params": first.kv_transfer_params},
+                                extra_headers={"X-Request-Id": request_id})
+
+
+def held(d: Deployment) -> float:
+    text = httpx.get(d.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("epkit:kv_transfer_held_blocks{"))
+
+
+@pytest.mark.parametrize("direction", ["dp2-prefill-dp1-decode", "dp1-prefill-dp2-decode"])
+def test_disaggregated_greedy_equals_colocated(pair, direction):
+    a, b = pair
+    p, d = (a, b) if direction.startswith("dp2") else (b, a)
+    for prompt in PROMPTS:
+        colocated = client(d).completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        also = client(p).completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        split = disaggregated(client(p), client(d), prompt)
+        assert split.choices[0].text == colocated.choices[0].text == also.choices[0].text, prompt
+        assert split.usage == colocated.usage
+        transfer = split.model_extra["epkit_kv_transfer"]
+        tokens = len(prompt) if isinstance(prompt, list) else len(prompt.encode())
+        assert transfer["transport"] == "tcp" and transfer["blocks"] == -(-tokens // 16)
+        assert transfer["bytes"] > 0 and transfer["ms"] >= 0
+    assert held(p) == 0  # every pulled prompt's blocks were freed
+
+
+def test_prefill_response_keys_held_blocks_and_stream(pair):
+    a, b = pair
+    first = prefill(client(a), PROMPTS[2], "req-keys")
+    assert first.id == "cmpl-req-keys"
+    params = first.kv_transfer_params
+    assert set(params) >= {"do_remote_prefill", "do_remote_decode", "remote_engine_id", "remote_request_id",
+                           "remote_block_ids", "remote_host", "remote_port", "tp_size"}
+    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False and params["tp_size"] == 1
+    assert params["remote_host"] == "127.0.0.1" and len(params["remote_block_ids"][0]) == 4  # 56 tokens
+    assert held(a) == 4  # kept after the 1-token response, shown on /metrics
+    chunks = list(client(b).completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0, stream=True,
+                                               extra_body={"kv_transfer_params": params}))
+    assert chunks[-1].model_extra["epkit_kv_transfer"]["blocks"] == 4
+    colocated = client(b).completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks) == colocated.choices[0].text
+    assert held(a) == 0  # freed after the pull
+    with pytest.raises(openai.APIStatusError) as err:  # pulled once: nothing left to pull
+        client(b).completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, extra_body={"kv_transfer_params": params})
+    assert err.value.status_code == 502 and f"127.0.0.1:{params['remote_port']}" in err.value.message
+    assert "holds no KV" in err.value.message
+
+
+def test_chat_disaggregated_streamed(pair):
+    a, b = pair
+    messages = [{"role": "user", "content": "Tell me about paged attention."}]
+    colocated = client(a).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    first = client(a).chat.completions.create(model=MODEL, messages=messages, max_tokens=1, max_completion_tokens=1,
+                                              temperature=0, extra_body={"kv_transfer_params": PREFILL_PARAMS})
+    chunks = list(client(b).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                    stream=True, extra_body={"kv_transfer_params": first.kv_transfer_params}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == colocated.choices[0].message.content
+    assert chunks[-1].model_extra["epkit_kv_transfer"]["transport"] == "tcp"
+
+
+def test_release_endpoint_frees_held_blocks(pair):
+    a, b = pair
+    params = prefill(client(b), PROMPTS[3], "req-release").kv_transfer_params
+    assert held(b) == 3
+    r = httpx.post(b.url + "/epkit/kv/release", json={"kv_transfer_params": params})
+    assert r.status_code == 200 and r.json()["blocks"] == 3 and r.json()["released"] is True
+    assert held(b) == 0
+    again = httpx.post(b.url + "/epkit/kv/release", json={"kv_transfer_params": params})
+    assert again.status_code == 404 and "holds no KV" in again.json()["error"]["message"]
+    other = httpx.post(a.url + "/epkit/kv/release", json={"kv_transfer_params": params})  # not A's engine
+    assert other.status_code == 404 and "not a side channel of this instance" in other.json()["error"]["message"]
+
+
+def test_decode_to_unreachable_prefill_fails_clearly_and_engine_serves_on(pair):
+    a, _ = pair
+    port = free_port()  # nothing listens there
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "gone_dp0",
+              "remote_request_id": "0-1", "remote_block_ids": [[0]], "remote_host": "127.0.0.1", "remote_port": port,
+              "tp_size": 1}
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as err:
+            out = client(a).completions.create(model=MODEL, prompt="Hello there", max_tokens=4, stream=stream,
+                                               extra_body={"kv_transfer_params": params})
+            list(out) if stream else None
+        assert err.value.status_code == 502 and f"127.0.0.1:{port}" in err.value.message
+    ok = client(a).completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
+    assert ok.usage.completion_tokens == 4
+    text = httpx.get(a.url + "/metrics").text
+    assert "vllm:kv_cache_usage_perc" in text and held(a) == 0
+
+
+def test_held_blocks_freed_after_timeout(tmp_path, monkeypatch):
+    d = start(tmp_path, monkeypatch, [], VLLM_NIXL_ABORT_REQUEST_TIMEOUT="1")
+    try:
+        prefill(client(d), PROMPTS[2], "req-timeout")
+        deadline = time.time() + 60
+        while held(d) and time.time() < deadline:
+            time.sleep(0.2)
+        assert held(d) == 0
+        assert "not pulled within 1 s: 4 held blocks freed" in d.nodes[0].log()
+    finally:
+        pids = d.pids()
+        d.stop()
+        assert not wait_gone(pids)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ('{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}', "kv_connector='LMCacheConnectorV1'"),
+    ('{"kv_connector": "NixlConnector"}', "kv_role=None; allowed: kv_producer, kv_consumer, kv_both"),
+    ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "tpu"}', "kv_buffer_device='tpu'"),
+    ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"backends": ["XYZ"]}}',
+     "backends=['XYZ']"),
+    ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_rol": 1}', "unknown keys ['kv_rol']"),
+])
+def test_bad_kv_transfer_config_is_refused(config, needle):
+    r = subprocess.run([sys.executable, "-m", "epkit.engine.cli", "--kv-transfer-config", config, "--check-args"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
