@@ -46,6 +46,11 @@ def request_table(records: Iterable) -> pd.DataFrame:
     if not len(df):
         return df
     df["chunk_s"] = df["chunk_s"].map(lambda v: list(v) if v is not None else [])
+    for name in PD_METRICS:  # the router's numbers: NaN where it did not say (no router, no transfer report)
+        if f"{name}_ms" in df:
+            df[f"{name}_ms"] = pd.to_numeric(df[f"{name}_ms"], errors="coerce").astype(float)
+    if "kv_transfer_bytes" in df:
+        df["kv_transfer_bytes"] = pd.to_numeric(df["kv_transfer_bytes"], errors="coerce").astype("Int64")
     return df
 
 
