@@ -22,7 +22,8 @@ def format_plan(plan: dict) -> str:
         lines += [f"   warning: {w}" for w in t["warnings"]]
         lines += [f"   vllm: {note}" for note in t.get("engine", [])]
         for n, cmd in enumerate(t["commands"]):
-            lines.append(f"   # node {n}" + (" (primary)" if n == 0 else " (headless)"))
+            if not cmd.startswith("# "):  # a split point's commands name their instance and node themselves
+                lines.append(f"   # node {n}" + (" (primary)" if n == 0 else " (headless)"))
             lines += ["   " + ln for ln in cmd.splitlines()]
     lines += ["", "workloads:"] + [f"   {w['id']}: " + ", ".join(f"{k}={v}" for k, v in w.items() if k != "id")
                                    for w in plan["workloads"]]

@@ -5,14 +5,16 @@
         d.wait_ready()
         ...
 
-:data:`EXECUTORS` maps the words used in sweep YAML to executor classes.
+A :class:`~epkit.topology.DisaggTopology` deploys as a :class:`DisaggDeployment` (every prefill and decode
+instance, then the router in front of them). :data:`EXECUTORS` maps the words used in sweep YAML to executor classes.
 """
 
 from epkit.launch.deployment import Deployment, DeploymentFailed, deploy
+from epkit.launch.disagg import DisaggDeployment
 from epkit.launch.failure import Failure
 from epkit.launch.local import LocalExecutor
 from epkit.launch.slurm import SlurmExecutor
 
 EXECUTORS = {"local": LocalExecutor, "slurm": SlurmExecutor}
 
-__all__ = ["EXECUTORS", "Deployment", "DeploymentFailed", "Failure", "LocalExecutor", "SlurmExecutor", "deploy"]
+__all__ = ["EXECUTORS", "Deployment", "DeploymentFailed", "DisaggDeployment", "Failure", "LocalExecutor", "SlurmExecutor", "deploy"]

@@ -51,6 +51,9 @@ SIGNAL_CAUSES = {"SIGTERM": ("cancelled", "scancel, a kill, or the Slurm time li
                  "SIGINT": ("cancelled", "Ctrl-C"), "SIGHUP": ("cancelled", "its terminal or session ended"),
                  "SIGUSR2": ("timeout", "submitit's warning that the Slurm time limit is near")}
 _LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
+# What deploy() takes besides a Topology: its type -> the class that deploys it (epkit.launch.disagg adds
+# DisaggTopology -> DisaggDeployment).
+DEPLOYMENT_KINDS: dict[type, Any] = {}
 
 
 class DeploymentFailed(LaunchError):
@@ -322,7 +325,11 @@ def deploy(topology: Topology, executor: Any = "local", **options: Any) -> Deplo
     :class:`SlurmExecutor`) and return the :class:`Deployment`; call ``wait_ready()`` next.
     Options: ``run_dir``, ``startup_timeout_s``, ``hang_timeout_s``, ``grace_s``,
     ``lease_timeout_s`` (nodes end themselves when the driver stops renewing its lease),
-    ``env``, ``preflight``."""
+    ``env``, ``preflight``. A :class:`~epkit.topology.DisaggTopology` gives a
+    :class:`~epkit.launch.disagg.DisaggDeployment` (every instance, then the router)."""
+    for kind, make in DEPLOYMENT_KINDS.items():
+        if isinstance(topology, kind):
+            return make(topology, executor, **options)
     return Deployment(topology, executor, **options)
 
 

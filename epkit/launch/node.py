@@ -10,6 +10,10 @@ went stale (the driver died), the primary finished (headless nodes), or a signal
 
 Files in the run folder (shared between nodes, as submitit's folder must be): ``node<i>.json``
 (argv, pid, pgid, host; then returncode and reason), ``node<i>.log``, ``primary.done``.
+A sidecar: once the driver writes ``sidecar.task.json`` (``{"name", "argv", "env"}``) in the run
+folder, node 0's supervisor starts that process beside its engine (the router of a disaggregated
+deployment on the decode side's node 0, :mod:`epkit.launch.disagg`), records it in ``<name>.json``
+with its output in ``<name>.log``, and ends it with the engine.
 Run locally as ``python -m epkit.launch.node TASK.json``.
 """
 
@@ -32,6 +36,9 @@ from epkit.launch import procs
 # Flags of the primary's HTTP server, outside the topology (render.py owns the topology's flags).
 SERVER_FLAGS = {"host": "--host", "port": "--port"}
 END_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR2")
+SIDECAR_TASK = "sidecar.task.json"
+# An environment value the node replaces with its own hostname (known only on the node, e.g. under Slurm).
+NODE_HOSTNAME = "<node-hostname>"
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,57 @@ def engine_argv(topo: Any, node: int, address: str | None, host: str, port: int)
 
 
 def _exec_argv(argv: list[str]) -> list[str]:
-    """The built-in engine runs with this interpreter, so a job uses the same environment."""
-    if argv[:2] == ["epkit", "serve"]:
+    """epkit's own commands (``epkit serve``, ``epkit proxy``) run with this interpreter, so a job uses the same
+    environment."""
+    if argv[:1] == ["epkit"]:
         return [sys.executable, "-m", "epkit.cli", *argv[1:]]
     return argv
+
+
+def _node_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :data:`NODE_HOSTNAME` values replaced by this node's hostname."""
+    return {k: socket.gethostname() if v == NODE_HOSTNAME else v for k, v in env.items()}
+
+
+class Sidecar:
+    """The process the driver asks node 0 to run beside its engine (``sidecar.task.json``); started at the first
+    poll that finds the task, recorded in ``<name>.json`` (pid, pgid, hostname; then its returncode)."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]):
+        self.run_dir, self.env = run_dir, env
+        self.proc: subprocess.Popen | None = None
+        self.info: dict[str, Any] = {}
+
+    def poll(self) -> None:
+        if self.proc is None:
+            spec = read_json(self.run_dir / SIDECAR_TASK)
+            if spec:
+                self._start(spec)
+        elif "returncode" not in self.info and self.proc.poll() is not None:
+            self._record(returncode=self.proc.returncode, finished_at=time.time())
+
+    def _start(self, spec: dict) -> None:
+        name = str(spec.get("name") or "sidecar")
+        argv = [str(a) for a in spec["argv"]]
+        with open(self.run_dir / f"{name}.log", "ab", buffering=0) as log:
+            log.write(f"[epkit sidecar] {' '.join(argv)}\n".encode())
+            self.proc = subprocess.Popen(_exec_argv(argv), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.run_dir,
+                                         env={**self.env, **_node_env(spec.get("env") or {})})
+        self.info = {"name": name, "argv": argv, "pid": self.proc.pid, "pgid": self.proc.pid,
+                     "hostname": socket.gethostname(), "started_at": time.time()}
+        self._record()
+
+    def _record(self, **extra: Any) -> None:
+        self.info.update(extra)
+        write_json(self.run_dir / f"{self.info['name']}.json", self.info)
+
+    def pgids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None else []
+
+    def finish(self) -> None:
+        if self.proc is not None and "returncode" not in self.info:
+            self._record(returncode=self.proc.poll(), finished_at=time.time())
 
 
 def prepare_vllm(task: NodeTask, topology: Any, argv: list[str], env: dict[str, str],
@@ -156,11 +210,13 @@ def _finish(run_dir: Path, node: int, info: dict, started: bool = True, **ended:
 
 
 def _supervise(task: NodeTask, proc: subprocess.Popen, node: int, stop: threading.Event,
-               reason: list[str]) -> int | None:
+               reason: list[str], sidecar: Sidecar | None = None) -> int | None:
     """Wait until the engine exits or the deployment must end (stop file, primary done, stale lease, signal);
-    return the engine's exit code if it exited by itself."""
+    return the engine's exit code if it exited by itself. Node 0 also starts and watches its sidecar."""
     run_dir = Path(task.run_dir)
     while True:
+        if sidecar is not None:
+            sidecar.poll()
         returncode = proc.poll()
         if returncode is not None:
             reason.append("engine exited")
@@ -208,7 +264,8 @@ def run_node(task: NodeTask) -> dict:
 
     topology = Topology.from_dict(task.topology)
     argv, env_add = engine_argv(topology, node, address, task.host, task.port)
-    env = {**os.environ, **env_add, **task.env, procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
+    env_add = _node_env(env_add)
+    env = {**os.environ, **env_add, **_node_env(task.env), procs.TAG: task.deployment_id, "EPKIT_NODE": str(node),
            "PYTHONUNBUFFERED": "1"}
     log_path = node_file(run_dir, node, "log")
     if topology.engine == "vllm":
@@ -226,8 +283,12 @@ def run_node(task: NodeTask) -> dict:
                                 env=env, start_new_session=True, cwd=run_dir)
     info.update(pid=proc.pid, pgid=proc.pid)
     write_json(node_file(run_dir, node, "json"), info)
-    returncode = _supervise(task, proc, node, stop, reason)
-    procs.terminate([proc.pid], task.deployment_id, node, grace_s=task.grace_s)
+    sidecar = Sidecar(run_dir, {k: v for k, v in env.items() if k not in env_add}) if node == 0 else None
+    returncode = _supervise(task, proc, node, stop, reason, sidecar)
+    procs.terminate([proc.pid] + (sidecar.pgids() if sidecar else []), task.deployment_id, node,
+                    grace_s=task.grace_s)
+    if sidecar is not None:
+        sidecar.finish()
     if returncode is None:
         returncode = proc.poll()
     _finish(run_dir, node, info, returncode=returncode, reason=reason[0] if reason else "unknown")

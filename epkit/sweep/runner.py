@@ -39,6 +39,7 @@ from epkit.launch import orphans
 from epkit.launch.deployment import Deployment, DeploymentFailed
 from epkit.launch.failure import Failure
 from epkit.launch.watch import DeploymentWatch
+from epkit.sweep import pd as pd_axis
 from epkit.sweep.spec import SweepSpec, TopologyPoint, WorkloadPoint
 from epkit.sweep.store import ResultStore
 
@@ -60,24 +61,37 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def hardware(deployment: Deployment | None) -> dict:
-    """Where the engine ran: the driver's host, and each node's preflight when there was one."""
+def _engine_log(deployment: Deployment) -> dict:
+    from epkit.vllm import logs as vllm_logs
+
+    return vllm_logs.read_engine_logs([deployment.logs[n] for n in sorted(deployment.logs)],
+                                      startup=deployment.topology.engine == "vllm")
+
+
+def disagg_dict(tp: TopologyPoint) -> dict:
+    """A split point's parts as stored: its pd, each side's instances, the KV connector, the router."""
+    return {"pd": tp.pd, **tp.disagg.to_dict()}
+
+
+def hardware(deployment: Any, parts: dict | None = None) -> dict:
+    """Where the engine ran: the driver's host, and each node's preflight when there was one (of a split point,
+    every instance's nodes, keyed ``prefill0/0``…)."""
     from epkit.launch import doctor
 
     info: dict[str, Any] = {"driver_host": socket.gethostname(), "platform": platform.platform(),
                             "cpu_count": os.cpu_count()}
     pre = {}
-    if deployment is not None:
-        for n in range(deployment.topology.nodes):
-            p = deployment.run_dir / f"node{n}.preflight.json"
+    for name, d in (parts or ({"": deployment} if deployment is not None else {})).items():
+        for n in range(d.topology.nodes):
+            p = d.run_dir / f"node{n}.preflight.json"
             if p.exists():
                 try:
-                    pre[str(n)] = json.loads(p.read_text())
+                    pre[f"{name}/{n}" if name else str(n)] = json.loads(p.read_text())
                 except ValueError:
                     pass
     if pre:
-        info["nodes"] = [{"node": int(n), "host": d.get("host"), "gpus": d.get("gpus", {}).get("gpus", [])}
-                         for n, d in pre.items()]
+        info["nodes"] = [{"node": int(n) if n.isdigit() else n, "host": d.get("host"),
+                          "gpus": d.get("gpus", {}).get("gpus", [])} for n, d in pre.items()]
         info["preflight"] = pre
     else:
         info["gpus"] = doctor.check_gpus().get("gpus", [])
@@ -197,6 +211,15 @@ class SweepRunner:
         opts = {k: run[k] for k in ("startup_timeout_s", "hang_timeout_s", "grace_s", "lease_timeout_s") if k in run}
         return opts
 
+    def _deploy(self, tp: TopologyPoint, run_dir: Path) -> Any:
+        """The point's deployment: a :class:`Deployment`, or for a split point (pd: <p>P<d>D) a
+        :class:`~epkit.launch.disagg.DisaggDeployment` whose URL is its router's."""
+        if tp.disagg is not None:
+            from epkit.launch.disagg import DisaggDeployment
+
+            return DisaggDeployment(tp.disagg, self.executor, run_dir=run_dir, **self._deploy_options())
+        return Deployment(tp.topology, self.executor, run_dir=run_dir, **self._deploy_options())
+
     def run_topology(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]]) -> None:
         # each deployment its own folder under logs/: an orphan of a killed driver never shares one
         logs = self.store.logs_dir(tp.id) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -208,7 +231,7 @@ class SweepRunner:
         event: dict[str, Any] = {"started_at": started_at, "topology_id": tp.id}
         ended: Failure | None = None  # the deployment's end, which fails every point not yet run
         try:
-            deployment = Deployment(tp.topology, self.executor, run_dir=logs, **self._deploy_options())
+            deployment = self._deploy(tp, logs)
             with self._lock:
                 self.summary["deployments_started"] += 1
             event.update(deployment.describe())
@@ -253,7 +276,7 @@ class SweepRunner:
             dead = deployment.check()  # the engine died during the point: its numbers are not a result
             failure = dead or failure
         if failure is not None and failure.kind in ("http", "bench"):
-            failure = replace(failure, log_tail=deployment.log_tail(0))
+            failure = replace(failure, log_tail=deployment.log_tail())
         if stopped:
             failure = replace(failure, message=f"{failure.message}; the point's load was stopped {bench_wall:.1f} s "
                                                "into it")
@@ -314,7 +337,7 @@ class SweepRunner:
         t0 = time.monotonic()
         thread = threading.Thread(target=work, name=f"epkit-load-{tp.id}-{w.id}", daemon=True)
         thread.start()
-        watch = DeploymentWatch(deployment)
+        watch = deployment.watch() if tp.disagg is not None else DeploymentWatch(deployment)
         try:
             while True:
                 thread.join(self.watch_interval_s)
@@ -333,7 +356,10 @@ class SweepRunner:
                 deployment: Deployment | None) -> None:
         """Say why points failed (kind, message, where the log is) and keep it for the summary."""
         log = None
-        if deployment is not None:
+        if tp.disagg is not None and deployment is not None:  # the failing instance's log (named first), else the router's
+            name = failure.message.split(":", 1)[0]
+            log = str(deployment.log_files().get(f"{name}/node{failure.node or 0}", deployment.log_files()["router"]))
+        elif deployment is not None:
             node = failure.node if failure.node is not None else 0
             log = str(deployment.logs.get(node, deployment.logs[0]))
         paths = [str(self.store.point_path(tp.id, w.id, r, w.repeats)) for w, r in points]
@@ -346,22 +372,24 @@ class SweepRunner:
 
     def point_dict(self, tp: TopologyPoint, w: WorkloadPoint, repeat: int, status: str, failure: Failure | None,
                    deployment: Deployment | None, started_at: str, commands: list[str] | None = None) -> dict:
-        from epkit.vllm import logs as vllm_logs
-
         t = tp.topology
+        split = tp.disagg is not None
+        parts = dict(deployment.instances) if split and deployment is not None else {}
         return {
             "sweep": self.spec.name, "topology_id": tp.id, "topology": t.to_dict(),
             "derived": {"ep_size": t.ep_size, "world_size": t.world_size, "nodes": t.nodes,
-                        "gpus_per_node_used": t.gpus_on_node},
+                        "gpus_per_node_used": t.gpus_on_node, **pd_axis.columns(tp.pd, tp.disagg)},
+            **({"disagg": disagg_dict(tp)} if split else {}),
             "workload_id": w.id, "workload": w.to_dict(), "repeat": repeat, "status": status,
             "failure": failure.to_dict() if failure is not None else None,
             "commands": commands or (deployment.commands() if deployment is not None else []),
-            "engine": t.engine, "engine_version": engine_version(tp, deployment),
-            "hardware": hardware(deployment), "git_commit": self.commit, "started_at": started_at,
+            "engine": t.engine, "engine_version": engine_version(tp, next(iter(parts.values()), deployment)),
+            "hardware": hardware(deployment, parts), "git_commit": self.commit, "started_at": started_at,
             "finished_at": _now(), "deployment": deployment.describe() if deployment is not None else None,
-            # what the engine's log says: vLLM's start-up facts (node 0), EPLB balancedness (every node)
-            "engine_log": vllm_logs.read_engine_logs([deployment.logs[n] for n in sorted(deployment.logs)],
-                                                     startup=t.engine == "vllm") if deployment is not None else None,
+            # what the engine's log says: vLLM's start-up facts (node 0), EPLB balancedness (every node); of a
+            # split point, per instance
+            "engine_log": ({name: _engine_log(d) for name, d in parts.items()} if split else
+                           _engine_log(deployment) if deployment is not None else None),
         }
 
     def _fail(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]], failure: Failure,

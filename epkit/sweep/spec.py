@@ -28,11 +28,13 @@ import itertools
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from epkit.errors import TopologyError
+from epkit.sweep import pd as pd_axis
 from epkit.topology import Topology
 
 SPEC_KEYS = ("name", "model", "engine", "vllm_version", "vllm_bin", "executor", "slurm", "defaults", "topologies", "workloads",
@@ -48,8 +50,16 @@ DRY_RUN_ADDRESS = "<node0-hostname>"
 @dataclass(frozen=True)
 class TopologyPoint:
     id: str
-    topology: Topology
+    topology: Topology  # a split point (pd: <p>P<d>D): the colocated topology on the same GPUs
     notes: tuple[str, ...] = ()  # what the expansion says about this point (e.g. grid points it stands for)
+    pd: str | None = None  # the point's pd (epkit.sweep.pd), None when the spec has no pd
+    disagg: Any = None  # a split point's DisaggTopology (its instances, connector and router)
+
+    def parts(self) -> list[tuple[str, Topology]]:
+        """What the point deploys: ``[("", topology)]``, or each instance of a split point (``prefill0``…)."""
+        if self.disagg is None:
+            return [("", self.topology)]
+        return [(f"{role}{index}", topo) for role, index, topo in self.disagg.instances]
 
 
 @dataclass(frozen=True)
@@ -159,34 +169,42 @@ def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
         kept: dict[str, int] = {}  # this block's points by what they run
         for values in itertools.product(*(_as_list(grid[a]) for a in axes)):
             combo = dict(zip(axes, values))
-            fields_ = {**base, **defaults, **block, **combo}
+            fields_, pd_options = pd_axis.pop_pd({**base, **defaults, **block, **combo})
             where = f"topologies[{b}]" + (f" {combo}" if combo else "")
             try:
                 topo = Topology.from_dict(fields_)
+                disagg = pd_axis.split(topo, pd_options)
             except TopologyError as exc:
                 raise TopologyError(f"sweep point {where}: {exc}") from exc
-            key = _runs_as(topo)
+            pd = pd_axis.pd_name(pd_options["pd"]) if pd_options else None
+            key = _runs_as(topo) if disagg is None else pd_axis.runs_as(disagg, _runs_as)
             if key in kept:  # a grid point that differs only in a backend with no effect: run it once
                 first = out[kept[key]]
-                out[kept[key]] = TopologyPoint(first.id, first.topology, first.notes + (
+                out[kept[key]] = replace(first, notes=first.notes + (
                     f"the grid point {combo} runs the same code (all2all_backend has no effect here) and is left out",))
                 continue
             kept[key] = len(out)
             tid = given_id if given_id and not combo else topology_id(topo)
             if given_id and combo:
                 tid = f"{given_id}_{topology_id(topo)}"
-            out.append(TopologyPoint(tid, topo))
+            tid += f"_{pd}" if pd and not (given_id and not combo) else ""
+            notes = ()
+            if disagg is not None and disagg.gpus != topo.world_size:
+                notes = (f"pd={pd} with prefill/decode overrides uses {disagg.gpus} GPUs, the colocated point "
+                         f"{topo.world_size}",)
+            out.append(TopologyPoint(tid, topo, notes, pd, disagg))
     seen: dict[str, int] = {}
     unique = []
     for tp in out:  # same id from different extra_args/env: number them
         n = seen.get(tp.id, 0)
         seen[tp.id] = n + 1
-        unique.append(tp if n == 0 else TopologyPoint(f"{tp.id}_{n + 1}", tp.topology, tp.notes))
+        unique.append(tp if n == 0 else replace(tp, id=f"{tp.id}_{n + 1}"))
     first_of: dict[str, str] = {}
     for i, tp in enumerate(unique):  # listed twice by hand (different blocks): run both, but say so
-        other = first_of.setdefault(_runs_as(tp.topology), tp.id)
+        key = _runs_as(tp.topology) if tp.disagg is None else pd_axis.runs_as(tp.disagg, _runs_as)
+        other = first_of.setdefault(key, tp.id)
         if other != tp.id:
-            unique[i] = TopologyPoint(tp.id, tp.topology, tp.notes + (
+            unique[i] = replace(tp, notes=tp.notes + (
                 f"runs the same code as {other} (they differ only in all2all_backend, which has no effect here)",))
     return unique
 
@@ -310,19 +328,27 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", 
 
 
 def _check_point(spec: SweepSpec, tp: TopologyPoint, source: str) -> None:
+    """Every part the point deploys (each instance of a split point) renders, fits and can run here."""
     from epkit.topology.render import render
 
-    try:
-        launches = render(tp.topology, address=DRY_RUN_ADDRESS if tp.topology.nodes > 1 else None)
-    except TopologyError as exc:
-        raise TopologyError(f"{source}: sweep point {tp.id}: {exc}") from exc
-    plan = memory_verdict(spec, tp)
-    if plan is not None and not plan.fits and not spec.plan.get("allow_unfit", False):
-        raise TopologyError(f"{source}: sweep point {tp.id} does not fit on {plan.gpu}: {plan.reason} "
-                            "(set plan.allow_unfit: true to run it anyway)")
-    missing = engine_problems(tp.topology, launches) + spec.make_executor().problems(tp.topology)
-    if missing:  # what the engine or this machine cannot run is refused now, not by a failed deployment
-        raise TopologyError(f"{source}: sweep point {tp.id} cannot run: {'; '.join(missing)}")
+    seen: set[str] = set()
+    for name, topo in tp.parts():
+        where = f"sweep point {tp.id}" + (f" ({name})" if name else "")
+        try:
+            launches = render(topo, address=DRY_RUN_ADDRESS if topo.nodes > 1 else None)
+        except TopologyError as exc:
+            raise TopologyError(f"{source}: {where}: {exc}") from exc
+        key = _runs_as(topo)
+        if key in seen:  # prefill0 and prefill1 run the same command: one check
+            continue
+        seen.add(key)
+        plan = _memory_plan(spec, topo)
+        if plan is not None and not plan.fits and not spec.plan.get("allow_unfit", False):
+            raise TopologyError(f"{source}: {where} does not fit on {plan.gpu}: {plan.reason} "
+                                "(set plan.allow_unfit: true to run it anyway)")
+        missing = engine_problems(topo, launches) + spec.make_executor().problems(topo)
+        if missing:  # what the engine or this machine cannot run is refused now, not by a failed deployment
+            raise TopologyError(f"{source}: {where} cannot run: {'; '.join(missing)}")
 
 
 CHECK_ARGS_TIMEOUT_S = 60.0  # `epkit serve --check-args` imports no torch; this bounds a machine under load
@@ -356,16 +382,22 @@ def engine_problems(topology: Topology, launches) -> list[str]:
     return [f"`epkit serve` refuses its command: {last.removeprefix('epkit serve: error: ')}"]
 
 
-def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
-    """The memory plan on the tightest of ``plan.gpus`` (None when the spec names no GPU)."""
+def _memory_plan(spec: SweepSpec, topology: Topology):
     if not spec.plan.get("gpus"):
         return None
     from epkit.topology.plan import GIB, memory_plan
 
     reserve = spec.plan.get("runtime_reserve_gib")
     kw = {} if reserve is None else {"runtime_reserve_bytes": reserve * GIB}
-    plans = [memory_plan(tp.topology, gpu, **kw) for gpu in spec.plan["gpus"]]
+    plans = [memory_plan(topology, gpu, **kw) for gpu in spec.plan["gpus"]]
     return min(plans, key=lambda p: (p.fits, p.kv_cache_tokens))
+
+
+def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
+    """The memory plan on the tightest of ``plan.gpus`` (None when the spec names no GPU); of a split point, the
+    tightest of its instances."""
+    plans = [plan for _, topo in tp.parts() if (plan := _memory_plan(spec, topo)) is not None]
+    return min(plans, key=lambda p: (p.fits, p.kv_cache_tokens)) if plans else None
 
 
 def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
@@ -377,31 +409,67 @@ def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
 
 
 # ---- the plan a dry run prints (pure) ---------------------------------------------------------
-def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None = None) -> dict:
-    """Per topology: commands per node, memory verdict, points to run; totals and GPU-hours."""
+def _node_commands(spec: SweepSpec, topology: Topology) -> list[str]:
     from epkit.topology.render import render
 
+    address = None if topology.nodes == 1 else (topology.data_parallel_address
+                                                if spec.executor == "local" else DRY_RUN_ADDRESS)
+    address = address or ("127.0.0.1" if spec.executor == "local" else DRY_RUN_ADDRESS)
+    return [launch.shell() for launch in render(topology, address=address if topology.nodes > 1 else None)]
+
+
+def point_commands(spec: SweepSpec, tp: TopologyPoint) -> list[str]:
+    """Every node's command; of a split point, every instance's (``# prefill0 node 0`` first, with its KV side
+    channel as a deployment sets it: ports from vLLM's default 5600 here, a free range when it runs) and the
+    router's."""
+    if tp.disagg is None:
+        return _node_commands(spec, tp.topology)
+    from epkit.launch.disagg import instance_topologies, router_argv
+    from epkit.launch.node import NODE_HOSTNAME
+
+    host = "127.0.0.1" if spec.executor == "local" else NODE_HOSTNAME
+    out, urls = [], {"prefill": [], "decode": []}
+    for name, topo in instance_topologies(tp.disagg, side_channel_host=host).items():
+        out += [f"# {name} node {n}\n{cmd}" for n, cmd in enumerate(_node_commands(spec, topo))]
+        urls[name.rstrip("0123456789")].append(f"<{name}-url>")
+    router = tp.disagg.router
+    argv = router_argv(tp.disagg, urls["prefill"], urls["decode"], "<host>", router.port or 8000)
+    return out + [f"# router (epkit proxy, on {router.on})\n" + shlex.join(argv)]
+
+
+def _warnings(tp: TopologyPoint) -> list[str]:
+    """What the point's topology says (of a split point: each instance's, named, once per distinct warning)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for name, topo in tp.parts():
+        for warning in topo.warnings():
+            if warning not in seen:
+                seen.add(warning)
+                out.append(f"{name}: {warning}" if name else warning)
+    return out
+
+
+def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None = None) -> dict:
+    """Per topology: commands per node, memory verdict, points to run; totals and GPU-hours."""
     done = done or {}
     startup_s = spec.run.get("startup_estimate_s", 600.0 if any(t.topology.engine == "vllm" for t in spec.topologies) else 30.0)
     point_s = spec.run.get("point_estimate_s", 60.0)
     rows, gpu_s, pending_total = [], 0.0, 0
     executor = spec.make_executor()
     for tp in spec.topologies:
-        address = None if tp.topology.nodes == 1 else (tp.topology.data_parallel_address
-                                                       if spec.executor == "local" else DRY_RUN_ADDRESS)
-        address = address or ("127.0.0.1" if spec.executor == "local" else DRY_RUN_ADDRESS)
-        commands = [launch.shell() for launch in render(tp.topology, address=address if tp.topology.nodes > 1 else None)]
+        commands = point_commands(spec, tp)
         plan = memory_verdict(spec, tp)
         pending = [(w.id, r) for w in spec.workloads for r in range(w.repeats) if done.get((tp.id, w.id, r)) != "ok"]
         seconds = startup_s + sum(w.estimate_s(point_s) * w.repeats for w in spec.workloads)
-        gpus = tp.topology.nodes * tp.topology.gpus_on_node
+        gpus = tp.topology.nodes * tp.topology.gpus_on_node if tp.disagg is None else tp.disagg.gpus
         if pending:
             gpu_s += gpus * seconds
         pending_total += len(pending)
-        rows.append({"id": tp.id, "nodes": tp.topology.nodes, "gpus": gpus, "commands": commands,
+        rows.append({"id": tp.id, "pd": tp.pd, "nodes": sum(t.nodes for _, t in tp.parts()), "gpus": gpus,
+                     "commands": commands,
                      "engine": executor.engine_notes(tp.topology),
                      "memory": None if plan is None else {"gpu": plan.gpu, "fits": plan.fits, "reason": plan.reason},
-                     "warnings": tp.topology.warnings() + list(tp.notes),
+                     "warnings": _warnings(tp) + list(tp.notes),
                      "points": sum(w.repeats for w in spec.workloads),
                      "pending": len(pending)})
     return {"sweep": spec.name, "executor": spec.executor, "deployments": len(spec.topologies),

@@ -112,12 +112,18 @@ class ResultStore:
             f.write(json.dumps(_plain(event)) + "\n")
 
     def run_dirs(self) -> list[Path]:
-        """Every deployment's run folder (``<topology_id>/logs/<stamp>-<id>/``)."""
-        return sorted(p for p in self.dir.glob("*/logs/*") if p.is_dir())
+        """Every deployment's run folder (``<topology_id>/logs/<stamp>-<id>/``), and inside a disaggregated one each
+        instance's (``…/prefill0/``, with a ``deployment.json`` of its own)."""
+        tops = [p for p in self.dir.glob("*/logs/*") if p.is_dir()]
+        return sorted(tops + [p.parent for p in self.dir.glob("*/logs/*/*/deployment.json")])
 
     @staticmethod
     def topology_of(run_dir: Path) -> str:
-        return Path(run_dir).parent.parent.name
+        """The topology id a run folder belongs to (the folder above ``logs/``)."""
+        parts = Path(run_dir).parts
+        if "logs" not in parts:
+            return Path(run_dir).parent.parent.name
+        return parts[len(parts) - 1 - parts[::-1].index("logs") - 1]
 
     @contextlib.contextmanager
     def driver_lock(self) -> Iterator[None]:
