@@ -8,16 +8,20 @@ Pure: nothing here starts a process (``epkit.launch`` does). ``models`` reads Hu
 ``config.json`` files (bundled ones in ``models/``), ``topology`` checks a deployment and ``eplb``
 its EPLB keys, ``render`` translates it to vLLM's or the built-in engine's flags, ``plan`` sizes GPU
 memory, ``spec`` reads ``epkit plan`` spec files, ``warnings`` names legal but probably unmeant
-choices and ``backends`` is the all2all backend table shared with the engine.
+choices and ``backends`` is the all2all backend table shared with the engine. ``kv_transfer`` is vLLM's
+``--kv-transfer-config`` and ``disagg`` a disaggregated prefill/decode deployment (``DisaggTopology``).
 """
 
+from epkit.topology.disagg import DisaggTopology, RouterConfig
 from epkit.topology.eplb import EPLBConfig, valid_redundant_experts
+from epkit.topology.kv_transfer import KVTransferConfig
 from epkit.topology.models import ModelSpec, bundled_model_names
 from epkit.topology.plan import MemoryPlan, memory_plan
 from epkit.topology.render import NodeLaunch, render
 from epkit.topology.topology import ENGINE_FLAG_FIELDS, Topology, human_readable_int
 
 __all__ = [
-    "ENGINE_FLAG_FIELDS", "EPLBConfig", "MemoryPlan", "ModelSpec", "NodeLaunch", "Topology", "bundled_model_names",
-    "human_readable_int", "memory_plan", "render", "valid_redundant_experts",
+    "DisaggTopology", "ENGINE_FLAG_FIELDS", "EPLBConfig", "KVTransferConfig", "MemoryPlan", "ModelSpec", "NodeLaunch",
+    "RouterConfig", "Topology", "bundled_model_names", "human_readable_int", "memory_plan", "render",
+    "valid_redundant_experts",
 ]

@@ -32,6 +32,7 @@ VLLM_FLAGS = {
     "node_rank": "--node-rank",
     "master_addr": "--master-addr",
     "master_port": "--master-port",
+    "kv_transfer_config": "--kv-transfer-config",  # disaggregated prefill/decode (epkit.topology.disagg)
     **ENGINE_FLAG_FIELDS,
 }
 # vLLM's short spellings of the flags above (vllm/engine/arg_utils.py), refused in extra_args too.
@@ -98,8 +99,9 @@ def _check_extra_args(topology: Topology) -> None:
         if flag.startswith("--"):
             flag = "--" + flag[2:].replace("_", "-")  # vLLM reads --data_parallel_size as --data-parallel-size
         flag = VLLM_FLAGS.get(VLLM_SHORT_FLAGS.get(flag, ""), flag)
-        if flag in owned or flag.startswith(VLLM_FLAGS["eplb_config"] + "."):
-            word = next((k for k, v in VLLM_FLAGS.items() if v == flag), "eplb")
+        dotted = next((w for w in ("eplb_config", "kv_transfer_config") if flag.startswith(VLLM_FLAGS[w] + ".")), None)
+        if flag in owned or dotted:
+            word = next((k for k, v in VLLM_FLAGS.items() if v == flag), dotted)
             word = _FIELD_OF_WORD.get(word, word)
             raise TopologyError(
                 f"topology.extra_args contains {arg!r}, which epkit renders from the topology; "
@@ -178,6 +180,8 @@ def render(topology: Topology, address: str | None = None) -> list[NodeLaunch]:
         for word in ENGINE_FLAG_FIELDS:  # every node's engine reads them, headless ones too
             if getattr(topology, word) is not None:
                 argv += [VLLM_FLAGS[word], str(getattr(topology, word))]
+        if topology.kv_transfer_config is not None:  # every node's engine cores run the connector
+            argv += [VLLM_FLAGS["kv_transfer_config"], topology.kv_transfer_config.to_json()]
         argv += list(topology.extra_args)
         launches.append(NodeLaunch(node, "headless" if headless else "primary", tuple(argv), dict(env)))
     return launches

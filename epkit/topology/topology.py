@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from epkit.errors import TopologyError
 from epkit.topology.checks import check_bool, check_int
 from epkit.topology.eplb import EPLBConfig, valid_redundant_experts
+from epkit.topology.kv_transfer import KVTransferConfig, kv_transfer_warnings
 from epkit.topology.models import ModelSpec, bundled_model_names
 import epkit.topology.warnings as topology_warnings
 from epkit.vllm import versions as vllm_versions
@@ -128,6 +129,7 @@ class Topology:
     vllm_version: str = vllm_versions.DEFAULT_VLLM_VERSION
     allow_replaced_backend: bool = False
     model_config: str | None = None  # path to config.json when `model` is not bundled
+    kv_transfer_config: KVTransferConfig | None = None  # --kv-transfer-config: one side of prefill/decode
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -168,6 +170,9 @@ class Topology:
         self._read_engine_flags(owner)
         self._check_backend(owner)
         self._check_experts(owner)
+        object.__setattr__(self, "kv_transfer_config", KVTransferConfig.coerce(self.kv_transfer_config))
+        if self.kv_transfer_config is not None:  # a mapping or JSON string from YAML becomes a config
+            self.kv_transfer_config.check(self.vllm_version, self.engine)
 
     # ---- validation pieces ------------------------------------------------------
     def _check_dp_placement(self, owner: str) -> None:
@@ -422,7 +427,8 @@ class Topology:
 
     def warnings(self) -> list[str]:
         """Things that are legal but probably not what the author meant (:mod:`epkit.topology.warnings`)."""
-        return topology_warnings.warnings(self)
+        return topology_warnings.warnings(self) + kv_transfer_warnings(self.kv_transfer_config, self.vllm_version,
+                                                                       self.engine)
 
     # ---- (de)serialisation --------------------------------------------------------
     @classmethod
@@ -470,6 +476,8 @@ class Topology:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "eplb":
+                value = value.explicit() if value is not None else None
+            elif f.name == "kv_transfer_config":
                 value = value.explicit() if value is not None else None
             elif f.name == "extra_args":
                 value = list(value)

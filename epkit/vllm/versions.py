@@ -47,6 +47,9 @@ __all__ = [
     "all_backends",
     "FIRST_NNODES_RELEASE",
     "NNODES_RUN_ON",
+    "check_kv_connector",
+    "check_kv_transfer_keys",
+    "KV_BOTH_DEPRECATED_FROM",
 ]
 
 DEFAULT_VLLM_VERSION = "0.32.0"
@@ -66,6 +69,41 @@ NNODES_SOURCE = (
 NNODES_RUN_ON = ("0.32.0",)
 
 _AGRS = "allgather_reducescatter"
+
+# Disaggregated prefill/decode (--kv-transfer-config): KVTransferConfig in vllm/config/kv_transfer.py and the
+# connectors vllm/distributed/kv_transfer/kv_connector/factory.py registers, read from every row's wheel (the
+# changes below; rows between two changes are equal). NixlConnector, its kv_connector_extra_config.backends
+# (default ["UCX"]) and kv_buffer_device are in every row; older releases are not rows (FIRST_CLI_RELEASE).
+KV_TRANSFER_SOURCE = (
+    "vllm-0.11.1 wheel: vllm/config/kv_transfer.py:20 (class KVTransferConfig; kv_buffer_device :30, kv_rank :42), "
+    "vllm/distributed/kv_transfer/kv_connector/factory.py:171 (NixlConnector registered), "
+    "v1/nixl_connector.py:804 (get_from_extra_config('backends', ['UCX'])); 0.13.0: kv_transfer.py:67 "
+    "(kv_load_failure_policy), factory.py (SharedStorageConnector renamed ExampleConnector, MooncakeConnector); "
+    "0.14.0 MoRIIOConnector; 0.17.0 ExampleHiddenStatesConnector; 0.18.0 FlexKVConnectorV1; 0.19.0 "
+    "SimpleCPUOffloadConnector; 0.20.0 HF3FSKVConnector; 0.21.0 MooncakeStoreConnector; 0.23.0: "
+    "v1/nixl/connector.py:100 (\"Using kv_role='kv_both' with NixlConnector is deprecated\"); 0.24.0: "
+    "factory.py:177 (NixlPullConnector, NixlPushConnector; P2pNcclConnector gone, last registered in 0.23.0 "
+    "factory.py:165); 0.30.0 HiSparseConnector; 0.32.0: kv_transfer.py:57 (kv_buffer_size, kv_rank, "
+    "kv_parallel_size, kv_ip gone), v1/nixl/connector.py:99 (the kv_both warning), v1/nixl/base_worker.py:525 "
+    "(backends)"
+)
+KV_BOTH_DEPRECATED_FROM = "0.23.0"
+_KV_0_11 = ("SharedStorageConnector", "P2pNcclConnector", "LMCacheConnectorV1", "LMCacheMPConnector", "NixlConnector",
+            "MultiConnector", "OffloadingConnector", "DecodeBenchConnector")
+_KV_0_13 = ("ExampleConnector",) + _KV_0_11[1:] + ("MooncakeConnector",)
+_KV_0_14 = _KV_0_13 + ("MoRIIOConnector",)
+_KV_0_17 = _KV_0_14 + ("ExampleHiddenStatesConnector",)
+_KV_0_18 = _KV_0_17 + ("FlexKVConnectorV1",)
+_KV_0_19 = _KV_0_18 + ("SimpleCPUOffloadConnector",)
+_KV_0_20 = _KV_0_19 + ("HF3FSKVConnector",)
+_KV_0_21 = _KV_0_20 + ("MooncakeStoreConnector",)
+_KV_0_24 = tuple(c for c in _KV_0_21 if c != "P2pNcclConnector") + ("NixlPullConnector", "NixlPushConnector")
+_KV_0_30 = _KV_0_24 + ("HiSparseConnector",)
+_KVK_0_11 = ("kv_connector", "engine_id", "kv_buffer_device", "kv_buffer_size", "kv_role", "kv_rank",
+             "kv_parallel_size", "kv_ip", "kv_port", "kv_connector_extra_config", "kv_connector_module_path",
+             "enable_permute_local_kv")
+_KVK_0_13 = _KVK_0_11 + ("kv_load_failure_policy",)
+_KVK_0_32 = tuple(k for k in _KVK_0_13 if k not in ("kv_buffer_size", "kv_rank", "kv_parallel_size", "kv_ip"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,9 @@ class VllmRelease:
     eplb_requires_ep: bool = True  # ParallelConfig raises unless enable_expert_parallel
     eplb_even_split: bool = True  # (num_experts + num_redundant) % ep_size == 0 enforced
     nnodes_flags: bool = True  # --nnodes/--node-rank/--master-addr/--master-port exist (NNODES_SOURCE)
+    kv_connectors: frozenset[str] = frozenset()  # names KVConnectorFactory registers (KV_TRANSFER_SOURCE)
+    kv_transfer_keys: tuple[str, ...] = ()  # KVTransferConfig fields, the keys --kv-transfer-config takes
+    kv_both_deprecated: bool = False  # NixlConnector logs that kv_role='kv_both' is deprecated
     notes: tuple[str, ...] = ()
 
     def key(self) -> tuple[int, ...]:
@@ -221,6 +262,10 @@ def _row(version: str, a2a_line: int, rm_line: int | None, eplb_line: int,
     aliases = ({"flashinfer_all2allv": "flashinfer_nvlink_two_sided"}
                if k >= (0, 18, 0, 0, 1) else {})
     internal = frozenset({"passthrough"}) if k >= (0, 32, 0, 0, 1) else frozenset()
+    kv_connectors = _by_release(k, ((_KV_0_11, "0.13.0"), (_KV_0_13, "0.14.0"), (_KV_0_14, "0.17.0"),
+                                    (_KV_0_17, "0.18.0"), (_KV_0_18, "0.19.0"), (_KV_0_19, "0.20.0"),
+                                    (_KV_0_20, "0.21.0"), (_KV_0_21, "0.24.0"), (_KV_0_24, "0.30.0")), _KV_0_30)
+    kv_keys = _by_release(k, ((_KVK_0_11, "0.13.0"), (_KVK_0_13, "0.32.0")), _KVK_0_32)
 
     notes: list[str] = []
     if k < (0, 14, 0, 0, 1):
@@ -254,6 +299,9 @@ def _row(version: str, a2a_line: int, rm_line: int | None, eplb_line: int,
         aliases=MappingProxyType(aliases),
         internal_backends=internal,
         nnodes_flags=k >= _version_key(FIRST_NNODES_RELEASE),
+        kv_connectors=frozenset(kv_connectors),
+        kv_transfer_keys=kv_keys,
+        kv_both_deprecated=k >= _version_key(KV_BOTH_DEPRECATED_FROM),
         notes=tuple(notes),
     )
 
@@ -353,6 +401,33 @@ def check_nnodes(version: str) -> None:
             f"parallelism across nodes renders; they exist from vLLM {FIRST_NNODES_RELEASE} "
             f"(vllm/engine/arg_utils.py of its wheel; not in 0.11.0); allowed: vllm_version >= "
             f"{FIRST_NNODES_RELEASE} (epkit ran it on {', '.join(NNODES_RUN_ON)})")
+
+
+def _releases_with(has) -> str:
+    rows = [r.version for r in _SORTED if has(r)]
+    return f"vLLM {rows[0]}..{rows[-1]}" if rows else "no release in epkit's table"
+
+
+def check_kv_connector(version: str, connector: str) -> None:
+    """Raise ``TopologyError`` (field ``kv_transfer_config.kv_connector``) unless vLLM ``version``'s
+    KVConnectorFactory registers ``connector`` (:data:`KV_TRANSFER_SOURCE`)."""
+    rel = release(version)
+    if connector not in rel.kv_connectors:
+        raise TopologyError(
+            f"kv_transfer_config.kv_connector={connector!r} is not a connector of vLLM {rel.version} "
+            f"(vllm_version={version!r}; {_releases_with(lambda r: connector in r.kv_connectors)} have it); "
+            f"allowed: {', '.join(sorted(rel.kv_connectors))}, or your own with kv_connector_module_path")
+
+
+def check_kv_transfer_keys(version: str, keys) -> None:
+    """Raise ``TopologyError`` naming the first of ``keys`` that vLLM ``version``'s KVTransferConfig lacks."""
+    rel = release(version)
+    for key in keys:
+        if key not in rel.kv_transfer_keys:
+            raise TopologyError(
+                f"kv_transfer_config.{key} is not a KVTransferConfig field of vLLM {rel.version} "
+                f"(vllm_version={version!r}; {_releases_with(lambda r: key in r.kv_transfer_keys)} have it); "
+                f"its fields: {', '.join(rel.kv_transfer_keys)}")
 
 
 def all_backends() -> frozenset[str]:
