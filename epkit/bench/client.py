@@ -224,20 +224,27 @@ PD_FIELDS = {"prefill_ms": float, "kv_transfer_ms": float, "kv_transfer_bytes": 
 
 def record_pd(rec: RequestRecord, body: dict) -> None:
     """Copy what ``epkit proxy`` reported of one request (``body["epkit_pd"]``: a streamed chunk,
-    the last one carries it, or a whole response's JSON) into ``rec``. A missing or null field
-    stays None; a field of the wrong type is left None too (the router's numbers are extras to
+    the last one carries it, or a whole response's JSON) into ``rec``. A decode engine's own
+    ``epkit_kv_transfer`` report (``{"ms", "bytes", …}``, on the chunk that ends its stream, which
+    the router passes on) fills the KV transfer fields the router left null. A missing or null
+    field stays None, and so does a field of the wrong type (the router's numbers are extras to
     the measurement, never a reason to fail a request)."""
     pd_info = body.get("epkit_pd")
-    if not isinstance(pd_info, dict):
-        return
-    for name, kind in PD_FIELDS.items():
-        value = pd_info.get(name)
-        if isinstance(value, bool) or value is None:
-            continue
-        if kind is str and isinstance(value, str):
-            setattr(rec, name, value)
-        elif kind is not str and isinstance(value, (int, float)):
-            setattr(rec, name, kind(value))
+    if isinstance(pd_info, dict):
+        for name, kind in PD_FIELDS.items():
+            value = pd_info.get(name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if kind is str and isinstance(value, str):
+                setattr(rec, name, value)
+            elif kind is not str and isinstance(value, (int, float)):
+                setattr(rec, name, kind(value))
+    kv = body.get("epkit_kv_transfer")
+    if isinstance(kv, dict):
+        for name, key, kind in (("kv_transfer_ms", "ms", float), ("kv_transfer_bytes", "bytes", int)):
+            value = kv.get(key)
+            if getattr(rec, name) is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(rec, name, kind(value))
 
 
 class EventReader:
@@ -279,7 +286,7 @@ class EventReader:
                 if usage := msg.get("usage"):
                     rec.prompt_tokens = usage.get("prompt_tokens")
                     rec.completion_tokens = usage.get("completion_tokens")
-                if "epkit_pd" in msg:
+                if "epkit_pd" in msg or "epkit_kv_transfer" in msg:
                     record_pd(rec, msg)
         self.buf = buf[pos:]
         return True

@@ -57,6 +57,18 @@ def test_epkit_pd_on_a_token_chunk_counts_the_chunk_too():
     assert len(rec.chunk_s) == 2 and rec.prefill_ms == 12.5
 
 
+def test_the_decode_engines_own_transfer_report_fills_what_the_router_left_null():
+    """The engine reports ``epkit_kv_transfer`` (C2) on the chunk that ends its stream; with usage asked, the
+    router's ``epkit_pd`` is on the usage chunk after it and may carry kv_transfer_ms null."""
+    last = chunk("c", epkit_kv_transfer={"ms": 1.5, "bytes": 4096, "blocks": 2, "transport": "tcp"})
+    usage = {"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3},
+             "epkit_pd": {**PD, "kv_transfer_ms": None, "kv_transfer_bytes": None}}
+    rec, _ = read(sse(chunk("a"), chunk("b"), last, usage, "[DONE]"))
+    assert (rec.prefill_ms, rec.kv_transfer_ms, rec.kv_transfer_bytes) == (12.5, 1.5, 4096)
+    rec, _ = read(sse(chunk("a"), last, {"choices": [], "epkit_pd": PD}, "[DONE]"))
+    assert (rec.kv_transfer_ms, rec.kv_transfer_bytes) == (3.25, 65536)  # the router's numbers when it gives them
+
+
 def test_a_plain_server_leaves_the_pd_fields_empty():
     rec, reader = read(sse(chunk("a"), chunk("b"), "[DONE]"))
     assert reader.done and not rec.error
