@@ -194,6 +194,11 @@ def check_args(cfg) -> None:
     check_environment()
     if cfg.ep_size > 1:
         check_backend(cfg.all2all_backend)
+    if cfg.kv_transfer_config is not None:
+        from epkit.engine.kv_transfer import hold_timeout_s, side_channel_address
+
+        side_channel_address(cfg.data_parallel_size - 1)
+        hold_timeout_s(cfg.kv_transfer_config)
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from epkit.engine.kv_transfer import (CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, hold_timeout_s, prompt_digest, recv_message,
+from epkit.engine.kv_transfer import (CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, ask, hold_timeout_s, prompt_digest, recv_message,
                                       remote_decode_params, send_message, side_channel_address)
 from epkit.engine.sequence import RequestOutput, Sequence
 from epkit.errors import EngineError
@@ -59,6 +59,7 @@ class KVAgent:
         self.layout = runner.kv_layout()
         self.pinned = runner.device.type == "cuda"
         self.expiry: dict[str, float] = {}  # held request id -> monotonic deadline
+        self.last_touch = time.monotonic()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (header, _Reply) from connection threads
         self.pulled: queue.SimpleQueue = queue.SimpleQueue()  # (request id, error, (data, header, started)) from pulls
         self.wakeup, self._wake_w = socket.socketpair()  # the core waits on ``wakeup`` with its API connections
@@ -163,6 +164,7 @@ class KVAgent:
             header, reply = self.inbox.get_nowait()
             reply.set(*self._answer(header))
         self._expire()
+        self._touch_waiting()
         for seq in self.scheduler.new_receiving:
             threading.Thread(target=self._pull, daemon=True, name="kv-pull",
                              args=(seq.request_id, seq.num_prompt_tokens, prompt_digest(seq.token_ids[:seq.num_prompt_tokens]),
@@ -176,12 +178,15 @@ class KVAgent:
             return {"ok": False, "error": f"this side channel ({self.host}:{self.port}) is engine {self.engine_id}, "
                                           f"not {header.get('engine_id')!r}"}, None
         seq = self.scheduler.holding.get(request_id)
-        if op not in ("pull", "release"):
-            return {"ok": False, "error": f"op={op!r}; allowed: pull, release"}, None
+        if op not in ("pull", "release", "touch"):
+            return {"ok": False, "error": f"op={op!r}; allowed: pull, release, touch"}, None
         if seq is None:
             return {"ok": False, "error": f"request {request_id!r} holds no KV here (not prefilled here with "
                                           "do_remote_decode, already pulled or released, or freed after "
                                           f"{self.timeout_s:.0f} s)"}, None
+        if op == "touch":  # a decode still queued extends the lease (vLLM 0.32.0's heartbeat)
+            self.expiry[request_id] = time.monotonic() + self.timeout_s
+            return {"ok": True, "engine_id": self.engine_id, "request_id": request_id}, None
         if op == "release":
             blocks = self._free(request_id)
             log.info("KV of request %s released on request (%d blocks)", request_id, blocks)
@@ -197,6 +202,26 @@ class KVAgent:
     def _free(self, request_id: str) -> int:
         self.expiry.pop(request_id, None)
         return self.scheduler.release_held(request_id) or 0
+
+    def _touch_waiting(self) -> None:
+        """Every sixth of the lease (vLLM's heartbeat interval), extend the prefill's hold of each decode still
+        queued here, so a busy decode does not lose its prompt's KV to the prefill's lease."""
+        now = time.monotonic()
+        if now - self.last_touch < self.timeout_s / 6:
+            return
+        self.last_touch = now
+        for seq in self.scheduler.waiting:
+            if seq.remote_prefill:
+                threading.Thread(target=self._touch, args=(dict(seq.kv_transfer_params),), daemon=True,
+                                 name="kv-touch").start()
+
+    @staticmethod
+    def _touch(params: dict[str, Any]) -> None:
+        try:
+            ask(str(params["remote_host"]), int(params["remote_port"]),
+                {"op": "touch", "engine_id": params["remote_engine_id"], "request_id": params["remote_request_id"]})
+        except (OSError, ValueError, KeyError):
+            pass  # the pull will say what is wrong
 
     def _expire(self) -> None:
         if not self.expiry:

@@ -205,3 +205,35 @@ def test_bad_kv_transfer_config_is_refused(config, needle):
     r = subprocess.run([sys.executable, "-m", "epkit.engine.cli", "--kv-transfer-config", config, "--check-args"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_scheduler_holds_receives_and_frees_blocks():
+    """The bookkeeping alone: a prefill for a remote decode keeps its blocks; a remote-prefilled decode is admitted
+    into ``receiving`` with blocks for its prompt and then recomputes only its last prompt token (vLLM's rule)."""
+    from epkit.engine.block_manager import BlockManager
+    from epkit.engine.scheduler import Scheduler, SchedulerConfig
+    from epkit.engine.sequence import EngineRequest, SamplingParams
+
+    sched = Scheduler(SchedulerConfig(8, 64, 128, eos_token_id=0), BlockManager(8, 4))
+    sched.on_hold = lambda seq: {"remote_request_id": seq.request_id, "remote_block_ids": [list(seq.block_table)]}
+    sched.add(EngineRequest("p", tuple(range(1, 11)), SamplingParams(max_tokens=1, temperature=0,
+                                                                     kv_transfer_params={"do_remote_decode": True})))
+    batch = sched.schedule()
+    out = sched.postprocess(batch, {"p": 5})
+    assert out[0].finish_reason == "length" and out[0].kv_transfer_params["remote_block_ids"] == [[0, 1, 2]]
+    assert sched.blocks.num_free_blocks == 5 and sched.held_blocks == 3
+    assert sched.release_held("p") == 3 and sched.blocks.num_free_blocks == 8 and sched.release_held("p") is None
+
+    remote = {"do_remote_prefill": True, "remote_host": "h", "remote_port": 1}
+    sched.add(EngineRequest("d", tuple(range(1, 11)), SamplingParams(max_tokens=3, temperature=0,
+                                                                     kv_transfer_params=remote)))
+    assert sched.schedule() == [] and list(sched.receiving) == ["d"] and sched.blocks.num_free_blocks == 5
+    sched.receive_done("d", {"ms": 1.0})
+    (seq, new), = sched.schedule()
+    assert (seq.num_computed_tokens, new) == (9, 1) and not seq.remote_prefill
+    assert sched.postprocess([(seq, new)], {"d": 7})[0].kv_transfer_stats == {"ms": 1.0}
+
+    sched.add(EngineRequest("e", (1, 2, 3), SamplingParams(kv_transfer_params=remote)))
+    sched.schedule()
+    failed = sched.receive_failed("e", "unreachable")
+    assert failed.finish_reason == "abort" and failed.error == "unreachable" and "e" not in sched.receiving
