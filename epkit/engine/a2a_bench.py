@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
     except ValueError:
-        print(f"a2a-bench: error: --tokens={args.tokens!r}; allowed: a comma-separated list of integers >= 1",
+        print(f"epkit a2a-bench: error: --tokens={args.tokens!r}; allowed: a comma-separated list of integers >= 1",
               file=sys.stderr)
         return 2
     try:
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.seed)
         run(cfg, args.out)
     except EngineError as exc:
-        print(f"a2a-bench: error: {exc}", file=sys.stderr)
+        print(f"epkit a2a-bench: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
