@@ -26,6 +26,7 @@ COMMANDS = {
     "doctor": ("epkit.launch.doctor", "preflight checks: GPUs, interfaces, ports, vLLM, EP kernels"),
     "report": ("epkit.cli.report", "one offline HTML page: results table, Pareto frontier, CDFs"),
     "gate": ("epkit.cli.gate", "regression gate: a sweep's results against a baseline's; exit 1 on a regression"),
+    "a2a-bench": ("epkit.cli.a2a_bench", "MoE dispatch + combine alone per all2all backend: latency, GB/s, link share"),
     "proxy": ("epkit.proxy.cli", "router of a disaggregated prefill/decode deployment (OpenAI-compatible)"),
 }
 EXIT_USAGE = 2  # bad input: argparse's status, and every epkit sub-command's
