@@ -203,7 +203,8 @@ def metric_vs_load(df: pd.DataFrame, y: str = "output_tok_s_per_gpu", x: str | N
         g = agg[agg[color].astype(str) == key].sort_values(x)
         hover = [f"<b>{key}</b><br>{title(x)}: {a:g}<br>{title(y)}: {b:.4g} (mean of {n}; min {lo:.4g}, max {hi:.4g})"
                  for a, b, n, lo, hi in zip(g[x], g[y], g["repeats"], g[f"{y}_min"], g[f"{y}_max"])]
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=names.get(key, key),
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers+text", text=[_short_load(r) for _, r in g.iterrows()],
+                                 textposition="top right", textfont=dict(size=10, color=colors[key]), name=names.get(key, key),
                                  line=dict(color=colors[key]),
                                  error_y=dict(type="data", symmetric=False, array=g[f"{y}_max"] - g[y],
                                               arrayminus=g[y] - g[f"{y}_min"], visible=True),
@@ -273,7 +274,8 @@ def pd_latency(df: pd.DataFrame, x: str = "p99_ttft_ms", y: str = "p99_itl_ms",
     """What disaggregated prefill/decode trades: TTFT (``x``) against decode ITL (``y``), one marker
     per stored point (configuration and load), one line per topology through its loads, the marker
     shape per ``pd`` value. Colocated points are the reference: black, larger, first in the legend.
-    A ``ttft`` limit in ``slos_ms`` is drawn as a dashed line. Lower and further left is better."""
+    Each marker is labelled with its load (``c=8``: concurrency, ``r=4``: req/s). A ``ttft`` limit in
+    ``slos_ms`` is drawn as a dashed line when it lies near the points. Lower and further left is better."""
     data = _ok(df).dropna(subset=[x, y])
     data = data.assign(pd=data["pd"].fillna(SLA.COLOCATED).astype(str) if "pd" in data else SLA.COLOCATED)
     pds = sorted(set(data["pd"]), key=SLA.pd_order)
@@ -289,18 +291,26 @@ def pd_latency(df: pd.DataFrame, x: str = "p99_ttft_ms", y: str = "p99_itl_ms",
         g = g.iloc[sorted(range(len(g)), key=lambda i: SLA.load_order(g.iloc[i]))]
         reference = key not in split
         hover = [f"{h}<br>pd: {p}<br>load: {ld}" for h, p, ld in zip(_hover(g, x, y), g["pd"], g["load"])]
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers+text", text=[_short_load(r) for _, r in g.iterrows()],
+                                 textposition="top right", textfont=dict(size=10, color=colors[key]),
                                  name=names.get(key, key) + (" (reference)" if reference else ""),
                                  line=dict(color=colors[key], width=2.5 if reference else 1.5,
                                            dash="dot" if reference else "solid"),
                                  marker=dict(color=colors[key], size=13 if reference else 10,
                                              symbol=[symbols[p] for p in g["pd"]], line=dict(color="white", width=1)),
                                  hovertext=hover, hoverinfo="text"))
-    if slos_ms and "ttft" in slos_ms and x.endswith("_ttft_ms"):
+    if slos_ms and "ttft" in slos_ms and x.endswith("_ttft_ms") and slos_ms["ttft"] <= 1.5 * data[x].max():
         fig.add_vline(x=slos_ms["ttft"], line=dict(color="#888", dash="dash"),
                       annotation_text=f"TTFT limit {slos_ms['ttft']:g} ms")
     return _layout(fig, heading or f"P/D: {title(x)} vs {title(y)} (one point per configuration and load)",
                    title(x), title(y), "topology", _shared(data, "topology"))
+
+
+def _short_load(r: pd.Series) -> str:
+    """``c=8`` (max concurrency) or ``r=4`` (request rate), the repeat after a slash when > 0."""
+    conc, rate, rep = (pd.to_numeric(r.get(k), errors="coerce") for k in ("max_concurrency", "request_rate", "repeat"))
+    text = f"c={conc:g}" if pd.notna(conc) else f"r={rate:g}" if pd.notna(rate) else ""
+    return text + (f"/{int(rep)}" if pd.notna(rep) and rep > 0 else "")
 
 
 def balancedness_timeline(sims: Mapping[str, pd.DataFrame] | pd.DataFrame, y: str = "balancedness",

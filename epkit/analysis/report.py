@@ -26,7 +26,7 @@ from epkit.analysis import results as R
 from epkit.analysis import sla as SLA
 
 SLA_COLUMNS = ["pd", "topology", "load", "repeat", "requests", "good", "ttft_attainment", "tpot_attainment", "e2el_attainment",
-               "sla_attainment", "request_goodput", "request_throughput", "source"]
+               "sla_attainment", "request_goodput", "request_throughput", *SLA.SHOWN_METRICS, "source"]
 TABLE_COLUMNS = ["config", "status", "gpus", "output_throughput", "output_tok_s_per_gpu", "total_tok_s_per_gpu",
                  "interactivity_pareto_tok_s", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms",
                  "p99_itl_ms", "mean_prefill_ms", "mean_kv_transfer_ms", "completed", "failed", "failure_message", "hardware", "git_commit", "source"]
@@ -110,7 +110,9 @@ def _sla_section(runs: pd.DataFrame, reqs: pd.DataFrame, slos_ms: dict[str, floa
             "stored requests table.</p>")
     if not len(table):
         return "<h2>SLA attainment</h2>" + note + "<p>No stored requests table to compute it from.</p>"
-    return "<h2>SLA attainment</h2>" + note + _table(table.assign(status="ok"), SLA_COLUMNS)
+    names = R.short_labels(runs[runs["status"] == "ok"], "topology")  # the full name is in the Results table
+    table = table.assign(status="ok", topology=[names.get(t, t) for t in table["topology"]])
+    return "<h2>SLA attainment</h2>" + note + _table(table, SLA_COLUMNS)
 
 
 def render(source: str | Path | Iterable[str | Path], title: str | None = None, color: str | None = None,

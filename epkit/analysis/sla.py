@@ -10,7 +10,8 @@ measuring: the same results answer any SLA.
 Columns of :func:`attainment`: the point (``pd``, ``topology``, ``load``, ``repeat``, ``config``, ``source``),
 ``requests`` (sent, warm-ups left out), ``good`` (meeting every limit), ``<key>_attainment`` per limit
 and ``sla_attainment`` (fractions of the requests sent), ``request_goodput`` (good ÷ the point's
-duration, req/s, vLLM's ``request_goodput``) beside ``request_throughput``.
+duration, req/s, vLLM's ``request_goodput``) beside ``request_throughput``, and the point's
+``p99_ttft_ms``, ``p99_itl_ms``, ``mean_prefill_ms``, ``mean_kv_transfer_ms`` (NaN where it has none).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from epkit.bench import metrics as M
 # MLPerf Inference's Llama-2-70B server scenario: TTFT <= 2 s and TPOT <= 200 ms at the 99th percentile.
 DEFAULT_SLOS_MS = {"ttft": 2000.0, "tpot": 200.0}
 COLOCATED = "colocated"
+# The point's own metrics shown beside its attainment (those of the P/D figure, and the router's).
+SHOWN_METRICS = ("p99_ttft_ms", "p99_itl_ms", "mean_prefill_ms", "mean_kv_transfer_ms")
 
 
 def parse_slos(text: str) -> dict[str, float]:
@@ -87,11 +90,12 @@ def attainment(runs: pd.DataFrame, reqs: pd.DataFrame, slos_ms: dict[str, float]
         duration = float(run.get("duration", math.nan))
         row["request_goodput"] = row["good"] / duration if duration > 0 else math.nan
         row["request_throughput"] = run.get("request_throughput")
+        row.update({k: run.get(k, math.nan) for k in SHOWN_METRICS})
         row["source"] = run["source"]
         rows.append(row)
         orders.append(load_order(run))
     cols = ["pd", "topology", "load", "repeat", "config", "requests", "good", *(f"{k}_attainment" for k in slos),
-            "sla_attainment", "request_goodput", "request_throughput", "source"]
+            "sla_attainment", "request_goodput", "request_throughput", *SHOWN_METRICS, "source"]
     out = pd.DataFrame(rows, columns=cols)
     if not len(out):
         return out
