@@ -78,3 +78,15 @@ def test_unknown_model_is_refused_with_the_bundled_names(tmp_path, capsys):
     assert main(["a2a-bench", "--model", "no/such-model", "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "--model='no/such-model'" in err and "Qwen/Qwen3-30B-A3B" in err
+
+
+def test_storing_points_needs_neither_pandas_plotly_nor_torch():
+    """A GPU box may lack pandas and plotly: the command stores its points with the standard library (only
+    --report draws), and it reaches the engine's torch code only through ``python -m epkit.engine.a2a_bench``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, epkit.cli.a2a_bench, epkit.sweep.store; "
+            "print(sorted(m for m in ('pandas', 'plotly', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

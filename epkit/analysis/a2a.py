@@ -1,7 +1,7 @@
 """``epkit a2a-bench`` results: stored points, the tidy frame, the latency figure and an offline report page.
 
 A point is one (backend, ranks, routing, dtype, device, tokens per rank) measurement of MoE dispatch + combine
-(docs/a2a_bench.md), stored like a sweep's point (``<results>/<topology_id>/<workload_id>.json``: metrics at
+(docs/a2a_bench.md), stored by ``epkit a2a-bench`` like a sweep's point (``<results>/<topology_id>/<workload_id>.json``: metrics at
 the top level, ``"epkit"["point"]`` with status, topology, workload, hardware and git commit), so
 :func:`epkit.analysis.results.load` reads it into a row; :func:`load` keeps those rows. The figure
 draws from that frame only: latency against tokens per rank, log-log, one colour per backend.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,10 +21,7 @@ from plotly.colors import qualitative
 
 from epkit.analysis import results as R
 
-BENCHMARK = "a2a"  # the ``benchmark`` key of every point this module writes
-# Physical link of one GPU, GB/s per direction, by a word of the device's name (NVLink 4 on H100 / H200:
-# 18 links × 25 GB/s). The CPU has no such number: a fraction is only given with --link-gbps.
-LINK_GBPS = {"H100": 450.0, "H200": 450.0}
+BENCHMARK = "a2a"  # the ``benchmark`` key of every point ``epkit a2a-bench`` writes (epkit/cli/a2a_bench.py)
 # Topology fields of a point: what varies between curves.
 CURVE = ["all2all_backend", "ep_size", "routing", "zipf_exponent", "dtype", "device", "model", "hidden_size",
          "top_k", "num_experts"]
@@ -39,56 +35,6 @@ TITLES = {"median_latency_us": "Median latency of dispatch + combine (µs)",
           "p99_latency_us": "p99 latency of dispatch + combine (µs)", "tokens_per_rank": "Tokens per rank",
           "algbw_gbs": "Algorithm bandwidth (GB/s)", "busbw_gbs": "Bus bandwidth (GB/s)",
           "link_fraction": "Fraction of the physical link (bus bandwidth ÷ link)"}
-
-
-def link_gbps_for(device_name: str | None) -> float | None:
-    """The physical link bandwidth (GB/s per direction) of a device by its name; None when unknown (CPUs)."""
-    for word, gbps in LINK_GBPS.items():
-        if device_name and re.search(rf"\b{word}\b", device_name):
-            return gbps
-    return None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).split("/")[-1]).strip("-") or "model"
-
-
-def point_ids(row: dict, model: str) -> tuple[str, str]:
-    """(topology_id, workload_id) of a row: one folder per curve, one file per token count."""
-    topology = f"{slug(model)}__{row['backend']}__ep{row['ranks']}__{row['routing']}__{row['dtype']}__{row['device']}"
-    return topology, f"tokens{int(row['tokens_per_rank']):05d}"
-
-
-def point_doc(row: dict, *, sweep: str, model: str, link_gbps: float | None, command: list[str],
-              git_commit: str | None, started_at: str) -> dict:
-    """The stored document of one microbenchmark row (see the module docstring)."""
-    topology_id, workload_id = point_ids(row, model)
-    status, failure = "ok", None
-    if not row["identity_ok"]:
-        status = "failed"
-        failure = {"kind": "identity", "message": f"combine ∘ dispatch changed the tokens (max abs error "
-                                                  f"{row['identity_max_abs_err']:.3g}): the backend is wrong here"}
-    metrics = {k: row[k] for k in METRICS if k in row}
-    metrics["link_gbps"] = link_gbps
-    metrics["link_fraction"] = row["busbw_gbs"] / link_gbps if link_gbps else None
-    topology = {"model": model, "all2all_backend": row["backend"], "ep_size": row["ranks"],
-                **{k: row[k] for k in ("hidden_size", "top_k", "num_experts", "routing", "zipf_exponent", "dtype",
-                                       "device")}}
-    detail = ("alg_bytes_per_rank", "bus_bytes_per_rank", "send_pairs", "latencies_us", "partial_bytes_per_element")
-    return {
-        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), "benchmark": BENCHMARK,
-        "tokens_per_rank": row["tokens_per_rank"], "iters": row["iters"], "warmup": row["warmup"], **metrics,
-        "epkit": {
-            "point": {"sweep": sweep, "topology_id": topology_id, "workload_id": workload_id, "repeat": 0,
-                      "status": status, "failure": failure, "topology": topology, "engine": "epkit a2a-bench",
-                      "workload": {"tokens_per_rank": row["tokens_per_rank"], "iters": row["iters"],
-                                   "warmup": row["warmup"]},
-                      "hardware": {"device_name": row.get("device_name"), "torch": row.get("torch_version"),
-                                   "dist_backend": row.get("dist_backend")},
-                      "git_commit": git_commit, "started_at": started_at, "command": command},
-            "a2a": {k: row[k] for k in detail if k in row},
-        },
-    }
 
 
 def rows(frame: pd.DataFrame) -> pd.Series:

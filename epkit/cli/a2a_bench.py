@@ -2,8 +2,10 @@
 
 The measurement is the built-in engine's (``python -m epkit.engine.a2a_bench``, run as a command: the rest of
 epkit reaches the engine only through its command line); this command resolves the model's shape, runs it,
-stores every row as a point under ``--results`` (:mod:`epkit.analysis.a2a`), prints a table and, with
-``--report``, writes the offline HTML page. Definitions of every number: docs/a2a_bench.md.
+stores every row as a point of the results store under ``--results`` (:func:`point_doc`: the format
+:mod:`epkit.analysis.a2a` reads), prints a table and, with ``--report``, writes the offline HTML page.
+Storing needs neither pandas nor plotly (a GPU box may lack them); only ``--report`` does.
+Definitions of every number: docs/a2a_bench.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +24,73 @@ from epkit.topology.backends import BUILTIN_BACKENDS, VENDOR_PACKAGES
 
 DEFAULT_TOKENS = ",".join(str(2**i) for i in range(14))  # 1 … 8192 per rank
 DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
+BENCHMARK = "a2a"  # the ``benchmark`` key of every point written here (epkit.analysis.a2a selects rows by it)
+# Physical link of one GPU, GB/s per direction, by a word of the device's name (NVLink 4 on H100 / H200:
+# 18 links × 25 GB/s). The CPU has no such number: a fraction is only given with --link-gbps.
+LINK_GBPS = {"H100": 450.0, "H200": 450.0}
+METRICS = ["median_latency_us", "p99_latency_us", "mean_latency_us", "min_latency_us", "max_latency_us",
+           "alg_bytes", "bus_bytes", "algbw_gbs", "busbw_gbs", "identity_ok", "identity_max_abs_err",
+           "expert_load_imbalance"]
+
+
+def link_gbps_for(device_name: str | None) -> float | None:
+    """The physical link bandwidth (GB/s per direction) of a device by its name; None when unknown (CPUs)."""
+    for word, gbps in LINK_GBPS.items():
+        if device_name and re.search(rf"\b{word}\b", device_name):
+            return gbps
+    return None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).split("/")[-1]).strip("-") or "model"
+
+
+def point_ids(row: dict, model: str) -> tuple[str, str]:
+    """(topology_id, workload_id) of a row: one folder per curve, one file per token count."""
+    topology = f"{slug(model)}__{row['backend']}__ep{row['ranks']}__{row['routing']}__{row['dtype']}__{row['device']}"
+    return topology, f"tokens{int(row['tokens_per_rank']):05d}"
+
+
+def point_doc(row: dict, *, sweep: str, model: str, link_gbps: float | None, command: list[str],
+              git_commit: str | None, started_at: str) -> dict:
+    """The stored document of one microbenchmark row (see the module docstring)."""
+    topology_id, workload_id = point_ids(row, model)
+    status, failure = "ok", None
+    if not row["identity_ok"]:
+        status = "failed"
+        failure = {"kind": "identity", "message": f"combine ∘ dispatch changed the tokens (max abs error "
+                                                  f"{row['identity_max_abs_err']:.3g}): the backend is wrong here"}
+    metrics = {k: row[k] for k in METRICS if k in row}
+    metrics["link_gbps"] = link_gbps
+    metrics["link_fraction"] = row["busbw_gbs"] / link_gbps if link_gbps else None
+    topology = {"model": model, "all2all_backend": row["backend"], "ep_size": row["ranks"],
+                **{k: row[k] for k in ("hidden_size", "top_k", "num_experts", "routing", "zipf_exponent", "dtype",
+                                       "device")}}
+    detail = ("alg_bytes_per_rank", "bus_bytes_per_rank", "send_pairs", "latencies_us", "partial_bytes_per_element")
+    return {
+        "date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), "benchmark": BENCHMARK,
+        "tokens_per_rank": row["tokens_per_rank"], "iters": row["iters"], "warmup": row["warmup"], **metrics,
+        "epkit": {
+            "point": {"sweep": sweep, "topology_id": topology_id, "workload_id": workload_id, "repeat": 0,
+                      "status": status, "failure": failure, "topology": topology, "engine": "epkit a2a-bench",
+                      "workload": {"tokens_per_rank": row["tokens_per_rank"], "iters": row["iters"],
+                                   "warmup": row["warmup"]},
+                      "hardware": {"device_name": row.get("device_name"), "torch": row.get("torch_version"),
+                                   "dist_backend": row.get("dist_backend")},
+                      "git_commit": git_commit, "started_at": started_at, "command": command},
+            "a2a": {k: row[k] for k in detail if k in row},
+        },
+    }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,8 +138,6 @@ def _engine_argv(args, shape: tuple[str, int, int, int], out: Path) -> list[str]
 
 
 def _store(rows: list[dict], args, model: str, started_at: str, argv: list[str]) -> list[Path]:
-    from epkit.analysis import a2a
-    from epkit.sweep.runner import git_commit
     from epkit.sweep.store import ResultStore
 
     folder = Path(args.results)
@@ -77,10 +145,10 @@ def _store(rows: list[dict], args, model: str, started_at: str, argv: list[str])
     commit = git_commit()
     paths = []
     for row in rows:
-        link = args.link_gbps if args.link_gbps is not None else a2a.link_gbps_for(row.get("device_name"))
-        doc = a2a.point_doc(row, sweep=folder.name, model=model, link_gbps=link, command=["epkit", "a2a-bench", *argv],
+        link = args.link_gbps if args.link_gbps is not None else link_gbps_for(row.get("device_name"))
+        doc = point_doc(row, sweep=folder.name, model=model, link_gbps=link, command=["epkit", "a2a-bench", *argv],
                             git_commit=commit, started_at=started_at)
-        topology_id, workload_id = a2a.point_ids(row, model)
+        topology_id, workload_id = point_ids(row, model)
         paths.append(store.write_point(store.point_path(topology_id, workload_id), doc))
     return paths
 
