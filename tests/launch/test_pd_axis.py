@@ -124,3 +124,47 @@ def test_local_sweep_colocated_vs_1p1d(tmp_path, _end_leftovers):
     assert sorted(p.name for p in run_dirs[0].iterdir() if p.is_dir()) == ["decode0", "prefill0"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)  # resume: nothing to run
     assert again.returncode == 0 and "0 ok, 0 failed, 2 already done; 0 deployments started" in again.stdout
+
+
+def test_killed_driver_leaves_nothing_after_resume(tmp_path, _end_leftovers):
+    """kill -9 of the driver mid-point of a 1P1D point with the router on the driver: a resumed sweep ends the
+    router (by its tag) and both instances (their records) before it starts anything."""
+    import json
+    import os
+    import signal
+    import time
+
+    from epkit.launch import procs
+    from epkit.sweep.runner import SweepRunner
+    from launch_helpers import no_leftovers
+
+    spec = {**BASE, "name": "k9", "topologies": {"pd": "1P1D", "dp": 2, "router": {"on": "driver"}},
+            "workloads": [{"name": "slow", "dataset": "random", "input_len": 8, "output_len": 2, "num_prompts": 400,
+                           "request_rate": 2}],
+            "run": {"grace_s": 2, "lease_timeout_s": 300}}  # the orphan would outlive the test without the resume
+    path = tmp_path / "k9.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    driver = subprocess.Popen([sys.executable, "-m", "epkit.cli", "sweep", str(path), "--results", str(results),
+                               "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 180
+    records = []
+    while time.monotonic() < deadline:
+        records = [json.loads(p.read_text()) for p in results.glob("k9/*/logs/*/deployment.json")]
+        if records and records[0]["state"] == "ready":
+            break
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    (top,) = records
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    router_pid = top["handle"]["router_pid"]
+    ids = [top["deployment_id"]] + [i["deployment_id"] for i in top["instances"].values()]
+    assert procs.pid_alive(router_pid) and all(procs.tagged(i) for i in ids)  # all three outlive the driver
+    said: list[str] = []
+    SweepRunner(parse_sweep(spec, str(path)), results, progress=False, say=said.append).end_orphans()
+    assert no_leftovers(ids, timeout_s=5) == [] and not procs.pid_alive(router_pid)
+    assert sum("ending it before starting anything" in line for line in said) == 3, said
+    states = [json.loads(p.read_text())["state"] for p in results.glob("k9/*/logs/**/deployment.json")]
+    assert states == ["stopped"] * 3
