@@ -316,7 +316,7 @@ class Router:
     async def relay(self, path: str, inst: Instance, resp: httpx.Response, started: float, pd: dict,
                     include_usage: bool, pre: Prefilled, headers: dict) -> AsyncIterator[bytes]:
         """The decode's server-sent events as they come, whole events only, the last one with ``epkit_pd``."""
-        outcome, events, pending = "client_disconnected", 0, b""
+        outcome, events, pending, seen = "client_disconnected", 0, b"", {}
         try:
             async for chunk in resp.aiter_bytes():
                 pending += chunk
@@ -325,7 +325,7 @@ class Router:
                     if events == 0:
                         self.metrics.decode_ttft_seconds.labels(inst.url).observe(time.perf_counter() - started)
                     events += 1
-                    yield self.mark_last(event, pd, include_usage, inst)
+                    yield self.mark_last(event, pd, include_usage, inst, seen)
             if pending:
                 yield pending
             outcome = "ok"
@@ -346,32 +346,43 @@ class Router:
                 log.info("request %s: the client left mid-stream; closed the decode stream on %s",
                          pd["request_id"], inst.url)
 
-    def mark_last(self, event: bytes, pd: dict, include_usage: bool, inst: Instance) -> bytes:
+    def mark_last(self, event: bytes, pd: dict, include_usage: bool, inst: Instance, seen: dict) -> bytes:
         """``event`` as it came, or with ``epkit_pd`` if it is the stream's last chunk before ``[DONE]``: the
         usage chunk (``choices: []``) when the client asked for usage, else the chunk with a finish reason.
-        A cheap byte test first: most events are token deltas and are passed on without parsing."""
+        The decode's ``epkit_kv_transfer`` may come on an earlier chunk (the engine's finish chunk): ``seen``
+        keeps it for the last one. A cheap byte test first: token deltas are passed on without parsing."""
+        report = b'"epkit_kv_transfer"' in event
         if include_usage:
             maybe = b'"prompt_tokens"' in event
         else:
             reasons = event.count(b'"finish_reason"')
             maybe = reasons > event.count(b'"finish_reason":null') + event.count(b'"finish_reason": null')
-        if not maybe or not event.startswith(b"data: {"):
+        if not (maybe or report) or not event.startswith(b"data: {"):
             return event
         try:
             chunk = json.loads(event[len(b"data: "):])
         except ValueError:
             return event
+        if isinstance(chunk.get("epkit_kv_transfer"), dict):
+            seen["epkit_kv_transfer"] = chunk["epkit_kv_transfer"]
         choices = chunk.get("choices") or []
         last = (not choices and chunk.get("usage")) if include_usage else any(c.get("finish_reason") for c in choices)
         if not last:
             return event
-        chunk["epkit_pd"] = self.pd_fields(pd, chunk.get("epkit_kv_transfer"), inst)
+        chunk["epkit_pd"] = self.pd_fields(pd, seen.get("epkit_kv_transfer"), inst)
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
 def _route_absent(resp: httpx.Response) -> bool:
-    """FastAPI's / Starlette's reply for a path it has no route for (what vLLM answers to /epkit/kv/release)."""
+    """The reply of a server with no such route (vLLM answers /epkit/kv/release so): FastAPI's
+    ``{"detail": "Not Found"}``, the same as an OpenAI-style error, or 405."""
+    if resp.status_code == 405:
+        return True
     try:
-        return resp.json() == {"detail": "Not Found"} or resp.status_code == 405
+        body = resp.json()
     except ValueError:
         return True
+    if not isinstance(body, dict):
+        return True
+    error = body.get("error")
+    return body.get("detail") == "Not Found" or (isinstance(error, dict) and error.get("message") == "Not Found")

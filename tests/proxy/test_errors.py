@@ -151,3 +151,14 @@ def test_api_key(engines, proxy):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=open_router.url + "/v1", api_key="wrong", max_retries=0).completions.create(
             model=MODEL, prompt=PROMPT, max_tokens=4)
+
+
+def test_a_missing_release_endpoint_is_told_from_nothing_held():
+    from epkit.proxy.flow import _route_absent
+
+    assert _route_absent(httpx.Response(404, json={"detail": "Not Found"}))  # FastAPI without the route (vLLM)
+    assert _route_absent(httpx.Response(404, json={"error": {"message": "Not Found", "type": "Not Found", "code": 404}}))
+    assert _route_absent(httpx.Response(405, json={"detail": "Method Not Allowed"}))
+    # the built-in engine's answer when it holds nothing for these params any more
+    assert not _route_absent(httpx.Response(404, json={"error": {"message": "request cmpl-x holds no KV blocks",
+                                                                 "code": 404}}))

@@ -22,6 +22,8 @@ def check_pd(pd: dict, prefill: str, decode: str | set[str]) -> None:
     assert pd["prefill_url"] == prefill
     assert pd["decode_url"] in ({decode} if isinstance(decode, str) else decode)
     assert pd["prefill_ms"] > 0 and pd["request_id"]
+    # the decode pulled the prompt's KV from the prefill and said so (epkit_kv_transfer)
+    assert pd["kv_transfer_ms"] > 0 and pd["kv_transfer_bytes"] > 0
 
 
 def test_1p1d_completions_and_chat_streamed_and_not_equal_colocated(engines, proxy):
@@ -63,6 +65,7 @@ def test_1p1d_completions_and_chat_streamed_and_not_equal_colocated(engines, pro
     assert metric(text, "epkit:proxy_prefill_seconds_count", instance=p0.url) == 4
     assert metric(text, "epkit:proxy_decode_seconds_count", instance=d0.url) == 4
     assert metric(text, "epkit:proxy_decode_ttft_seconds_count", instance=d0.url) == 2  # the streamed ones
+    assert metric(text, "epkit:proxy_kv_transfer_milliseconds_count", instance=d0.url) == 4
     assert [m.id for m in pd.models.list().data] == [MODEL]
     health = httpx.get(router.url + "/health")
     assert health.status_code == 200 and health.json() == {"prefill": {p0.url: "ok"}, "decode": {d0.url: "ok"}}
