@@ -66,3 +66,39 @@ def test_the_oracle_catches_a_wrong_command(vllm_python):
         "node 1 (headless): node_rank parsed as 0, topology means 1",
         "node 1 (headless): master_port parsed as 29612, topology means 29611",
     ]
+
+
+SEED_KV_FORMS = ('{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
+                 '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX","GDS"]}}')
+
+
+def test_the_seeds_kv_transfer_configs_read_back_as_vllm_kv_transfer_config(vllm_python):
+    """Issue 18: the seed's two --kv-transfer-config forms, rendered from a topology (one node and two), parse with
+    vLLM 0.32.0's own parser to a KVTransferConfig with exactly the intended fields; a wrong one is reported."""
+    topologies = [Topology(model="Qwen/Qwen3-30B-A3B", kv_transfer_config=text) for text in SEED_KV_FORMS]
+    topologies.append(Topology(model="Qwen/Qwen3-30B-A3B", dp=2, nodes=2, gpus_per_node=1, enable_expert_parallel=True,
+                               data_parallel_address="10.0.0.1", kv_transfer_config={
+                                   "kv_connector": "NixlConnector", "kv_role": "kv_consumer", "kv_buffer_device": "cpu",
+                                   "kv_connector_extra_config": {"backends": ["UCX"]}, "kv_load_failure_policy": "recompute"}))
+    items = [(t, render(t)) for t in topologies]
+    producer = Topology(model="Qwen/Qwen3-30B-A3B", kv_transfer_config={"kv_connector": "NixlConnector",
+                                                                        "kv_role": "kv_producer"})
+    argvs = [launch.argv for _, launches in items for launch in launches] + [render(producer)[0].argv]
+    parsed = parse_with_vllm(argvs, vllm_python)
+    results, version = parsed["results"], parsed["vllm_version"]
+    assert all(r["ok"] for r in results), results
+    kv = [r["values"]["kv_transfer_config"] for r in results]
+    assert [(k["kv_connector"], k["kv_role"], k["kv_connector_extra_config"]) for k in kv[:2]] == [
+        ("NixlConnector", "kv_both", {}), ("NixlConnector", "kv_both", {"backends": ["UCX", "GDS"]})]
+    assert kv[0]["kv_buffer_device"] == "cpu"  # unset: the platform's device (the parser runs on vLLM's CpuPlatform)
+    same = [{k: v for k, v in k_.items() if k != "engine_id"} for k_ in kv[2:4]]  # engine_id: a fresh uuid each
+    assert same[0] == same[1] and same[0]["kv_load_failure_policy"] == "recompute"  # both nodes of the instance
+    i = 0
+    for topology, launches in items:
+        assert compare(topology, launches, results[i : i + len(launches)], version) == []
+        i += len(launches)
+    # the oracle is not vacuous: a kv_both command is not what a kv_producer topology means
+    assert compare(producer, render(topologies[0]), results[:1], version) == [
+        "node 0 (primary): kv_transfer_config.kv_role parsed as 'kv_both', topology means 'kv_producer'"]
+    assert compare(Topology(model="Qwen/Qwen3-30B-A3B"), render(producer), results[-1:], version) == [
+        "node 0 (primary): kv_transfer_config parsed as " + repr(kv[-1]) + ", topology sets none"]

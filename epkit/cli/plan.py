@@ -1,17 +1,22 @@
-"""``epkit plan SPEC.yaml | --flags``: per-node commands, derived sizes, memory plan, warnings."""
+"""``epkit plan SPEC.yaml | --flags``: per-node commands, derived sizes, memory plan, warnings.
+
+A disaggregated spec (``prefill:`` / ``decode:`` instances) is planned instance by instance: each one's
+per-node commands and memory plan under its label (``prefill0``, ``decode0``…), then the router and the
+KV connector."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 from epkit.errors import EpkitError, TopologyError
 from epkit.topology import ENGINE_FLAG_FIELDS, EPLBConfig, human_readable_int
 from epkit.topology.plan import GIB, GPU_MEMORY_BYTES, derived_sizes
 from epkit.topology.render import render
-from epkit.topology.spec import DEFAULT_GPUS, PlanSpec, load_spec
+from epkit.topology.spec import DEFAULT_GPUS, DisaggPlanSpec, PlanSpec, load_spec
 from epkit.vllm.versions import DEFAULT_VLLM_VERSION
 
 
@@ -39,6 +44,8 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
     "--data-parallel-rpc-port": ("data_parallel_rpc_port", int, "DP RPC port (1-65535)"),
     "--master-port": ("master_port", int, "torch.distributed port of TP across nodes (tp > gpus_per_node; "
                       "1-65535; default vLLM's)"),
+    "--kv-transfer-config": ("kv_transfer_config", str, "KV connector of one disaggregated prefill/decode side as "
+                             "JSON, e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}'"),
     "--gloo-socket-ifname": ("gloo_socket_ifname", str, "GLOO_SOCKET_IFNAME exported on every node (e.g. eth0)"),
     "--nccl-socket-ifname": ("nccl_socket_ifname", str, "NCCL_SOCKET_IFNAME exported on every node"),
     **{ENGINE_FLAG_FIELDS[name]: (name, kind, help_) for name, kind, help_ in (  # flags spelled in topology.py
@@ -52,6 +59,7 @@ FLAG_FIELDS: dict[str, tuple[str, Any, str]] = {
 }
 ALIASES = {"--tensor-parallel-size": ["--tp"], "--data-parallel-size": ["--dp"]}
 METAVARS = {"model": "NAME", "model_config": "PATH", "all2all_backend": "BACKEND", "eplb": "JSON",
+            "kv_transfer_config": "JSON",
             "data_parallel_address": "HOST", "data_parallel_rpc_port": "PORT", "master_port": "PORT", "gloo_socket_ifname": "IFNAME",
             "nccl_socket_ifname": "IFNAME", "max_model_len": "TOKENS", "gpu_memory_utilization": "FRACTION",
             "engine": "ENGINE", "vllm_version": "VERSION"}
@@ -123,12 +131,32 @@ def split_eplb_dotted(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, keys
 
 
-def spec_from_args(args: argparse.Namespace, dotted: dict[str, Any] | None = None) -> PlanSpec:
-    """A :class:`PlanSpec` from a spec file, with any flags given overriding its fields."""
+def _disagg_spec(args: argparse.Namespace, loaded: DisaggPlanSpec, dotted: dict[str, Any] | None) -> DisaggPlanSpec:
+    """A disaggregated spec takes only the planning flags: its topology fields belong to one instance each."""
+    given = [flag for flag, (dest, _, _) in FLAG_FIELDS.items() if getattr(args, dest) is not None]
+    given += [f"--{d.replace('_', '-')}" for d in ("enable_expert_parallel", "allow_replaced_backend",
+                                                   "eplb_flag_style") if getattr(args, d) is not None]
+    given += ["--enable-eplb"] * bool(args.enable_eplb) + [EPLB_DOTTED + "…"] * bool(dotted)
+    if given:
+        raise TopologyError(f"{args.spec} is a disaggregated spec (prefill/decode instances): {given[0]} would not "
+                            "say which instance it sets; edit the instance in the file (allowed flags here: --gpu, "
+                            "--runtime-reserve-gib, --format, --check-with-vllm)")
+    if args.gpus:
+        loaded = replace(loaded, gpus=tuple(args.gpus))
+    if args.runtime_reserve_gib is not None:
+        loaded = replace(loaded, runtime_reserve_gib=args.runtime_reserve_gib)
+    return loaded
+
+
+def spec_from_args(args: argparse.Namespace, dotted: dict[str, Any] | None = None) -> PlanSpec | DisaggPlanSpec:
+    """A :class:`PlanSpec` from a spec file, with any flags given overriding its fields (a disaggregated spec
+    file gives a :class:`DisaggPlanSpec`, with only the planning flags applied)."""
     base: dict[str, Any] = {}
     plan: dict[str, Any] = {}
     if args.spec:
         loaded = load_spec(args.spec)
+        if isinstance(loaded, DisaggPlanSpec):
+            return _disagg_spec(args, loaded, dotted)
         base = loaded.topology.to_dict()
         plan = {"gpus": list(loaded.gpus), "runtime_reserve_gib": loaded.runtime_reserve_gib}
     for dest, _, _ in FLAG_FIELDS.values():
@@ -161,9 +189,25 @@ def spec_from_args(args: argparse.Namespace, dotted: dict[str, Any] | None = Non
     return PlanSpec.from_dict({**base, "plan": plan}, source=args.spec or "command line")
 
 
-def plan_report(spec: PlanSpec) -> dict[str, Any]:
+def plan_report(spec: PlanSpec | DisaggPlanSpec) -> dict[str, Any]:
     """Everything ``epkit plan`` prints, as plain data."""
-    topology = spec.topology
+    if isinstance(spec, DisaggPlanSpec):
+        return disagg_report(spec)
+    return _topology_report(spec.topology, spec.memory_plans())
+
+
+def disagg_report(spec: DisaggPlanSpec) -> dict[str, Any]:
+    """A disaggregated spec's plan: every instance's report under its label, the router, the KV connector."""
+    d = spec.disagg
+    plans = dict(spec.memory_plans())
+    instances = [{"label": label, "role": role, "index": index, **_topology_report(t, plans[label])}
+                 for label, (role, index, t) in zip(d.labels, d.instances)]
+    return {"kind": "disagg", "pd": d.pd, "gpus": d.gpus, "block_size": d.block_size, "model": d.model,
+            "kv_transfer_config": d.kv_transfer_config.explicit(), "router": d.router.to_dict(),
+            "instances": instances, "warnings": d.warnings()}
+
+
+def _topology_report(topology: Any, memory: list) -> dict[str, Any]:
     launches = render(topology)
     return {
         "topology": topology.to_dict(),
@@ -173,12 +217,36 @@ def plan_report(spec: PlanSpec) -> dict[str, Any]:
         ],
         "derived": derived_sizes(topology),
         "model": topology.spec.summary(),
-        "memory": [m.to_dict() for m in spec.memory_plans()],
+        "memory": [m.to_dict() for m in memory],
         "warnings": topology.warnings(),
     }
 
 
+def format_disagg_text(report: dict[str, Any]) -> str:
+    """The text of a disaggregated plan: each instance as ``epkit plan`` prints one, under its label."""
+    out = []
+    for inst in report["instances"]:
+        out.append(f"## {inst['label']}: {inst['role']} instance {inst['index'] + 1}")
+        out.append(format_text({**inst, "warnings": []}))  # the warnings come once, below, named by instance
+        out.append("")
+    router = report["router"]
+    out.append(f"# {report['pd']}: {len(report['instances'])} instances, {report['gpus']} GPUs, model "
+               f"{report['model']}, KV block size {report['block_size']}")
+    kv = json.dumps(report["kv_transfer_config"])
+    out.append(f"  kv transfer (each instance's --kv-transfer-config above): {kv}")
+    out.append(f"  router: epkit proxy --policy {router['policy']} on {router['on']}, port "
+               f"{router['port'] if router['port'] is not None else '(a free one)'}")
+    if report["warnings"]:
+        out += ["", "# warnings"] + [f"  - {w}" for w in report["warnings"]]
+    if report.get("vllm_check") is not None:
+        out += ["", "# checked with vLLM's own parser"]
+        out += [f"  - {p}" for p in report["vllm_check"]] or ["  every command parses to the intended values"]
+    return "\n".join(out)
+
+
 def format_text(report: dict[str, Any]) -> str:
+    if report.get("kind") == "disagg":
+        return format_disagg_text(report)
     d = report["derived"]
     out = []
     for node in report["nodes"]:
@@ -225,6 +293,19 @@ def format_text(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _check_with_vllm(spec: PlanSpec | DisaggPlanSpec, python: str) -> list[str]:
+    """vLLM's parser on every command (each vLLM instance's, for a disaggregated spec), by instance."""
+    from epkit.vllm.check import check_launches, check_many
+
+    if isinstance(spec, PlanSpec):
+        return check_launches(spec.topology, render(spec.topology), python)
+    items = [(label, t) for label, (_, _, t) in zip(spec.disagg.labels, spec.disagg.instances) if t.engine == "vllm"]
+    if not items:
+        return []
+    _, problems = check_many([(t, render(t)) for _, t in items], python)
+    return [f"{label}: {p}" for (label, _), found in zip(items, problems) for p in found]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -237,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(args, dotted)
         report = plan_report(spec)
         if args.check_with_vllm:
-            from epkit.vllm.check import check_launches
-
-            report["vllm_check"] = check_launches(spec.topology, render(spec.topology), args.check_with_vllm)
+            report["vllm_check"] = _check_with_vllm(spec, args.check_with_vllm)
     except EpkitError as exc:
         message = str(exc)
         if args.spec and not message.startswith(args.spec):

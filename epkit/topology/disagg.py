@@ -65,7 +65,8 @@ class RouterConfig:
             raise TopologyError(f"router={data!r} must be a mapping with keys policy, port, on")
         unknown = sorted(set(data) - {"policy", "port", "on"}, key=str)
         if unknown:
-            raise TopologyError(f"router has unknown key(s) {', '.join(map(str, unknown))}; valid keys: policy, port, on")
+            raise TopologyError(f"router has unknown key(s) {', '.join(map(str, unknown))}; "
+                                "valid keys: policy, port, on")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,7 +206,8 @@ class DisaggTopology:
             for note in t.warnings():
                 seen.setdefault(note, []).append(label)
         versions = sorted({t.vllm_version for _, _, t in self._filled if t.engine == "vllm"})
-        out = [note if len(where) == len(self.labels) else f"{', '.join(where)}: {note}" for note, where in seen.items()]
+        out = [note if len(where) == len(self.labels) else f"{', '.join(where)}: {note}"
+               for note, where in seen.items()]
         if len(versions) > 1:
             out.append(f"instances target different vLLM releases ({', '.join(versions)}); NixlConnector's handshake "
                        "checks that both sides run compatible versions")

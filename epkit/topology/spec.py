@@ -11,6 +11,20 @@ plan:                      # optional
   gpus: [H100, H200]
 ```
 
+A disaggregated prefill/decode deployment (:class:`~epkit.topology.disagg.DisaggTopology`) is a spec
+with ``prefill:`` and ``decode:`` lists of topologies (``count: N`` repeats one), ``kv_transfer_config:``
+and ``router:`` (:class:`DisaggPlanSpec`; ``epkit plan`` plans every instance):
+
+```yaml
+prefill:
+  - {model: Qwen/Qwen3-30B-A3B, dp: 2, enable_expert_parallel: true, all2all_backend: deepep_high_throughput}
+decode:
+  - {model: Qwen/Qwen3-30B-A3B, dp: 2, enable_expert_parallel: true, all2all_backend: deepep_low_latency, count: 2}
+kv_transfer_config: {kv_connector: NixlConnector, kv_role: kv_both}
+router: {policy: round_robin}
+plan: {gpus: [H100]}
+```
+
 The ``plan:`` block reads the same in deployment specs and sweep specs (:func:`plan_block`):
 ``gpus`` is one GPU or a list. Older spellings are still read, with a deprecation warning:
 ``gpu`` (sweeps) for ``gpus``, and ``plan.gpu_memory_utilization`` / ``plan.max_model_len``,
@@ -29,6 +43,7 @@ import yaml
 
 from epkit.errors import EpkitDeprecationWarning, TopologyError
 from epkit.topology.plan import DEFAULT_RUNTIME_RESERVE_BYTES, GIB, MemoryPlan, gpu_memory_bytes, memory_plan
+from epkit.topology.disagg import KEYS as DISAGG_KEYS, DisaggTopology
 from epkit.topology.topology import Topology
 
 PLAN_KEYS = ("gpus", "runtime_reserve_gib")
@@ -104,6 +119,16 @@ def merge_topology_fields(data: Mapping[str, Any], fields: Mapping[str, Any], so
     return out
 
 
+def _check_plan_options(gpus: tuple[Any, ...], runtime_reserve_gib: Any) -> None:
+    if not gpus:
+        raise TopologyError("plan.gpus is empty; give at least one GPU, e.g. [H200]")
+    for gpu in gpus:
+        gpu_memory_bytes(gpu)
+    if isinstance(runtime_reserve_gib, bool) or not isinstance(runtime_reserve_gib, (int, float)) \
+            or not math.isfinite(runtime_reserve_gib) or runtime_reserve_gib < 0:
+        raise TopologyError(f"plan.runtime_reserve_gib={runtime_reserve_gib!r} must be a number >= 0")
+
+
 @dataclass(frozen=True)
 class PlanSpec:
     """A topology and how to plan it (which GPUs, how much to reserve for the runtime)."""
@@ -113,13 +138,7 @@ class PlanSpec:
     runtime_reserve_gib: float = DEFAULT_RUNTIME_RESERVE_BYTES / GIB
 
     def __post_init__(self) -> None:
-        if not self.gpus:
-            raise TopologyError("plan.gpus is empty; give at least one GPU, e.g. [H200]")
-        for gpu in self.gpus:
-            gpu_memory_bytes(gpu)
-        if isinstance(self.runtime_reserve_gib, bool) or not isinstance(self.runtime_reserve_gib, (int, float)) \
-                or not math.isfinite(self.runtime_reserve_gib) or self.runtime_reserve_gib < 0:
-            raise TopologyError(f"plan.runtime_reserve_gib={self.runtime_reserve_gib!r} must be a number >= 0")
+        _check_plan_options(self.gpus, self.runtime_reserve_gib)
 
     def memory_plans(self) -> list[MemoryPlan]:
         """One memory plan per GPU, with the topology's max_model_len and gpu_memory_utilization."""
@@ -141,6 +160,54 @@ class PlanSpec:
         except TopologyError as exc:
             message = str(exc)
             raise TopologyError(message if message.startswith(f"{source}:") else f"{source}: {message}") from exc
+
+
+@dataclass(frozen=True)
+class DisaggPlanSpec:
+    """A disaggregated deployment and how to plan it: every instance on every GPU of ``gpus``."""
+
+    disagg: DisaggTopology
+    gpus: tuple[Any, ...] = DEFAULT_GPUS
+    runtime_reserve_gib: float = DEFAULT_RUNTIME_RESERVE_BYTES / GIB
+
+    def __post_init__(self) -> None:
+        _check_plan_options(self.gpus, self.runtime_reserve_gib)
+
+    def memory_plans(self) -> list[tuple[str, list[MemoryPlan]]]:
+        """Per instance (``prefill0``, ``decode0``…), one memory plan per GPU."""
+        per_gpu = [self.disagg.memory_plans(gpu, self.runtime_reserve_gib * GIB) for gpu in self.gpus]
+        return [(label, [plans[i][1] for plans in per_gpu]) for i, label in enumerate(self.disagg.labels)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "spec") -> "DisaggPlanSpec":
+        data = dict(data)
+        options, fields = plan_block(data.pop("plan", None), source)
+        if fields:
+            raise TopologyError(f"{source}: plan.{next(iter(fields))} is a topology field; in a disaggregated spec "
+                                "set it on the instances it belongs to (prefill: [...], decode: [...])")
+        try:
+            return cls(disagg=DisaggTopology.from_dict(data), **options)
+        except TopologyError as exc:
+            message = str(exc)
+            raise TopologyError(message if message.startswith(f"{source}:") else f"{source}: {message}") from exc
+
+
+def is_disaggregated(data: Any) -> bool:
+    """Whether spec data describes a disaggregated deployment (it has ``prefill:`` or ``decode:``)."""
+    return isinstance(data, Mapping) and any(key in data for key in ("prefill", "decode"))
+
+
+def plan_spec(data: Any, source: str = "spec") -> "PlanSpec | DisaggPlanSpec":
+    """The spec ``data`` describes: a :class:`DisaggPlanSpec` when it has ``prefill:``/``decode:``, else a
+    :class:`PlanSpec`; a mix of both (topology fields beside ``prefill:``) lists the valid keys."""
+    if not is_disaggregated(data):
+        return PlanSpec.from_dict(data, source)
+    stray = sorted(set(data) - set(DISAGG_KEYS) - {"plan"}, key=str)
+    if stray:
+        raise TopologyError(f"{source}: a disaggregated spec (prefill:, decode:) has unknown key(s) "
+                            f"{', '.join(map(str, stray))}; valid keys: {', '.join(DISAGG_KEYS)}, plan "
+                            "(topology fields go inside each prefill/decode instance)")
+    return DisaggPlanSpec.from_dict(data, source)
 
 
 def read_spec_file(path: str | Path, what: str = "spec file") -> tuple[Any, str]:
@@ -165,7 +232,8 @@ def read_spec_file(path: str | Path, what: str = "spec file") -> tuple[Any, str]
         raise TopologyError(f"{path}: not valid YAML{where}: {problem or ' '.join(str(exc).split())}") from exc
 
 
-def load_spec(path: str | Path) -> PlanSpec:
-    """Read a YAML/JSON deployment spec; errors name the file and the field."""
+def load_spec(path: str | Path) -> "PlanSpec | DisaggPlanSpec":
+    """Read a YAML/JSON deployment spec (one topology, or prefill/decode instances); errors name the file and
+    the field."""
     data, _ = read_spec_file(path)
-    return PlanSpec.from_dict(data, source=str(path))
+    return plan_spec(data, source=str(path))

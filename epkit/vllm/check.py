@@ -97,6 +97,17 @@ def expected_values(topology: Topology, launch: NodeLaunch, address: str | None 
     return expected
 
 
+def _kv_transfer_problems(topology: Topology, got: dict[str, Any] | None, where: str) -> list[str]:
+    """vLLM's KVTransferConfig against the topology's, field by field (the keys it sets; the rest are vLLM's
+    defaults, e.g. a fresh engine_id and the platform's kv_buffer_device)."""
+    if topology.kv_transfer_config is None:
+        return [] if got is None else [f"{where}: kv_transfer_config parsed as {got!r}, topology sets none"]
+    if got is None:
+        return [f"{where}: kv_transfer_config parsed as None, topology means {topology.kv_transfer_config.to_json()}"]
+    return [f"{where}: kv_transfer_config.{key} parsed as {got.get(key)!r}, topology means {want!r}"
+            for key, want in topology.kv_transfer_config.explicit().items() if got.get(key) != want]
+
+
 def compare(topology: Topology, launches: Sequence[NodeLaunch], results: Sequence[dict], version: str) -> list[str]:
     """Disagreements between vLLM's parse ``results`` of ``launches`` and what the topology means."""
     problems = []
@@ -114,6 +125,7 @@ def compare(topology: Topology, launches: Sequence[NodeLaunch], results: Sequenc
                 have = (got.get("eplb_config") or {}).get(key)
                 if have != want:
                     problems.append(f"{where}: eplb_config.{key} parsed as {have!r}, topology means {want!r}")
+        problems += _kv_transfer_problems(topology, got.get("kv_transfer_config"), where)
     return problems
 
 

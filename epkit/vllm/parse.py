@@ -65,6 +65,7 @@ def parse_all(argvs):
         if getattr(ns, "model_tag", None):
             values["model"] = ns.model_tag
         values["eplb_config"] = _plain(getattr(ns, "eplb_config", None))
+        values["kv_transfer_config"] = _plain(getattr(ns, "kv_transfer_config", None))
         out.append({"ok": True, "values": values})
     return out
 
