@@ -94,9 +94,11 @@ def test_a_decode_failing_after_prefill_releases_the_prefill_kv(engines, proxy):
     with pytest.raises(openai.BadRequestError) as caught:
         pd.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2000)
     assert "maximum context length" in caught.value.body["message"]  # the decode's own error, passed through
+    with pytest.raises(openai.BadRequestError):  # streamed: the decode refuses before its stream starts
+        list(pd.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2000, stream=True))
     text = router.metrics()
-    assert metric(text, "epkit:proxy_requests_total", outcome="decode_error") == 1
-    assert metric(text, "epkit:proxy_kv_releases_total", instance=p0.url) == 1
+    assert metric(text, "epkit:proxy_requests_total", outcome="decode_error") == 2
+    assert metric(text, "epkit:proxy_kv_releases_total", instance=p0.url) == 2
     assert metric(text, "epkit:proxy_kv_releases_total", instance=p0.url, outcome="failed") == 0
     wait_for(lambda: held_blocks(p0.url) == 0, what="P0 holds no KV blocks")
 
@@ -109,6 +111,19 @@ def test_a_decode_failing_after_prefill_releases_the_prefill_kv(engines, proxy):
     text = router2.metrics()
     assert metric(text, "epkit:proxy_kv_releases_total", instance=p0.url, outcome="released") == 1
     wait_for(lambda: held_blocks(p0.url) == 0, what="P0 holds no KV blocks")
+
+
+def test_an_unreachable_decode_instance_is_retried_on_another(engines, proxy):
+    p0, d0 = engines["p0"], engines["d0"]
+    dead = dead_url()
+    router = proxy([p0.url], [dead, d0.url])
+    reply = client(router.url).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert reply.model_extra["epkit_pd"]["decode_url"] == d0.url
+    assert reply.model_extra["epkit_pd"]["kv_transfer_ms"] is not None  # D0 pulled the KV P0 kept
+    text = router.metrics()
+    assert metric(text, "epkit:proxy_retries_total", role="decode") == 1
+    assert metric(text, "epkit:proxy_upstream_errors_total", role="decode", instance=dead) == 1
+    assert metric(text, "epkit:proxy_kv_releases_total") == 0
 
 
 def test_a_client_leaving_mid_stream_aborts_the_decode(engines, proxy):
@@ -133,8 +148,9 @@ def test_a_client_leaving_mid_stream_aborts_the_decode(engines, proxy):
     assert metric(router.metrics(), "epkit:proxy_in_flight_requests", role="decode") == 0
 
 
-def test_api_key(engines, proxy):
+def test_api_key_and_model(engines, proxy):
     p0, d0 = engines["p0"], engines["d0"]
+    headers_ok = {"Authorization": f"Bearer {API_KEY}"}
     router = proxy([p0.url], [d0.url], "--api-key", API_KEY)
     for key in ("wrong", None):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -146,6 +162,12 @@ def test_api_key(engines, proxy):
     assert httpx.get(router.url + "/health").status_code == 200  # open, as vLLM's
     reply = client(router.url).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     assert reply.usage.completion_tokens == 4  # the key went on to the instances, which require it
+    # --model: filled in where a request has none; another model is refused by the router itself
+    named = proxy([p0.url], [d0.url], "--model", MODEL)
+    resp = httpx.post(named.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers=headers_ok)
+    assert resp.status_code == 200 and resp.json()["model"] == MODEL
+    resp = httpx.post(named.url + "/v1/completions", json={"model": "other", "prompt": PROMPT}, headers=headers_ok)
+    assert resp.status_code == 404 and "other" in resp.json()["error"]["message"]
     # a router without --api-key passes the client's header on: the instances' own 401 comes back
     open_router = proxy([p0.url], [d0.url])
     with pytest.raises(openai.AuthenticationError):
