@@ -120,3 +120,36 @@ def test_slurm_1p1d_router_on_decode0(slurm, tmp_path):
     queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert not set(jobs) & set(queued)
     assert no_leftovers(ids(d)) == []
+
+
+def test_side_channel_ranges_leave_room_for_dp_ranks():
+    """Each instance's side-channel range holds one port per DP rank (the engines listen on base + dp_rank); a
+    topology that sets the variables keeps them."""
+    from epkit.launch.disagg import instance_topologies
+
+    d = DisaggTopology.from_dict({"prefill": [{"model": TINY, "engine": "epkit", "dp": 2, "count": 2}],
+                                  "decode": [{"model": TINY, "engine": "epkit", "dp": 3},
+                                             {"model": TINY, "engine": "epkit", "env": {SIDE_CHANNEL_PORT: "7000"}}]})
+    topos = instance_topologies(d, 6000, "<node-hostname>")
+    assert {n: t.env[SIDE_CHANNEL_PORT] for n, t in topos.items()} == {
+        "prefill0": "6000", "prefill1": "6002", "decode0": "6004", "decode1": "7000"}
+    assert {t.env[SIDE_CHANNEL_HOST] for t in topos.values()} == {"<node-hostname>"}
+
+
+def test_ctrl_c_while_waiting_stops_every_part(tmp_path):
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        d = deploy(disagg(), "local", run_dir=tmp_path, grace_s=2)
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            d.wait_ready(120)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert json.loads((tmp_path / RECORD).read_text())["state"] == "stopped"
+    assert no_leftovers(ids(d)) == []
