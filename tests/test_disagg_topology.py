@@ -140,6 +140,9 @@ def test_kv_both_with_nixl_warns_from_0_23_0_and_stays_valid():
     assert "deprecated" in note and "kv_producer" in note and "kv_consumer" in note and "0.32.0" in note
     assert notes("0.23.0") and not notes("0.22.1")
     assert notes("0.32.0", role="kv_producer") == [] and notes("0.32.0", engine="epkit") == []
+    old = Topology(model=MODEL, vllm_version="0.17.1", kv_transfer_config=SEED_KV).warnings()
+    assert any("kv_buffer_device is unset" in w and "'cuda'" in w for w in old)
+    assert not any("kv_buffer_device" in w for w in Topology(model=MODEL, kv_transfer_config=SEED_KV).warnings())
 
 
 def test_from_dict_repeats_counts_and_fills_each_instance():

@@ -195,14 +195,17 @@ class KVTransferConfig:
 
 
 def kv_transfer_warnings(config: KVTransferConfig | None, vllm_version: str, engine: str = "vllm") -> list[str]:
-    """What is legal but deprecated: ``kv_role='kv_both'`` with a NIXL connector, which vLLM logs as deprecated
-    from :data:`~epkit.vllm.versions.KV_BOTH_DEPRECATED_FROM` (NixlBaseConnector.__init__); the seed uses it."""
-    if config is None or engine != "vllm" or config.kv_role != "kv_both" or not config.uses_nixl:
+    """What is legal but probably not meant: ``kv_role='kv_both'`` with a NIXL connector, which vLLM logs as
+    deprecated from :data:`~epkit.vllm.versions.KV_BOTH_DEPRECATED_FROM` (NixlBaseConnector.__init__; the seed
+    uses it), and an unset ``kv_buffer_device`` where vLLM's default is still ``cuda`` (before 0.18.0)."""
+    if config is None or engine != "vllm":
         return []
-    row = vllm_versions.release(vllm_version)
-    if not row.kv_both_deprecated:
-        return []
-    return [f"kv_transfer_config.kv_role='kv_both' with {config.kv_connector}: vLLM {row.version} logs that it is "
-            "deprecated and will be removed (vLLM >= "
-            f"{vllm_versions.KV_BOTH_DEPRECATED_FROM}); set kv_role='kv_producer' on prefill instances and "
-            "'kv_consumer' on decode instances"]
+    row, notes = vllm_versions.release(vllm_version), []
+    if config.kv_role == "kv_both" and config.uses_nixl and row.kv_both_deprecated:
+        notes.append(f"kv_transfer_config.kv_role='kv_both' with {config.kv_connector}: vLLM {row.version} logs that "
+                     f"it is deprecated and will be removed (vLLM >= {vllm_versions.KV_BOTH_DEPRECATED_FROM}); set "
+                     "kv_role='kv_producer' on prefill instances and 'kv_consumer' on decode instances")
+    if config.kv_buffer_device is None and row.key() < vllm_versions.release("0.18.0").key():
+        notes.append(f"kv_transfer_config.kv_buffer_device is unset: vLLM {row.version} then takes 'cuda' (the "
+                     "platform's device only from vLLM 0.18.0); on a CPU build set kv_buffer_device: cpu")
+    return notes

@@ -73,13 +73,20 @@ _AGRS = "allgather_reducescatter"
 # Disaggregated prefill/decode (--kv-transfer-config): KVTransferConfig in vllm/config/kv_transfer.py and the
 # connectors vllm/distributed/kv_transfer/kv_connector/factory.py registers, read from every row's wheel (the
 # changes below; rows between two changes are equal). NixlConnector, its kv_connector_extra_config.backends
-# (default ["UCX"]) and kv_buffer_device are in every row; older releases are not rows (FIRST_CLI_RELEASE).
+# (default ["UCX"]) and kv_buffer_device are in every row; older releases are not rows (FIRST_CLI_RELEASE):
+# NixlConnector first registered in 0.9.0, extra_config "backends" first read in 0.11.0 (FIRST_NIXL_RELEASE…).
+FIRST_NIXL_RELEASE = "0.9.0"
+FIRST_NIXL_BACKENDS_RELEASE = "0.11.0"
 KV_TRANSFER_SOURCE = (
+    "vllm-0.9.0 wheel: vllm/distributed/kv_transfer/kv_connector/factory.py:119 (NixlConnector first registered; "
+    "not in 0.8.5); vllm-0.11.0 wheel: v1/nixl_connector.py:474 (get_from_extra_config('backends', ['UCX']); "
+    "not in 0.10.2); "
     "vllm-0.11.1 wheel: vllm/config/kv_transfer.py:20 (class KVTransferConfig; kv_buffer_device :30, kv_rank :42), "
     "vllm/distributed/kv_transfer/kv_connector/factory.py:171 (NixlConnector registered), "
     "v1/nixl_connector.py:804 (get_from_extra_config('backends', ['UCX'])); 0.13.0: kv_transfer.py:67 "
     "(kv_load_failure_policy), factory.py (SharedStorageConnector renamed ExampleConnector, MooncakeConnector); "
-    "0.14.0 MoRIIOConnector; 0.17.0 ExampleHiddenStatesConnector; 0.18.0 FlexKVConnectorV1; 0.19.0 "
+    "0.14.0 MoRIIOConnector; 0.17.0 ExampleHiddenStatesConnector; 0.18.0 FlexKVConnectorV1 and kv_transfer.py:33 "
+    "(kv_buffer_device defaults to the platform's device; 'cuda' up to 0.17.1, kv_transfer.py:27); 0.19.0 "
     "SimpleCPUOffloadConnector; 0.20.0 HF3FSKVConnector; 0.21.0 MooncakeStoreConnector; 0.23.0: "
     "v1/nixl/connector.py:100 (\"Using kv_role='kv_both' with NixlConnector is deprecated\"); 0.24.0: "
     "factory.py:177 (NixlPullConnector, NixlPushConnector; P2pNcclConnector gone, last registered in 0.23.0 "
