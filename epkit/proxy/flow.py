@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -150,16 +151,41 @@ class Router:
         return body
 
     async def handle(self, request: Request, path: str) -> Response:
-        """One client request: prefill, then decode, as the module docstring says."""
+        """One client request: prefill, then decode, as the module docstring says. A client that leaves before
+        the reply starts (during the prefill, or a non-streamed decode) cancels the calls in progress, closing
+        their connections, so the engines abort them (vLLM's API server does the same for its own requests)."""
         request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
         body = await self.read_body(request, request_id)
         if isinstance(body, Response):
             self.count(path, "client_error")
             return body
         headers = self.upstream_headers(request, request_id)
+        work = asyncio.ensure_future(self.route(path, body, headers, request_id))
+        left = asyncio.ensure_future(_client_left(request))
+        try:
+            await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            self.count(path, "client_disconnected")
+            log.info("request %s: the client left before the reply started; its calls were cancelled", request_id)
+            return Response(status_code=499)  # nobody reads it: the connection is gone
+        finally:
+            for task in (work, left):
+                task.cancel()
+
+    async def route(self, path: str, body: dict, headers: dict, request_id: str) -> Response:
         pre = await self.run_prefill(path, body, headers, request_id)
         if isinstance(pre, Response):
             return pre
+        try:
+            return await self.run_decode(path, body, headers, request_id, pre)
+        except asyncio.CancelledError:
+            await self.release(pre, headers)  # the client left: no decode will pull this KV
+            raise
+
+    async def run_decode(self, path: str, body: dict, headers: dict, request_id: str, pre: Prefilled) -> Response:
         decode_body = dict(body)
         if pre.kv:
             decode_body["kv_transfer_params"] = pre.kv
@@ -246,6 +272,9 @@ class Router:
                 failures.append(f"{inst.url} ({describe(exc)})")
                 self.metrics.upstream_errors.labels("decode", inst.url).inc()
                 continue
+            except BaseException:  # cancelled (the client left): the call is over
+                self.decode.leave(inst)
+                raise
             return inst, resp, started
         return failures
 
@@ -371,6 +400,12 @@ class Router:
             return event
         chunk["epkit_pd"] = self.pd_fields(pd, seen.get("epkit_kv_transfer"), inst)
         return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client's connection is gone (the body was read already: the next ASGI message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _route_absent(resp: httpx.Response) -> bool:
