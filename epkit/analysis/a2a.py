@@ -119,7 +119,8 @@ def latency_vs_tokens(frame: pd.DataFrame, y: str = "median_latency_us", p99: bo
     fig.update_layout(title=dict(text=heading, subtitle=dict(text=f"all: {shared}" if shared else "")),
                       template="plotly_white", hovermode="closest", legend=dict(orientation="h", y=-0.2),
                       margin=dict(l=70, r=20, t=70, b=60))
-    fig.update_xaxes(type="log", title=TITLES["tokens_per_rank"])
+    ticks = sorted({int(t) for t in ok["tokens_per_rank"].dropna()})  # the ladder itself, not 2 3 4 … 9
+    fig.update_xaxes(type="log", title=TITLES["tokens_per_rank"], tickvals=ticks, ticktext=[str(t) for t in ticks])
     fig.update_yaxes(type="log", title=TITLES.get(y, y) + (" · dotted: p99" if p99 else ""))
     return fig
 

@@ -74,7 +74,9 @@ class BenchConfig:
         if self.zipf_exponent < 0:
             raise bad("--zipf-exponent", self.zipf_exponent, "a number >= 0")
         if self.dtype not in DTYPES:
-            raise bad("--dtype", self.dtype, ", ".join(DTYPES))
+            fp8 = ("; fp8 dispatch is a vendor-kernel feature (DeepEP low-latency, pplx): the built-in backends "
+                   "move activations in the model's dtype") if "float8" in self.dtype or "fp8" in self.dtype else ""
+            raise EngineError(f"--dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}{fp8}")
         if self.device not in DEVICES:
             raise bad("--device", self.device, ", ".join(DEVICES))
         if not self.backends:

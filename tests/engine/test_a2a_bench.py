@@ -75,6 +75,7 @@ def test_bytes_formula_by_hand():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(routing="zipf"), r"--routing='zipf'; allowed: uniform, skewed"),
     (dict(dtype="int8"), r"--dtype='int8'; allowed: bfloat16, float16, float32"),
+    (dict(dtype="float8_e4m3fn"), r"--dtype='float8_e4m3fn'; allowed: .*; fp8 dispatch is a vendor-kernel feature"),
     (dict(tokens=(1, 0)), r"--tokens='1,0'; allowed: a comma-separated list of integers >= 1"),
     (dict(backends=("nccl",)), r"--backend='nccl'; allowed: allgather_reducescatter, naive, all_to_all, pplx"),
     (dict(ranks=16), r"--ranks=16; allowed: 1..8: every rank needs an expert"),
@@ -99,3 +100,28 @@ def test_vendor_backends_are_refused_naming_their_package(tmp_path, capsys):
                  "--out", str(tmp_path / "rows.jsonl")]) == 2
     assert "DeepEP" in capsys.readouterr().err
     assert not (tmp_path / "rows.jsonl").exists()  # refused before anything ran
+
+
+def test_identity_experts_gpu_paths_give_the_cpu_paths_partial_sums():
+    """The paths a GPU takes through the gather-based backends (sync-free sentinel rows; the fused row kernels'
+    ``partial``) give the same partial sums with identity experts as the CPU path, run here on the CPU."""
+    from epkit.engine.a2a_bench import IdentityExperts
+    from epkit.engine.all2all import AllGatherReduceScatter, Communicator
+
+    g = torch.Generator().manual_seed(3)
+    placement = ExpertRanges(8, 2, 1)
+    experts = IdentityExperts(placement, torch.device("cpu"))
+    backend = AllGatherReduceScatter(Communicator(1, 2), torch.device("cpu"))
+    counts, capacity, k = [5, 3], 5, 2
+    gx = torch.randn(10, 16, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(10)]).float()
+    w = torch.rand(10, k, generator=g)
+    gmeta = torch.cat([ids, w / w.sum(1, keepdim=True)], 1)
+    cpu = backend._local_partial(gx, gmeta, counts, capacity, experts)
+    experts.supports_sentinel = lambda x: True
+    sentinel = backend._local_partial(gx, gmeta, counts, capacity, experts)
+    torch.testing.assert_close(sentinel, cpu)
+    local = experts.map.local_index_or(ids.long(), 1, experts.num_local).reshape(-1)
+    fused = experts.partial(gx, local, gmeta[:, k:].reshape(-1), k)
+    valid = torch.tensor([True] * 5 + [True] * 3 + [False] * 2)  # rank 1 has 3 real rows of 5
+    torch.testing.assert_close(fused[valid].double(), cpu[valid].double(), rtol=1e-6, atol=1e-6)
