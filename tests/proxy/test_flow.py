@@ -30,6 +30,7 @@ def test_1p1d_completions_and_chat_streamed_and_not_equal_colocated(engines, pro
     p0, d0, d1 = engines["p0"], engines["d0"], engines["d1"]
     router = proxy([p0.url], [d0.url])
     pd, colocated = client(router.url), client(d1.url)  # D1 alone, no kv_transfer_params: colocated serving
+    p0_tokens = metric(scrape(p0.url), "epkit:generation_tokens_total")
 
     alone = colocated.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
     whole = pd.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
@@ -57,7 +58,8 @@ def test_1p1d_completions_and_chat_streamed_and_not_equal_colocated(engines, pro
     assert [c for c in streamed if "epkit_pd" in c.model_extra] == [last]
     check_pd(last.model_extra["epkit_pd"], p0.url, d0.url)
 
-    # each request was prefilled on P0 (one token) and decoded on D0
+    # each request was prefilled on P0 (one token each) and decoded on D0
+    assert metric(scrape(p0.url), "epkit:generation_tokens_total") - p0_tokens == 4
     text = router.metrics()
     assert metric(text, "epkit:proxy_requests_total", outcome="ok") == 4
     assert metric(text, "epkit:proxy_routed_requests_total", role="prefill", instance=p0.url) == 4
@@ -93,3 +95,17 @@ def test_1p2d_round_robin_streamed_and_not(engines, proxy):
     # and the instances' own counters agree: 4 one-token prefills on P0, 2 decodes each on D0 and D1
     after = {name: metric(scrape(engines[name].url), "epkit:request_success_total") for name in engines}
     assert {name: after[name] - before[name] for name in engines} == {"p0": 4, "d0": 2, "d1": 2}
+
+
+def test_prefill_body_as_vllm_proxies_send_it():
+    from epkit.proxy.flow import prefill_body
+
+    body = {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 50, "min_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0}
+    sent = prefill_body(body, chat=True)
+    assert sent == {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "max_completion_tokens": 1, "stream": False,
+                    "temperature": 0, "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
+                                                             "remote_engine_id": None, "remote_block_ids": None,
+                                                             "remote_host": None, "remote_port": None}}
+    assert body["max_completion_tokens"] == 50 and body["stream"] is True  # the decode gets the original
+    assert "max_completion_tokens" not in prefill_body({"prompt": "x", "max_tokens": 9}, chat=False)
