@@ -50,26 +50,31 @@ def split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return frame[mask], frame[~mask]
 
 
+def _varying(frame: pd.DataFrame, cols: list[str]) -> list[str]:
+    """The columns of ``cols`` whose value differs between rows (missing counts as a value)."""
+    return [c for c in cols if c in frame and frame[c].nunique(dropna=False) > 1]
+
+
+def _name(r: pd.Series, fields: list[str]) -> str:
+    """``all_to_all · 4 ranks · skewed · zipf 1.2``: the values of ``fields`` in one row, in words."""
+    parts = []
+    for c in fields:
+        v = r[c]
+        if c == "ep_size":
+            parts.append(f"{int(v)} ranks")
+        elif c == "zipf_exponent":
+            parts.append("" if pd.isna(v) else f"zipf {v:g}")
+        elif c in ("hidden_size", "top_k", "num_experts"):
+            parts.append(f"{c}={int(v)}")
+        else:
+            parts.append(str(v))
+    return " · ".join(p for p in parts if p)
+
+
 def _curve_label(frame: pd.DataFrame) -> pd.Series:
-    """One name per curve, from the fields that differ between the frame's curves (all of them when none do)."""
-    cols = [c for c in CURVE if c in frame]
-    varying = [c for c in cols if frame[c].astype(str).nunique() > 1] or ["all2all_backend"]
-
-    def name(r):
-        parts = []
-        for c in varying:
-            v = r[c]
-            if c == "ep_size":
-                parts.append(f"{int(v)} ranks")
-            elif c == "zipf_exponent":
-                parts.append("" if pd.isna(v) else f"zipf {v:g}")
-            elif c in ("hidden_size", "top_k", "num_experts"):
-                parts.append(f"{c}={int(v)}")
-            else:
-                parts.append(str(v))
-        return " · ".join(p for p in parts if p)
-
-    return frame.apply(name, axis=1) if len(frame) else pd.Series([], dtype=str)
+    """One name per curve, from the fields that differ between the frame's curves (the backend when none do)."""
+    varying = _varying(frame, CURVE) or ["all2all_backend"]
+    return frame.apply(lambda r: _name(r, varying), axis=1) if len(frame) else pd.Series([], dtype=str)
 
 
 def load(source: str | Path | Iterable[str | Path], *, failed: bool = True) -> pd.DataFrame:
@@ -91,7 +96,7 @@ def load(source: str | Path | Iterable[str | Path], *, failed: bool = True) -> p
 
 
 def _shared(frame: pd.DataFrame) -> str:
-    same = [f"{c}={frame[c].iloc[0]}" for c in CURVE if c in frame and frame[c].astype(str).nunique() == 1
+    same = [f"{c}={frame[c].iloc[0]}" for c in CURVE if c in frame and frame[c].nunique(dropna=False) == 1
             and pd.notna(frame[c].iloc[0])]
     return ", ".join(same)
 
@@ -133,14 +138,21 @@ def bandwidth_vs_tokens(frame: pd.DataFrame, y: str = "busbw_gbs") -> go.Figure:
 
 
 def figures(frame: pd.DataFrame) -> dict[str, go.Figure]:
-    """The microbenchmark's figures by heading, for the rows of any results frame (none when it has no such rows)."""
+    """The microbenchmark's figures by heading, for the rows of any results frame (none when it has no such rows):
+    latency against tokens, one figure per setting (ranks, routing, … where they vary) with a curve per backend;
+    bus bandwidth (and the fraction of the link, where known) with every curve."""
     mine, _ = split(frame)
     ok = mine[mine["status"] == "ok"] if "status" in mine else mine
     if not len(ok):
         return {}
     ok = ok.assign(config=_curve_label(ok))  # curve names (a sweep frame's config says other things)
-    out = {"all2all latency vs tokens": latency_vs_tokens(ok),
-           "all2all bus bandwidth vs tokens": bandwidth_vs_tokens(ok)}
+    settings = _varying(ok, [c for c in CURVE if c != "all2all_backend"])
+    out = {}
+    for key, g in (ok.groupby(settings, dropna=False, sort=True) if settings else [((), ok)]):
+        name = _name(g.iloc[0], settings) if settings else ""
+        heading = "all2all latency vs tokens" + (f" · {name}" if name else "")
+        out[heading] = latency_vs_tokens(g.assign(config=g["all2all_backend"]), heading=heading)
+    out["all2all bus bandwidth vs tokens"] = bandwidth_vs_tokens(ok)
     if "link_fraction" in ok and ok["link_fraction"].notna().any():
         out["all2all fraction of the link"] = bandwidth_vs_tokens(ok, y="link_fraction")
     return out
