@@ -33,6 +33,10 @@ log = logging.getLogger("epkit.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _Refused(Exception):
+    """A pull the prefill answered but that cannot be used (refused, another model, another prompt)."""
+
+
 class _Reply:
     """What the core answers one connection: a header and maybe a payload, set once."""
 
@@ -107,31 +111,34 @@ class KVAgent:
         started = time.perf_counter()
         where = f"{params['remote_host']}:{params['remote_port']}"
         try:
-            with socket.create_connection((params["remote_host"], int(params["remote_port"])), timeout=CONNECT_TIMEOUT_S) as sock:
-                sock.settimeout(REPLY_TIMEOUT_S)
-                send_message(sock, {"op": "pull", "engine_id": params["remote_engine_id"],
-                                    "request_id": params["remote_request_id"]})
-                header, payload = recv_message(sock, self._buffer)
-            error = None if header.get("ok") else f"the prefill refused the pull: {header.get('error')}"
-            error = error or self._mismatch(header, num_tokens, digest)
-        except (OSError, ValueError, KeyError) as exc:
-            error, header, payload = f"{type(exc).__name__}: {exc}", {}, None
-        if error is not None:
-            message = (f"could not pull the prompt's KV from the prefill's side channel at {where} "
-                       f"(remote_engine_id {params['remote_engine_id']}, remote_request_id "
-                       f"{params['remote_request_id']}): {error}")
-            self.pulled.put((request_id, message, None))
-        else:
-            data = torch.frombuffer(payload, dtype=torch.uint8) if isinstance(payload, bytearray) else payload
-            data = data.view(DTYPES[header["dtype"]]).reshape(header["shape"])
+            data, header = self._receive(params, num_tokens, digest)
             self.pulled.put((request_id, None, (data, header, started)))
+        except Exception as exc:  # any failure ends the request with its reason, never a silent hang
+            reason = str(exc) if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
+            self.pulled.put((request_id, f"could not pull the prompt's KV from the prefill's side channel at {where} "
+                                         f"(remote_engine_id {params['remote_engine_id']}, remote_request_id "
+                                         f"{params['remote_request_id']}): {reason}", None))
         self._wake()
 
-    def _buffer(self, nbytes: int):
-        """The receive buffer: pinned host memory on a GPU (one fast host-to-device copy), else plain."""
-        if self.pinned:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        return bytearray(nbytes)
+    def _receive(self, params: dict[str, Any], num_tokens: int, digest: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One pull: ``[layers, 2, tokens, heads, dim]`` on the host (pinned on a GPU) and the prefill's header."""
+        held: list[torch.Tensor] = []
+
+        def buffer(nbytes: int):  # pinned host memory on a GPU: one fast host-to-device copy
+            held.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned))
+            return held[0].numpy()
+
+        with socket.create_connection((params["remote_host"], int(params["remote_port"])), timeout=CONNECT_TIMEOUT_S) as sock:
+            sock.settimeout(REPLY_TIMEOUT_S)
+            send_message(sock, {"op": "pull", "engine_id": params["remote_engine_id"],
+                                "request_id": params["remote_request_id"]})
+            header, _ = recv_message(sock, buffer)
+        if not header.get("ok"):
+            raise _Refused(f"the prefill refused the pull: {header.get('error')}")
+        problem = self._mismatch(header, num_tokens, digest)
+        if problem is not None:
+            raise _Refused(problem)
+        return held[0].view(DTYPES[header["dtype"]]).reshape(header["shape"]), header
 
     def _mismatch(self, header: dict[str, Any], num_tokens: int, digest: str) -> str | None:
         shape, (layers, heads, dim) = header.get("shape") or [0] * 5, self.layout
