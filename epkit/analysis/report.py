@@ -21,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from epkit.analysis import a2a as A2A
 from epkit.analysis import plots as P
 from epkit.analysis import results as R
 from epkit.analysis import sla as SLA
@@ -49,8 +50,9 @@ def figures(runs: pd.DataFrame, reqs: pd.DataFrame | None = None, color: str | N
             slos_ms: dict[str, float] | None = None) -> dict[str, go.Figure]:
     """The report's figures, by heading, for a frame :func:`epkit.analysis.results.load` built (and its
     request frame, for the CDFs)."""
+    a2a_rows, runs = A2A.split(runs)  # epkit a2a-bench points have their own figures (docs/a2a_bench.md)
+    out: dict[str, go.Figure] = A2A.figures(a2a_rows)
     ok = runs[runs["status"] == "ok"]
-    out: dict[str, go.Figure] = {}
     if not len(ok):
         return out
     if SLA.has_pd(ok) and {"p99_ttft_ms", "p99_itl_ms"} <= set(ok):

@@ -36,7 +36,7 @@ EXIT_INTERRUPTED = 130
 
 def _usage() -> str:
     lines = ["usage: epkit <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
