@@ -53,6 +53,11 @@ def test_a2a_bench_stores_points_reads_them_back_and_writes_the_report(tmp_path,
     assert "all2all latency vs tokens" in page and "Plotly" in page
     assert "<script src=" not in page  # plotly.js inlined: the page opens offline
 
+    # `epkit report` on the same folder: the a2a figures, not an error about missing serving columns
+    page2 = tmp_path / "report.html"
+    assert main(["report", str(results), "-o", str(page2)]) == 0
+    assert "all2all latency vs tokens" in page2.read_text()
+
 
 @pytest.mark.parametrize("extra, said", [
     (["--routing", "zipf"], "--routing='zipf'; allowed: uniform, skewed"),
