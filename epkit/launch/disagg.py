@@ -15,8 +15,9 @@ hostname, filled in on the node), unless the instance's topology ``env`` sets th
 The router starts once every instance serves: with ``router.on: decode0`` (the default) node 0 of
 the first decode instance runs it beside its engine (a sidecar of that node's supervisor: it ends
 with the engine, on Slurm too, and its output is ``decode0/router.log``); with ``router.on: driver``
-it runs on this machine (``router.log``), tagged with this deployment's id so that a later driver
-finds it (:mod:`epkit.launch.orphans`). ``stop()`` (also on leaving the ``with`` block, on Ctrl-C and
+it runs on this machine (``router.log``) under a supervisor of its own (``python -m epkit.launch.node
+--sidecar``: the same stop file and driver lease as the instances' nodes), tagged with this deployment's id
+so that a later driver finds it (:mod:`epkit.launch.orphans`). ``stop()`` (also on leaving the ``with`` block, on Ctrl-C and
 at interpreter exit) ends the router and every instance.
 """
 
@@ -121,14 +122,16 @@ class DisaggDeployment:
         self.grace_s, self.lease_timeout_s, self.router_timeout_s = grace_s, lease_timeout_s, router_timeout_s
         self.is_slurm = getattr(self.executor, "name", "") == "slurm"
         self.router_on = disagg.router.on
-        self.router_port = disagg.router.port or self.executor.pick_ports()[0]
+        self.router_port = disagg.router.port or (free_port() if self.router_on == "driver" else
+                                                   self.executor.pick_ports()[0])
         self.failure: Failure | None = None
         self.ready = False
         self.timing: dict[str, float] = {}
         self.instances: dict[str, Deployment] = {}
-        self._router_proc: subprocess.Popen | None = None
+        self._router_proc: subprocess.Popen | None = None  # router.on driver: its supervisor (epkit.launch.node)
         self._router_argv: list[str] | None = None
         self._stopped = False
+        self._lease_stop = threading.Event()
         count = sum(t.dp for _, _, t in disagg.instances)
         if self.is_slurm:  # instances may share a node; the range is this deployment's own
             import random
@@ -139,6 +142,8 @@ class DisaggDeployment:
             self.topologies = instance_topologies(disagg, _free_range(self.executor.host, count), self.executor.host)
         self._write_record("starting")
         _LIVE.add(self)
+        self._touch_lease()
+        threading.Thread(target=self._lease_loop, daemon=True, name=f"epkit-lease-{self.id}").start()
         t0 = time.monotonic()
         options = dict(startup_timeout_s=startup_timeout_s, hang_timeout_s=hang_timeout_s, grace_s=grace_s,
                        lease_timeout_s=lease_timeout_s, env=env, preflight=preflight)
@@ -200,7 +205,7 @@ class DisaggDeployment:
         return {"deployment_id": self.id, "kind": "disagg", "run_dir": str(self.run_dir),
                 "router": {"on": self.router_on, "port": self.router_port, "url": self.url,
                            "policy": self.disagg.router.policy,
-                           "pid": self._router_proc.pid if self._router_proc is not None else None},
+                           "pid": read_json(self.router_dir / "router.json").get("pid")},
                 "instances": {name: inst.describe() for name, inst in self.instances.items()}}
 
     # ---- readiness ------------------------------------------------------------------------
@@ -213,10 +218,9 @@ class DisaggDeployment:
         return self._router_problem()
 
     def _router_problem(self) -> Failure | None:
-        if self._router_proc is not None:
-            returncode = self._router_proc.poll()
-        else:
-            returncode = read_json(self.router_dir / "router.json").get("returncode", "running")
+        returncode = read_json(self.router_dir / "router.json").get("returncode", "running")
+        if returncode == "running" and self._router_proc is not None and self._router_proc.poll() is not None:
+            returncode = f"unknown: its supervisor exited with code {self._router_proc.returncode}"
         if returncode in ("running", None):
             return None
         return Failure("exit", f"the router (epkit proxy, on {self.router_on}) exited with code {returncode}; its log: "
@@ -280,15 +284,16 @@ class DisaggDeployment:
         self._router_argv = router_argv(self.disagg, [self._instance_url(n) for n in self._names("prefill")],
                                         [self._instance_url(n) for n in self._names("decode")], self._router_host(),
                                         self.router_port)
-        if self.router_on == "decode0":  # node 0's supervisor of the first decode instance starts it
-            write_json(self.router_dir / SIDECAR_TASK, {"name": ROUTER, "argv": self._router_argv, "env": {}})
-        else:
-            log = open(self.run_dir / "router.log", "ab")
-            argv = [sys.executable, "-m", "epkit.cli", *self._router_argv[1:]]
-            self._router_proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True, cwd=self.run_dir,
-                                                 env={**os.environ, procs.TAG: self.id, "PYTHONUNBUFFERED": "1"})
-            log.close()
+        # node 0's supervisor of the first decode instance starts it, or (on the driver) a supervisor of its own with
+        # the same stop file and lease (epkit.launch.node --sidecar)
+        write_json(self.router_dir / SIDECAR_TASK, {"name": ROUTER, "argv": self._router_argv, "env": {}})
+        if self.router_on == "driver":
+            lease = "none" if self.lease_timeout_s is None else str(self.lease_timeout_s)
+            with open(self.run_dir / "router.supervisor.log", "ab") as log:
+                self._router_proc = subprocess.Popen(
+                    [sys.executable, "-m", "epkit.launch.node", "--sidecar", str(self.run_dir), lease,
+                     str(self.grace_s)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=self.run_dir, env={**os.environ, procs.TAG: self.id})
         self._write_record("starting")
 
     def _wait_router(self, poll_s: float) -> None:
@@ -315,7 +320,7 @@ class DisaggDeployment:
                   "executor": getattr(self.executor, "name", type(self.executor).__name__), "nodes": 0,
                   "grace_s": self.grace_s, "lease_timeout_s": self.lease_timeout_s,
                   "driver": {"pid": os.getpid(), "host": socket.gethostname()},
-                  "handle": {"executor": "local", "router_pid": proc.pid if proc is not None else None},
+                  "handle": {"executor": "local", "supervisor_pids": [proc.pid] if proc is not None else []},
                   "router": {"on": self.router_on, "port": self.router_port, "dir": str(self.router_dir),
                              "argv": self._router_argv},
                   "instances": {name: {"deployment_id": inst.id, "run_dir": str(inst.run_dir), "port": inst.port,
@@ -330,9 +335,14 @@ class DisaggDeployment:
             return
         self._stopped = True
         t0 = time.monotonic()
+        (self.run_dir / "stop").write_text("stop")  # the driver-side router's supervisor ends it
         self._write_record("stopping")
         try:
             if self._router_proc is not None:
+                try:
+                    self._router_proc.wait(self.grace_s + 5.0)
+                except subprocess.TimeoutExpired:
+                    pass
                 procs.terminate([self._router_proc.pid], self.id, grace_s=self.grace_s)
                 self._router_proc.poll()
             if self.instances:
@@ -340,8 +350,21 @@ class DisaggDeployment:
                     list(pool.map(lambda inst: inst.stop(), self.instances.values()))
             self._write_record("stopped")
         finally:
+            self._lease_stop.set()
             _LIVE.discard(self)
             self.timing["stop_s"] = time.monotonic() - t0
+
+    def _touch_lease(self) -> None:
+        (self.run_dir / "lease").write_text(str(time.time()))
+
+    def _lease_loop(self) -> None:
+        """Renew the lease the driver-side router's supervisor checks (the instances renew their own)."""
+        interval = max(1.0, min(10.0, (self.lease_timeout_s or 30.0) / 4))
+        while not self._lease_stop.wait(interval):
+            try:
+                self._touch_lease()
+            except OSError:
+                pass
 
     def __enter__(self) -> "DisaggDeployment":
         return self

@@ -13,7 +13,8 @@ Files in the run folder (shared between nodes, as submitit's folder must be): ``
 A sidecar: once the driver writes ``sidecar.task.json`` (``{"name", "argv", "env"}``) in the run
 folder, node 0's supervisor starts that process beside its engine (the router of a disaggregated
 deployment on the decode side's node 0, :mod:`epkit.launch.disagg`), records it in ``<name>.json``
-with its output in ``<name>.log``, and ends it with the engine.
+with its output in ``<name>.log``, and ends it with the engine. ``python -m epkit.launch.node --sidecar
+RUN_DIR LEASE_S GRACE_S`` supervises a sidecar alone (the router on the driver), with the same stop file and lease.
 Run locally as ``python -m epkit.launch.node TASK.json``.
 """
 
@@ -296,8 +297,33 @@ def run_node(task: NodeTask) -> dict:
     return info
 
 
+def run_sidecar(run_dir: Path, lease_timeout_s: float | None, grace_s: float = 10.0, poll_s: float = 0.2) -> int:
+    """Supervise the sidecar of ``run_dir`` alone, without an engine (the router of a disaggregated deployment on
+    the driver): start it from ``sidecar.task.json``, end it on the stop file, a stale driver lease or an ending
+    signal; return when it has ended (or exited by itself)."""
+    stop, reason = threading.Event(), []
+    _end_on_signals(stop, reason)
+    sidecar = Sidecar(run_dir, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    while not stop.wait(poll_s):
+        sidecar.poll()
+        if "returncode" in sidecar.info or (run_dir / "stop").exists():
+            break
+        if lease_timeout_s is not None:
+            try:
+                if time.time() - (run_dir / "lease").stat().st_mtime > lease_timeout_s:
+                    break
+            except OSError:
+                pass
+    procs.terminate(sidecar.pgids(), grace_s=grace_s)
+    sidecar.finish()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--sidecar"]:  # --sidecar RUN_DIR LEASE_TIMEOUT_S|none GRACE_S
+        lease = None if argv[2] == "none" else float(argv[2])
+        return run_sidecar(Path(argv[1]), lease, float(argv[3]))
     task = NodeTask.from_json(Path(argv[0]).read_text())
     info = run_node(task)
     return 0 if info["returncode"] in (0, None, -15) or info["reason"] != "engine exited" else 1

@@ -67,7 +67,9 @@ def test_local_1p2d_router_on_driver(tmp_path):
     assert {pd["decode_url"] for pd in pds} == {d.instances["decode0"].url, d.instances["decode1"].url}
     assert all(pd["prefill_url"] == d.instances["prefill0"].url for pd in pds)
     assert sorted(record["instances"]) == ["decode0", "decode1", "prefill0"] and record["state"] == "stopped"
-    assert record["router"]["on"] == "driver" and record["handle"]["router_pid"]
+    assert record["router"]["on"] == "driver" and record["handle"]["supervisor_pids"]  # the router's supervisor
+    router = json.loads((tmp_path / "router.json").read_text())
+    assert router["argv"][:2] == ["epkit", "proxy"] and router["returncode"] is not None
     for name, inst in d.instances.items():
         assert inst.run_dir == tmp_path / name and (tmp_path / name / RECORD).exists()
         assert json.loads((tmp_path / name / RECORD).read_text())["state"] == "stopped"

@@ -159,12 +159,15 @@ def test_killed_driver_leaves_nothing_after_resume(tmp_path, _end_leftovers):
     (top,) = records
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    router_pid = top["handle"]["router_pid"]
+    router_pid = json.loads((Path(top["run_dir"]) / "router.json").read_text())["pid"]
     ids = [top["deployment_id"]] + [i["deployment_id"] for i in top["instances"].values()]
     assert procs.pid_alive(router_pid) and all(procs.tagged(i) for i in ids)  # all three outlive the driver
     said: list[str] = []
-    SweepRunner(parse_sweep(spec, str(path)), results, progress=False, say=said.append).end_orphans()
+    runner = SweepRunner(parse_sweep(spec, str(path)), results, progress=False, say=said.append)
+    runner.end_orphans()
     assert no_leftovers(ids, timeout_s=5) == [] and not procs.pid_alive(router_pid)
     assert sum("ending it before starting anything" in line for line in said) == 3, said
+    # every part ended on its stop file (the router's own supervisor too): none needed the SIGKILL fallback
+    assert [r["how"] for r in runner.summary["orphans_ended"]] == ["stop file"] * 3
     states = [json.loads(p.read_text())["state"] for p in results.glob("k9/*/logs/**/deployment.json")]
     assert states == ["stopped"] * 3
