@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
   # The CPU wheel of torch 2.13.0 lies on disk on our machines; any other spec pulls GBs of CUDA wheels.
   "$venv/bin/python" -m pip install -q "torch==${EPKIT_TORCH_VERSION:-2.13.0}"
-  "$venv/bin/python" -m pip install -q -e "$root[engine,bench,dev,analysis]"
+  "$venv/bin/python" -m pip install -q -e "$root[engine,bench,proxy,dev,analysis]"
   rm -f "$venv"/.epkit-setup-*
   touch "$stamp"
 fi
