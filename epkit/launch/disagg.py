@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shlex
 import socket
 import subprocess
@@ -75,7 +76,7 @@ def router_argv(disagg: DisaggTopology, prefill_urls: list[str], decode_urls: li
                 port: int) -> list[str]:
     """The router's command (``epkit proxy``, contract C4) over these instance URLs."""
     return ["epkit", "proxy", "--prefill", *prefill_urls, "--decode", *decode_urls, "--host", host,
-            "--port", str(port), "--policy", disagg.router.policy, "--model", disagg.instances[0][2].model]
+            "--port", str(port), "--policy", disagg.router.policy, "--model", disagg.model]
 
 
 def _free_range(host: str, count: int) -> int:
@@ -134,8 +135,6 @@ class DisaggDeployment:
         self._lease_stop = threading.Event()
         count = sum(t.dp for _, _, t in disagg.instances)
         if self.is_slurm:  # instances may share a node; the range is this deployment's own
-            import random
-
             base = random.Random().randrange(45000, 60000 - count)
             self.topologies = instance_topologies(disagg, base, NODE_HOSTNAME)
         else:
@@ -160,7 +159,7 @@ class DisaggDeployment:
     # ---- what users look at --------------------------------------------------------------
     @property
     def model(self) -> str:
-        return self.disagg.instances[0][2].model
+        return self.disagg.model
 
     def _names(self, role: str) -> list[str]:
         return [name for name in self.topologies if name.startswith(role)]
