@@ -53,6 +53,10 @@ def pop_pd(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     Without ``pd`` every key stays a topology field."""
     fields = dict(fields)
     if "pd" not in fields:
+        stray = [k for k in ("prefill", "decode", "router") if k in fields]
+        if stray:
+            raise TopologyError(f"{', '.join(stray)} describe(s) a split point: give pd too (pd: 1P1D, or an axis "
+                                "pd: [colocated, 1P1D]); allowed without pd: topology fields only")
         return fields, {}
     return fields, {k: fields.pop(k) for k in PD_KEYS if k in fields}
 

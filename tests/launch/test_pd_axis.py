@@ -46,6 +46,8 @@ def test_split_errors_name_pd_and_dp():
         points({"dp": 2, "grid": {"pd": ["2x2"]}})
     with pytest.raises(TopologyError, match=r"prefill has unknown key\(s\) backend; valid keys: model, tp"):
         points({"dp": 2, "pd": "1P1D", "prefill": {"backend": "naive"}})
+    with pytest.raises(TopologyError, match=r"prefill describe\(s\) a split point: give pd too"):
+        points({"dp": 2, "prefill": {"all2all_backend": "naive"}})
     with pytest.raises(TopologyError, match=r"pd=1P1D: nodes=3 do not split over 2 instances"):
         expand_topologies({**BASE, "defaults": {"gpus_per_node": 2}, "topologies": {"dp": 6, "nodes": 3, "pd": "1P1D"}})
 
