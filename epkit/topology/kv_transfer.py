@@ -31,7 +31,7 @@ NIXL_CONNECTORS = ("NixlConnector", "NixlPullConnector", "NixlPushConnector")
 NIXL_BACKENDS = ("UCX", "GDS", "GDS_MT", "POSIX", "OBJ", "AZURE_BLOB", "LIBFABRIC", "GPUNETIO", "GUSLI", "INFINIA",
                  "MOONCAKE", "UCCL", "HF3FS", "TCPXO")
 # The connectors the built-in engine implements (`epkit serve --kv-transfer-config`, NixlConnector's protocol).
-EPKIT_KV_CONNECTORS = ("NixlConnector",)
+BUILTIN_ENGINE_CONNECTORS = ("NixlConnector",)
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,10 @@ class KVTransferConfig:
         """Raise :class:`TopologyError` unless vLLM ``vllm_version`` (its row in :mod:`epkit.vllm.versions`) has
         this connector and every field set, or, for ``engine="epkit"``, unless the built-in engine speaks it."""
         if engine == "epkit":
-            if self.kv_connector not in EPKIT_KV_CONNECTORS:
+            if self.kv_connector not in BUILTIN_ENGINE_CONNECTORS:
                 raise TopologyError(
                     f"kv_transfer_config.kv_connector={self.kv_connector!r}: the built-in engine implements "
-                    f"{', '.join(EPKIT_KV_CONNECTORS)}'s protocol only; allowed: {', '.join(EPKIT_KV_CONNECTORS)} "
+                    f"{', '.join(BUILTIN_ENGINE_CONNECTORS)}'s protocol only; allowed: {', '.join(BUILTIN_ENGINE_CONNECTORS)} "
                     "(use engine vllm for other connectors)")
             return
         vllm_versions.check_kv_transfer_keys(vllm_version, self.explicit())
