@@ -218,6 +218,9 @@ ENV_VARS = {v.name: v for v in (
     EnvVar("EPKIT_GRAPH_STEPS", ("mixed", "decode"), "mixed",
            "which steps run as graphs: mixed = prefill + decode steps up to 1,024 tokens, decode = all-decode steps only"),
     EnvVar("EPKIT_CPU_THREADS", None, "1", "torch threads per engine-core process on CPU"),
+    EnvVar("EPKIT_KV_TRANSPORT", ("auto", "tcp", "nixl"), "auto",
+           "how a decode pulls its prompt's KV from the prefill (--kv-transfer-config): auto = NIXL READs where the "
+           "nixl package loads on both sides, else TCP; tcp = always TCP; nixl = NIXL or fail at start"),
 )}
 
 

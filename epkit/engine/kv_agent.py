@@ -9,7 +9,8 @@ gets a thread that pulls its prompt's KV into a (pinned) host buffer; the core w
 blocks between steps and lets the request run. A pull that fails ends its request with an error naming the
 prefill's host:port; the engine serves on.
 
-Transport: TCP (``transport: "tcp"`` in every decode response's ``epkit_kv_transfer``); see docs/engine.md.
+Transport: NIXL READs where both sides load it (:mod:`epkit.engine.kv_nixl`), else the bytes over TCP; the
+one used is ``transport`` in the decode response's ``epkit_kv_transfer``; see docs/engine.md.
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ class _Reply:
 class KVAgent:
     """One DP rank's KV side channel and pulls; every method but the threads' runs on the core's thread."""
 
-    transport = "tcp"
-
     def __init__(self, config: dict[str, Any], dp_rank: int, scheduler, runner):
         self.engine_id = f"{config['engine_id']}_dp{dp_rank}"  # vLLM's engine id of a DP rank
         self.host, self.port = side_channel_address(dp_rank)
@@ -62,6 +61,10 @@ class KVAgent:
         self.scheduler, self.runner = scheduler, runner
         self.layout = runner.kv_layout()
         self.pinned = runner.device.type == "cuda"
+        from epkit.engine.kv_nixl import load_nixl
+
+        self.nixl = load_nixl(self.engine_id, runner.kv_caches)
+        self.transport = "nixl" if self.nixl is not None else "tcp"
         self.expiry: dict[str, float] = {}  # held request id -> monotonic deadline
         self.last_touch = time.monotonic()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (header, _Reply) from connection threads
@@ -131,14 +134,24 @@ class KVAgent:
         with socket.create_connection((params["remote_host"], int(params["remote_port"])), timeout=CONNECT_TIMEOUT_S) as sock:
             sock.settimeout(REPLY_TIMEOUT_S)
             send_message(sock, {"op": "pull", "engine_id": params["remote_engine_id"],
-                                "request_id": params["remote_request_id"]})
+                                "request_id": params["remote_request_id"], "transport": self.transport})
             header, _ = recv_message(sock, buffer)
         if not header.get("ok"):
             raise _Refused(f"the prefill refused the pull: {header.get('error')}")
         problem = self._mismatch(header, num_tokens, digest)
         if problem is not None:
             raise _Refused(problem)
-        return held[0].view(DTYPES[header["dtype"]]).reshape(header["shape"]), header
+        if "nixl" not in header:
+            return held[0].view(DTYPES[header["dtype"]]).reshape(header["shape"]), {**header, "transport": "tcp"}
+        data = torch.empty(header["shape"], dtype=DTYPES[header["dtype"]], pin_memory=self.pinned)
+        self.nixl.read(header["nixl"], data)
+        try:  # read: the prefill may free its blocks now (else its lease does)
+            ask(str(params["remote_host"]), int(params["remote_port"]),
+                {"op": "release", "engine_id": params["remote_engine_id"], "request_id": params["remote_request_id"]})
+        except OSError as exc:
+            log.warning("KV of %s read over NIXL, but its release failed (freed at the prefill's lease): %s",
+                        params["remote_request_id"], exc)
+        return data, {**header, "transport": "nixl"}
 
     def _mismatch(self, header: dict[str, Any], num_tokens: int, digest: str) -> str | None:
         shape, (layers, heads, dim) = header.get("shape") or [0] * 5, self.layout
@@ -196,13 +209,16 @@ class KVAgent:
             return {"ok": True, "engine_id": self.engine_id, "request_id": request_id}, None
         if op == "release":
             blocks = self._free(request_id)
-            log.info("KV of request %s released on request (%d blocks)", request_id, blocks)
+            log.info("KV of request %s released (%d blocks)", request_id, blocks)
             return {"ok": True, "engine_id": self.engine_id, "request_id": request_id, "blocks": blocks}, None
-        data = self.runner.read_kv(seq.block_table, seq.num_prompt_tokens)
-        blocks = -(-seq.num_prompt_tokens // self.runner.block_size)
-        reply = {"ok": True, "engine_id": self.engine_id, "request_id": request_id, "shape": list(data.shape),
-                 "dtype": str(data.dtype).replace("torch.", ""), "num_tokens": seq.num_prompt_tokens, "blocks": blocks,
-                 "prompt_digest": prompt_digest(seq.token_ids[:seq.num_prompt_tokens])}
+        n, (layers, heads, dim) = seq.num_prompt_tokens, self.layout
+        reply = {"ok": True, "engine_id": self.engine_id, "request_id": request_id, "shape": [layers, 2, n, heads, dim],
+                 "dtype": str(self.runner.dtype).replace("torch.", ""), "num_tokens": n,
+                 "blocks": -(-n // self.runner.block_size), "prompt_digest": prompt_digest(seq.token_ids[:n])}
+        if header.get("transport") == "nixl" and self.nixl is not None:  # the decode READs; it releases after
+            self.expiry[request_id] = time.monotonic() + self.timeout_s
+            return {**reply, "nixl": self.nixl.offer(seq.block_table, n, self.runner.block_size)}, None
+        data = self.runner.read_kv(seq.block_table, n)
         self._free(request_id)
         return reply, memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
 
@@ -253,10 +269,10 @@ class KVAgent:
             data, header, started = result
             self.runner.write_kv(seq.block_table, data)
             stats = {"ms": (time.perf_counter() - started) * 1e3, "bytes": data.numel() * data.element_size(),
-                     "blocks": int(header["blocks"]), "transport": self.transport}
+                     "blocks": int(header["blocks"]), "transport": header["transport"]}
             self.scheduler.receive_done(request_id, stats)
             log.info("request %s: pulled %d tokens of KV (%d blocks, %d bytes) from %s over %s in %.1f ms", request_id,
-                     seq.num_prompt_tokens, stats["blocks"], stats["bytes"], header.get("engine_id"), self.transport,
+                     seq.num_prompt_tokens, stats["blocks"], stats["bytes"], header.get("engine_id"), stats["transport"],
                      stats["ms"])
         return failed
 

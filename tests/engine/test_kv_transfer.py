@@ -237,3 +237,52 @@ def test_scheduler_holds_receives_and_frees_blocks():
     sched.schedule()
     failed = sched.receive_failed("e", "unreachable")
     assert failed.finish_reason == "abort" and failed.error == "unreachable" and "e" not in sched.receiving
+
+
+def nixl_python() -> str | None:
+    """A Python with torch, the engine's dependencies and a loading NIXL: the real-vLLM venv has them
+    (scripts/vllm_venv.sh installs nixl-cu12 there); None where there is none."""
+    import os
+    from pathlib import Path
+
+    python = os.environ.get("EPKIT_VLLM_PYTHON") or str(Path.home() / ".cache/epkit/vllm-venv/bin/python")
+    if not Path(python).exists():
+        return None
+    probe = ("import fastapi, uvicorn, tokenizers, prometheus_client, torch\n"
+             "from nixl._api import nixl_agent, nixl_agent_config as c\nnixl_agent('probe', c(backends=['UCX']))")
+    ok = subprocess.run([python, "-c", probe], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    return python if ok else None
+
+
+def test_nixl_transport_same_tokens_as_tcp_and_colocated(tmp_path, monkeypatch, pair):
+    """With NIXL loadable on both sides the decode READs the prompt's blocks over UCX (transport "nixl"); a TCP
+    peer (the pair, without NIXL) still pulls over TCP from it."""
+    python = nixl_python()
+    if python is None:
+        pytest.skip("no Python with NIXL and the engine's dependencies (the real-vLLM venv of scripts/vllm_venv.sh)")
+    monkeypatch.setattr(sys, "executable", python)  # read by Node when it starts the engine
+    started = []
+    try:
+        started.append(start(tmp_path, monkeypatch, [], ranks=1, EPKIT_KV_TRANSPORT="nixl"))
+        started.append(start(tmp_path, monkeypatch, ["-dp", "2"], ranks=2, EPKIT_KV_TRANSPORT="nixl"))
+        monkeypatch.undo()
+        p, d = started
+        tcp_peer = pair[1]
+        for prompt in PROMPTS[1:3]:
+            colocated = client(d).completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+            split = disaggregated(client(p), client(d), prompt)
+            assert split.choices[0].text == colocated.choices[0].text
+            assert split.model_extra["epkit_kv_transfer"]["transport"] == "nixl"
+            mixed = disaggregated(client(p), client(tcp_peer), prompt)
+            assert mixed.choices[0].text == colocated.choices[0].text
+            assert mixed.model_extra["epkit_kv_transfer"]["transport"] == "tcp"
+        deadline = time.time() + 30
+        while held(p) and time.time() < deadline:  # the decode's release after its READ
+            time.sleep(0.1)
+        assert held(p) == 0
+        assert "KV side channel on" in p.nodes[0].log() and "transport nixl" in p.nodes[0].log()
+    finally:
+        for dep in started:
+            pids = dep.pids()
+            dep.stop()
+            assert not wait_gone(pids)
