@@ -96,6 +96,8 @@ def test_router_completions_equal_colocated_vllm_and_the_kv_came_over_nixl(pair)
         alone = colocated.completions.create(**ask)  # no kv_transfer_params: the instance serves it itself
         assert whole.usage.prompt_tokens > BLOCK and whole.usage.completion_tokens == 12
         assert whole.choices[0].logprobs.tokens == alone.choices[0].logprobs.tokens
+        assert whole.choices[0].logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs,
+                                                                         abs=1e-3)  # 0.0 apart here
         assert whole.choices[0].text == alone.choices[0].text != ""
         assert "".join(c.choices[0].text for c in streamed if c.choices) == alone.choices[0].text
         pd = whole.model_extra["epkit_pd"]
