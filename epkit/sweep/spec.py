@@ -54,6 +54,12 @@ class TopologyPoint:
     notes: tuple[str, ...] = ()  # what the expansion says about this point (e.g. grid points it stands for)
     pd: str | None = None  # the point's pd (epkit.sweep.pd), None when the spec has no pd
     disagg: Any = None  # a split point's DisaggTopology (its instances, connector and router)
+    share_gpus: bool = False  # a split point whose instances all run on the point's GPUs
+
+    @property
+    def gpus(self) -> int:
+        """The GPUs the point holds."""
+        return self.topology.world_size if self.disagg is None or self.share_gpus else self.disagg.gpus
 
     def parts(self) -> list[tuple[str, Topology]]:
         """What the point deploys: ``[("", topology)]``, or each instance of a split point (``prefill0``…)."""
@@ -189,10 +195,13 @@ def expand_topologies(data: Mapping[str, Any]) -> list[TopologyPoint]:
                 tid = f"{given_id}_{topology_id(topo)}"
             tid += f"_{pd}" if pd and not (given_id and not combo) else ""
             notes = ()
-            if disagg is not None and disagg.gpus != topo.world_size:
+            share = bool(pd_options.get("share_gpus")) and disagg is not None
+            if share:
+                notes = (f"pd={pd} with share_gpus: every instance runs on the point's {topo.world_size} GPU(s)",)
+            elif disagg is not None and disagg.gpus != topo.world_size:
                 notes = (f"pd={pd} with prefill/decode overrides uses {disagg.gpus} GPUs, the colocated point "
                          f"{topo.world_size}",)
-            out.append(TopologyPoint(tid, topo, notes, pd, disagg))
+            out.append(TopologyPoint(tid, topo, notes, pd, disagg, share))
     seen: dict[str, int] = {}
     unique = []
     for tp in out:  # same id from different extra_args/env: number them
@@ -461,7 +470,7 @@ def plan_sweep(spec: SweepSpec, done: Mapping[tuple[str, str, int], str] | None 
         plan = memory_verdict(spec, tp)
         pending = [(w.id, r) for w in spec.workloads for r in range(w.repeats) if done.get((tp.id, w.id, r)) != "ok"]
         seconds = startup_s + sum(w.estimate_s(point_s) * w.repeats for w in spec.workloads)
-        gpus = tp.topology.nodes * tp.topology.gpus_on_node if tp.disagg is None else tp.disagg.gpus
+        gpus = tp.topology.nodes * tp.topology.gpus_on_node if tp.disagg is None else tp.gpus
         if pending:
             gpu_s += gpus * seconds
         pending_total += len(pending)

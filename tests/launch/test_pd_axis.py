@@ -39,6 +39,20 @@ def test_split_at_equal_gpu_count():
         assert all(t.kv_transfer_config == kv and t.enable_expert_parallel for _, t in p.parts())
 
 
+def test_share_gpus_runs_every_instance_on_the_points_gpus():
+    colocated, shared = points({"dp": 1, "gpu_memory_utilization": 0.8,
+                                "grid": {"pd": ["colocated", "1P1D"]}, "share_gpus": True})
+    assert colocated.disagg is None and not colocated.share_gpus
+    assert shared.share_gpus and shared.gpus == colocated.gpus == 1
+    assert [(n, t.dp, t.gpu_memory_utilization) for n, t in shared.parts()] == [("prefill0", 1, 0.4), ("decode0", 1, 0.4)]
+    assert "share_gpus" in shared.notes[0]
+    from epkit.sweep import pd as pd_axis
+    cols = pd_axis.columns(shared.pd, shared.disagg, shared.share_gpus)
+    assert (cols["world_size"], cols["prefill_gpus"], cols["decode_gpus"]) == (1, 1, 1)
+    with pytest.raises(TopologyError, match=r"share_gpus='yes'; allowed: true"):
+        points({"dp": 1, "pd": "1P1D", "share_gpus": "yes"})
+
+
 def test_split_errors_name_pd_and_dp():
     with pytest.raises(TopologyError, match=r"pd=1P2D splits dp=2 over 3 instances: dp must be a multiple of"):
         points({"dp": 2, "grid": {"pd": ["colocated", "1P2D"]}})
