@@ -286,3 +286,74 @@ def test_nixl_transport_same_tokens_as_tcp_and_colocated(tmp_path, monkeypatch, 
             pids = dep.pids()
             dep.stop()
             assert not wait_gone(pids)
+
+
+def test_request_kv_transfer_params_are_checked():
+    from epkit.engine.protocol import ApiError, CompletionRequest
+
+    def check(params, on=True, prompts=1, **body):
+        return CompletionRequest.model_validate({"prompt": "x", "kv_transfer_params": params, **body}).kv_params(on, prompts)
+
+    assert check(None) is None and check({"do_remote_decode": False, "do_remote_prefill": False}) is None
+    assert check(PREFILL_PARAMS)["do_remote_decode"] is True
+    pull = {"do_remote_prefill": True, "remote_engine_id": "e_dp0", "remote_request_id": "0-1",
+            "remote_host": "127.0.0.1", "remote_port": 5600, "tp_size": 1}
+    assert check(pull) == pull
+    for params, on, prompts, body, needle in [
+        (PREFILL_PARAMS, False, 1, {}, "started without --kv-transfer-config"),
+        ({**pull, "do_remote_decode": True}, True, 1, {}, "cannot both be true"),
+        ({**pull, "remote_host": None}, True, 1, {}, "needs remote_host"),
+        ({**pull, "remote_port": "x"}, True, 1, {}, "remote_port='x'"),
+        ({**pull, "tp_size": 2}, True, 1, {}, "tp_size=2"),
+        (PREFILL_PARAMS, True, 2, {}, "needs one prompt and n=1"),
+    ]:
+        with pytest.raises(ApiError) as err:
+            check(params, on, prompts, **body)
+        assert err.value.status == 400 and needle in err.value.message and err.value.param == "kv_transfer_params"
+
+
+def test_queued_decode_extends_its_prefills_lease(monkeypatch):
+    """A decode still waiting for a slot 'touches' its prefill every sixth of the lease (vLLM 0.32.0's heartbeat),
+    so the prefill keeps the blocks past the lease; once nothing touches them, the lease frees them. Two real
+    side channels in this process; the runner (the device edge) is a stand-in, never read here."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from epkit.engine.block_manager import BlockManager
+    from epkit.engine.kv_agent import KVAgent
+    from epkit.engine.scheduler import Scheduler, SchedulerConfig
+    from epkit.engine.sequence import EngineRequest, SamplingParams
+
+    monkeypatch.setenv("EPKIT_KV_TRANSPORT", "tcp")
+    monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    runner = SimpleNamespace(kv_layout=lambda: (1, 1, 4), device=torch.device("cpu"), kv_caches=[], block_size=4,
+                             dtype=torch.float32)
+    config = {"engine_id": "lease", "kv_connector_extra_config": {"kv_lease_duration": 3}}
+    agents, scheds = [], []
+    try:
+        for _ in range(2):
+            monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_PORT", str(free_port()))
+            scheds.append(Scheduler(SchedulerConfig(8, 64, 128, eos_token_id=0), BlockManager(8, 4)))
+            agents.append(KVAgent(config, 0, scheds[-1], runner))
+        prefill_sched, decode_sched = scheds
+        prefill_sched.add(EngineRequest("p", (1, 2, 3, 4, 5), SamplingParams(
+            max_tokens=1, kv_transfer_params={"do_remote_decode": True})))
+        params = prefill_sched.postprocess(prefill_sched.schedule(), {"p": 9})[0].kv_transfer_params
+        queued = EngineRequest("d", (1, 2, 3, 4, 5), SamplingParams(kv_transfer_params=params))
+        decode_sched.add(queued)  # queued: never scheduled here, as if no slot were free
+        until = time.monotonic() + 4.5  # 1.5 leases
+        while time.monotonic() < until:
+            for agent in agents:
+                agent.service()
+            time.sleep(0.02)
+        assert "p" in prefill_sched.holding  # touched: still held after the lease
+        decode_sched.waiting.clear()
+        deadline = time.monotonic() + 30
+        while "p" in prefill_sched.holding and time.monotonic() < deadline:
+            agents[0].service()
+            time.sleep(0.05)
+        assert "p" not in prefill_sched.holding and prefill_sched.blocks.num_free_blocks == 8
+    finally:
+        for agent in agents:
+            agent.close()
