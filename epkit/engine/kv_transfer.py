@@ -23,16 +23,14 @@ import uuid
 from typing import Any
 
 from epkit.errors import EngineError
+from epkit.topology.backends import KV_BUFFER_DEVICES, KV_LOAD_FAILURE_POLICIES, KV_ROLES, NIXL_BACKENDS
 
 KV_CONNECTORS = ("NixlConnector",)  # the protocol the engine implements
-KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
-KV_BUFFER_DEVICES = ("cpu", "cuda", "xpu")
 # vLLM 0.32.0's KVTransferConfig fields; kv_rank / kv_parallel_size / kv_ip / kv_buffer_size are older releases'
 # (P2P connectors) and accepted without effect, so one rendered config serves every release
 KV_TRANSFER_KEYS = ("kv_connector", "engine_id", "kv_buffer_device", "kv_role", "kv_port", "kv_connector_extra_config",
                     "kv_connector_module_path", "enable_permute_local_kv", "kv_load_failure_policy",
                     "kv_rank", "kv_parallel_size", "kv_ip", "kv_buffer_size")
-NIXL_BACKENDS = ("UCX", "GDS", "GDS_MT", "POSIX", "OBJ", "Mooncake", "LIBFABRIC", "UCCL")
 LEASE_DEFAULT_S = 30.0  # vLLM 0.32.0: kv_connector_extra_config.kv_lease_duration, default 30 s
 SIDE_CHANNEL_HOST_DEFAULT, SIDE_CHANNEL_PORT_DEFAULT = "localhost", 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_*
 CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S = 10.0, 60.0
@@ -72,7 +70,7 @@ def check_kv_transfer_config(config: Any) -> dict[str, Any]:
     _check(not isinstance(lease, bool) and isinstance(lease, (int, float)) and lease > 0,
            f"kv_transfer_config.kv_connector_extra_config.kv_lease_duration={lease!r} must be a number of seconds > 0")
     policy = config.get("kv_load_failure_policy", "fail")
-    _check(policy in ("fail", "recompute"),
+    _check(policy in KV_LOAD_FAILURE_POLICIES,
            f"kv_transfer_config.kv_load_failure_policy={policy!r}; allowed: fail, recompute")
     engine_id = config.get("engine_id") or str(uuid.uuid4())
     _check(isinstance(engine_id, str), f"kv_transfer_config.engine_id={engine_id!r} must be a string")

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-__all__ = ["BUILTIN_BACKENDS", "VendorPackage", "VENDOR_PACKAGES"]
+__all__ = ["BUILTIN_BACKENDS", "KV_BUFFER_DEVICES", "KV_LOAD_FAILURE_POLICIES", "KV_ROLES", "NIXL_BACKENDS",
+           "VendorPackage", "VENDOR_PACKAGES"]
+
+# --kv-transfer-config words both the topology checks and the built-in engine's own flag check use.
+KV_ROLES: tuple[str, ...] = ("kv_producer", "kv_consumer", "kv_both")  # vLLM's KVRole Literal
+# What vLLM's connectors take as a buffer device: KVTransferConfig's doc ("Choices are 'cuda', 'cpu' and
+# 'xpu'") and NixlConnector's _NIXL_SUPPORTED_DEVICE (vllm 0.32.0 nixl/utils.py:18). Unset: the platform's device.
+KV_BUFFER_DEVICES: tuple[str, ...] = ("cuda", "cpu", "xpu")
+KV_LOAD_FAILURE_POLICIES: tuple[str, ...] = ("recompute", "fail")
+# NIXL backend (plugin) names for kv_connector_extra_config.backends: the plugins the nixl-cu12 1.5.1 wheel ships
+# (libplugin_<NAME>.so), then the ones only a NIXL built from source has (src/plugins/meson.build of ai-dynamo/nixl).
+NIXL_BACKENDS: tuple[str, ...] = ("UCX", "GDS", "GDS_MT", "POSIX", "OBJ", "AZURE_BLOB", "LIBFABRIC", "GPUNETIO", "GUSLI",
+                                  "INFINIA", "MOONCAKE", "UCCL", "HF3FS", "TCPXO")
 
 # The algorithms the built-in engine runs itself over torch.distributed (docstring of epkit/engine/all2all.py).
 BUILTIN_BACKENDS: tuple[str, ...] = ("allgather_reducescatter", "naive", "all_to_all")

@@ -15,21 +15,13 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from epkit.errors import TopologyError
+from epkit.topology.backends import KV_BUFFER_DEVICES, KV_LOAD_FAILURE_POLICIES, KV_ROLES, NIXL_BACKENDS
 from epkit.topology.checks import check_bool, check_int
 from epkit.vllm import versions as vllm_versions
 
-KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")  # vLLM's KVRole Literal
-# What vLLM's connectors take as a buffer device: KVTransferConfig's doc ("Choices are 'cuda', 'cpu' and
-# 'xpu'") and NixlConnector's _NIXL_SUPPORTED_DEVICE (vllm 0.32.0 nixl/utils.py:18). Unset: the platform's device.
-KV_BUFFER_DEVICES = ("cuda", "cpu", "xpu")
-KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 # The connectors that speak NixlConnector's protocol (one module, vllm/…/kv_connector/v1/nixl) and read
 # kv_connector_extra_config.backends (default ["UCX"]; base_worker.py:525 in 0.32.0).
 NIXL_CONNECTORS = ("NixlConnector", "NixlPullConnector", "NixlPushConnector")
-# NIXL backend (plugin) names: the plugins the nixl-cu12 1.5.1 wheel ships (libplugin_<NAME>.so), then the
-# ones only a NIXL built from source has (src/plugins/meson.build of ai-dynamo/nixl).
-NIXL_BACKENDS = ("UCX", "GDS", "GDS_MT", "POSIX", "OBJ", "AZURE_BLOB", "LIBFABRIC", "GPUNETIO", "GUSLI", "INFINIA",
-                 "MOONCAKE", "UCCL", "HF3FS", "TCPXO")
 # The connectors the built-in engine implements (`epkit serve --kv-transfer-config`, NixlConnector's protocol).
 BUILTIN_ENGINE_CONNECTORS = ("NixlConnector",)
 
