@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -10,7 +12,7 @@ import weakref
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from epkit.engine.client import EngineClient
@@ -337,12 +339,38 @@ class ChatReply:
         self.stream = await primed(self.stream)
 
 
-async def _reply(reply: CompletionReply | ChatReply, stream: bool):
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (its body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work):
+    """``await work`` (a coroutine), cancelled if the client disconnects first, as vLLM's ``with_cancellation``
+    does for its routes: the engine then aborts the request (``run``'s ``finally``) instead of finishing it for
+    nobody. Returns the result, or None when the client left."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _reply(request: Request, reply: CompletionReply | ChatReply, stream: bool):
     if stream and reply.kv.remote_prefill:
         await reply.prime()
     if stream:
         return StreamingResponse(reply.events(), media_type="text/event-stream", headers=reply.headers)
-    return JSONResponse(await reply.body(), headers=reply.headers)
+    body = await _unless_client_leaves(request, reply.body())
+    if body is None:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    return JSONResponse(body, headers=reply.headers)
 
 
 def add_openai_routes(app: FastAPI, api: Api) -> None:
@@ -356,11 +384,11 @@ def add_openai_routes(app: FastAPI, api: Api) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await api.parse(request, CompletionRequest)
-        return await _reply(CompletionReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id")),
-                            req.stream)
+        reply = CompletionReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id"))
+        return await _reply(request, reply, req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req: ChatRequest = await api.parse(request, ChatRequest)
-        return await _reply(ChatReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id")),
-                            req.stream)
+        reply = ChatReply(api, req, api.pinned_rank(request), request.headers.get("x-request-id"))
+        return await _reply(request, reply, req.stream)

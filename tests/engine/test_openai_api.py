@@ -178,6 +178,28 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     assert after.usage.completion_tokens == 4
 
 
+def test_disconnect_before_a_non_streamed_reply_aborts_the_request(server, client):
+    """A client that leaves before a non-streamed reply is ready: the request is aborted (vLLM's
+    with_cancellation), not finished for nobody."""
+    body = {"model": MODEL, "prompt": "long story", "max_tokens": 400, "ignore_eos": True}
+    finished = int(_finished(server))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=httpx.Timeout(60, read=1.5))
+    deadline = time.time() + 20
+    while running(server) > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0, "the abandoned request still holds a slot"
+    assert int(_finished(server)) == finished, "the abandoned request ran to its end"
+    after = client.completions.create(model=MODEL, prompt="still serving?", max_tokens=4, temperature=0)
+    assert after.usage.completion_tokens == 4
+
+
+def _finished(server) -> float:
+    """Requests finished with a reason (vllm:request_success_total over every rank and reason)."""
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:request_success_total{"))
+
+
 def test_256_concurrent_streams(server):
     async def one(client: openai.AsyncOpenAI, i: int) -> int:
         stream = await client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=8,
