@@ -258,3 +258,14 @@ def test_the_0_32_0_row_is_what_the_installed_vllm_registers(vllm_python):
     assert real["connectors"] == sorted(row.kv_connectors)
     assert tuple(real["fields"]) == row.kv_transfer_keys
     assert set(real["fields"]) <= set(KVTransferConfig.keys())
+
+
+def test_router_on_key_written_bare_in_yaml():
+    """`on:` unquoted is YAML 1.1's boolean true (PyYAML): the router still reads it as the `on` key."""
+    import yaml
+
+    from epkit.topology.disagg import RouterConfig
+
+    data = yaml.safe_load("router: {policy: least_outstanding, on: driver}")["router"]
+    assert True in data
+    assert RouterConfig.from_dict(data) == RouterConfig(policy="least_outstanding", on="driver")

@@ -63,6 +63,8 @@ class RouterConfig:
             return data or cls()
         if not isinstance(data, Mapping):
             raise TopologyError(f"router={data!r} must be a mapping with keys policy, port, on")
+        if True in data and "on" not in data:  # YAML 1.1 reads a bare `on:` key as the boolean true
+            data = {("on" if key is True else key): value for key, value in data.items()}
         unknown = sorted(set(data) - {"policy", "port", "on"}, key=str)
         if unknown:
             raise TopologyError(f"router has unknown key(s) {', '.join(map(str, unknown))}; "
