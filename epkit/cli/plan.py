@@ -200,8 +200,8 @@ def disagg_report(spec: DisaggPlanSpec) -> dict[str, Any]:
     """A disaggregated spec's plan: every instance's report under its label, the router, the KV connector."""
     d = spec.disagg
     plans = dict(spec.memory_plans())
-    instances = [{"label": label, "role": role, "index": index, **_topology_report(t, plans[label])}
-                 for label, (role, index, t) in zip(d.labels, d.instances)]
+    instances = [{"label": label, "role": role, "index": index, "kv_role": t.kv_transfer_config.kv_role,
+                  **_topology_report(t, plans[label])} for label, (role, index, t) in zip(d.labels, d.instances)]
     return {"kind": "disagg", "pd": d.pd, "gpus": d.gpus, "block_size": d.block_size, "model": d.model,
             "kv_transfer_config": d.kv_transfer_config.explicit(), "router": d.router.to_dict(),
             "instances": instances, "warnings": d.warnings()}
@@ -233,7 +233,9 @@ def format_disagg_text(report: dict[str, Any]) -> str:
     out.append(f"# {report['pd']}: {len(report['instances'])} instances, {report['gpus']} GPUs, model "
                f"{report['model']}, KV block size {report['block_size']}")
     kv = json.dumps(report["kv_transfer_config"])
-    out.append(f"  kv transfer (each instance's --kv-transfer-config above): {kv}")
+    roles = sorted({inst.get("kv_role") for inst in report["instances"]} - {None})
+    out.append(f"  kv transfer (each instance's --kv-transfer-config above): {kv}"
+               + (f"; the instances set kv_role {', '.join(roles)}" if len(roles) > 1 else ""))
     out.append(f"  router: epkit proxy --policy {router['policy']} on {router['on']}, port "
                f"{router['port'] if router['port'] is not None else '(a free one)'}")
     if report["warnings"]:
