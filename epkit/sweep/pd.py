@@ -86,6 +86,8 @@ def _instance_fields(base: Topology, pd: str, parts: int) -> dict[str, Any]:
                 f"pd={pd}: nodes={base.nodes} do not split over {parts} instances and one instance (tp={base.tp} × "
                 f"dp={dp}) does not fit on one node of gpus_per_node={base.gpus_per_node}; allowed: nodes a "
                 f"multiple of {parts}, or a split whose instances fit one node")
+    if fields.get("nodes", 1) == 1:  # the point's address is one node's; each single-node instance finds its own
+        fields["data_parallel_address"] = None
     return fields
 
 
