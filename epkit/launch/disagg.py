@@ -42,6 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from epkit.errors import LaunchError
 from epkit.launch import procs
 from epkit.launch.deployment import DEPLOYMENT_KINDS, RECORD, Deployment, DeploymentFailed, _executor
 from epkit.launch.failure import Failure, tail
@@ -99,6 +100,40 @@ def _free_range(host: str, count: int) -> int:
     raise OSError(f"no {count} consecutive free ports on {host} for the KV side channels")
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this machine lets a local deployment use: ``CUDA_VISIBLE_DEVICES`` if set, else the indices
+    ``nvidia-smi -L`` lists (none without NVIDIA GPUs or without nvidia-smi)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [g for g in given.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def gpu_slices(topologies: dict[str, Topology], gpus: list[str]) -> dict[str, Topology]:
+    """Each local instance with ``CUDA_VISIBLE_DEVICES`` = its own consecutive GPUs (``world_size`` of them), so
+    that a split point runs on the point's GPUs divided, not every instance on GPU 0. Unchanged without GPUs
+    or where an instance's ``env`` sets the variable; a LaunchError when the instances need more GPUs than the
+    machine shows (``share_gpus`` puts them on the same GPUs instead)."""
+    if not gpus or any("CUDA_VISIBLE_DEVICES" in t.env for t in topologies.values()):
+        return topologies
+    need = sum(t.world_size for t in topologies.values())
+    if need > len(gpus):
+        each = ", ".join(f"{n}: {t.world_size}" for n, t in topologies.items())
+        raise LaunchError(f"the instances need {need} GPUs ({each}) and this machine shows {len(gpus)} "
+                          f"({','.join(gpus)}); allowed: at most {len(gpus)}, or share_gpus: true (every instance "
+                          "on the same GPUs, each with its share of the memory)")
+    out, at = {}, 0
+    for name, topo in topologies.items():
+        mine = gpus[at:at + topo.world_size]
+        at += topo.world_size
+        out[name] = replace(topo, env={**dict(topo.env), "CUDA_VISIBLE_DEVICES": ",".join(mine)})
+    return out
+
+
 def _healthy(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=timeout_s) as r:
@@ -115,7 +150,7 @@ class DisaggDeployment:
     def __init__(self, disagg: DisaggTopology, executor: Any = "local", run_dir: str | Path | None = None,
                  startup_timeout_s: float | None = None, hang_timeout_s: float | None = None, grace_s: float = 10.0,
                  lease_timeout_s: float | None = 120.0, env: dict | None = None, preflight: bool | None = None,
-                 router_timeout_s: float = ROUTER_TIMEOUT_S):
+                 router_timeout_s: float = ROUTER_TIMEOUT_S, share_gpus: bool = False):
         self.disagg = disagg
         self.executor = _executor(executor)
         self.id = uuid.uuid4().hex[:12]
@@ -143,6 +178,8 @@ class DisaggDeployment:
             n = len(self.topologies)  # all on this machine: each its share of the cores and memory (vLLM-CPU reads it)
             self.topologies = {name: replace(t, env={HOST_SHARE_ENV: f"{i}/{n}", **dict(t.env)})
                                for i, (name, t) in enumerate(self.topologies.items())}
+            if not share_gpus:
+                self.topologies = gpu_slices(self.topologies, visible_gpus())
         self._write_record("starting")
         _LIVE.add(self)
         self._touch_lease()

@@ -217,7 +217,8 @@ class SweepRunner:
         if tp.disagg is not None:
             from epkit.launch.disagg import DisaggDeployment
 
-            return DisaggDeployment(tp.disagg, self.executor, run_dir=run_dir, **self._deploy_options())
+            return DisaggDeployment(tp.disagg, self.executor, run_dir=run_dir, share_gpus=tp.share_gpus,
+                                    **self._deploy_options())
         return Deployment(tp.topology, self.executor, run_dir=run_dir, **self._deploy_options())
 
     def run_topology(self, tp: TopologyPoint, points: list[tuple[WorkloadPoint, int]]) -> None:

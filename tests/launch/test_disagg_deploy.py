@@ -176,3 +176,17 @@ def test_host_share_splits_cores_and_memory_for_vllm_cpu_instances():
     assert vi.CPU_BIND_ENV not in env  # one instance, one TP rank: vLLM's own binding
     with pytest.raises(ValueError, match=r"EPKIT_HOST_SHARE='2/2'; allowed: i/n"):
         vi.platform_args(topo, cpu, host, {vi.HOST_SHARE_ENV: "2/2"})
+
+
+def test_local_instances_get_their_own_gpus():
+    """On a GPU machine a local split point runs each instance on its own GPUs (CUDA_VISIBLE_DEVICES), not all
+    on GPU 0; more GPUs than the machine shows is refused naming share_gpus; none on a CPU machine."""
+    from epkit.errors import LaunchError
+    from epkit.launch.disagg import gpu_slices, instance_topologies
+
+    topos = instance_topologies(disagg(prefill={"dp": 2, "gpus_per_node": 2}))
+    placed = gpu_slices(topos, ["0", "1", "2", "3"])
+    assert {n: t.env["CUDA_VISIBLE_DEVICES"] for n, t in placed.items()} == {"prefill0": "0,1", "decode0": "2"}
+    assert gpu_slices(topos, []) == topos
+    with pytest.raises(LaunchError, match=r"need 3 GPUs .* shows 2 .* share_gpus: true"):
+        gpu_slices(topos, ["0", "1"])
