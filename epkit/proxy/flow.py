@@ -92,12 +92,19 @@ class ClosingStreamingResponse(StreamingResponse):
     went away included, so the upstream decode stream is closed at once (the engine aborts the request then),
     not whenever the suspended generator happens to be collected."""
 
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close  # an idempotent coroutine function: the stream's cleanup, also when the body
+        # iterator never started (a generator closed before its first step does not run its ``finally``)
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                if self.on_close is not None:
+                    await self.on_close()
 
 
 class Router:
@@ -207,8 +214,14 @@ class Router:
             return passthrough(resp.status_code, content, resp.headers, request_id)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            relay = self.relay(path, inst, resp, started, pd, include_usage, pre, headers)
-            return ClosingStreamingResponse(relay, media_type="text/event-stream", headers={"X-Request-Id": request_id})
+            state = {"outcome": "client_disconnected", "events": 0, "closed": False}
+
+            async def close() -> None:
+                await self.end_stream(path, inst, resp, started, pd, pre, headers, state)
+
+            relay = self.relay(inst, resp, started, pd, include_usage, state, close)
+            return ClosingStreamingResponse(relay, media_type="text/event-stream", headers={"X-Request-Id": request_id},
+                                            on_close=close)
         return await self.whole(path, inst, resp, started, pd, pre, headers)
 
     async def run_prefill(self, path: str, body: dict, headers: dict, request_id: str) -> Prefilled | Response:
@@ -342,38 +355,49 @@ class Router:
             reply["epkit_pd"] = self.pd_fields(pd, reply.get("epkit_kv_transfer"), inst)
         return JSONResponse(reply, headers={"X-Request-Id": pd["request_id"]})
 
-    async def relay(self, path: str, inst: Instance, resp: httpx.Response, started: float, pd: dict,
-                    include_usage: bool, pre: Prefilled, headers: dict) -> AsyncIterator[bytes]:
-        """The decode's server-sent events as they come, whole events only, the last one with ``epkit_pd``."""
-        outcome, events, pending, seen = "client_disconnected", 0, b"", {}
+    async def relay(self, inst: Instance, resp: httpx.Response, started: float, pd: dict, include_usage: bool,
+                    state: dict, close) -> AsyncIterator[bytes]:
+        """The decode's server-sent events as they come, whole events only, the last one with ``epkit_pd``;
+        ``close`` (idempotent) ends the decode call however the stream ends."""
+        pending, seen = b"", {}
         try:
             async for chunk in resp.aiter_bytes():
                 pending += chunk
                 while (end := pending.find(SSE_SEPARATOR)) >= 0:
                     event, pending = pending[:end + len(SSE_SEPARATOR)], pending[end + len(SSE_SEPARATOR):]
-                    if events == 0:
+                    if state["events"] == 0:
                         self.metrics.decode_ttft_seconds.labels(inst.url).observe(time.perf_counter() - started)
-                    events += 1
+                    state["events"] += 1
                     yield self.mark_last(event, pd, include_usage, inst, seen)
             if pending:
                 yield pending
-            outcome = "ok"
+            state["outcome"] = "ok"
         except httpx.TransportError as exc:
-            outcome = "decode_error"
+            state["outcome"] = "decode_error"
             message = f"decode instance {inst.url} broke off its stream: {describe(exc)}"
             log.warning("request %s: %s", pd["request_id"], message)
             yield f"data: {json.dumps(error_body(502, message))}\n\ndata: [DONE]\n\n".encode()
         finally:
             with anyio.CancelScope(shield=True):
-                await resp.aclose()
-                if outcome == "decode_error" and events == 0:
-                    await self.release(pre, headers)
-            self.decode.leave(inst)
-            self.metrics.decode_seconds.labels(inst.url).observe(time.perf_counter() - started)
-            self.count(path, outcome)
-            if outcome == "client_disconnected":
-                log.info("request %s: the client left mid-stream; closed the decode stream on %s",
-                         pd["request_id"], inst.url)
+                await close()
+
+    async def end_stream(self, path: str, inst: Instance, resp: httpx.Response, started: float, pd: dict,
+                         pre: Prefilled, headers: dict, state: dict) -> None:
+        """Close the decode stream once: the upstream response, the instance's in-flight count, the metrics, and
+        the prefill's KV when no decode event came (a failed decode, or a client gone before the first event)."""
+        if state["closed"]:
+            return
+        state["closed"] = True
+        outcome = state["outcome"]
+        await resp.aclose()
+        if outcome != "ok" and state["events"] == 0:
+            await self.release(pre, headers)
+        self.decode.leave(inst)
+        self.metrics.decode_seconds.labels(inst.url).observe(time.perf_counter() - started)
+        self.count(path, outcome)
+        if outcome == "client_disconnected":
+            log.info("request %s: the client left mid-stream; closed the decode stream on %s",
+                     pd["request_id"], inst.url)
 
     def mark_last(self, event: bytes, pd: dict, include_usage: bool, inst: Instance, seen: dict) -> bytes:
         """``event`` as it came, or with ``epkit_pd`` if it is the stream's last chunk before ``[DONE]``: the

@@ -181,10 +181,11 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
 def test_disconnect_before_a_non_streamed_reply_aborts_the_request(server, client):
     """A client that leaves before a non-streamed reply is ready: the request is aborted (vLLM's
     with_cancellation), not finished for nobody."""
-    body = {"model": MODEL, "prompt": "long story", "max_tokens": 400, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "long story", "max_tokens": 480, "ignore_eos": True}
     finished = int(_finished(server))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=httpx.Timeout(60, read=1.5))
+        # the client gives up 0.3 s after sending (480 tokens take seconds) and closes its connection
+        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=httpx.Timeout(60, read=0.3))
     deadline = time.time() + 20
     while running(server) > 0 and time.time() < deadline:
         time.sleep(0.1)

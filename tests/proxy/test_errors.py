@@ -152,18 +152,19 @@ def test_a_client_leaving_a_whole_reply_aborts_the_decode(engines, proxy):
     p0, d0 = engines["p0"], engines["d0"]
     router = proxy([p0.url], [d0.url])
     finished_before = metric(scrape(d0.url), "epkit:request_success_total")
+    # 440 tokens: ~6 s here; the client gives up 0.3 s after sending and closes its connection
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 440, "temperature": 0, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s and closes its connection
+    with pytest.raises(httpx.ReadTimeout):
         httpx.post(router.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                   timeout=httpx.Timeout(1.0))
+                   timeout=httpx.Timeout(10.0, read=0.3))
     wait_for(lambda: metric(router.metrics(), "epkit:proxy_requests_total", outcome="client_disconnected") == 1,
              what="the router counts the request as disconnected")
     assert metric(router.metrics(), "epkit:proxy_in_flight_requests") == 0  # its decode call was closed
     assert metric(router.metrics(), "epkit:proxy_requests_total", outcome="ok") == 0
-    # The router closed its decode connection; vLLM aborts a non-streamed request then (its API routes are
-    # @with_cancellation), the built-in engine finishes it (it watches for a gone client only while streaming)
+    # The router closed its decode connection; the engine aborts a non-streamed request then, as vLLM does (its
+    # API routes are @with_cancellation): the request is not finished for nobody
     wait_for(lambda: metric(scrape(d0.url), "epkit:num_requests_running") == 0, what="D0 runs nothing")
-    assert metric(scrape(d0.url), "epkit:request_success_total") - finished_before in (0, 1)
+    assert metric(scrape(d0.url), "epkit:request_success_total") == finished_before
     wait_for(lambda: held_blocks(p0.url) == 0, what="P0 holds no KV blocks")
 
 
