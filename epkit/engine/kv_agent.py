@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from epkit.engine.kv_transfer import (CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, ask, hold_timeout_s, prompt_digest, recv_message,
-                                      remote_decode_params, send_message, side_channel_address)
+                                      release, remote_decode_params, send_message, side_channel_address)
 from epkit.engine.sequence import RequestOutput, Sequence
 from epkit.errors import EngineError
 
@@ -145,18 +145,23 @@ class KVAgent:
             return held[0].view(DTYPES[header["dtype"]]).reshape(header["shape"]), {**header, "transport": "tcp"}
         data = torch.empty(header["shape"], dtype=DTYPES[header["dtype"]], pin_memory=self.pinned)
         self.nixl.read(header["nixl"], data)
-        try:  # read: the prefill may free its blocks now (else its lease does)
-            ask(str(params["remote_host"]), int(params["remote_port"]),
-                {"op": "release", "engine_id": params["remote_engine_id"], "request_id": params["remote_request_id"]})
+        try:  # read: the prefill frees its blocks now; they must still have been held, or the read may be stale
+            freed = release(params)
         except OSError as exc:
             log.warning("KV of %s read over NIXL, but its release failed (freed at the prefill's lease): %s",
                         params["remote_request_id"], exc)
+        else:
+            if not freed.get("ok"):
+                raise _Refused("the prefill freed the blocks before the NIXL read completed (its lease ran out or the "
+                               f"router released them), so the read may hold another request's KV: {freed.get('error')}")
         return data, {**header, "transport": "nixl"}
 
     def _mismatch(self, header: dict[str, Any], num_tokens: int, digest: str) -> str | None:
         shape, (layers, heads, dim) = header.get("shape") or [0] * 5, self.layout
-        if header.get("dtype") not in DTYPES:
-            return f"the prefill's KV dtype {header.get('dtype')!r} is not one of {', '.join(DTYPES)}"
+        mine = str(self.runner.dtype).replace("torch.", "")
+        if header.get("dtype") != mine:
+            return (f"the prefill's KV cache is {header.get('dtype')!r}, this engine's {mine!r}: both sides must run "
+                    "the same --dtype")
         if (shape[0], shape[1], shape[3], shape[4]) != (layers, 2, heads, dim):
             return (f"the prefill's KV cache has {shape[0]} layers x {shape[3]} KV heads x head dim {shape[4]}, this "
                     f"engine's {layers} x {heads} x {dim}: both sides must serve the same model")

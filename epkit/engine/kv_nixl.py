@@ -26,7 +26,7 @@ from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
 
-XFER_TIMEOUT_S = 60.0
+XFER_TIMEOUT_S = 20.0  # below the prefill's default 30 s lease (the release after the read checks it still held)
 
 
 def load_nixl(agent_name: str, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> "NixlTransport | None":

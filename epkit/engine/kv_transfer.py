@@ -34,6 +34,8 @@ KV_TRANSFER_KEYS = ("kv_connector", "engine_id", "kv_buffer_device", "kv_role", 
 LEASE_DEFAULT_S = 30.0  # vLLM 0.32.0: kv_connector_extra_config.kv_lease_duration, default 30 s
 SIDE_CHANNEL_HOST_DEFAULT, SIDE_CHANNEL_PORT_DEFAULT = "localhost", 5600  # vLLM's VLLM_NIXL_SIDE_CHANNEL_*
 CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S = 10.0, 60.0
+WIRE_MAGIC = b"EPKV\x01"  # every side-channel message starts with it (protocol version 1)
+MAX_HEADER_BYTES = 1 << 20  # a JSON header is a few hundred bytes; more means the peer speaks something else
 PULL_FIELDS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")
 
 
@@ -66,12 +68,17 @@ def check_kv_transfer_config(config: Any) -> dict[str, Any]:
     _check(isinstance(backends, list) and all(b in NIXL_BACKENDS for b in backends),
            f"kv_transfer_config.kv_connector_extra_config.backends={backends!r}; allowed: a list of "
            f"{', '.join(NIXL_BACKENDS)}")
+    _check(backends == ["UCX"], f"kv_transfer_config.kv_connector_extra_config.backends={backends!r}: the built-in "
+                                "engine moves KV over TCP, or over NIXL with its UCX backend only; allowed: [\"UCX\"] "
+                                "(or leave it out)")
     lease = extra.get("kv_lease_duration", LEASE_DEFAULT_S)
     _check(not isinstance(lease, bool) and isinstance(lease, (int, float)) and lease > 0,
            f"kv_transfer_config.kv_connector_extra_config.kv_lease_duration={lease!r} must be a number of seconds > 0")
     policy = config.get("kv_load_failure_policy", "fail")
     _check(policy in KV_LOAD_FAILURE_POLICIES,
            f"kv_transfer_config.kv_load_failure_policy={policy!r}; allowed: fail, recompute")
+    _check(policy == "fail", f"kv_transfer_config.kv_load_failure_policy={policy!r}: the built-in engine fails a "
+                             "request whose KV pull failed and does not recompute it; allowed: fail")
     engine_id = config.get("engine_id") or str(uuid.uuid4())
     _check(isinstance(engine_id, str), f"kv_transfer_config.engine_id={engine_id!r} must be a string")
     return {**config, "engine_id": engine_id}
@@ -131,11 +138,12 @@ def remote_decode_params(engine_id: str, request_id: str, block_ids: list[int], 
 
 # ---- wire format --------------------------------------------------------------------------
 def send_message(sock: socket.socket, header: dict[str, Any], payload=None) -> None:
-    """One message: length, JSON header (with ``nbytes`` when a payload follows), payload."""
+    """One message: the magic :data:`WIRE_MAGIC`, length, JSON header (with ``nbytes`` when a payload follows),
+    payload."""
     if payload is not None:
         header = {**header, "nbytes": len(payload)}
     data = json.dumps(header).encode()
-    sock.sendall(struct.pack(">I", len(data)) + data)
+    sock.sendall(WIRE_MAGIC + struct.pack(">I", len(data)) + data)
     if payload is not None:
         sock.sendall(payload)
 
@@ -154,7 +162,13 @@ def _recv_exact(sock: socket.socket, n: int, into=None):
 def recv_message(sock: socket.socket, alloc=None) -> tuple[dict[str, Any], Any]:
     """(header, payload or None) of one message; ``alloc(nbytes)`` gives the payload's buffer (a writable
     buffer such as a pinned tensor's numpy view) and is returned as the payload, else a bytearray."""
-    (size,) = struct.unpack(">I", bytes(_recv_exact(sock, 4)))
+    magic = bytes(_recv_exact(sock, len(WIRE_MAGIC)))
+    size = struct.unpack(">I", bytes(_recv_exact(sock, 4)))[0] if magic == WIRE_MAGIC else 0
+    if magic != WIRE_MAGIC or size > MAX_HEADER_BYTES:
+        peer = sock.getpeername()
+        peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or "the peer")
+        raise ValueError(f"{peer} is not the built-in engine's KV side channel (it sent {magic!r}…; a vLLM instance "
+                         "speaks NIXL's own handshake there): prefill and decode must both be `epkit serve`")
     header = json.loads(bytes(_recv_exact(sock, size)))
     if "nbytes" not in header:
         return header, None

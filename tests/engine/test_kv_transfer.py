@@ -200,6 +200,10 @@ def test_held_blocks_freed_after_timeout(tmp_path, monkeypatch):
     ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"backends": ["XYZ"]}}',
      "backends=['XYZ']"),
     ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_rol": 1}', "unknown keys ['kv_rol']"),
+    ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_connector_extra_config": {"backends": ["UCX", "GDS"]}}',
+     "with its UCX backend only"),
+    ('{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}',
+     "does not recompute it; allowed: fail"),
 ])
 def test_bad_kv_transfer_config_is_refused(config, needle):
     r = subprocess.run([sys.executable, "-m", "epkit.engine.cli", "--kv-transfer-config", config, "--check-args"],
@@ -329,7 +333,7 @@ def test_queued_decode_extends_its_prefills_lease(monkeypatch):
     monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
     runner = SimpleNamespace(kv_layout=lambda: (1, 1, 4), device=torch.device("cpu"), kv_caches=[], block_size=4,
                              dtype=torch.float32)
-    config = {"engine_id": "lease", "kv_connector_extra_config": {"kv_lease_duration": 3}}
+    config = {"engine_id": "lease", "kv_connector_extra_config": {"kv_lease_duration": 10}}  # touches every 10/6 s
     agents, scheds = [], []
     try:
         for _ in range(2):
@@ -342,7 +346,7 @@ def test_queued_decode_extends_its_prefills_lease(monkeypatch):
         params = prefill_sched.postprocess(prefill_sched.schedule(), {"p": 9})[0].kv_transfer_params
         queued = EngineRequest("d", (1, 2, 3, 4, 5), SamplingParams(kv_transfer_params=params))
         decode_sched.add(queued)  # queued: never scheduled here, as if no slot were free
-        until = time.monotonic() + 4.5  # 1.5 leases
+        until = time.monotonic() + 15  # 1.5 leases: a stall of a few seconds on a loaded box does not fail it
         while time.monotonic() < until:
             for agent in agents:
                 agent.service()
@@ -357,3 +361,21 @@ def test_queued_decode_extends_its_prefills_lease(monkeypatch):
     finally:
         for agent in agents:
             agent.close()
+
+
+def test_side_channel_refuses_a_peer_that_speaks_something_else():
+    """A peer that is not the engine's side channel (vLLM's NIXL handshake is ZMQ: its greeting starts 0xFF) is
+    named as such at once, not read as a 4 GB length."""
+    import socket as _socket
+
+    from epkit.engine.kv_transfer import recv_message
+
+    a, b = _socket.socketpair()
+    try:
+        a.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f")  # ZMTP's greeting signature
+        with pytest.raises(ValueError, match="is not the built-in engine's KV side channel"):
+            b.settimeout(5)
+            recv_message(b)
+    finally:
+        a.close()
+        b.close()
