@@ -417,9 +417,25 @@ class DisaggDeployment:
         return f"DisaggDeployment({self.model!r}, {', '.join(self.topologies)}, url={self.url!r}, {state})"
 
 
+def _refused(url: str, timeout_s: float) -> bool:
+    """True when nothing accepts connections at ``url`` any more; an answer of any status, or a slow one, is not
+    a gone router (its ``/health`` asks every instance, which may be slow under load)."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout_s):
+            return False
+    except urllib.error.HTTPError:
+        return False
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, (ConnectionRefusedError, ConnectionResetError))
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 class DisaggWatch:
     """:class:`~epkit.launch.watch.DeploymentWatch` over every instance, plus the router's process and ``/health``
-    (refused ``refused_limit`` times in a row: the router is gone)."""
+    (connections refused ``refused_limit`` times in a row: the router is gone)."""
 
     def __init__(self, deployment: DisaggDeployment, health_every_s: float = 2.0, refused_limit: int = 3):
         self.deployment = deployment
@@ -438,7 +454,7 @@ class DisaggWatch:
         if found is not None or time.monotonic() - self._health_t < self.health_every_s:
             return found
         self._health_t = time.monotonic()
-        self._refused = 0 if _healthy(d.url, 5.0) else self._refused + 1
+        self._refused = self._refused + 1 if _refused(d.url, 5.0) else 0
         if self._refused >= self.refused_limit:
             return Failure("http", f"the router's {d.url}/health failed {self._refused} times in a row while its "
                                    "process still runs", d.log_tail(ROUTER))

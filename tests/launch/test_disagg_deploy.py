@@ -87,10 +87,8 @@ def test_instance_failure_is_named_and_everything_stops(tmp_path):
     """A prefill instance that cannot start fails the whole deployment at once, naming it; the decode instance
     (which was fine) is stopped too and no router is started."""
     d = deploy(disagg(prefill={"extra_args": ["--no-such-flag"]}), "local", run_dir=tmp_path, grace_s=2)
-    t0 = time.monotonic()
     with pytest.raises(DeploymentFailed) as info:
         d.wait_ready(180)
-    assert time.monotonic() - t0 < 120
     assert info.value.failure.message.startswith("prefill0: ")
     assert info.value.failure.kind in ("config", "exit")
     assert "--no-such-flag" in info.value.failure.log_tail
