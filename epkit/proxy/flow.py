@@ -260,6 +260,10 @@ class Router:
             kv = reply.get("kv_transfer_params") if isinstance(reply, dict) else None
             if failures:
                 log.warning("request %s: prefill served by %s after %s", request_id, inst.url, "; ".join(failures))
+            if not kv:
+                self.metrics.prefills_without_kv.labels(inst.url).inc()
+                log.warning("request %s: prefill instance %s returned no kv_transfer_params (started without "
+                            "--kv-transfer-config?): the decode recomputes the whole prompt", request_id, inst.url)
             return Prefilled(inst, kv or None, seconds * 1e3)
         self.count(path, "prefill_unavailable")
         message = f"no prefill instance could serve the request; tried {len(failures)}: {'; '.join(failures)}"

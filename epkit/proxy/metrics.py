@@ -51,6 +51,10 @@ class ProxyMetrics:
                                        "error or 5xx)", ["role", "instance"], registry=r)
         self.retries = Counter("epkit:proxy_retries", "Calls retried on another instance of the same side",
                                ["role"], registry=r)
+        self.prefills_without_kv = Counter("epkit:proxy_prefills_without_kv", "Prefill replies without "
+                                           "kv_transfer_params (an instance without a KV connector): the decode "
+                                           "recomputes the prompt, so the request is not disaggregated",
+                                           ["instance"], registry=r)
         self.kv_releases = Counter("epkit:proxy_kv_releases", "Prefill KV releases asked after a failed decode, by "
                                    "result (released, unsupported: the instance has no /epkit/kv/release, e.g. vLLM; "
                                    "not_held; failed)", ["instance", "outcome"], registry=r)
