@@ -47,7 +47,10 @@ def slug(text: str) -> str:
 
 def point_ids(row: dict, model: str) -> tuple[str, str]:
     """(topology_id, workload_id) of a row: one folder per curve, one file per token count."""
-    topology = f"{slug(model)}__{row['backend']}__ep{row['ranks']}__{row['routing']}__{row['dtype']}__{row['device']}"
+    shape = f"h{row['hidden_size']}-k{row['top_k']}-e{row['num_experts']}"  # overrides of the model's shape
+    routing = row["routing"] + (f"{row['zipf_exponent']:g}" if row.get("zipf_exponent") is not None else "")
+    topology = (f"{slug(model)}-{shape}__{row['backend']}__ep{row['ranks']}__{routing}__{row['dtype']}__"
+                f"{row['device']}")
     return topology, f"tokens{int(row['tokens_per_rank']):05d}"
 
 

@@ -79,6 +79,10 @@ class BenchConfig:
             raise EngineError(f"--dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}{fp8}")
         if self.device not in DEVICES:
             raise bad("--device", self.device, ", ".join(DEVICES))
+        if self.device == "cuda":
+            gpus = torch.cuda.device_count()
+            if self.ranks > gpus:
+                raise bad("--ranks", self.ranks, f"1..{gpus}: one GPU per rank (this machine shows {gpus})")
         if not self.backends:
             raise bad("--backend", "", ", ".join(BACKENDS))
         for name in self.backends:
