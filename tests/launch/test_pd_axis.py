@@ -187,3 +187,14 @@ def test_killed_driver_leaves_nothing_after_resume(tmp_path, _end_leftovers):
     assert [r["how"] for r in runner.summary["orphans_ended"]] == ["stop file"] * 3
     states = [json.loads(p.read_text())["state"] for p in results.glob("k9/*/logs/**/deployment.json")]
     assert states == ["stopped"] * 3
+
+
+def test_the_one_gpu_pd_launcher_expands():
+    """launchers/device/pd_1gpu.yaml (the GPU run of docs/disaggregated.md): colocated and a 1P1D whose two
+    instances share the one GPU with half the KV cache each."""
+    spec = parse_sweep(yaml.safe_load((ROOT / "launchers/device/pd_1gpu.yaml").read_text()))
+    colocated, split = spec.topologies
+    assert colocated.pd == "colocated" and split.pd == "1P1D" and split.share_gpus and split.gpus == 1
+    for _, topo in split.parts():
+        args = list(topo.extra_args)
+        assert args[args.index("--kv-cache-memory-bytes") + 1] == "8000000000" and topo.gpu_memory_utilization == 0.45
