@@ -115,7 +115,7 @@ class Deployment:
             host="0.0.0.0" if is_slurm else "127.0.0.1", env=dict(env or {}), grace_s=grace_s,
             lease_timeout_s=lease_timeout_s, preflight=is_slurm if preflight is None else preflight,
             vllm_bin=vllm_install.vllm_bin(getattr(self.executor, "vllm_bin", None)) if topology.engine == "vllm" else None)
-        self._touch_lease()
+        touch_lease(self.run_dir)
         self.handle = None
         self._write_record("starting")
         t0 = time.monotonic()
@@ -130,8 +130,7 @@ class Deployment:
         self._write_record("starting")
         self.timing["launch_s"] = time.monotonic() - t0
         self._t_start = t0
-        self._lease_thread = threading.Thread(target=self._lease_loop, daemon=True, name=f"epkit-lease-{self.id}")
-        self._lease_thread.start()
+        self._lease_thread = renew_lease(self.run_dir, self.lease_timeout_s, self._lease_stop, self.id)
         _LIVE.add(self)
 
     # ---- what users look at --------------------------------------------------------------
@@ -270,17 +269,6 @@ class Deployment:
                   "updated_at": time.time(), **extra}
         write_json(self.run_dir / RECORD, record)
 
-    def _touch_lease(self) -> None:
-        (self.run_dir / "lease").write_text(str(time.time()))
-
-    def _lease_loop(self) -> None:
-        interval = max(1.0, min(10.0, (self.lease_timeout_s or 30.0) / 4))
-        while not self._lease_stop.wait(interval):
-            try:
-                self._touch_lease()
-            except OSError:
-                pass
-
     def stop(self) -> None:
         """End every process of every node (SIGTERM, SIGKILL after the grace period) and the job."""
         if self._stopped:
@@ -306,6 +294,27 @@ class Deployment:
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else ("ready" if self.ready else "starting")
         return f"Deployment({self.topology.model!r}, nodes={self.topology.nodes}, url={self.url!r}, {state})"
+
+
+def touch_lease(run_dir: Path) -> None:
+    """Write ``run_dir/lease`` now: the node supervisors (and a driver-side router's) end their processes when
+    it is older than their lease timeout, so a dead driver's deployment ends itself."""
+    (run_dir / "lease").write_text(str(time.time()))
+
+
+def renew_lease(run_dir: Path, lease_timeout_s: float | None, stop: threading.Event, owner: str) -> threading.Thread:
+    """A daemon thread that renews ``run_dir/lease`` every quarter of the timeout (1–10 s) until ``stop`` is set."""
+    def loop() -> None:
+        interval = max(1.0, min(10.0, (lease_timeout_s or 30.0) / 4))
+        while not stop.wait(interval):
+            try:
+                touch_lease(run_dir)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=loop, daemon=True, name=f"epkit-lease-{owner}")
+    thread.start()
+    return thread
 
 
 def with_absolute_paths(topology: Topology) -> Topology:

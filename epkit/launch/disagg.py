@@ -44,7 +44,8 @@ from typing import Any
 
 from epkit.errors import LaunchError
 from epkit.launch import procs
-from epkit.launch.deployment import DEPLOYMENT_KINDS, RECORD, Deployment, DeploymentFailed, _executor
+from epkit.launch.deployment import (DEPLOYMENT_KINDS, RECORD, Deployment, DeploymentFailed, _executor,
+                                     renew_lease, touch_lease)
 from epkit.launch.failure import Failure, tail
 from epkit.launch.local import free_port
 from epkit.launch.node import NODE_HOSTNAME, SIDECAR_TASK, read_json, write_json
@@ -182,8 +183,8 @@ class DisaggDeployment:
                 self.topologies = gpu_slices(self.topologies, visible_gpus())
         self._write_record("starting")
         _LIVE.add(self)
-        self._touch_lease()
-        threading.Thread(target=self._lease_loop, daemon=True, name=f"epkit-lease-{self.id}").start()
+        touch_lease(self.run_dir)  # the lease a driver-side router's supervisor checks (instances renew their own)
+        renew_lease(self.run_dir, self.lease_timeout_s, self._lease_stop, self.id)
         t0 = time.monotonic()
         options = dict(startup_timeout_s=startup_timeout_s, hang_timeout_s=hang_timeout_s, grace_s=grace_s,
                        lease_timeout_s=lease_timeout_s, env=env, preflight=preflight)
@@ -393,18 +394,6 @@ class DisaggDeployment:
             self._lease_stop.set()
             _LIVE.discard(self)
             self.timing["stop_s"] = time.monotonic() - t0
-
-    def _touch_lease(self) -> None:
-        (self.run_dir / "lease").write_text(str(time.time()))
-
-    def _lease_loop(self) -> None:
-        """Renew the lease the driver-side router's supervisor checks (the instances renew their own)."""
-        interval = max(1.0, min(10.0, (self.lease_timeout_s or 30.0) / 4))
-        while not self._lease_stop.wait(interval):
-            try:
-                self._touch_lease()
-            except OSError:
-                pass
 
     def __enter__(self) -> "DisaggDeployment":
         return self
