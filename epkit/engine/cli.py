@@ -37,6 +37,7 @@ FLAG_FIELDS = {
     "--kv-cache-dtype": "kv_cache_dtype",
     "--max-logprobs": "max_logprobs",
     "--uvicorn-log-level": "uvicorn_log_level",
+    "--prefix-caching-hash-algo": "prefix_caching_hash_algo",
 }
 INT_FIELDS = {"port", "seed", "max_num_seqs", "block_size", "kv_cache_memory_bytes", "max_logprobs",
               "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local", "data_parallel_start_rank",
@@ -51,6 +52,8 @@ HELP = {
     "load_format": "auto / safetensors: read the model directory's *.safetensors (none there: an error); "
                    "dummy: random weights from --seed",
     "seed": "seed of dummy weights and of sampling for requests without their own seed",
+    "prefix_caching_hash_algo": "hash of prefix-cache blocks: sha256, sha256_cbor (the same digests here), xxhash, "
+                                "xxhash_cbor (need the xxhash package)",
 }
 # `vllm serve` flags that mean nothing in the built-in engine: accepted, named in one warning at start.
 NO_EFFECT = {
@@ -93,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-expert-parallel", "-ep", dest="enable_expert_parallel", action="store_true")
     p.add_argument("--headless", action="store_true", help="no API server: engine cores only (secondary nodes)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every step eager)")
-    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=None)
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse the KV blocks of prompt prefixes computed before (default: on, as vLLM); "
+                   "--no-enable-prefix-caching computes every prompt whole")
     p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action=argparse.BooleanOptionalAction,
                    default=None, help="split prompts over steps within --max-num-batched-tokens (default: on); "
                    "--no-enable-chunked-prefill schedules whole prompts only")
@@ -168,12 +172,13 @@ def _parse(argv: list[str]):
         values["startup_timeout_s"] = args.startup_timeout_s
     if args.enable_chunked_prefill is not None:
         values["enable_chunked_prefill"] = args.enable_chunked_prefill
+    if args.enable_prefix_caching is not None:
+        values["enable_prefix_caching"] = args.enable_prefix_caching
     return EngineConfig(
         **values,
         enable_expert_parallel=args.enable_expert_parallel,
         headless=args.headless,
         enforce_eager=args.enforce_eager,
-        enable_prefix_caching=bool(args.enable_prefix_caching),
         enable_eplb=args.enable_eplb,
         eplb_config=eplb,
         enable_log_requests=args.enable_log_requests,

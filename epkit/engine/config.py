@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "dummy", "safetensors")
 KV_CACHE_DTYPES = ("auto",)  # the KV cache is kept in the model dtype
+PREFIX_CACHING_HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")  # vLLM 0.32's choices
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # vLLM's --uvicorn-log-level choices
 
 
@@ -82,7 +83,8 @@ class EngineConfig:
     eplb_config: dict[str, Any] = field(default_factory=dict)
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     enforce_eager: bool = False
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True  # vLLM's default for generative models
+    prefix_caching_hash_algo: str = "sha256"
     enable_chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
@@ -148,8 +150,14 @@ class EngineConfig:
             from epkit.engine.kv_transfer import check_kv_transfer_config
 
             object.__setattr__(self, "kv_transfer_config", check_kv_transfer_config(self.kv_transfer_config))
-        _check(not self.enable_prefix_caching,
-               "enable_prefix_caching=True is not supported by the built-in engine; pass --no-enable-prefix-caching")
+        _check(self.prefix_caching_hash_algo in PREFIX_CACHING_HASH_ALGOS,
+               f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r}; allowed: {', '.join(PREFIX_CACHING_HASH_ALGOS)}")
+        if self.enable_prefix_caching and self.prefix_caching_hash_algo.startswith("xxhash"):
+            import importlib.util
+
+            _check(importlib.util.find_spec("xxhash") is not None,
+                   f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r} needs the xxhash package "
+                   "(pip install xxhash), as in vLLM; or use sha256")
 
     # ---- derived ------------------------------------------------------------------
     @property

@@ -114,7 +114,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id,
                             cfg.enable_chunked_prefill),
-            BlockManager(self.runner.num_blocks, cfg.block_size),
+            BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_caching_hash_algo),
         )
         self.kv = None
         if cfg.kv_transfer_config is not None:

@@ -6,7 +6,8 @@ buckets), so a Grafana dashboard made for vLLM reads the built-in engine unchang
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (gauges),
 ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds``,
 ``vllm:e2e_request_latency_seconds`` (histograms), ``vllm:prompt_tokens``, ``vllm:generation_tokens``,
-``vllm:num_preemptions`` (counters, exposed with ``_total``).
+``vllm:num_preemptions``, ``vllm:prefix_cache_queries``, ``vllm:prefix_cache_hits`` (counters, exposed with
+``_total``; the prefix cache's in prompt tokens looked up and found at each request's first admission, as vLLM's).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class Metrics:
                                         registry=r)
         vllm_prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", vl, registry=r)
         vllm_generation = Counter("vllm:generation_tokens", "Number of generation tokens processed.", vl, registry=r)
+        vllm_cache_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+                                     "tokens.", vl, registry=r)
+        vllm_cache_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", vl,
+                                  registry=r)
         vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", vl,
                               buckets=VLLM_TTFT_BUCKETS_S, registry=r)
         vllm_itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", vl,
@@ -95,7 +100,9 @@ class Metrics:
         self.prompt_m, self.generation_m = self.prompt_tokens.labels(model), self.generation_tokens.labels(model)
         self.vllm = [SimpleNamespace(ttft=vllm_ttft.labels(model, str(rank)), itl=vllm_itl.labels(model, str(rank)),
                                      e2e=vllm_e2e.labels(model, str(rank)), prompt=vllm_prompt.labels(model, str(rank)),
-                                     generation=vllm_generation.labels(model, str(rank)))
+                                     generation=vllm_generation.labels(model, str(rank)),
+                                     cache_queries=vllm_cache_queries.labels(model, str(rank)),
+                                     cache_hits=vllm_cache_hits.labels(model, str(rank)))
                      for rank in range(dp_size)]
         for rank in range(dp_size):
             self.set_load(rank, 0, 0)

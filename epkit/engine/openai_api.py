@@ -105,6 +105,9 @@ class Api:
                 if first:
                     metrics.ttft_m.observe(now - last)
                     vllm.ttft.observe(now - last)
+                    if out.num_cached_tokens is not None:  # the prefix cache was looked up at admission
+                        vllm.cache_queries.inc(len(prompt_ids))
+                        vllm.cache_hits.inc(out.num_cached_tokens)
                 else:
                     metrics.itl_m.observe(now - last)
                     vllm.itl.observe(now - last)

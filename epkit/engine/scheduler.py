@@ -127,13 +127,16 @@ class Scheduler:
                     break
                 self._receive(self.waiting.popleft())
                 continue
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            cached = self.blocks.cached_prefix(seq)  # prefix caching: these blocks' tokens count as computed
+            computed = len(cached or ()) * self.blocks.block_size
+            remaining = seq.num_tokens - computed
             new = min(remaining, budget)
             if (new < remaining and not self.config.chunked_prefill) or not self.blocks.can_allocate(
-                    seq, seq.num_computed_tokens + new):
+                    seq, computed + new, cached):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_computed_tokens + new)
+            self.blocks.allocate(seq, computed + new, cached)
+            seq.num_computed_tokens = computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, new))
@@ -184,13 +187,15 @@ class Scheduler:
                 prompt_lp, seq.prompt_logprobs_sent = tuple(seq.prompt_logprobs), True
             token_lp = (logprobs[seq.request_id],) if logprobs and seq.request_id in logprobs else None
             stats, seq.kv_transfer_stats = seq.kv_transfer_stats, None
+            cached = seq.num_cached_tokens if seq.num_output_tokens == 1 else None  # prefix-cache hits, once
             outputs.append(RequestOutput(seq.request_id, (token,), reason, seq.num_prompt_tokens, token_lp, prompt_lp,
-                                         kv_params, stats))
+                                         kv_params, stats, num_cached_tokens=cached))
         return outputs
 
     def _hold_or_free(self, seq: Sequence) -> dict[str, Any] | None:
         """A finished prefill for a remote decode keeps its blocks (its kv_transfer_params returned); else free."""
         if self.on_hold is not None and seq.remote_decode:
+            self.blocks.register(seq)  # later prompts may share the held prompt's blocks (prefix caching)
             self.holding[seq.request_id] = seq
             return self.on_hold(seq)
         self.blocks.free(seq)

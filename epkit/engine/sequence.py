@@ -75,6 +75,9 @@ class RequestOutput:
     kv_transfer_params: dict | None = None  # a prefill's, with its last output: where its held KV is
     kv_transfer_stats: dict | None = None  # a decode's, with its first output: how its prompt's KV was pulled
     error: str | None = None  # why the request failed (finish_reason "abort"), for the API's error reply
+    # with the first token: prompt tokens found in the prefix cache at admission (vLLM's num_cached_tokens);
+    # None where no lookup was made (prefix caching off, prompt logprobs asked, a remote prefill's decode)
+    num_cached_tokens: int | None = None
 
 
 class Status(enum.Enum):
@@ -94,6 +97,11 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # prefix caching (epkit.engine.block_manager): chained hashes of the full blocks hashed so far, how many of
+        # block_table's blocks are in the cache, prompt tokens found cached at the first admission (None: no lookup)
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens: int | None = None
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.arrival_time = request.arrival_time
