@@ -202,3 +202,20 @@ def test_lru_eviction_under_a_small_kv_cache_keeps_serving(deploy):
         tokens, logprobs = greedy(d, prompts[name], max_tokens=1)
         assert counters(d, "vllm:prefix_cache_hits") - before == hits, name
         assert tokens == first[name][0] and abs(logprobs[0] - first[name][1][0]) <= 1e-4
+
+
+def test_a_continuation_after_cached_blocks_never_takes_the_whole_prompt_burst():
+    """The GPU's attention plan (built here on CPU): SDPA over views of the step's own q/k/v serves only a run of
+    whole prompts of one length; prompts that start after cached blocks read those from the cache."""
+    import torch
+
+    from epkit.engine.attention import _prefill_batch, build_meta
+
+    cpu = torch.device("cpu")
+    whole = build_meta([(0, 32, [0, 1]), (0, 32, [2, 3])], 16, cpu, batch_decode=True)
+    assert whole.paged.fresh == (0, 2, 32)
+    after_cache = build_meta([(16, 32, [0, 1, 2]), (16, 32, [0, 4, 5])], 16, cpu, batch_decode=True)
+    assert after_cache.paged.fresh is None and list(after_cache.paged.ctx) == [48, 48]
+    assert not _prefill_batch(after_cache.prefill_host, cpu).fresh
+    mixed = build_meta([(0, 32, [0, 1]), (16, 16, [0, 2])], 16, cpu, batch_decode=True)
+    assert mixed.paged.fresh == (0, 1, 32) and list(mixed.paged.fresh_seqs) == [0]  # the whole prompt alone
