@@ -157,15 +157,18 @@ PROMPTS = [
 HITS = [0, 96, 112, 0, 48]
 
 
-def counters(d, name: str) -> float:
+def counters(d, name: str, engine: str = "") -> float:
+    """The sum of counter ``name`` over the DP ranks (or of DP rank ``engine``)."""
     text = httpx.get(d.url + "/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(rf'^{re.escape(name)}_total{{[^}}]*}} (\S+)$', text, re.M))
+    lines = re.findall(rf'^{re.escape(name)}_total{{([^}}]*)}} (\S+)$', text, re.M)
+    return sum(float(v) for labels, v in lines if not engine or f'engine="{engine}"' in labels)
 
 
-def greedy(d, prompt, max_tokens: int = 8):
+def greedy(d, prompt, max_tokens: int = 8, rank: int | None = None):
     client = openai.OpenAI(base_url=d.url + "/v1", api_key="EMPTY", max_retries=0)
+    headers = {"X-data-parallel-rank": str(rank)} if rank is not None else None
     choice = client.completions.create(model="epkit-tiny-moe", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                       logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+                                       logprobs=2, extra_body={"ignore_eos": True}, extra_headers=headers).choices[0]
     return choice.logprobs.tokens, choice.logprobs.token_logprobs
 
 
@@ -219,3 +222,15 @@ def test_a_continuation_after_cached_blocks_never_takes_the_whole_prompt_burst()
     assert not _prefill_batch(after_cache.prefill_host, cpu).fresh
     mixed = build_meta([(0, 32, [0, 1]), (16, 16, [0, 2])], 16, cpu, batch_decode=True)
     assert mixed.paged.fresh == (0, 1, 32) and list(mixed.paged.fresh_seqs) == [0]  # the whole prompt alone
+
+
+def test_each_dp_rank_has_its_own_cache(deploy):
+    """DP=2 with EP: a prompt cached on rank 0 is not found on rank 1 until rank 1 has computed it itself."""
+    d = deploy(["-dp", "2", "--enable-expert-parallel"])
+    want = greedy(d, PROMPTS[0], rank=0)
+    assert greedy(d, PROMPTS[0], rank=1)[0] == want[0]
+    assert counters(d, "vllm:prefix_cache_hits") == 0
+    tokens, logprobs = greedy(d, PROMPTS[0], rank=1)
+    assert counters(d, "vllm:prefix_cache_hits", engine="1") == 112 and counters(d, "vllm:prefix_cache_hits") == 112
+    assert tokens == want[0] and all(abs(a - b) <= 1e-4 for a, b in zip(logprobs, want[1]))
+    assert counters(d, "vllm:prefix_cache_queries", engine="0") == len(PROMPTS[0])
