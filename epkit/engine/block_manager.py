@@ -47,7 +47,7 @@ class BlockManager:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.num_blocks, self.block_size, self.enable_caching = num_blocks, block_size, enable_caching
-        self._digest = hash_function(hash_algo)
+        self._digest = hash_function(hash_algo) if enable_caching else None
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks  # the hash a cached block is known by
         self._by_hash: dict[bytes, int] = {}

@@ -29,6 +29,18 @@ def _computed(blocks: BlockManager, seq: Sequence) -> Sequence:
     return seq
 
 
+def test_flags_as_vllm_on_by_default():
+    from epkit.engine.cli import config_from_args
+    from epkit.errors import EngineError
+
+    assert config_from_args(["m"])[0].enable_prefix_caching  # vLLM 0.32's default for generative models
+    assert not config_from_args(["m", "--no-enable-prefix-caching"])[0].enable_prefix_caching
+    cfg = config_from_args(["m", "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor"])[0]
+    assert cfg.enable_prefix_caching and cfg.prefix_caching_hash_algo == "sha256_cbor"
+    with pytest.raises(EngineError, match=r"prefix_caching_hash_algo='md5'; allowed: sha256, sha256_cbor, xxhash"):
+        config_from_args(["m", "--prefix-caching-hash-algo", "md5"])
+
+
 def test_hashes_chain_over_the_whole_prefix():
     blocks = BlockManager(8, BS, enable_caching=True)
     a = blocks.block_hashes(_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]), 2)
