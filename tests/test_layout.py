@@ -151,3 +151,13 @@ def test_no_module_over_500_lines_and_no_function_over_80_without_a_reason():
     assert unexplained == [], f"add a one-line reason to docs/architecture.md, 'Exceptions', or split: {unexplained}"
     stale = sorted(set(reasons) - set(oversized()))
     assert stale == [], f"docs/architecture.md lists exceptions that no longer exist: {stale}"
+
+
+def test_test_module_basenames_are_unique():
+    """pytest imports test modules outside packages by basename: two tests/**/test_x.py in folders without
+    __init__.py stop the whole suite at collection."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if not (path.parent / "__init__.py").exists():
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {name: paths for name, paths in seen.items() if len(paths) > 1}
