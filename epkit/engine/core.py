@@ -5,6 +5,12 @@ Every loop: read new requests and aborts from the API servers, schedule, then ex
 runs a forward pass - an idle rank with an empty (dummy) batch - so the MoE collectives
 line up. A stop flag from any rank stops all of them together; a lost peer raises, and the
 rank exits with an error instead of hanging.
+
+When an exchange finds no tokens on any rank, every rank blocks (no collective, no poll) until it
+gets something new to step on or a peer wakes it: the rank that gets work first sends a wake-up,
+tagged with the idle period's number, to every peer over a direct link (:class:`PeerLinks`), so
+all ranks enter the next exchange together at once - as vLLM's DP coordinator starts a new wave
+on every engine when one of them gets a request.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ from epkit.errors import EngineError
 
 log = logging.getLogger("epkit.engine")
 
-IDLE_POLL_S = (0.002, 0.02)  # right after work, and once idle for a while (saves CPU on idle ranks)
-IDLE_BACKOFF_STEPS = 200
+IDLE_TICK_S = 0.5  # while every rank idles: how often the KV agent's timers (leases) are looked at
 STORE_PREFIX = "epkit/"
 
 
@@ -79,6 +84,61 @@ def local_address_towards(address: str) -> str:
             return "127.0.0.1"
 
 
+class PeerLinks:
+    """A duplex connection from this DP rank to every other one, for the wake-ups of idle periods.
+
+    Rank ``r`` listens, publishes its address in the store, connects to every lower rank (sending its
+    rank) and accepts every higher one. Only the core's loop reads and writes them; a link that closes
+    means its rank died (the caller raises)."""
+
+    def __init__(self, store, rank: int, world_size: int, host: str, authkey: bytes, timeout_s: float):
+        from multiprocessing.connection import Client
+
+        self.rank, self.links = rank, {}
+        listener = Listener((host, 0), authkey=authkey)
+        store.set(f"{STORE_PREFIX}peer/{rank}", "%s:%d" % listener.address)
+        accepted: dict[int, Connection] = {}
+
+        def accept() -> None:
+            for _ in range(world_size - 1 - rank):
+                conn = listener.accept()
+                accepted[conn.recv()] = conn
+
+        thread = threading.Thread(target=accept, daemon=True, name="peer-accept")
+        thread.start()
+        for peer in range(rank):
+            key = f"{STORE_PREFIX}peer/{peer}"
+            store.wait([key], timedelta(seconds=timeout_s))
+            peer_host, port = store.get(key).decode().rsplit(":", 1)
+            conn = Client((peer_host, int(port)), authkey=authkey)
+            conn.send(rank)
+            self.links[peer] = conn
+        thread.join(timeout_s)
+        if thread.is_alive():
+            missing = sorted(set(range(rank + 1, world_size)) - set(accepted))
+            raise EngineError(f"DP rank {rank}: DP ranks {missing} did not connect within {timeout_s:.0f} s")
+        listener.close()
+        self.links.update(accepted)
+        self.woken = -1  # the latest idle period a peer woke this rank in
+
+    def wake(self, period: int) -> None:
+        """Tell every peer that this rank steps again in idle period ``period``."""
+        for conn in self.links.values():
+            try:
+                conn.send(period)
+            except (OSError, ValueError):
+                pass  # a dead peer: the next exchange raises
+
+    def read(self, conn: Connection) -> None:
+        """Take the wake-ups waiting on ``conn``; a closed link raises :class:`EngineError`."""
+        try:
+            while conn.poll():
+                self.woken = max(self.woken, conn.recv())
+        except (EOFError, OSError):
+            peer = next(p for p, c in self.links.items() if c is conn)
+            raise EngineError(f"DP rank {self.rank}: the link to DP rank {peer} closed (that rank has died)") from None
+
+
 class EngineCore:
     """The loop of DP rank ``dp_rank``; see the module docstring."""
 
@@ -125,6 +185,10 @@ class EngineCore:
         self._conns_lock = threading.Lock()
         self._owner: dict[str, Connection] = {}
         host = local_address_towards(cfg.data_parallel_address)
+        self.peers = PeerLinks(self.store, dp_rank, cfg.data_parallel_size, host, authkey, cfg.startup_timeout_s)
+        self._wake_r, self._wake_w = socket.socketpair()  # a SIGTERM or a new API connection wakes an idle loop
+        self._wake_w.setblocking(False)
+        self._idle_period = 0
         self._listener = Listener((host, 0), authkey=authkey)
         threading.Thread(target=self._accept, daemon=True, name="accept").start()
         self.store.set(f"{STORE_PREFIX}core/{dp_rank}", "%s:%d" % self._listener.address)
@@ -139,16 +203,24 @@ class EngineCore:
                 return
             with self._conns_lock:
                 self._conns.append(conn)
+            self.wake()  # an idle loop waits on the connections it knew: take this one in
 
     # ---- messages ---------------------------------------------------------------------
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float, idle: bool = False) -> None:
+        """Handle the API servers' messages, waiting up to ``timeout`` s for the first; ``idle``: also for peers'
+        wake-ups and a stop."""
         with self._conns_lock:
             conns = list(self._conns)
         waitables = conns + ([self.kv.wakeup] if self.kv is not None else [])
-        if not waitables:
-            time.sleep(timeout)
-            return
+        if idle:
+            waitables += [self._wake_r, *self.peers.links.values()]
         for conn in wait(waitables, timeout=timeout):
+            if conn is self._wake_r:
+                self._wake_r.recv(64)
+                continue
+            if conn in self.peers.links.values():
+                self.peers.read(conn)
+                continue
             if self.kv is not None and conn is self.kv.wakeup:
                 continue  # a KV peer or pull is ready: served by KVAgent.service
             try:
@@ -222,13 +294,46 @@ class EngineCore:
                 pass
 
     # ---- loop -------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Make an idle loop look at ``stopping`` now (safe from a signal handler)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _work_mark(self) -> tuple:
+        sched = self.scheduler
+        return len(sched.waiting), len(sched.running), len(sched.receiving), sched.blocks.num_free_blocks
+
+    def _idle(self) -> None:
+        """Block while no rank has work: until this rank has something new to schedule (then it wakes every
+        peer) or is stopping, or a peer woke it in this idle period. Every rank that ran the exchange which
+        found no tokens anywhere waits here, so all of them leave for the next exchange together."""
+        period, mark, last_stats = self._idle_period, self._work_mark(), None
+        while True:
+            if self.stopping or (self.scheduler.has_work and self._work_mark() != mark):
+                self.peers.wake(period)
+                return
+            if self.peers.woken >= period:
+                return
+            stats = (self._work_mark(), len(self.scheduler.holding))
+            if stats != last_stats:  # the API servers' gauges (aborts, held KV) follow while idle too
+                self._send([])
+                last_stats = stats
+            self._drain(IDLE_TICK_S, idle=True)
+            if self.kv is not None:
+                failed = self.kv.service()
+                if failed:
+                    self._send(failed)
+
     def run(self) -> None:
         """Step until a stop flag is seen on any rank."""
         busy = False
-        idle_steps = 0
-        last_stats = None
         while True:
-            self._drain(0 if busy else IDLE_POLL_S[idle_steps > IDLE_BACKOFF_STEPS])
+            if busy:
+                self._drain(0)
+            else:
+                self._idle()
             if self.kv is not None:
                 failed = self.kv.service()
                 if failed:
@@ -244,17 +349,11 @@ class EngineCore:
                 return
             counts = [n for n, *_ in info]
             busy = sum(counts) > 0
-            idle_steps = 0 if busy else idle_steps + 1
             if not busy:
-                stats = (len(self.scheduler.running), len(self.scheduler.waiting), len(self.scheduler.receiving),
-                         len(self.scheduler.holding))
-                if stats != last_stats:
-                    self._send([])
-                    last_stats = stats
+                self._idle_period += 1
                 continue
             sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
             self._send(self.scheduler.postprocess(batch, sampled, self.runner.step_logprobs, self.runner.step_prompt_logprobs))
-            last_stats = None
             self.steps += 1
 
 
@@ -268,6 +367,7 @@ def run_engine_core(cfg: EngineConfig, dp_rank: int, local_index: int) -> None:
     def _stop(signum, frame):
         if core is not None:
             core.stopping = True
+            core.wake()
         else:
             raise SystemExit(0)
 
