@@ -38,10 +38,14 @@ FLAG_FIELDS = {
     "--max-logprobs": "max_logprobs",
     "--uvicorn-log-level": "uvicorn_log_level",
     "--prefix-caching-hash-algo": "prefix_caching_hash_algo",
+    "--long-prefill-token-threshold": "long_prefill_token_threshold",
+    "--max-num-partial-prefills": "max_num_partial_prefills",
+    "--max-long-partial-prefills": "max_long_partial_prefills",
 }
 INT_FIELDS = {"port", "seed", "max_num_seqs", "block_size", "kv_cache_memory_bytes", "max_logprobs",
               "tensor_parallel_size", "data_parallel_size", "data_parallel_size_local", "data_parallel_start_rank",
-              "data_parallel_rpc_port", "api_server_count"}
+              "data_parallel_rpc_port", "api_server_count", "long_prefill_token_threshold", "max_num_partial_prefills",
+              "max_long_partial_prefills"}
 HUMAN_INT_FIELDS = {"max_model_len", "max_num_batched_tokens"}  # vLLM reads "32k" (32,000) and "32K" (32,768) too
 SHORT = {"--tensor-parallel-size": "-tp", "--data-parallel-size": "-dp"}
 HELP = {
@@ -54,6 +58,12 @@ HELP = {
     "seed": "seed of dummy weights and of sampling for requests without their own seed",
     "prefix_caching_hash_algo": "hash of prefix-cache blocks: sha256, sha256_cbor (the same digests here), xxhash, "
                                 "xxhash_cbor (need the xxhash package)",
+    "long_prefill_token_threshold": "with chunked prefill, the most tokens of one prompt per step while other "
+                                    "requests run or wait (vLLM's; 0: no cap)",
+    "max_num_partial_prefills": "sequences prefilling in one step, at most (older vLLM's flag, gone in 0.32; "
+                                "unset: no bound)",
+    "max_long_partial_prefills": "of those, prompts longer than --long-prefill-token-threshold (else 4 %% of the "
+                                 "max model length), at most (older vLLM's flag; unset: no bound)",
 }
 # `vllm serve` flags that mean nothing in the built-in engine: accepted, named in one warning at start.
 NO_EFFECT = {
@@ -102,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action=argparse.BooleanOptionalAction,
                    default=None, help="split prompts over steps within --max-num-batched-tokens (default: on); "
                    "--no-enable-chunked-prefill schedules whole prompts only")
+    p.add_argument("--long-prefill-token-threshold-adaptive", dest="long_prefill_token_threshold_adaptive",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="floor --long-prefill-token-threshold at --max-num-batched-tokens / requests (vLLM's)")
     p.add_argument("--enable-log-requests", dest="enable_log_requests", action=argparse.BooleanOptionalAction,
                    default=False, help="log every request (id, DP rank, prompt tokens, sampling parameters)")
     p.add_argument("--disable-log-requests", action="store_true", help="accepted (older vLLM spelling); no effect")
@@ -174,6 +187,8 @@ def _parse(argv: list[str]):
         values["enable_chunked_prefill"] = args.enable_chunked_prefill
     if args.enable_prefix_caching is not None:
         values["enable_prefix_caching"] = args.enable_prefix_caching
+    if args.long_prefill_token_threshold_adaptive is not None:
+        values["long_prefill_token_threshold_adaptive"] = args.long_prefill_token_threshold_adaptive
     return EngineConfig(
         **values,
         enable_expert_parallel=args.enable_expert_parallel,

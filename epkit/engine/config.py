@@ -86,6 +86,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # vLLM's default for generative models
     prefix_caching_hash_algo: str = "sha256"
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # vLLM 0.32's: 0 = no cap
+    long_prefill_token_threshold_adaptive: bool = False
+    max_num_partial_prefills: int | None = None  # older vLLM's (gone in 0.32); None: no bound
+    max_long_partial_prefills: int | None = None
     kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
     max_logprobs: int = 20
@@ -150,6 +154,7 @@ class EngineConfig:
             from epkit.engine.kv_transfer import check_kv_transfer_config
 
             object.__setattr__(self, "kv_transfer_config", check_kv_transfer_config(self.kv_transfer_config))
+        self._check_prefill_knobs()
         _check(self.prefix_caching_hash_algo in PREFIX_CACHING_HASH_ALGOS,
                f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r}; allowed: {', '.join(PREFIX_CACHING_HASH_ALGOS)}")
         if self.enable_prefix_caching and self.prefix_caching_hash_algo.startswith("xxhash"):
@@ -158,6 +163,22 @@ class EngineConfig:
             _check(importlib.util.find_spec("xxhash") is not None,
                    f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r} needs the xxhash package "
                    "(pip install xxhash), as in vLLM; or use sha256")
+
+    def _check_prefill_knobs(self) -> None:
+        threshold = self.long_prefill_token_threshold
+        _check(not isinstance(threshold, bool) and isinstance(threshold, int) and threshold >= 0,
+               f"long_prefill_token_threshold={threshold!r} must be an integer >= 0 (0: no cap)")
+        _check(self.max_model_len is None or threshold <= self.max_model_len,
+               f"long_prefill_token_threshold={threshold} cannot be greater than max_model_len={self.max_model_len}")
+        for name in ("max_num_partial_prefills", "max_long_partial_prefills"):
+            value = getattr(self, name)
+            _check(value is None or (not isinstance(value, bool) and isinstance(value, int) and value >= 1),
+                   f"{name}={value!r} must be an integer >= 1 (unset: no bound)")
+        many, long = self.max_num_partial_prefills, self.max_long_partial_prefills
+        _check(many is None or long is None or long <= many,
+               f"max_long_partial_prefills={long} must be <= max_num_partial_prefills={many}")
+        _check(self.enable_chunked_prefill or many is None or many == 1,
+               f"max_num_partial_prefills={many} needs chunked prefill (drop --no-enable-chunked-prefill), as in vLLM")
 
     # ---- derived ------------------------------------------------------------------
     @property

@@ -173,7 +173,9 @@ class EngineCore:
         self.runner = ModelRunner(cfg, model_config, model_dir, dp_rank, device, self.comm)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id,
-                            cfg.enable_chunked_prefill),
+                            cfg.enable_chunked_prefill, cfg.long_prefill_token_threshold,
+                            cfg.long_prefill_token_threshold_adaptive, cfg.max_num_partial_prefills,
+                            cfg.max_long_partial_prefills),
             BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_caching_hash_algo),
         )
         self.kv = None

@@ -1,8 +1,11 @@
 """Continuous batching: which sequences run this step and with how many new tokens.
 
-Running sequences go first (one decode token each, or the rest of a chunked prefill);
-waiting ones are admitted while ``max_num_seqs``, the token budget
-``max_num_batched_tokens`` and free KV blocks allow. When blocks run out, the most
+Running sequences go first (one decode token each, or the rest of a chunked prefill, which leaves
+one token of the budget to every running decode behind it); waiting ones are admitted while
+``max_num_seqs``, the token budget ``max_num_batched_tokens`` and free KV blocks allow. vLLM 0.32's
+``--long-prefill-token-threshold`` caps one prompt's tokens per step while others are queued or
+running; older vLLM's ``--max-num-partial-prefills`` / ``--max-long-partial-prefills`` bound how
+many sequences (and how many long ones) prefill in one step. When blocks run out, the most
 recently admitted sequence is preempted: its blocks are freed and it is recomputed later.
 Without chunked prefill (``--no-enable-chunked-prefill``) a prompt is admitted only whole.
 
@@ -20,6 +23,7 @@ from typing import Any, Callable
 
 from epkit.engine.block_manager import BlockManager
 from epkit.engine.sequence import EngineRequest, PositionLogprobs, RequestOutput, Sequence, Status
+from epkit.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,21 @@ class SchedulerConfig:
     max_model_len: int
     eos_token_id: int
     chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # vLLM's: a prompt's chunk per step when others are queued or running
+    long_prefill_token_threshold_adaptive: bool = False  # vLLM's: the cap floored at the budget's fair share
+    max_num_partial_prefills: int | None = None  # older vLLM's (V0): sequences prefilling at once; None: any
+    max_long_partial_prefills: int | None = None  # older vLLM's (V0): of those, prompts longer than the threshold
+
+    def __post_init__(self) -> None:
+        if self.long_prefill_token_threshold > self.max_model_len:  # the model's length is known only here
+            raise EngineError(f"long_prefill_token_threshold={self.long_prefill_token_threshold} cannot be greater "
+                              f"than max_model_len={self.max_model_len}")
+
+    @property
+    def long_prompt_tokens(self) -> int:
+        """Prompt tokens left above which a prefill is long: the threshold, else (V0's default) 4 % of the
+        max model length."""
+        return self.long_prefill_token_threshold or int(self.max_model_len * 0.04)
 
 
 class Scheduler:
@@ -98,15 +117,50 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _prefill_cap(self) -> int:
+        """vLLM 0.32's ``--long-prefill-token-threshold`` this step: the most new tokens one sequence's prefill may
+        take while other requests are running or queued (0: no cap; with chunked prefill only)."""
+        cfg = self.config
+        eligible = len(self.running) + len(self.waiting) + len(self.receiving)
+        if not cfg.chunked_prefill or cfg.long_prefill_token_threshold <= 0 or eligible <= 1:
+            return 0
+        if cfg.long_prefill_token_threshold_adaptive:
+            return max(cfg.long_prefill_token_threshold, cfg.max_num_batched_tokens // eligible)
+        return cfg.long_prefill_token_threshold
+
+    def _prefill_slot_free(self, remaining: int, prefills: list[int]) -> bool:
+        """May one more sequence prefill this step (``remaining`` prompt tokens left; ``prefills``: the remaining
+        tokens of those already prefilling in it) under ``max_num_partial_prefills`` / ``max_long_partial_prefills``?"""
+        cfg = self.config
+        if cfg.max_num_partial_prefills is not None and len(prefills) >= cfg.max_num_partial_prefills:
+            return False
+        long = cfg.long_prompt_tokens
+        return (cfg.max_long_partial_prefills is None or remaining <= long
+                or sum(r > long for r in prefills) < cfg.max_long_partial_prefills)
+
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """This step's (sequence, new tokens) pairs, in row order; blocks are allocated for them."""
+        """This step's (sequence, new tokens) pairs, in row order; blocks are allocated for them.
+
+        Decodes go first within the token budget: a running prefill takes at most what the budget holds after
+        one token for every running decode behind it, and at most :meth:`_prefill_cap`; so ITL stays bounded
+        while long prompts prefill."""
         budget = self.config.max_num_batched_tokens
+        cap = self._prefill_cap()
         batch: list[tuple[Sequence, int]] = []
+        prefills: list[int] = []  # remaining prompt tokens of the sequences prefilling this step
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            new = remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1:  # a prefill chunk (or a preempted sequence's recompute)
+                decodes_behind = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running[i + 1:])
+                new = min(remaining, cap or remaining, budget - decodes_behind)
+                if new <= 0 or not self._prefill_slot_free(remaining, prefills):
+                    i += 1
+                    continue
+                prefills.append(remaining)
+            new = min(new, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -130,10 +184,11 @@ class Scheduler:
             cached = self.blocks.cached_prefix(seq)  # prefix caching: these blocks' tokens count as computed
             computed = len(cached or ()) * self.blocks.block_size
             remaining = seq.num_tokens - computed
-            new = min(remaining, budget)
+            new = min(remaining, budget, cap or remaining)
             if (new < remaining and not self.config.chunked_prefill) or not self.blocks.can_allocate(
-                    seq, computed + new, cached):
+                    seq, computed + new, cached) or not self._prefill_slot_free(remaining, prefills):
                 break
+            prefills.append(remaining)
             self.waiting.popleft()
             self.blocks.allocate(seq, computed + new, cached)
             seq.num_computed_tokens = computed
