@@ -305,7 +305,7 @@ class EngineCore:
 
     def _work_mark(self) -> tuple:
         sched = self.scheduler
-        return len(sched.waiting), len(sched.running), len(sched.receiving), sched.blocks.num_free_blocks
+        return sched.changes, len(sched.waiting), len(sched.running), len(sched.receiving), sched.blocks.num_free_blocks
 
     def _idle(self) -> None:
         """Block while no rank has work: until this rank has something new to schedule (then it wakes every

@@ -62,14 +62,17 @@ class Scheduler:
         self.new_receiving: list[Sequence] = []  # admitted to ``receiving`` since the last look
         self.holding: dict[str, Sequence] = {}  # finished prefills whose blocks wait for their decode
         self.on_hold: Callable[[Sequence], dict[str, Any]] | None = None  # -> the kv_transfer_params to return
+        self.changes = 0  # bumped by every add, abort, pull result and release: an idle core's "anything new?"
 
     def add(self, request: EngineRequest) -> Sequence:
+        self.changes += 1
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
 
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a request wherever it is; returns it if it was still queued or running."""
+        self.changes += 1
         for queue in (self.waiting, self.running):
             for seq in queue:
                 if seq.request_id == request_id:
@@ -87,6 +90,7 @@ class Scheduler:
     def receive_done(self, request_id: str, stats: dict[str, Any]) -> None:
         """The prompt's KV is in the blocks: all but the last prompt token count as computed (vLLM recomputes
         that one to sample the first token) and the sequence runs; a later preemption recomputes it locally."""
+        self.changes += 1
         seq = self.receiving.pop(request_id)
         seq.kv_transfer_params = {**seq.kv_transfer_params, "do_remote_prefill": False}
         seq.num_computed_tokens = seq.num_prompt_tokens - 1
@@ -95,6 +99,7 @@ class Scheduler:
 
     def receive_failed(self, request_id: str, error: str) -> RequestOutput:
         """The pull failed: the blocks are freed and the request ends with ``error``."""
+        self.changes += 1
         seq = self.receiving.pop(request_id)
         self.blocks.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, "abort"
@@ -102,6 +107,7 @@ class Scheduler:
 
     def release_held(self, request_id: str) -> int | None:
         """Free a finished prefill's held blocks; their count, or None if none are held for ``request_id``."""
+        self.changes += 1
         seq = self.holding.pop(request_id, None)
         if seq is None:
             return None
@@ -111,7 +117,8 @@ class Scheduler:
 
     @property
     def held_blocks(self) -> int:
-        return sum(len(seq.block_table) for seq in self.holding.values())
+        """Distinct blocks held for remote decodes (held prefills of one shared prefix share its cached blocks)."""
+        return len({block for seq in self.holding.values() for block in seq.block_table})
 
     @property
     def has_work(self) -> bool:
@@ -128,13 +135,17 @@ class Scheduler:
             return max(cfg.long_prefill_token_threshold, cfg.max_num_batched_tokens // eligible)
         return cfg.long_prefill_token_threshold
 
-    def _prefill_slot_free(self, remaining: int, prefills: list[int]) -> bool:
-        """May one more sequence prefill this step (``remaining`` prompt tokens left; ``prefills``: the remaining
-        tokens of those already prefilling in it) under ``max_num_partial_prefills`` / ``max_long_partial_prefills``?"""
+    def _prefill_slots_left(self, prefills: list[int]) -> bool:
+        """May one more sequence prefill this step under ``max_num_partial_prefills`` (``prefills``: the remaining
+        prompt tokens of those already prefilling in it)?"""
         cfg = self.config
-        if cfg.max_num_partial_prefills is not None and len(prefills) >= cfg.max_num_partial_prefills:
-            return False
-        long = cfg.long_prompt_tokens
+        return cfg.max_num_partial_prefills is None or len(prefills) < cfg.max_num_partial_prefills
+
+    def _long_slot_free(self, remaining: int, prefills: list[int]) -> bool:
+        """May a sequence with ``remaining`` prompt tokens prefill this step under ``max_long_partial_prefills``?
+        A short one always may: that is how short prompts pass a long one waiting for its slot (the flag's
+        meaning in vLLM's V0 scheduler)."""
+        cfg, long = self.config, self.config.long_prompt_tokens
         return (cfg.max_long_partial_prefills is None or remaining <= long
                 or sum(r > long for r in prefills) < cfg.max_long_partial_prefills)
 
@@ -156,7 +167,7 @@ class Scheduler:
             if remaining > 1:  # a prefill chunk (or a preempted sequence's recompute)
                 decodes_behind = sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running[i + 1:])
                 new = min(remaining, cap or remaining, budget - decodes_behind)
-                if new <= 0 or not self._prefill_slot_free(remaining, prefills):
+                if new <= 0 or not (self._prefill_slots_left(prefills) and self._long_slot_free(remaining, prefills)):
                     i += 1
                     continue
                 prefills.append(remaining)
@@ -173,23 +184,28 @@ class Scheduler:
             batch.append((seq, new))
             budget -= new
             i += 1
-        while (self.waiting and budget > 0 and not preempted
+        j = 0  # the waiting sequence looked at: past those that wait for a long-prefill slot only
+        while (j < len(self.waiting) and budget > 0 and not preempted
                and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[j]
             if seq.remote_prefill:
                 if not self.blocks.can_allocate(seq, seq.num_prompt_tokens):
                     break
-                self._receive(self.waiting.popleft())
+                del self.waiting[j]
+                self._receive(seq)
                 continue
             cached = self.blocks.cached_prefix(seq)  # prefix caching: these blocks' tokens count as computed
             computed = len(cached or ()) * self.blocks.block_size
             remaining = seq.num_tokens - computed
             new = min(remaining, budget, cap or remaining)
             if (new < remaining and not self.config.chunked_prefill) or not self.blocks.can_allocate(
-                    seq, computed + new, cached) or not self._prefill_slot_free(remaining, prefills):
+                    seq, computed + new, cached) or not self._prefill_slots_left(prefills):
                 break
+            if not self._long_slot_free(remaining, prefills):
+                j += 1  # it keeps its place; a shorter prompt behind it may go
+                continue
             prefills.append(remaining)
-            self.waiting.popleft()
+            del self.waiting[j]
             self.blocks.allocate(seq, computed + new, cached)
             seq.num_computed_tokens = computed
             seq.status = Status.RUNNING
