@@ -87,7 +87,8 @@ def target(request, module_stream_server, byte_tokenizer_dir):
     if not Path(epkit).exists():
         epkit = shutil.which("epkit")
     port = _free_port()
-    proc = subprocess.Popen([epkit, "serve", "epkit-tiny-moe", "--port", str(port)],
+    # no prefix caching: both clients send the same prompts, so the second would find the first's blocks cached
+    proc = subprocess.Popen([epkit, "serve", "epkit-tiny-moe", "--port", str(port), "--no-enable-prefix-caching"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         _wait_ready(f"http://127.0.0.1:{port}", proc, 300)
