@@ -3,6 +3,7 @@ naming the owner, the field, the value and what is allowed."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from epkit.errors import TopologyError
@@ -19,3 +20,14 @@ def check_int(owner: str, name: str, value: Any, minimum: int, maximum: int | No
 def check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TopologyError(f"{owner}.{name}={value!r} must be true or false")
+
+
+def json_object(name: str, text: str, example: str) -> dict:
+    """``text`` (a flag's JSON value) read as a JSON object; a TopologyError names ``name``, the text and why."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TopologyError(f"{name}={text!r} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(data, dict):
+        raise TopologyError(f"{name}={text!r} must be a JSON object like {example}")
+    return data

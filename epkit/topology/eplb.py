@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from epkit.errors import TopologyError
-from epkit.topology.checks import check_bool, check_int
+from epkit.topology.checks import check_bool, check_int, json_object
 from epkit.vllm import versions as vllm_versions
 
 EPLB_COMMUNICATORS = ("torch_nccl", "torch_gloo", "torch_xccl", "nixl", "pynccl")
@@ -72,12 +72,7 @@ class EPLBConfig:
     @classmethod
     def from_json(cls, text: str) -> "EPLBConfig":
         """Parse the ``--eplb-config '{…}'`` JSON string."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TopologyError(f"eplb_config={text!r} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(data, dict):
-            raise TopologyError(f"eplb_config={text!r} must be a JSON object like '{{\"window_size\": 1000}}'")
+        data = json_object("eplb_config", text, "'{\"window_size\": 1000}'")
         return cls.from_dict(data)
 
     def explicit(self) -> dict[str, Any]:

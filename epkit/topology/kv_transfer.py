@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from epkit.errors import TopologyError
 from epkit.topology.backends import KV_BUFFER_DEVICES, KV_LOAD_FAILURE_POLICIES, KV_ROLES, NIXL_BACKENDS
-from epkit.topology.checks import check_bool, check_int
+from epkit.topology.checks import check_bool, check_int, json_object
 from epkit.vllm import versions as vllm_versions
 
 # The connectors that speak NixlConnector's protocol (one module, vllm/…/kv_connector/v1/nixl) and read
@@ -141,14 +141,7 @@ class KVTransferConfig:
     @classmethod
     def from_json(cls, text: str) -> "KVTransferConfig":
         """Parse the ``--kv-transfer-config '{…}'`` JSON string."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TopologyError(f"kv_transfer_config={text!r} is not valid JSON ({exc.msg} at column {exc.colno})") \
-                from exc
-        if not isinstance(data, dict):
-            raise TopologyError(f"kv_transfer_config={text!r} must be a JSON object like "
-                                "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
+        data = json_object("kv_transfer_config", text, "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
         return cls.from_dict(data)
 
     @classmethod
