@@ -1,15 +1,23 @@
 #!/bin/bash
 # On the device, from the repository root: unpack whatever vLLM chunks this call carried (benchmarks/vllm_stage),
-# then run (or resume) one epkit sweep against the staged vLLM (/tmp/site) and the built-in engine, stopped the
+# then run (or resume) one epkit sweep against the staged vLLM (/tmp/site) and the built-in engine (without a
+# staged vLLM: engine-only points, with epkit's cp312 wheels carried in .whl/), stopped the
 # way Ctrl-C stops it before the call's limit, and hand back its log and results as $OUT/<name>.tgz.
 #   bash benchmarks/device_sweep.sh SPEC RESULTS_DIR SECONDS [sweep args, e.g. --only TOPOLOGY_ID]
 set -uo pipefail
 spec=$1 results=$2 secs=$3; shift 3
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if compgen -G ".stage[0-9]*" > /dev/null; then bash benchmarks/vllm_stage/unpack.sh | tail -2 || exit 1; fi
-[ -f /tmp/epkit-stage/complete ] || { echo "device_sweep: vLLM is not fully staged yet"; exit 0; }
+if [ -f /tmp/epkit-stage/complete ]; then
+  site=/tmp/site  # vLLM and its dependencies (fastapi, uvicorn, ...) serve the built-in engine and epkit too
+elif compgen -G ".whl/*.whl" > /dev/null; then  # no vLLM: engine-only points (--only), epkit's wheels carried
+  [ -d /tmp/epkit-site ] || pip install -q --no-index --no-deps --target /tmp/epkit-site .whl/*.whl || exit 1
+  site=/tmp/epkit-site
+else
+  echo "device_sweep: vLLM is not fully staged and no .whl/ was carried"; exit 0
+fi
 name=$(basename "$results")
-PYTHONPATH=/tmp/site:$PWD timeout -s INT -k 45 "$secs" python3 -m epkit.cli sweep "$spec" --results "$results" \
+PYTHONPATH=$site:$PWD timeout -s INT -k 45 "$secs" python3 -m epkit.cli sweep "$spec" --results "$results" \
     --no-progress --vllm-bin "python3 -m vllm.entrypoints.cli.main" "$@" >> "/tmp/$name.log" 2>&1
 echo "sweep exit $?"
 tail -60 "/tmp/$name.log"

@@ -240,3 +240,18 @@ def test_epkit_engine_backends():
     assert ("--all2all-backend", "all_to_all") == render(t)[0].argv[-2:]
     with pytest.raises(TopologyError, match="all_to_all"):
         Topology(model="epkit-tiny-moe", dp=2, enable_expert_parallel=True, all2all_backend="all_to_all")  # vllm
+
+
+def test_sweep_only_checks_the_points_it_runs():
+    """``--only``: the other points are not checked (an engine axis whose vLLM is not on this machine, the device's
+    engine-only calls); an id the spec does not make is an error naming the ones it does."""
+    from epkit.sweep.spec import parse_sweep
+
+    data = {"name": "only", "model": "epkit-tiny-moe", "vllm_bin": "false", "topologies": {"grid": {"engine": ["vllm", "epkit"]}},
+            "workloads": [{"dataset": "random", "input_len": 8, "output_len": 4, "num_prompts": 2}]}
+    with pytest.raises(TopologyError, match="did not print a vLLM version"):
+        parse_sweep(data, "only")
+    ids = [tp.id for tp in parse_sweep(data, "only", only=["epkit_default_tp1_dp1_n1_noep"]).topologies]
+    assert ids == ["vllm_default_tp1_dp1_n1_noep", "epkit_default_tp1_dp1_n1_noep"]
+    with pytest.raises(TopologyError, match="--only nope: no such topology; the spec makes vllm_default"):
+        parse_sweep(data, "only", only=["nope"])

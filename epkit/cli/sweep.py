@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from epkit.sweep.spec import load_sweep, plan_sweep
 
     try:
-        spec = load_sweep(args.spec, vllm_bin=args.vllm_bin)
+        spec = load_sweep(args.spec, vllm_bin=args.vllm_bin, only=args.only)
     except EpkitError as exc:
         print(f"epkit sweep: {exc}", file=sys.stderr)
         return 2

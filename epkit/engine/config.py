@@ -64,8 +64,8 @@ class EngineConfig:
     device: str = "auto"
     load_format: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_seqs: int | None = None  # None: vLLM's default for the device (batch_limits)
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -119,6 +119,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "data_parallel_size",
                      "tensor_parallel_size", "api_server_count"):
             value = getattr(self, name)
+            if value is None and name in ("max_num_seqs", "max_num_batched_tokens"):
+                continue  # the device's default, as vLLM picks it (batch_limits)
             _check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an integer >= 1")
         _check(0 <= self.port <= 65535, f"port={self.port} must be in 0..65535")
         _check(1 <= self.data_parallel_rpc_port <= 65535, f"data_parallel_rpc_port={self.data_parallel_rpc_port} must be in 1..65535")
@@ -181,6 +183,21 @@ class EngineConfig:
                f"max_num_partial_prefills={many} needs chunked prefill (drop --no-enable-chunked-prefill), as in vLLM")
 
     # ---- derived ------------------------------------------------------------------
+    def batch_limits(self, device_type: str, total_memory: int, device_name: str, max_model_len: int) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens): the values given, else vLLM's API-server defaults for the device
+        (vLLM 0.26-0.32 ``EngineArgs.get_batch_defaults``): a GPU of >= 70 GiB other than an A100 1024 / 8192, other
+        GPUs 256 / 2048. On CPU the engine keeps its own 256 / 8192 (vLLM's CPU build: 128 / 2048 per TP rank), which
+        its CPU tests and benchmarks were made with. Without chunked prefill the token budget is at least the max
+        model length, as in vLLM."""
+        if device_type == "cuda":
+            big = total_memory >= 70 * 2**30 and "a100" not in device_name.lower()
+            seqs, tokens = (1024, 8192) if big else (256, 2048)
+        else:
+            seqs, tokens = 256, 8192
+        if self.max_num_batched_tokens is None and not self.enable_chunked_prefill:
+            tokens = max(tokens, max_model_len)
+        return self.max_num_seqs or seqs, self.max_num_batched_tokens or tokens
+
     @property
     def dp_size_local(self) -> int:
         return self.data_parallel_size if self.data_parallel_size_local is None else self.data_parallel_size_local

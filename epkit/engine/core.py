@@ -172,7 +172,7 @@ class EngineCore:
         model_config, model_dir = model_config_of(cfg)
         self.runner = ModelRunner(cfg, model_config, model_dir, dp_rank, device, self.comm)
         self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id,
+            SchedulerConfig(self.runner.max_num_seqs, self.runner.max_num_batched_tokens, self.runner.max_model_len, self.runner.mcfg.eos_token_id,
                             cfg.enable_chunked_prefill, cfg.long_prefill_token_threshold,
                             cfg.long_prefill_token_threshold_adaptive, cfg.max_num_partial_prefills,
                             cfg.max_long_partial_prefills),

@@ -22,7 +22,9 @@ the mask of real rows across ranks. Padding rows read and write one scratch KV b
 no sequence owns, attend to that one slot, and are masked out of the MoE exchange (they
 contribute nothing to any real row and are not counted as expert load), so a padded step
 computes the same real rows as an eager one. Graphs are captured lazily, the first time a
-(T, C) shape occurs, on every rank at the same step; an EPLB rearrangement replaces expert
+(T, C) shape occurs, on every rank at the same step, except where one context bucket serves every
+step (the paged kernel): then every size is captured at start (:meth:`StepGraphs.capture_all`, largest
+first), as vLLM does, and no capture happens while serving. An EPLB rearrangement replaces expert
 weights and maps, so it drops every graph (they are captured again when next needed).
 
 ``EPKIT_CUDA_GRAPHS=emulate`` (formerly ``EPKIT_DECODE_GRAPHS``) runs exactly this padded, fixed-buffer
@@ -89,6 +91,8 @@ class StepRunner(Protocol):
     block_size: int
     num_blocks: int  # blocks the block manager hands out; the KV cache holds one more (the scratch block)
     max_model_len: int
+    max_num_seqs: int  # the scheduler's limits (EngineConfig.batch_limits: the flags, else vLLM's device defaults)
+    max_num_batched_tokens: int
     rebalancer: Rebalancer | None
 
 
@@ -137,8 +141,8 @@ class StepGraphs:
         paged, mixed, fused = (all(col) for col in zip(*runner.comm.exchange_step_info([int(f) for f in flags])))
         self.paged_kernel = self.paged_kernel_checked = paged
         self.mixed = mixed
-        largest = MAX_GRAPH_TOKENS if mixed else min(cfg.max_num_seqs, MAX_CAPTURE_SIZE)
-        largest = min(largest, cfg.max_num_batched_tokens)
+        largest = MAX_GRAPH_TOKENS if mixed else min(runner.max_num_seqs, MAX_CAPTURE_SIZE)
+        largest = min(largest, runner.max_num_batched_tokens)
         if cfg.ep_size > 1 and not fused:
             # without the row kernels every (row, expert) pair of every rank goes through the sync-free grouped
             # GEMM: keep it under that path's limit
@@ -269,7 +273,33 @@ class StepGraphs:
             model.moe.static_valid = None
             model.row_mask = None
 
-    def _capture(self, key: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+    def capture_all(self) -> None:
+        """Capture every size now, largest first (the smaller graphs reuse its pool), as vLLM does at start: no
+        step while serving waits for a capture (one took 70-80 ms on an H100, a stall of every running request).
+        Only where one context bucket serves every step (the paged kernel); otherwise graphs are captured when a
+        (rows, context) shape first occurs. Every rank calls this at the same point (the steps' collectives)."""
+        if self.mode != "cuda" or not self.paged_kernel:
+            return
+        started = time.perf_counter()
+        for size in reversed(self.sizes):
+            self.fill_padding(size)
+            self._capture((size, self.max_ctx), quiet=True)
+        log.info("DP rank %d: captured %d CUDA graphs (%d..%d rows, context %d) at start in %.1f s", self.rank,
+                 len(self.graphs), self.sizes[0], self.sizes[-1], self.max_ctx, time.perf_counter() - started)
+
+    def fill_padding(self, size: int) -> None:
+        """Fixed buffers of a ``size``-row step in which every row is a padding row of every rank (the scratch
+        block only; no sequence's KV is read or written), except that row 0 of each rank counts as real so that
+        the MoE exchange carries a row: what the start-up captures run once before capturing."""
+        bs = self.runner.block_size
+        for k, value in (("ids", 0), ("pos", 0), ("slot", self.scratch_block * bs), ("ctx", 1)):
+            self.dev[k][:size].fill_(value)
+        self.dev["tables"][:size, 0] = self.scratch_block
+        valid = self.dev["valid"][: self.world * size].view(self.world, size)
+        valid.zero_()
+        valid[:, 0] = 1
+
+    def _capture(self, key: tuple[int, int], quiet: bool = False) -> tuple[Any, torch.Tensor]:
         """Warm up once (lazy initialisation; rewrites the same K/V), then capture; every rank does this at the same step."""
         size, ctx = key
         started = time.perf_counter()
@@ -283,14 +313,17 @@ class StepGraphs:
         for t, s in zip(loads, saved):  # the warm-up must not count as expert load
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a capture forbids unsafe CUDA calls of the capturing thread only - not those of the threads
+        # that serve KV to decode instances (UCX synchronises its own streams; global mode made that fatal)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(size, ctx)
         elapsed = time.perf_counter() - started
         self.capture_s += elapsed
         self.captures += 1
         self.graphs[key] = (graph, out)
-        log.info("DP rank %d: captured the CUDA graph for %d rows, context %d in %.2f s (%d graphs)",
-                 self.rank, size, ctx, elapsed, len(self.graphs))
+        if not quiet:
+            log.info("DP rank %d: captured the CUDA graph for %d rows, context %d in %.2f s (%d graphs)",
+                     self.rank, size, ctx, elapsed, len(self.graphs))
         return self.graphs[key]
 
     def summary(self, total_steps: int) -> str:

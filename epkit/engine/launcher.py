@@ -82,7 +82,7 @@ def _check_deployment(cfg: EngineConfig) -> None:
     if cfg.ep_size > mcfg.num_experts:
         raise EngineError(f"ep_size={cfg.ep_size} exceeds num_experts={mcfg.num_experts}: every EP rank needs an expert")
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
-    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_model_len:
+    if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens is not None and cfg.max_num_batched_tokens < max_model_len:
         raise EngineError(f"--no-enable-chunked-prefill needs max_num_batched_tokens >= max_model_len, got "
                           f"max_num_batched_tokens={cfg.max_num_batched_tokens} < max_model_len={max_model_len} "
                           "(a whole prompt must fit one step); raise --max-num-batched-tokens or lower --max-model-len")

@@ -127,6 +127,9 @@ class ModelRunner:
         self.mcfg = ModelConfig.from_dict(model_config)
         self.dtype = resolve_dtype(cfg, model_config, device)
         self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        self.max_num_seqs, self.max_num_batched_tokens = cfg.batch_limits(
+            device.type, props.total_memory if props else 0, props.name if props else "", self.max_model_len)
         ep = cfg.ep_size
         self.placement = ExpertRanges(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
         self.rebalancer: Rebalancer | None = None
@@ -165,14 +168,18 @@ class ModelRunner:
         if not all(on for on, in comm.exchange_step_info([int(mode != "off")])) and mode != "off":
             mode, why = "off", "another DP rank cannot use CUDA graphs (see its log); every step runs eager on all ranks"
         self.graphs = StepGraphs(self, mode) if mode != "off" else None
+        if self.graphs is not None:
+            self.graphs.capture_all()
         log.info("DP rank %d: graph steps: %s%s", dp_rank, why,
                  f" ({'mixed prefill + decode' if self.graphs.mixed else 'all-decode'} steps of "
                  f"{self.graphs.sizes[0]}..{self.graphs.sizes[-1]} rows, context buckets of "
                  f"{self.graphs.ctx_step} up to {self.graphs.max_ctx})" if self.graphs else "")
         held = (f"{self.rebalancer.slots_per_rank} expert slots of {self.rebalancer.num_physical} (EPLB)" if self.rebalancer
                 else f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
-        log.info("DP rank %d: %s %s, %s (ep=%d, %s), KV cache %d blocks x %d tokens", dp_rank, device,
-                 str(self.dtype).replace("torch.", ""), held, ep, getattr(moe, "name", "?"), self.num_blocks, self.block_size)
+        log.info("DP rank %d: %s %s, %s (ep=%d, %s), KV cache %d blocks x %d tokens, max_num_seqs=%d, "
+                 "max_num_batched_tokens=%d", dp_rank, device, str(self.dtype).replace("torch.", ""), held, ep,
+                 getattr(moe, "name", "?"), self.num_blocks, self.block_size, self.max_num_seqs,
+                 self.max_num_batched_tokens)
 
     def _num_blocks(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()

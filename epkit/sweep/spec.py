@@ -31,7 +31,7 @@ import re
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from epkit.errors import TopologyError
 from epkit.sweep import pd as pd_axis
@@ -275,9 +275,11 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
     return out
 
 
-def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", vllm_bin: str | None = None) -> SweepSpec:
-    """Build and check a :class:`SweepSpec` from parsed YAML; every point is checked here. ``vllm_bin``
-    (the CLI's ``--vllm-bin``) overrides the spec's ``vllm_bin:``."""
+def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", vllm_bin: str | None = None,
+                only: Collection[str] | None = None) -> SweepSpec:
+    """Build and check a :class:`SweepSpec` from parsed YAML; every point is checked here (with ``only``, the
+    CLI's ``--only``: those points; an id the spec does not make is an error). ``vllm_bin`` (the CLI's
+    ``--vllm-bin``) overrides the spec's ``vllm_bin:``."""
     if not isinstance(data, Mapping):
         raise TopologyError(f"{source}: the top level must be a mapping with keys {', '.join(SPEC_KEYS)}")
     unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -331,8 +333,14 @@ def parse_sweep(data: Mapping[str, Any], source: str = "sweep", text: str = "", 
     spec = SweepSpec(str(name), tuple(topologies), tuple(workloads), executor, slurm, plan_options,
                      dict(data.get("run") or {}), max_parallel, str(data.get("results_dir") or "results"), text,
                      vllm_bin)
+    if only:
+        unknown = sorted(set(only) - {tp.id for tp in topologies})
+        if unknown:
+            raise TopologyError(f"{source}: --only {' '.join(unknown)}: no such topology; the spec makes "
+                                f"{', '.join(tp.id for tp in topologies)}")
     for tp in topologies:  # every command renders, every memory plan fits (or is allowed not to)
-        _check_point(spec, tp, source)
+        if not only or tp.id in only:  # a point not run is not checked (its engine may not be on this machine)
+            _check_point(spec, tp, source)
     return spec
 
 
@@ -409,12 +417,13 @@ def memory_verdict(spec: SweepSpec, tp: TopologyPoint):
     return min(plans, key=lambda p: (p.fits, p.kv_cache_tokens)) if plans else None
 
 
-def load_sweep(path: str | Path, vllm_bin: str | None = None) -> SweepSpec:
-    """Read and check a sweep YAML; errors name the file and the point. ``vllm_bin`` overrides the spec's."""
+def load_sweep(path: str | Path, vllm_bin: str | None = None, only: Collection[str] | None = None) -> SweepSpec:
+    """Read and check a sweep YAML; errors name the file and the point. ``vllm_bin`` overrides the spec's;
+    ``only``: check just these topology ids (``--only``)."""
     from epkit.topology.spec import read_spec_file
 
     data, text = read_spec_file(path, "sweep spec")  # missing, a folder, not text, not YAML: one line each
-    return parse_sweep(data, str(path), text, vllm_bin)
+    return parse_sweep(data, str(path), text, vllm_bin, only)
 
 
 # ---- the plan a dry run prints (pure) ---------------------------------------------------------

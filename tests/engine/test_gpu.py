@@ -365,6 +365,8 @@ def test_every_graph_size_replays_like_the_eager_step(steps, monkeypatch, record
     runner = _runner(2048)
     assert runner.graphs is not None and runner.graphs.mode == "cuda", "graph steps are off on this GPU (the log says why)"
     assert runner.graphs.mixed == (steps == "mixed"), "mixed graph steps need the Triton paged decode kernel (see the log)"
+    # every size was captured at start (one context bucket: the paged kernel), none is captured while serving
+    assert runner.graphs.captures == len(runner.graphs.sizes) == len(runner.graphs.graphs), runner.graphs.summary(0)
     record("graphs", replay_every_size(runner))
 
 
@@ -403,6 +405,7 @@ def replay_every_size(runner) -> dict[str, float]:
     logits = runner.model.logits
     runner.model.logits = lambda hidden: seen.append(logits(hidden)) or seen[-1]
     routes = Routes(runner)
+    graphs.drop("the test records each graph's routing while it is captured")  # captured again, lazily, below
     tol = 4 * runner.mcfg.num_layers * eps_of(runner.dtype)
     rng, ids = random.Random(0), itertools.count()
     worst, compared, flipped = 0.0, 0, 0
@@ -504,6 +507,9 @@ def test_serve_on_one_gpu_runs_graph_steps_and_kernels(deploy):
     assert "DP rank 0: graph steps: CUDA graphs" in log
     replayed, total = map(int, re.search(r"DP rank 0: (\d+) of (\d+) forward steps replayed from CUDA graphs", log).groups())
     assert replayed >= 24 * 2 and total >= replayed, (replayed, total)
+    started = int(re.search(r"DP rank 0: captured (\d+) CUDA graphs .* at start", log).group(1))
+    captures = int(re.search(r"forward steps replayed from CUDA graphs; (\d+) captures", log).group(1))
+    assert captures == started, f"{captures - started} graphs were captured while serving"
     for kernel in ("decode attention: Triton paged kernel", "RMSNorm: Triton kernel", "q/k-norm + RoPE: Triton kernel",
                    "router softmax + top-k: Triton kernel", "MoE row sort / gather / combine: Triton kernel",
                    "K/V cache write: Triton kernel"):

@@ -574,3 +574,21 @@ def test_kernel_choice_variables_are_checked_at_engine_start(monkeypatch):
     monkeypatch.setenv("EPKIT_MOE_GEMM", "cutlass")
     with pytest.raises(ValueError, match=r"EPKIT_MOE_GEMM='cutlass': expected auto, triton or torch"):
         check_environment()
+
+
+def test_batch_limits_follow_vllms_device_defaults():
+    """Unset --max-num-seqs / --max-num-batched-tokens take vLLM's API-server defaults for the device (what vLLM
+    0.26.0 logged on an H100: 8192 batched tokens; its get_batch_defaults: 1024 sequences); given values win."""
+    from epkit.engine.config import EngineConfig
+
+    gib = 2**30
+    cfg = EngineConfig()
+    assert cfg.batch_limits("cuda", 80 * gib, "NVIDIA H100 80GB HBM3", 4096) == (1024, 8192)
+    assert cfg.batch_limits("cuda", 141 * gib, "NVIDIA H200", 4096) == (1024, 8192)
+    assert cfg.batch_limits("cuda", 80 * gib, "NVIDIA A100-SXM4-80GB", 4096) == (256, 2048)
+    assert cfg.batch_limits("cuda", 24 * gib, "NVIDIA L4", 4096) == (256, 2048)
+    assert cfg.batch_limits("cpu", 0, "", 4096) == (256, 8192)
+    given = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4000)
+    assert given.batch_limits("cuda", 80 * gib, "NVIDIA H100 80GB HBM3", 4096) == (64, 4000)
+    whole = EngineConfig(enable_chunked_prefill=False)  # a whole prompt must fit one step
+    assert whole.batch_limits("cuda", 16 * gib, "Tesla T4", 32768) == (256, 32768)
