@@ -24,8 +24,10 @@ contribute nothing to any real row and are not counted as expert load), so a pad
 computes the same real rows as an eager one. Graphs are captured lazily, the first time a
 (T, C) shape occurs, on every rank at the same step, except where one context bucket serves every
 step (the paged kernel): then every size is captured at start (:meth:`StepGraphs.capture_all`, largest
-first), as vLLM does, and no capture happens while serving. An EPLB rearrangement replaces expert
-weights and maps, so it drops every graph (they are captured again when next needed).
+first), as vLLM does, and no capture happens while serving. An EPLB rearrangement keeps every graph: it
+rewrites the expert weights and routing maps in place (same tensors, same storage; see
+:mod:`epkit.engine.rebalance`), so the captured graphs read the new placement and serving never stalls
+on a re-capture.
 
 ``EPKIT_CUDA_GRAPHS=emulate`` (formerly ``EPKIT_DECODE_GRAPHS``) runs exactly this padded, fixed-buffer
 step without capturing it (on CPU too), so the padding and masking are tested where no GPU is;
@@ -168,7 +170,6 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         # one warm-up stream for every capture: each new stream would get (and keep) its own cuBLAS workspace
         self.warmup_stream = torch.cuda.Stream(dev) if mode == "cuda" else None
-        self.epoch = self._epoch()
         self.steps = 0  # padded steps run (replays, or emulated steps)
         self.captures = 0
         self.capture_s = 0.0
@@ -180,10 +181,6 @@ class StepGraphs:
         runner = self.runner
         experts = next(layer["experts"] for layer in runner.model.w.layers if "experts" in layer)
         return fused_rows_ok(torch.zeros((1, runner.mcfg.hidden_size), device=runner.device, dtype=runner.dtype), experts)
-
-    def _epoch(self) -> int:
-        rebalancer = self.runner.rebalancer
-        return rebalancer.num_rebalances if rebalancer is not None else 0
 
     # ---- shapes -----------------------------------------------------------------------
     def plan(self, counts: list[int], max_ctx: int) -> tuple[int, int] | None:
@@ -200,10 +197,7 @@ class StepGraphs:
     def run(self, batch: list[tuple["Sequence", int]], counts: list[int], key: tuple[int, int]) -> torch.Tensor:
         """Final hidden states of ``batch``'s rows (one per new token, in batch order), through the graph for ``key``."""
         size, ctx = key
-        tokens = self._fill(batch, counts, size, ctx)
-        if self._epoch() != self.epoch:
-            self.drop("EPLB rearranged the experts")
-            self.epoch = self._epoch()
+        tokens = self._fill(batch, counts, size, ctx)  # EPLB rearrangements write in place: the graphs stay valid
         if self.mode == "emulate":
             out = self._forward(size, ctx)
         else:

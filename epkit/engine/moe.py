@@ -101,12 +101,29 @@ class ReplicatedExpertMap:
     Slot ``s`` lives on EP rank ``s // slots_per_rank`` at local index ``s % slots_per_rank``.
     The i-th (token, expert) entry of a call uses replica ``i % replicas`` - a deterministic
     spread; the choice never changes a token's output, since replicas hold the same weights.
+
+    The device tables are allocated once, ``log2phy`` ``[E, width]`` with a fixed ``width`` (the most replicas
+    any placement can give an expert; entries past ``logcnt`` are -1 and never read), and :meth:`update`
+    rewrites them in place, so CUDA graphs captured with this map stay valid across EPLB rearrangements.
     """
 
-    def __init__(self, log2phy, logcnt, slots_per_rank: int, device: torch.device):
-        self.log2phy = torch.as_tensor(log2phy, dtype=torch.long).to(device)
-        self.logcnt = torch.as_tensor(logcnt, dtype=torch.long).to(device)
+    def __init__(self, log2phy, logcnt, slots_per_rank: int, device: torch.device, width: int | None = None):
+        log2phy = torch.as_tensor(log2phy, dtype=torch.long)
+        width = log2phy.shape[1] if width is None else width
+        self.log2phy = torch.full((log2phy.shape[0], width), -1, dtype=torch.long, device=device)
+        self.logcnt = torch.zeros(log2phy.shape[0], dtype=torch.long, device=device)
         self.slots_per_rank = slots_per_rank
+        self.update(log2phy, logcnt)
+
+    def update(self, log2phy, logcnt) -> None:
+        """Write another placement of this layer into the same device tensors (their storage never changes)."""
+        log2phy = torch.as_tensor(log2phy, dtype=torch.long)
+        if log2phy.shape[0] != self.log2phy.shape[0] or log2phy.shape[1] > self.log2phy.shape[1]:
+            raise ValueError(f"log2phy of shape {tuple(log2phy.shape)} does not fit the map's {tuple(self.log2phy.shape)}")
+        padded = torch.full(tuple(self.log2phy.shape), -1, dtype=torch.long)
+        padded[:, : log2phy.shape[1]] = log2phy
+        self.log2phy.copy_(padded)
+        self.logcnt.copy_(torch.as_tensor(logcnt, dtype=torch.long))
 
     def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spread = torch.arange(ids.numel(), device=ids.device).view(ids.shape) % self.logcnt[ids]
@@ -175,6 +192,23 @@ class LocalExperts:
         # EPLB: ``[E_local]`` float tensor (a row of the rebalancer's per-step slot load) that every
         # call adds its (token, expert) pairs per local slot to, on the device; None when EPLB is off.
         self.load: torch.Tensor | None = None
+
+    def replace_slots(self, slots: list[int], source: "LocalExperts") -> None:
+        """Copy ``source``'s experts (one per entry of ``slots``, in that order) into these slots, in place.
+
+        ``w13`` / ``w2`` keep their storage (CUDA graphs captured with them stay valid). What was derived from the
+        old values is forgotten: the CPU path's fixed-point copies (:func:`batch_invariant.prepared`, cached per
+        weight tensor) are made again on next use; ``num_local`` / ``intermediate`` and the kernels' first-use
+        checks depend on shapes only, which do not change."""
+        if source.w13.shape[1:] != self.w13.shape[1:] or source.w2.shape[1:] != self.w2.shape[1:] or \
+                len(slots) != source.num_local:
+            raise ValueError(f"{source.num_local} experts of shapes {tuple(source.w13.shape[1:])}/{tuple(source.w2.shape[1:])} "
+                             f"do not fit slots {slots} of {tuple(self.w13.shape)}/{tuple(self.w2.shape)}")
+        index = torch.tensor(slots, dtype=torch.long, device=self.w13.device)
+        self.w13.index_copy_(0, index, source.w13.to(self.w13.device, self.w13.dtype))
+        self.w2.index_copy_(0, index, source.w2.to(self.w2.device, self.w2.dtype))
+        for w in (self.w13, self.w2):
+            batch_invariant._prepared.pop(id(w), None)  # its weakref goes with the entry: no callback left behind
 
     def _count(self, counts: torch.Tensor) -> None:
         if self.load is not None:

@@ -5,9 +5,13 @@ Placement math comes from :mod:`epkit.eplb` (vLLM's policies and its ``phy2log``
 own tokens per MoE layer on the device (no host sync); the ring of the last
 ``window_size`` steps is summed over ranks with one all-reduce when a rebalance is due.
 All ranks then compute the same new placement (same input, deterministic policy) and
-each re-materializes the expert weights of its new slots from their source - the seed for
+each re-materializes the expert weights of its changed slots from their source - the seed for
 dummy weights, the checkpoint otherwise - since weights are a function of the logical
-expert only. (vLLM instead copies weights between GPUs; the result is the same.)
+expert only. (vLLM instead copies weights between GPUs; the result is the same.) Like vLLM's,
+the rearrangement is in place: the new slots' weights are copied into the layer's existing expert
+tensors (one layer's changed slots built at a time) and the routing map's device tables are
+rewritten (fixed width, :class:`~epkit.engine.moe.ReplicatedExpertMap`), so no tensor a captured
+CUDA graph reads changes its storage and the graphs stay valid (none is dropped or re-captured).
 
 Schedule and logging follow vLLM's ``EplbState.step`` (see ``docs/eplb.md``): the step counter
 starts at ``step_interval - step_interval // 4`` (first rearrangement early), the balancedness
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -31,6 +35,9 @@ import torch
 from epkit.engine.moe import LocalExperts, ReplicatedExpertMap
 from epkit.engine.config import check_eplb_values
 from epkit.errors import EngineError
+
+if TYPE_CHECKING:
+    from epkit.eplb.placement import Placement
 
 log = logging.getLogger("epkit.engine")
 
@@ -70,6 +77,7 @@ class Rebalancer:
         self.num_layers = num_moe_layers
         self.num_physical = num_experts + config["num_redundant_experts"]
         self.slots_per_rank = self.num_physical // ep_size
+        self.max_replicas = self.num_physical - num_experts + 1  # log2phy's fixed width: the most any placement gives
         self.device, self.all_reduce, self.all_gather = device, all_reduce, all_gather
         self.model_name = model_name
         self.placement = Placement.linear(num_moe_layers, num_experts, self.num_physical)
@@ -95,10 +103,11 @@ class Rebalancer:
 
     def expert_map(self, moe_pos: int) -> ReplicatedExpertMap:
         return ReplicatedExpertMap(self.placement.log2phy[moe_pos], self.placement.logcnt[moe_pos], self.slots_per_rank,
-                                   self.device)
+                                   self.device, width=self.max_replicas)
 
     def attach(self, experts: LocalExperts, moe_pos: int) -> None:
-        """Point a layer's experts at this rank's routing map and slot-load row."""
+        """Point a layer's experts at this rank's routing map and slot-load row (once: :meth:`rebalance` then
+        rewrites both in place)."""
         experts.map = self.expert_map(moe_pos)
         experts.load = self.slot_load[moe_pos]
 
@@ -167,18 +176,9 @@ class Rebalancer:
         old = self.placement
         new = get_policy(self.config["policy"])(load, self.num_physical, 1, self.num_nodes, self.ep_size, current=old)
         moe_layers = [layer for layer in layers if "experts" in layer]
-        changed = 0
         self.placement = new
-        for layer_index, layer in enumerate(layers):
-            if "experts" not in layer:
-                continue
-            pos = layer["moe_pos"]
-            ids = self.local_experts(pos)
-            start_slot = self.ep_rank * self.slots_per_rank
-            if not np.array_equal(old.phy2log[pos, start_slot : start_slot + self.slots_per_rank], ids):
-                layer["experts"] = build(layer_index, ids)
-                changed += 1
-            self.attach(layer["experts"], pos)
+        changed = sum(self._rewrite_layer(layer_index, layer, old, build)
+                      for layer_index, layer in enumerate(layers) if "experts" in layer)
         self.maps.append((self.steps, new.phy2log.copy()))
         self.maps = [m for i, m in enumerate(self.maps) if i + 1 == len(self.maps) or self.maps[i + 1][0] > self.steps - self.trace_steps]
         self.num_rebalances += 1
@@ -199,6 +199,27 @@ class Rebalancer:
         log.info(message, *args)
         if self.ep_rank == 0:
             log.info("Rearranged experts %s in %.2f s.", " ", elapsed)
+
+    def _rewrite_layer(self, layer_index: int, layer: dict[str, Any], old: "Placement",
+                       build: Callable[[int, list[int]], LocalExperts]) -> bool:
+        """Bring one MoE layer to the placement in force, in place; whether this rank's slots changed.
+
+        Only the slots whose logical expert changed are built (one layer's worth at most) and copied into the
+        existing expert tensors; the routing map's device tables are rewritten whether or not this rank's slots
+        changed (other ranks' slots may have)."""
+        pos = layer["moe_pos"]
+        experts: LocalExperts = layer["experts"]
+        ids = self.local_experts(pos)
+        start_slot = self.ep_rank * self.slots_per_rank
+        before = old.phy2log[pos, start_slot : start_slot + self.slots_per_rank].tolist()
+        slots = [s for s, (a, b) in enumerate(zip(before, ids)) if a != b]
+        if slots:
+            experts.replace_slots(slots, build(layer_index, [ids[s] for s in slots]))
+        if isinstance(experts.map, ReplicatedExpertMap):
+            experts.map.update(self.placement.log2phy[pos], self.placement.logcnt[pos])
+        else:  # not attached yet (a caller that built its layers by hand)
+            self.attach(experts, pos)
+        return bool(slots)
 
     def dump(self) -> dict[str, Any]:
         """This rank's slot loads of the last recorded steps (oldest first) and the maps in force."""
