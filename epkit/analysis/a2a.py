@@ -189,9 +189,20 @@ def render(source: str | Path | Iterable[str | Path], title: str | None = None) 
             f"<p>{meta}</p>{''.join(parts)}<h2>Points</h2>{_table(frame)}</body></html>")
 
 
-def write(source: str | Path | Iterable[str | Path], out: str | Path, title: str | None = None) -> Path:
-    """Write :func:`render`'s page to ``out`` (folders made as needed); returns the path."""
+def write(source: str | Path | Iterable[str | Path], out: str | Path, title: str | None = None,
+          plotly_js: str | Path | None = None) -> Path:
+    """Write :func:`render`'s page to ``out`` (folders made as needed); returns the path. ``plotly_js``: as in
+    :func:`epkit.analysis.report.write` (one shared plotly.js file, loaded by a relative path)."""
+    from epkit.analysis.report import shared_plotly_js
+
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(source, title))
+    src = shared_plotly_js(plotly_js, path) if plotly_js is not None else None
+    page = render(source, title)
+    if src is not None:
+        from plotly.offline import get_plotlyjs
+
+        page = page.replace(f"<script type='text/javascript'>{get_plotlyjs()}</script>",
+                            f"<script type='text/javascript' src='{html.escape(src)}'></script>", 1)
+    path.write_text(page)
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -119,10 +120,11 @@ def _sla_section(runs: pd.DataFrame, reqs: pd.DataFrame, slos_ms: dict[str, floa
 
 def render(source: str | Path | Iterable[str | Path], title: str | None = None, color: str | None = None,
            x: str = "interactivity_pareto_tok_s", y: str = "output_tok_s_per_gpu",
-           slos_ms: dict[str, float] | None = None) -> str:
+           slos_ms: dict[str, float] | None = None, plotly_src: str | None = None) -> str:
     """The report page for every result under ``source``, as one HTML string. ``slos_ms`` (keys
     ttft, tpot, e2el) are the limits of the SLA attainment table, shown for P/D results and
-    whenever limits are given."""
+    whenever limits are given. ``plotly_src``: load plotly.js from this (relative) path instead of
+    inlining it (see :func:`write`)."""
     runs = R.load(source)
     reqs = R.requests(runs)
     figs = figures(runs, reqs, color=color, x=x, y=y, slos_ms=slos_ms or SLA.DEFAULT_SLOS_MS)
@@ -143,13 +145,28 @@ def render(source: str | Path | Iterable[str | Path], title: str | None = None, 
     parts.append("<h2>Results</h2>" + _table(runs))
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title or 'epkit report')}</title><style>{_CSS}</style>"
-            f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>"
-            f"<body>{''.join(parts)}</body></html>\n")
+            + (f"<script type=\"text/javascript\" src=\"{html.escape(plotly_src)}\"></script></head>" if plotly_src else
+               f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head>")
+            + f"<body>{''.join(parts)}</body></html>\n")
 
 
-def write(source: str | Path | Iterable[str | Path], out: str | Path, **kwargs) -> Path:
-    """Write :func:`render`'s page to ``out`` and return its path."""
+def write(source: str | Path | Iterable[str | Path], out: str | Path, plotly_js: str | Path | None = None,
+          **kwargs) -> Path:
+    """Write :func:`render`'s page to ``out`` and return its path. ``plotly_js``: a file to hold plotly.js (written
+    when missing or different) that the page loads by a path relative to ``out`` - for many reports kept together
+    (a repository's results), one 4.6 MB copy instead of one per page; the page opens offline while that file sits
+    where the path points. Default: plotly.js inlined, a page that works alone."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(source, **kwargs), encoding="utf-8")
+    src = shared_plotly_js(plotly_js, out) if plotly_js is not None else None
+    out.write_text(render(source, plotly_src=src, **kwargs), encoding="utf-8")
     return out
+
+
+def shared_plotly_js(plotly_js: str | Path, page: Path) -> str:
+    """Write plotly.js to ``plotly_js`` unless it holds it already; the path a script tag of ``page`` loads it by."""
+    js, code = Path(plotly_js), get_plotlyjs()
+    js.parent.mkdir(parents=True, exist_ok=True)
+    if not js.is_file() or js.read_text(encoding="utf-8") != code:
+        js.write_text(code, encoding="utf-8")
+    return Path(os.path.relpath(js.resolve(), page.parent.resolve())).as_posix()

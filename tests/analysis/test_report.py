@@ -121,3 +121,22 @@ def test_every_report_figure_has_data(sample_dir, folder):
     for name, fig in figs.items():
         points = sum(len(t.z if getattr(t, "z", None) is not None else (t.x if t.x is not None else [])) for t in fig.data)
         assert points > 0, name
+
+
+def test_report_can_share_one_plotly_js(sample_dir, tmp_path):
+    """--plotly-js FILE: two pages in different folders load one copy of plotly.js by a relative path (what the
+    repository's committed reports do); the pages hold no inlined copy and fetch nothing from the network."""
+    from plotly.offline import get_plotlyjs
+
+    js = tmp_path / "results" / "plotly.min.js"
+    pages = [tmp_path / "results" / "a" / "report.html", tmp_path / "results" / "b" / "c" / "report.html"]
+    for page in pages:
+        assert epkit_main(["report", str(sample_dir / "ladder"), "-o", str(page), "--plotly-js", str(js)]) == 0
+    assert js.read_text() == get_plotlyjs()
+    srcs = [re.search(r'<script type="text/javascript" src="([^"]+)"></script>', p.read_text()).group(1) for p in pages]
+    assert srcs == ["../plotly.min.js", "../../plotly.min.js"]
+    for page, src in zip(pages, srcs):
+        assert (page.parent / src).resolve() == js.resolve()
+        text = page.read_text()
+        assert len(text) < len(get_plotlyjs()) and "Plotly.newPlot" in text
+        assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"(https?:)?//", text)
