@@ -11,11 +11,17 @@ if compgen -G ".stage[0-9]*" > /dev/null; then bash benchmarks/vllm_stage/unpack
 if [ -f /tmp/epkit-stage/complete ]; then
   site=/tmp/site  # vLLM and its dependencies (fastapi, uvicorn, ...) serve the built-in engine and epkit too
 elif compgen -G ".whl/*.whl" > /dev/null; then  # no vLLM: engine-only points (--only), epkit's wheels carried
-  [ -d /tmp/epkit-site ] || pip install -q --no-index --no-deps --target /tmp/epkit-site .whl/*.whl || exit 1
+  if [ ! -f /tmp/epkit-site/.installed ]; then
+    pip install -q --no-index --no-deps --target /tmp/epkit-site .whl/*.whl && touch /tmp/epkit-site/.installed || exit 1
+  fi
   site=/tmp/epkit-site
 else
-  echo "device_sweep: vLLM is not fully staged and no .whl/ was carried"; exit 0
+  echo "device_sweep: vLLM is not fully staged and no .whl/ was carried" >&2; exit 1
 fi
+OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
+# the specs serve /tmp/model: the staged payload brings it; without it, write the engine's model folder
+[ -f /tmp/model/config.json ] || PYTHONPATH=$site:$PWD python3 -m epkit.cli serve epkit-qwen3-30b-a3b-shape \
+    --write-model-dir /tmp/model > /dev/null || exit 1
 name=$(basename "$results")
 PYTHONPATH=$site:$PWD timeout -s INT -k 45 "$secs" python3 -m epkit.cli sweep "$spec" --results "$results" \
     --no-progress --vllm-bin "python3 -m vllm.entrypoints.cli.main" "$@" >> "/tmp/$name.log" 2>&1

@@ -22,15 +22,19 @@ THROUGHPUT_MIN, LATENCY_MAX = 0.9, 1.25
 
 def cells(folder: Path, engine_folder: Path | None) -> list[dict]:
     df = results.load(folder)
-    vllm = df[df["engine"] == "vllm"].set_index("workload_id")
+    vllm = df[(df["engine"] == "vllm") & (df["status"] == "ok")]
     ours = results.load(engine_folder) if engine_folder else df
-    ours = ours[ours["engine"] == "epkit"].set_index("workload_id")
+    ours = ours[(ours["engine"] == "epkit") & (ours["status"] == "ok")]
+    for name, frame in (("vLLM", vllm), ("engine", ours)):
+        if frame["workload_id"].duplicated().any():
+            raise SystemExit(f"{name}: several ok runs of one workload (repeats or topologies): one run per cell here")
+    vllm, ours = vllm.set_index("workload_id"), ours.set_index("workload_id")
     rows = []
     for w in vllm.index:
         if w.startswith("warmup"):
             continue
         v = vllm.loc[w]
-        e = ours.loc[w] if w in ours.index and ours.loc[w, "status"] == "ok" else None
+        e = ours.loc[w] if w in ours.index else None
         rows.append({"workload": w, "v": v, "e": e})
     return rows
 
@@ -55,7 +59,7 @@ def table(rows: list[dict], saturating: set[str]) -> str:
         total += 1
 
         def mark(x: float, ok: bool | None) -> str:
-            return f"{x:.2f}" + ("" if ok is None else (" ✅" if ok else " ❌"))
+            return f"{x:.3f}" + ("" if ok is None else (" ✅" if ok else " ❌"))
 
         out.append(f"| {w}{' (saturating)' if sat else ''} | {v['output_throughput']:,.0f} | "
                    f"{e['output_throughput']:,.0f} | {mark(tput, tput >= THROUGHPUT_MIN)} | {v['p99_ttft_ms']:,.0f} | "

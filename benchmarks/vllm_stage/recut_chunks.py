@@ -38,7 +38,7 @@ def archives(root: Path) -> list[tuple[str, bytes, str, str]]:
 
 
 def recut(root: Path, out_root: Path, max_mib: float) -> list[Path]:
-    limit = int(max_mib * MiB)
+    limit = int(max_mib * MiB) - 64 * 1024  # room for manifest.txt, as pack_chunks.py leaves
     pieces, manifest = [], []
     for name, data, digest, mib in archives(root):
         parts = [data[i : i + limit] for i in range(0, len(data), limit)]
@@ -68,7 +68,7 @@ def recut(root: Path, out_root: Path, max_mib: float) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("from_root", type=Path)
-    ap.add_argument("out_root", type=Path, help="may be the same folder: its .stageN/ are replaced")
+    ap.add_argument("out_root", type=Path, help="where the new .stageN/ go (its old ones are replaced); not FROM_ROOT")
     ap.add_argument("--max-mib", type=float, required=True)
     a = ap.parse_args()
     if a.from_root.resolve() == a.out_root.resolve():

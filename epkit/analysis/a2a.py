@@ -202,7 +202,8 @@ def write(source: str | Path | Iterable[str | Path], out: str | Path, title: str
     if src is not None:
         from plotly.offline import get_plotlyjs
 
-        page = page.replace(f"<script type='text/javascript'>{get_plotlyjs()}</script>",
-                            f"<script type='text/javascript' src='{html.escape(src)}'></script>", 1)
+        inline = f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+        assert inline in page, "render() no longer inlines plotly.js as write() expects"
+        page = page.replace(inline, f"<script type='text/javascript' src='{html.escape(src)}'></script>", 1)
     path.write_text(page)
     return path

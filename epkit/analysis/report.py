@@ -169,4 +169,6 @@ def shared_plotly_js(plotly_js: str | Path, page: Path) -> str:
     js.parent.mkdir(parents=True, exist_ok=True)
     if not js.is_file() or js.read_text(encoding="utf-8") != code:
         js.write_text(code, encoding="utf-8")
-    return Path(os.path.relpath(js.resolve(), page.parent.resolve())).as_posix()
+    from urllib.parse import quote
+
+    return quote(Path(os.path.relpath(js.resolve(), page.parent.resolve())).as_posix())

@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name in FLAG_FIELDS.items():
         names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
         default = defaults[name].default
-        shown = "the data-parallel size, as in vLLM" if name == "api_server_count" else default
+        shown = ("the data-parallel size, as in vLLM" if name == "api_server_count" else
+                 "vLLM's for the device: 1024 on a GPU of >= 70 GiB other than an A100, else 256; 256 on CPU"
+                 if name == "max_num_seqs" else
+                 "vLLM's for the device: 8192 on a GPU of >= 70 GiB other than an A100, else 2048; 8192 on CPU"
+                 if name == "max_num_batched_tokens" else default)
         kind = int if name in INT_FIELDS else human_int if name in HUMAN_INT_FIELDS else (
             float if name == "gpu_memory_utilization" else str)
         p.add_argument(*names, dest=name, type=kind, default=None,
