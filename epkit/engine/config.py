@@ -263,6 +263,9 @@ ENV_VARS = {v.name: v for v in (
            old_name="EPKIT_DECODE_GRAPHS"),
     EnvVar("EPKIT_GRAPH_STEPS", ("mixed", "decode"), "mixed",
            "which steps run as graphs: mixed = prefill + decode steps up to 1,024 tokens, decode = all-decode steps only"),
+    EnvVar("EPKIT_KV_PROFILE", ("auto", "off"), "auto",
+           "GPU KV cache sizing: auto = reserve the measured peak of a profiled dummy step of max_num_batched_tokens "
+           "tokens (plus a CUDA-graph reserve and a 512 MiB margin), as vLLM; off = a fixed 6 GiB activation reserve"),
     EnvVar("EPKIT_CPU_THREADS", None, "1", "torch threads per engine-core process on CPU"),
     EnvVar("EPKIT_KV_TRANSPORT", ("auto", "tcp", "nixl"), "auto",
            "how a decode pulls its prompt's KV from the prefill (--kv-transfer-config): auto = NIXL READs where the "

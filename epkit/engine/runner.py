@@ -10,10 +10,12 @@ import torch
 
 from epkit.engine.all2all import Communicator, make_backend
 from epkit.engine.attention import AttentionMeta, build_meta
-from epkit.engine.config import EngineConfig
+from epkit.engine.config import EngineConfig, env_value
 from epkit.engine.graphs import MAX_ROW_CONTEXT, StepGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import ExpertRanges, ReplicatedMoE, StaticExpertMap
+from epkit.engine.profile import (GPU_ACTIVATION_RESERVE_BYTES, KV_MARGIN_BYTES, StepProfile, graph_reserve, kv_blocks,
+                                  kv_budget, profile_step)
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
 from epkit.engine.sequence import PositionLogprobs, Sequence
 from epkit.errors import EngineError
@@ -23,7 +25,6 @@ log = logging.getLogger("epkit.engine")
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 CPU_KV_DEFAULT_BYTES = 512 * 2**20
-GPU_ACTIVATION_RESERVE_BYTES = 6 * 2**30
 
 
 def resolve_device(cfg: EngineConfig, local_index: int) -> torch.device:
@@ -153,14 +154,14 @@ class ModelRunner:
         if self.rebalancer is not None:
             self.model.record_routing = self.rebalancer.record
         self.block_size = cfg.block_size
-        self.num_blocks = self._num_blocks()
+        self._generators: dict[str, torch.Generator] = {}  # per request with a seed
+        self._unseeded = torch.Generator(device=device)  # requests without a seed of their own: from --seed, as vLLM
+        self._unseeded.manual_seed(cfg.seed * 65537 + dp_rank)
+        self.num_blocks = self._num_blocks()  # on a GPU after a profiled dummy step (epkit.engine.profile)
         slots = (self.num_blocks + 1) * self.block_size  # + one scratch block for the padding rows of graph steps
         shape = (slots, self.mcfg.num_kv_heads, self.mcfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
                           for _ in range(self.mcfg.num_layers)]
-        self._generators: dict[str, torch.Generator] = {}  # per request with a seed
-        self._unseeded = torch.Generator(device=device)  # requests without a seed of their own: from --seed, as vLLM
-        self._unseeded.manual_seed(cfg.seed * 65537 + dp_rank)
         self.step_logprobs: dict[str, PositionLogprobs] = {}  # the last step's, for the scheduler's outputs
         self.step_prompt_logprobs: dict[str, tuple[int, list[PositionLogprobs]]] = {}
         mode, why = graph_mode(self)
@@ -187,19 +188,40 @@ class ModelRunner:
         if self.cfg.kv_cache_memory_bytes is not None:
             budget = self.cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - GPU_ACTIVATION_RESERVE_BYTES
+            budget = self._gpu_budget(block_bytes)
         else:
             budget = CPU_KV_DEFAULT_BYTES
-        num_blocks = budget // block_bytes - 1  # one block of the budget is the graph steps' scratch block
-        needed = -(-self.max_model_len // self.block_size)
-        if num_blocks < needed:
-            raise EngineError(
-                f"KV cache budget of {max(budget, 0) / 2**20:.1f} MiB holds {max(num_blocks, 0)} blocks of {self.block_size} "
-                f"tokens, fewer than one sequence of max_model_len={self.max_model_len} needs ({needed}); raise "
-                "--kv-cache-memory-bytes / --gpu-memory-utilization or lower --max-model-len"
-            )
-        return int(num_blocks)
+        return kv_blocks(budget, block_bytes, self.block_size, self.max_model_len)
+
+    def _gpu_budget(self, block_bytes: int) -> int:
+        """KV bytes on this GPU: after a profiled dummy step (``EPKIT_KV_PROFILE=auto``), else with the fixed reserve."""
+        profile: StepProfile | None = None
+        why = "EPKIT_KV_PROFILE=off"
+        if env_value("EPKIT_KV_PROFILE") == "auto":
+            try:
+                profile = profile_step(self)
+            except Exception as exc:  # e.g. torch.cuda.OutOfMemoryError: the old fixed reserve, and say why
+                why = f"the profile run failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                log.warning("DP rank %d: KV cache sizing: %s; falling back to the fixed %.1f GiB activation reserve",
+                            self.comm.rank, why, GPU_ACTIVATION_RESERVE_BYTES / 2**30)
+            torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        util, gib = self.cfg.gpu_memory_utilization, 2**30
+        if profile is None:
+            budget = kv_budget(total, free, util, None, 0)
+            reserves = f"fixed activation reserve {GPU_ACTIVATION_RESERVE_BYTES / gib:.2f} GiB ({why})"
+        else:
+            graphs = graph_mode(self)[0] == "cuda"
+            budget = kv_budget(total, free, util, profile.peak, profile.tokens, graphs, profile.forward_peak)
+            reserves = (f"profiled step of {profile.tokens} tokens ({profile.seqs} seqs): activation peak "
+                        f"{profile.peak / gib:.2f} GiB (forward {profile.forward_peak / gib:.2f}, sampler "
+                        f"{profile.sampler_peak / gib:.2f}), CUDA-graph reserve "
+                        f"{graph_reserve(profile.forward_peak, profile.tokens, graphs) / gib:.2f} GiB, "
+                        f"margin {KV_MARGIN_BYTES / gib:.2f} GiB")
+        log.info("DP rank %d: KV cache sizing: %.2f GiB total x %.2f, %.2f GiB in use; %s. "
+                 "Available KV cache memory: %.2f GiB; GPU KV cache size: %d tokens", self.comm.rank, total / gib, util,
+                 (total - free) / gib, reserves, budget / gib, max(budget // block_bytes - 1, 0) * self.block_size)
+        return budget
 
     # ---- one step ---------------------------------------------------------------------
     def step_shape(self, batch: list[tuple[Sequence, int]]) -> tuple[int, int]:
@@ -310,7 +332,9 @@ class ModelRunner:
             kth = torch.where(torch.tensor([p.top_k > 0 for p in params], device=dev).unsqueeze(1), kth,
                               torch.full_like(kth, float("-inf")))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            del top  # [rows, k] values: not held through the top-p sort (the profiled sampler peak, profile.py)
         probs = torch.softmax(scaled, dim=-1)
+        del scaled
         if any(p.top_p < 1.0 for p in params):
             cut = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=dev).unsqueeze(1)
             sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
