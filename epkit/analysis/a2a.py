@@ -193,7 +193,7 @@ def write(source: str | Path | Iterable[str | Path], out: str | Path, title: str
           plotly_js: str | Path | None = None) -> Path:
     """Write :func:`render`'s page to ``out`` (folders made as needed); returns the path. ``plotly_js``: as in
     :func:`epkit.analysis.report.write` (one shared plotly.js file, loaded by a relative path)."""
-    from epkit.analysis.report import shared_plotly_js
+    from epkit.analysis.assets import shared_plotly_js
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from epkit.analysis import a2a as A2A
+from epkit.analysis.assets import shared_plotly_js
 from epkit.analysis import plots as P
 from epkit.analysis import results as R
 from epkit.analysis import sla as SLA
@@ -161,14 +161,3 @@ def write(source: str | Path | Iterable[str | Path], out: str | Path, plotly_js:
     src = shared_plotly_js(plotly_js, out) if plotly_js is not None else None
     out.write_text(render(source, plotly_src=src, **kwargs), encoding="utf-8")
     return out
-
-
-def shared_plotly_js(plotly_js: str | Path, page: Path) -> str:
-    """Write plotly.js to ``plotly_js`` unless it holds it already; the path a script tag of ``page`` loads it by."""
-    js, code = Path(plotly_js), get_plotlyjs()
-    js.parent.mkdir(parents=True, exist_ok=True)
-    if not js.is_file() or js.read_text(encoding="utf-8") != code:
-        js.write_text(code, encoding="utf-8")
-    from urllib.parse import quote
-
-    return quote(Path(os.path.relpath(js.resolve(), page.parent.resolve())).as_posix())
