@@ -48,11 +48,12 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
     return ((exponent.to(torch.int64).clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
 
 
-def to_fixed(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def to_fixed(x: torch.Tensor, bits: int, dim: int, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` in float64, rounded to a multiple of ``2**(e - bits)`` per slice along ``dim``, where the slice's
     largest magnitude ``m`` has ``2**(e-1) <= m < 2**e``: an integer of at most ``bits`` bits times a power
-    of two shared by the slice (an all-zero slice stays zero)."""
-    _, e = torch.frexp(x.abs().amax(dim, keepdim=True).double())
+    of two shared by the slice (an all-zero slice stays zero). ``amax`` (keepdim shape) replaces ``m``: the
+    largest magnitude of a whole row of which ``x`` holds a part (:mod:`epkit.engine.moe_tp`)."""
+    _, e = torch.frexp((x.abs().amax(dim, keepdim=True) if amax is None else amax).double())
     out = x.to(torch.float64, copy=True)
     return out.mul_(_pow2(bits - e)).round_().mul_(_pow2(e - bits))
 
@@ -91,14 +92,19 @@ def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``x[rows of group g] @ w[g]`` for consecutive groups of ``counts[g]`` rows (``w`` is ``[G, K, N]``), exact as :func:`mm`."""
     fw = prepared(w)
-    values = to_fixed(x, fw.bits, -1)
-    out = values.new_empty((x.shape[0], w.shape[-1]))
+    return grouped_products(to_fixed(x, fw.bits, -1), fw.values, counts).to(x.dtype)
+
+
+def grouped_products(values: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The exact float64 products of :func:`grouped_mm`, not rounded: fixed-point rows ``values`` (:func:`to_fixed`)
+    times fixed-point ``weights`` ``[G, K, N]`` (:class:`FixedWeight` values), groups of ``counts[g]`` rows."""
+    out = values.new_empty((values.shape[0], weights.shape[-1]))
     start = 0
     for g, count in enumerate(counts):
         if count:
-            torch.mm(values[start : start + count], fw.values[g], out=out[start : start + count])
+            torch.mm(values[start : start + count], weights[g], out=out[start : start + count])
             start += count
-    return out.to(x.dtype)
+    return out
 
 
 def rowwise(fn, x: torch.Tensor, width: int) -> torch.Tensor:
@@ -119,7 +125,17 @@ def rowwise(fn, x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def silu_mul(h: torch.Tensor, inter: int) -> torch.Tensor:
-    """``silu(h[:, :inter]) * h[:, inter:]`` (SwiGLU's activation), the same for every row (:func:`rowwise`)."""
+    """``silu(h[:, :inter]) * h[:, inter:]`` (SwiGLU's activation), the same for every row (:func:`rowwise`).
+
+    Every element goes through the vector code: a width that is not a whole number of ``VECTOR_COLUMNS`` is
+    padded to one first, so an element's value does not depend on where its row ends either (a 1/dp slice of
+    the intermediate dimension, :mod:`epkit.engine.moe_tp`, gives the same values as the whole row)."""
+    pad = -inter % VECTOR_COLUMNS
+    if pad:
+        wide = h.new_zeros((h.shape[0], 2 * (inter + pad)))
+        wide[:, :inter] = h[:, :inter]
+        wide[:, inter + pad : 2 * inter + pad] = h[:, inter:]
+        return silu_mul(wide, inter + pad)[:, :inter]
     return rowwise(lambda block: F.silu(block[:, :inter]) * block[:, inter:], h, inter)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from epkit.engine import batch_invariant
 from epkit.engine.moe import LocalExperts, ExpertRanges, route, router_bias, use_triton
+from epkit.engine.moe_tp import ExpertShards, SlicedExperts
 from epkit.errors import EngineError
 
 FAMILIES = ("qwen3_moe", "qwen2_moe")
@@ -102,11 +103,14 @@ def init_tensor(shape: tuple[int, ...], std: float, seed: int, key: tuple, devic
 
 
 class Weights:
-    """All tensors one rank holds; routed experts only for the logical experts it owns."""
+    """All tensors one rank holds; routed experts only for the logical experts it owns, and with ``shards`` (DP
+    without EP) only this rank's slice of every expert's intermediate dimension (:mod:`epkit.engine.moe_tp`)."""
 
     def __init__(self, cfg: ModelConfig, placement: ExpertRanges, seed: int, device: torch.device, dtype: torch.dtype,
-                 model_dir: Path | None = None, experts_of_layer: Callable[[int], list[int]] | None = None):
+                 model_dir: Path | None = None, experts_of_layer: Callable[[int], list[int]] | None = None,
+                 shards: ExpertShards | None = None):
         self.cfg, self.placement, self.device, self.dtype = cfg, placement, device, dtype
+        self.shards = shards
         files = sorted(model_dir.glob("*.safetensors")) if model_dir is not None else []
         self._files = files
         self._seed = seed
@@ -189,10 +193,15 @@ class Weights:
     def build_experts(self, i: int, logical_ids: list[int]) -> LocalExperts:
         """Layer ``i``'s routed experts for the given logical ids, in that (slot) order."""
         w13, w2 = [], []
+        shards = self.shards
         for e in logical_ids:
             a, b = self._mlp(("expert", i, e), f"model.layers.{i}.mlp.experts.{e}.", self.cfg.moe_intermediate_size)
+            if shards is not None and self.device.type != "cpu":  # a GPU holds one expert whole at a time at most
+                a, b = shards.w13(a), shards.w2(b)
             w13.append(a)
             w2.append(b)
+        if shards is not None:  # on CPU sliced there, after the whole columns' fixed point is taken
+            return SlicedExperts.of(torch.stack(w13), torch.stack(w2), shards)
         return LocalExperts(torch.stack(w13), torch.stack(w2))
 
 

@@ -14,6 +14,7 @@ from epkit.engine.config import EngineConfig, env_value
 from epkit.engine.graphs import MAX_ROW_CONTEXT, StepGraphs, graph_mode
 from epkit.engine.model import ModelConfig, MoEModel, Weights
 from epkit.engine.moe import ExpertRanges, ReplicatedMoE, StaticExpertMap
+from epkit.engine.moe_tp import expert_shards, make_moe
 from epkit.engine.profile import (GPU_ACTIVATION_RESERVE_BYTES, KV_MARGIN_BYTES, StepProfile, graph_reserve, kv_blocks,
                                   kv_budget, profile_step)
 from epkit.engine.rebalance import Rebalancer, resolve_eplb_config
@@ -141,7 +142,8 @@ class ModelRunner:
                                          device, comm.all_reduce, comm.all_gather, cfg.model_name)
         experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
         weights_dir, self.weights_from = weight_source(cfg, model_dir)
-        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, weights_dir, experts_of_layer)
+        shards = expert_shards(cfg.data_parallel_size, cfg.enable_expert_parallel, dp_rank, self.mcfg.moe_intermediate_size)
+        weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, weights_dir, experts_of_layer, shards)
         static_map = StaticExpertMap(self.placement, device)
         for layer in weights.layers:
             if "experts" in layer:
@@ -149,7 +151,8 @@ class ModelRunner:
                     self.rebalancer.attach(layer["experts"], layer["moe_pos"])
                 else:
                     layer["experts"].map = static_map
-        moe = ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, device)
+        # DP without EP: experts tensor-parallel across the DP ranks, as vLLM (epkit.engine.moe_tp)
+        moe = make_moe(shards, comm, device) or (ReplicatedMoE() if ep == 1 else make_backend(cfg.all2all_backend, comm, device))
         self.model = MoEModel(self.mcfg, weights, moe, self.max_model_len, device)
         if self.rebalancer is not None:
             self.model.record_routing = self.rebalancer.record
