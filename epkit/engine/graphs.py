@@ -145,7 +145,8 @@ class StepGraphs:
         self.mixed = mixed
         largest = MAX_GRAPH_TOKENS if mixed else min(runner.max_num_seqs, MAX_CAPTURE_SIZE)
         largest = min(largest, runner.max_num_batched_tokens)
-        if cfg.ep_size > 1 and not fused:
+        gathered = cfg.ep_size > 1 or (self.world > 1 and not cfg.enable_expert_parallel)  # EP, or experts split TP
+        if gathered and not fused:
             # without the row kernels every (row, expert) pair of every rank goes through the sync-free grouped
             # GEMM: keep it under that path's limit
             from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS

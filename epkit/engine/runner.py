@@ -130,8 +130,11 @@ class ModelRunner:
         self.dtype = resolve_dtype(cfg, model_config, device)
         self.max_model_len = cfg.max_model_len or self.mcfg.max_position_embeddings
         props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        self.max_num_seqs, self.max_num_batched_tokens = cfg.batch_limits(
-            device.type, props.total_memory if props else 0, props.name if props else "", self.max_model_len)
+        limits = cfg.batch_limits(device.type, props.total_memory if props else 0, props.name if props else "",
+                                  self.max_model_len)
+        # one value on every rank (vLLM picks them once): ranks on different GPUs would otherwise capture different
+        # graph sizes, whose collectives would not line up
+        self.max_num_seqs, self.max_num_batched_tokens = (min(col) for col in zip(*comm.exchange_step_info(list(limits))))
         ep = cfg.ep_size
         self.placement = ExpertRanges(self.mcfg.num_experts, ep, dp_rank if ep > 1 else 0)
         self.rebalancer: Rebalancer | None = None
