@@ -73,7 +73,7 @@ _prepared: dict[int, tuple[weakref.ref, FixedWeight]] = {}
 
 
 def prepared(w: torch.Tensor) -> FixedWeight:
-    """``w``'s :class:`FixedWeight`, made on first use and kept while ``w`` lives (weights never change in place)."""
+    """``w``'s :class:`FixedWeight`, made on first use and kept while ``w`` lives (an EPLB rearrangement that rewrites weights in place forgets the entry: moe.LocalExperts.replace_slots)."""
     key = id(w)
     hit = _prepared.get(key)
     if hit is not None and hit[0]() is w:

@@ -147,8 +147,8 @@ class StepGraphs:
         largest = min(largest, runner.max_num_batched_tokens)
         gathered = cfg.ep_size > 1 or (self.world > 1 and not cfg.enable_expert_parallel)  # EP, or experts split TP
         if gathered and not fused:
-            # without the row kernels every (row, expert) pair of every rank goes through the sync-free grouped
-            # GEMM: keep it under that path's limit
+            # without the row kernels every (row, expert) pair of every rank goes through one grouped GEMM (EP's
+            # sync-free one, or the TP experts' over all pairs): keep it under that path's limit
             from epkit.engine.all2all import SYNC_FREE_MAX_PAIRS
 
             largest = min(largest, max(1, SYNC_FREE_MAX_PAIRS // (self.world * runner.mcfg.top_k)))

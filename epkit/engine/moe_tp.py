@@ -14,8 +14,9 @@ column (taken from the full weights when they are built), both with the whole in
 partial is then an integer times the row's and column's shared power of two, below 2**53, and so is their sum:
 the float64 reduce-scatter is exact in any order, and its one rounding gives DP=1's value bit for bit. Per-pair
 outputs are reduced before the router weights apply (DP=1 rounds each expert's output, then combines), so the
-CPU path reduces ``[tokens * k, hidden]`` rows. GPUs reduce the combined rows in float32 (bf16 models) instead,
-as vLLM reduces the combined output: a tolerance, not exactness.
+CPU path reduces ``[tokens * k, hidden]`` rows. GPUs reduce the combined rows instead, as vLLM does, but in float32
+(vLLM reduces in the model dtype; the non-fused path rounds each slice's per-expert output to the model dtype
+first): a tolerance, not exactness.
 """
 
 from __future__ import annotations

@@ -128,7 +128,9 @@ def profile_step(runner: Any) -> StepProfile:
               for _ in range(mcfg.num_layers)]
     try:
         base = _mark(cuda)
-        ids = torch.zeros(n, dtype=torch.long, device=dev)  # token id 0 throughout, positions 0..length-1 per prompt
+        # varied token ids (fixed seed): one id throughout would route every token to the same experts, which
+        # sizes some MoE buffers for the worst skew and others for none
+        ids = torch.randint(0, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(dev)
         positions = torch.cat([torch.arange(length) for length in lengths]).to(dev)
         meta = build_meta(seqs, bs, dev, batch_decode=cuda)
         hidden = runner.model.forward(ids, positions, meta, caches, [n] * runner.comm.world_size)

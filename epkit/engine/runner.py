@@ -26,6 +26,7 @@ log = logging.getLogger("epkit.engine")
 DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16, "half": torch.float16}
 CPU_KV_DEFAULT_BYTES = 512 * 2**20
+SAMPLE_CHUNK_ROWS = 256  # rows drawn together (temperature / top-k / top-p over the whole vocabulary)
 
 
 def resolve_device(cfg: EngineConfig, local_index: int) -> torch.device:
@@ -182,7 +183,9 @@ class ModelRunner:
                  f"{self.graphs.sizes[0]}..{self.graphs.sizes[-1]} rows, context buckets of "
                  f"{self.graphs.ctx_step} up to {self.graphs.max_ctx})" if self.graphs else "")
         held = (f"{self.rebalancer.slots_per_rank} expert slots of {self.rebalancer.num_physical} (EPLB)" if self.rebalancer
-                else f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
+                else f"all {self.mcfg.num_experts} experts, a 1/{cfg.data_parallel_size} slice of each (tensor-parallel)"
+                if shards is not None else
+                f"experts {self.placement.local_experts[0]}..{self.placement.local_experts[-1]} of {self.mcfg.num_experts}")
         log.info("DP rank %d: %s %s, %s (ep=%d, %s), KV cache %d blocks x %d tokens, max_num_seqs=%d, "
                  "max_num_batched_tokens=%d", dp_rank, device, str(self.dtype).replace("torch.", ""), held, ep,
                  getattr(moe, "name", "?"), self.num_blocks, self.block_size, self.max_num_seqs,
@@ -191,6 +194,14 @@ class ModelRunner:
     def _num_blocks(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         block_bytes = self.mcfg.kv_bytes_per_token(elem) * self.block_size
+        # the profile step runs collectives (MoE exchange): every DP rank profiles, or none does
+        profiles = int(self.device.type == "cuda" and self.cfg.kv_cache_memory_bytes is None
+                       and env_value("EPKIT_KV_PROFILE") == "auto")
+        said = [flag for flag, in self.comm.exchange_step_info([profiles])]
+        if len(set(said)) > 1:
+            raise EngineError(f"DP ranks disagree on profiling a step to size the KV cache (rank -> profiles: "
+                              f"{dict(enumerate(said))}): give every node the same --kv-cache-memory-bytes and "
+                              "EPKIT_KV_PROFILE")
         if self.cfg.kv_cache_memory_bytes is not None:
             budget = self.cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
@@ -207,6 +218,13 @@ class ModelRunner:
             try:
                 profile = profile_step(self)
             except Exception as exc:  # e.g. torch.cuda.OutOfMemoryError: the old fixed reserve, and say why
+                if self.comm.world_size > 1:  # the other ranks may wait in the step's collectives: no fallback
+                    raise EngineError(
+                        f"DP rank {self.comm.rank}: the KV-sizing profile step failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); with several DP ranks there is no fallback "
+                        "(the ranks' collectives would no longer line up): set --kv-cache-memory-bytes, or "
+                        "EPKIT_KV_PROFILE=off for the fixed activation reserve, or lower --max-num-batched-tokens"
+                    ) from exc
                 why = f"the profile run failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 log.warning("DP rank %d: KV cache sizing: %s; falling back to the fixed %.1f GiB activation reserve",
                             self.comm.rank, why, GPU_ACTIVATION_RESERVE_BYTES / 2**30)
@@ -315,7 +333,9 @@ class ModelRunner:
         """One token per row: argmax for greedy rows, a batched draw for the others; one host sync in all."""
         tokens = torch.argmax(logits, dim=-1)
         rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
-        if rows:
+        if len(rows) == len(seqs):  # every row draws: no copy of the logits
+            tokens = self._draw(logits, seqs)
+        elif rows:
             index = torch.tensor(rows, device=logits.device)
             tokens[index] = self._draw(logits[index], [seqs[i] for i in rows])
         return tokens.tolist()
@@ -327,7 +347,12 @@ class ModelRunner:
         ``i`` with probability ``p_i / sum(p)`` - a multinomial draw, batched. Rows without a
         ``seed`` share one draw from the runner's generator; a request with a ``seed`` draws its
         noise from its own seeded generator, so its tokens depend only on its logits and its
-        seed, not on the rest of the batch (the invariance tests rely on it)."""
+        seed, not on the rest of the batch (the invariance tests rely on it). At most ``SAMPLE_CHUNK_ROWS`` rows at a
+        time: each row's draw is its own, and a full-vocabulary sort of 1,024 rows would hold several GiB at once."""
+        if logits.shape[0] > SAMPLE_CHUNK_ROWS:
+            step = SAMPLE_CHUNK_ROWS
+            return torch.cat([ModelRunner._draw(self, logits[i : i + step], seqs[i : i + step])
+                              for i in range(0, logits.shape[0], step)])
         dev, params = logits.device, [seq.params for seq in seqs]
         scaled = logits / torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype).unsqueeze(1)
         vocab = scaled.shape[-1]

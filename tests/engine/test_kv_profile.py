@@ -191,3 +191,36 @@ def test_gpu_budget_profiles_logs_and_falls_back(monkeypatch, caplog):
     caplog.clear()
     assert runner._gpu_budget(block_bytes) == 6 * GiB and runs == []
     assert "fixed activation reserve 6.00 GiB (EPKIT_KV_PROFILE=off)" in caplog.text
+
+    # with several DP ranks a failed profile step is an error naming the ways out (no per-rank fallback)
+    monkeypatch.setenv("EPKIT_KV_PROFILE", "auto")
+    monkeypatch.setattr(runner_mod, "profile_step", oom)
+    monkeypatch.setattr(runner.comm, "world_size", 2)
+    from epkit.errors import EngineError
+
+    with pytest.raises(EngineError, match="profile step failed \\(OutOfMemoryError.*--kv-cache-memory-bytes.*"
+                                          "EPKIT_KV_PROFILE=off"):
+        runner._gpu_budget(block_bytes)
+
+
+def test_draw_in_row_chunks_gives_each_seeded_row_the_same_token(monkeypatch):
+    """The sampler draws at most SAMPLE_CHUNK_ROWS rows at a time (its full-vocabulary sorts of 1,024 rows would hold
+    GiBs at once): a seeded row's token depends on its logits and seed only, so it is the same whatever the chunking
+    (exact: every operation is per row)."""
+    from epkit.engine import runner as runner_mod
+
+    runner = _runner(monkeypatch)
+    torch.manual_seed(1)
+    logits = torch.randn(7, 512) * 3
+    mixes = [dict(temperature=0.7, top_k=0, top_p=1.0), dict(temperature=1.0, top_k=20, top_p=1.0),
+             dict(temperature=0.9, top_k=0, top_p=0.8), dict(temperature=0.5, top_k=50, top_p=0.9)]
+    seqs = [SimpleNamespace(request_id=f"r{i}", params=SimpleNamespace(greedy=False, seed=100 + i, **mixes[i % 4]))
+            for i in range(7)]
+
+    def draw(chunk: int) -> list[int]:
+        monkeypatch.setattr(runner_mod, "SAMPLE_CHUNK_ROWS", chunk)
+        runner._generators.clear()  # each request's seeded generator starts again
+        return runner._draw(logits, seqs).tolist()
+
+    whole = draw(256)
+    assert draw(2) == whole and draw(3) == whole and len(whole) == 7
