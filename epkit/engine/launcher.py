@@ -81,6 +81,9 @@ def _check_deployment(cfg: EngineConfig) -> None:
     mcfg = ModelConfig.from_dict(model_config)
     if cfg.ep_size > mcfg.num_experts:
         raise EngineError(f"ep_size={cfg.ep_size} exceeds num_experts={mcfg.num_experts}: every EP rank needs an expert")
+    from epkit.engine.moe_tp import expert_shards
+
+    expert_shards(cfg.data_parallel_size, cfg.enable_expert_parallel, 0, mcfg.moe_intermediate_size)  # before any start
     max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
     if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens is not None and cfg.max_num_batched_tokens < max_model_len:
         raise EngineError(f"--no-enable-chunked-prefill needs max_num_batched_tokens >= max_model_len, got "
