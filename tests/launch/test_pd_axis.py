@@ -190,11 +190,15 @@ def test_killed_driver_leaves_nothing_after_resume(tmp_path, _end_leftovers):
 
 
 def test_the_one_gpu_pd_launcher_expands():
-    """launchers/device/pd_1gpu.yaml (the GPU run of docs/disaggregated.md): colocated and a 1P1D whose two
-    instances share the one GPU with half the KV cache each."""
-    spec = parse_sweep(yaml.safe_load((ROOT / "launchers/device/pd_1gpu.yaml").read_text()))
-    colocated, split = spec.topologies
-    assert colocated.pd == "colocated" and split.pd == "1P1D" and split.share_gpus and split.gpus == 1
-    for _, topo in split.parts():
-        args = list(topo.extra_args)
-        assert args[args.index("--kv-cache-memory-bytes") + 1] == "8000000000" and topo.gpu_memory_utilization == 0.45
+    """launchers/device/pd_1gpu.yaml (the GPU run of docs/disaggregated.md): for vLLM and the built-in engine,
+    colocated and a 1P1D whose two instances share the one GPU with half the KV cache each. (vLLM is not on this
+    machine's PATH: a stand-in prints the staged release, as docs/vllm_compare.md's dry run does.)"""
+    data = yaml.safe_load((ROOT / "launchers/device/pd_1gpu.yaml").read_text())
+    spec = parse_sweep(data, vllm_bin="printf '%s\\n' 0.26.0")
+    assert [(tp.topology.engine, tp.pd) for tp in spec.topologies] == [
+        ("vllm", "colocated"), ("vllm", "1P1D"), ("epkit", "colocated"), ("epkit", "1P1D")]
+    for split in (tp for tp in spec.topologies if tp.pd == "1P1D"):
+        assert split.share_gpus and split.gpus == 1
+        for _, topo in split.parts():
+            args = list(topo.extra_args)
+            assert args[args.index("--kv-cache-memory-bytes") + 1] == "8000000000" and topo.gpu_memory_utilization == 0.45
