@@ -516,9 +516,11 @@ def test_serve_on_one_gpu_runs_graph_steps_and_kernels(deploy):
         assert kernel in log, (kernel, log[-3000:])
 
 
-def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(deploy, monkeypatch, record):
+@pytest.mark.parametrize("mode", ["ep", "tp-experts"])
+def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(mode, deploy, monkeypatch, record):
     """DESIGN.md's invariant on GPUs: DP=1 and DP=2 + EP (allgather_reducescatter, NCCL), CUDA graphs on in both,
-    give the same greedy tokens up to near ties.
+    give the same greedy tokens up to near ties. ``tp-experts``: DP=2 without EP, every expert split
+    tensor-parallel across the two ranks (epkit/engine/moe_tp.py, as vLLM), held to the same rule.
 
     Not exact, unlike on CPU: the GPU path is not batch-invariant by construction. cuBLAS and ``torch._grouped_mm``
     pick their kernels (and so their bfloat16 reduction order) by the number of rows, the Triton kernels and the graph
@@ -532,18 +534,20 @@ def test_greedy_tokens_dp1_equal_dp2_with_expert_parallelism(deploy, monkeypatch
     docs/engine.md), so only a quarter of the tokens must be compared before the sequences part."""
     count = torch.cuda.device_count()
     if count < 2:
-        pytest.skip(f"needs 2 CUDA devices for DP=2 + EP; this machine has {count}")
+        pytest.skip(f"needs 2 CUDA devices for DP=2; this machine has {count}")
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):  # no NVLink multicast
         monkeypatch.setenv(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     baseline = outputs(deploy(GPU_ARGS))[: len(PROMPTS)]
-    ep = deploy([*GPU_ARGS, "-dp", "2", "--enable-expert-parallel"])
+    ep = deploy([*GPU_ARGS, "-dp", "2", *(["--enable-expert-parallel"] if mode == "ep" else [])])
     got = outputs(ep)[: len(PROMPTS)]
     assert "DP rank 1: graph steps: CUDA graphs" in ep.nodes[0].log()
+    if mode == "tp-experts":
+        assert "DP rank 1: experts tensor-parallel across 2 DP ranks" in ep.nodes[0].log()
     reference, layers = reference_logits(torch.bfloat16)
     tie = 2 * 4 * layers * eps_of(torch.bfloat16)
     from near_ties import first_differences
 
     compared, differed = first_differences(got, baseline, reference,
                                            lambda logits: tie * max(1.0, logits.abs().max().item()))
-    record("dp2_ep_vs_dp1", {"compared": compared, "near_ties": differed})
+    record(f"dp2_{mode}_vs_dp1", {"compared": compared, "near_ties": differed})
     assert compared >= len(baseline) * 24 // 4, f"too few tokens compared: {compared} ({differed})"
