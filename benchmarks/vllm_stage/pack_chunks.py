@@ -102,18 +102,23 @@ def main() -> None:
         parts = split(archive, capacity) if size > capacity else [archive]
         manifest.append(f"{archive.name} {len(parts)} {digest} {size / MiB:.1f}")
         items += parts
-    bins = first_fit_decreasing(items, capacity)
-    for old in args.out_root.glob(".stage[0-9]*"):
+    write_chunks(first_fit_decreasing(items, capacity), manifest, args.out_root)
+    shutil.rmtree(work)
+
+
+def write_chunks(bins: list[list[Path]], manifest: list[str], out_root: Path) -> None:
+    """Replace ``out_root``'s ``.stageN/`` folders with one per bin: its archives (or parts), moved there, and the
+    manifest."""
+    for old in out_root.glob(".stage[0-9]*"):
         shutil.rmtree(old)
     for i, chunk in enumerate(bins, 1):
-        folder = args.out_root / f".stage{i}"
-        folder.mkdir()
+        folder = out_root / f".stage{i}"
+        folder.mkdir(parents=True)
         (folder / "manifest.txt").write_text("\n".join(manifest) + "\n")
         for item in chunk:
             shutil.move(str(item), folder / item.name)
         total = sum(p.stat().st_size for p in folder.iterdir())
         print(f".stage{i}: {total / MiB:.1f} MiB ({', '.join(p.name for p in sorted(folder.iterdir()))})")
-    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

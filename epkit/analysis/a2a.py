@@ -169,9 +169,9 @@ def _table(frame: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render(source: str | Path | Iterable[str | Path], title: str | None = None) -> str:
+def render(source: str | Path | Iterable[str | Path], title: str | None = None, plotly_src: str | None = None) -> str:
     """One self-contained HTML page (plotly.js inlined once: it opens offline) with the microbenchmark's
-    figures and its table, for every point under ``source``."""
+    figures and its table, for every point under ``source``; ``plotly_src``: load plotly.js from that path instead."""
     from plotly.offline import get_plotlyjs
 
     frame = load(source)
@@ -183,7 +183,9 @@ def render(source: str | Path | Iterable[str | Path], title: str | None = None) 
     meta = (f"{len(frame)} point(s) from {html.escape(str(source))} · written "
             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · definitions: docs/a2a_bench.md")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script><style>body{{font-family:system-ui,sans-serif;"
+            + (f"<script type='text/javascript' src='{html.escape(plotly_src)}'></script>" if plotly_src else
+               f"<script type='text/javascript'>{get_plotlyjs()}</script>")
+            + f"<style>body{{font-family:system-ui,sans-serif;"
             f"margin:24px auto;max-width:1280px}} table{{border-collapse:collapse;font-size:12px}} th,td{{border:1px "
             f"solid #ddd;padding:3px 6px;text-align:right}}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{meta}</p>{''.join(parts)}<h2>Points</h2>{_table(frame)}</body></html>")
@@ -198,12 +200,5 @@ def write(source: str | Path | Iterable[str | Path], out: str | Path, title: str
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     src = shared_plotly_js(plotly_js, path) if plotly_js is not None else None
-    page = render(source, title)
-    if src is not None:
-        from plotly.offline import get_plotlyjs
-
-        inline = f"<script type='text/javascript'>{get_plotlyjs()}</script>"
-        assert inline in page, "render() no longer inlines plotly.js as write() expects"
-        page = page.replace(inline, f"<script type='text/javascript' src='{html.escape(src)}'></script>", 1)
-    path.write_text(page)
+    path.write_text(render(source, title, src))
     return path

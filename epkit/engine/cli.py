@@ -99,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         names = [flag] + ([SHORT[flag]] if flag in SHORT else [])
         default = defaults[name].default
         shown = ("the data-parallel size, as in vLLM" if name == "api_server_count" else
-                 "vLLM's for the device: 1024 on a GPU of >= 70 GiB other than an A100, else 256; 256 on CPU"
-                 if name == "max_num_seqs" else
-                 "vLLM's for the device: 8192 on a GPU of >= 70 GiB other than an A100, else 2048; 8192 on CPU"
-                 if name == "max_num_batched_tokens" else default)
+                 _batch_default(name) if name in ("max_num_seqs", "max_num_batched_tokens") else default)
         kind = int if name in INT_FIELDS else human_int if name in HUMAN_INT_FIELDS else (
             float if name == "gpu_memory_utilization" else str)
         p.add_argument(*names, dest=name, type=kind, default=None,
@@ -256,6 +253,16 @@ def main(argv: list[str]) -> int:
         print(f"epkit serve: error: {exc}", file=sys.stderr)
         return 2
 
+
+
+def _batch_default(name: str) -> str:
+    """The help's default of --max-num-seqs / --max-num-batched-tokens, from config.BATCH_DEFAULTS."""
+    from epkit.engine.config import BATCH_DEFAULTS
+
+    i = ("max_num_seqs", "max_num_batched_tokens").index(name)
+    return ("vLLM's for the device: " + ", ".join(f"{values[i]} on a {where}" if "GPU" in where else f"{values[i]} on {where}"
+                                                   for where, values in BATCH_DEFAULTS.items())
+            + " (a large GPU: >= 70 GiB, not an A100)")
 
 
 def _json_object(flag: str, text: str) -> dict:

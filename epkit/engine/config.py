@@ -45,6 +45,11 @@ def check_eplb_values(config: dict[str, Any]) -> None:
                f"eplb_config.communicator={config['communicator']!r}; allowed: {', '.join(EPLB_COMMUNICATORS)} (or null)")
 
 
+# (max_num_seqs, max_num_batched_tokens) when unset: vLLM's API-server defaults ("large GPU": >= 70 GiB, not an A100);
+# on CPU the engine's own (EngineConfig.batch_limits)
+BATCH_DEFAULTS = {"large GPU": (1024, 8192), "other GPU": (256, 2048), "CPU": (256, 8192)}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one deployment of the built-in engine needs; every node gets the same values.
@@ -191,9 +196,9 @@ class EngineConfig:
         model length, as in vLLM."""
         if device_type == "cuda":
             big = total_memory >= 70 * 2**30 and "a100" not in device_name.lower()
-            seqs, tokens = (1024, 8192) if big else (256, 2048)
+            seqs, tokens = BATCH_DEFAULTS["large GPU"] if big else BATCH_DEFAULTS["other GPU"]
         else:
-            seqs, tokens = 256, 8192
+            seqs, tokens = BATCH_DEFAULTS["CPU"]
         if self.max_num_batched_tokens is None and not self.enable_chunked_prefill:
             tokens = max(tokens, max_model_len)
         return self.max_num_seqs or seqs, self.max_num_batched_tokens or tokens
