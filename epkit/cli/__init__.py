@@ -28,6 +28,7 @@ COMMANDS = {
     "gate": ("epkit.cli.gate", "regression gate: a sweep's results against a baseline's; exit 1 on a regression"),
     "a2a-bench": ("epkit.cli.a2a_bench", "MoE dispatch + combine alone per all2all backend: latency, GB/s, link share"),
     "proxy": ("epkit.proxy.cli", "router of a disaggregated prefill/decode deployment (OpenAI-compatible)"),
+    "profile": ("epkit.cli.profile", "where each step's time goes: a torch-profiler trace summed by step kind and kernel kind"),
 }
 EXIT_USAGE = 2  # bad input: argparse's status, and every epkit sub-command's
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
