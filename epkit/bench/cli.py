@@ -152,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--result-filename", default=None, help="file name for --save-result (one load point only)")
     o.add_argument("--label", default=None, help="label stored in the result")
     o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    o.add_argument("--profile", action="store_true",
+                   help="POST /start_profile after the warm-ups and /stop_profile after the run (the server's torch "
+                   "profiler: vLLM or epkit serve started with --profiler-config)")
     return p
 
 
@@ -234,7 +237,7 @@ def main(argv: list[str]) -> int:
                              duration_s=a.duration, num_warmups=a.num_warmups,
                              data_parallel_size=a.data_parallel_size, seed=a.seed,
                              percentiles=a.metric_percentiles, goodput_slos_ms=goodput, label=a.label,
-                             progress=not a.disable_tqdm)
+                             progress=not a.disable_tqdm, profile=a.profile)
             except (ValueError, OSError, EpkitError) as e:
                 print(f"epkit bench: error: {e}", file=sys.stderr)
                 return 2

@@ -80,9 +80,29 @@ def _schedule(samples: list[SampleRequest], shape: LoadShape) -> tuple[np.ndarra
     return arrival_offsets_s(n, shape.request_rate, shape.burstiness, shape.seed), n
 
 
+def _shift_times(records: list[RequestRecord], shift: float) -> None:
+    for r in records:
+        r.start_s -= shift
+        r.send_s -= shift
+        r.end_s -= shift
+        r.chunk_s[:] = [c - shift for c in r.chunk_s]
+
+
+async def _profile_call(session, config: ClientConfig, action: str) -> None:
+    """POST ``/start_profile`` or ``/stop_profile`` at the server's root, as ``vllm bench serve --profile`` does."""
+    url = config.base_url.rstrip("/") + f"/{action}_profile"
+    async with session.post(url, headers=config.headers) as r:
+        if r.status != 200:
+            text = (await r.text())[:300]
+            hint = " (no profiler: start the server with --profiler-config '{\"profiler\":\"torch\"," \
+                   "\"torch_profiler_dir\":\"/abs/dir\"}')" if r.status == 404 else ""
+            raise ValueError(f"profile: POST {url} answered {r.status}{hint}: {text}")
+
+
 async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: LoadShape, tokenizer,
-                 progress: bool) -> tuple[list[RequestRecord], float, tuple[float, float]]:
-    """Send everything; return (records incl. warm-ups, duration_s, t0 as (unix time, perf_counter))."""
+                 progress: bool, profile: bool = False) -> tuple[list[RequestRecord], float, tuple[float, float]]:
+    """Send everything; return (records incl. warm-ups, duration_s, t0 as (unix time, perf_counter)).
+    ``profile``: the server's profiler runs from after the warm-ups until every measured request has ended."""
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(shape.max_concurrency) if shape.max_concurrency else None
@@ -107,18 +127,15 @@ async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: Load
 
             await asyncio.gather(*(warm_one(r) for r in warm))
             records += warm
+        if profile:
+            await _profile_call(session, config, "start")
 
         offsets, limit = _schedule(samples, shape)
         bar = tqdm(total=limit, disable=not progress, desc="requests", unit="req", leave=False, file=sys.stderr)
         tasks: list[asyncio.Task] = []
         base = time.perf_counter()
         unix0 = (time.time(), base)
-        shift = base - t0  # warm-up times become negative: t0 moves to the measured start
-        for r in records:
-            r.start_s -= shift
-            r.send_s -= shift
-            r.end_s -= shift
-            r.chunk_s[:] = [c - shift for c in r.chunk_s]
+        _shift_times(records, base - t0)  # warm-up times become negative: t0 moves to the measured start
         t0 = base
 
         async def one(rec: RequestRecord, req: SampleRequest, body: bytes) -> None:
@@ -151,6 +168,8 @@ async def _drive(config: ClientConfig, samples: list[SampleRequest], shape: Load
         await asyncio.gather(*tasks)
         duration_s = time.perf_counter() - t0
         bar.close()
+        if profile:  # after the clock stopped: writing the trace takes a while
+            await _profile_call(session, config, "stop")
 
     if tokenizer is not None:
         for r in records:
@@ -189,7 +208,7 @@ async def arun(base_url: str, model: str, workload: Workload | Sequence[SampleRe
                duration_s: float | None = None, num_warmups: int = 0, data_parallel_size: int = 0,
                seed: int = 0, percentiles: Sequence[float] = M.DEFAULT_PERCENTILES,
                goodput_slos_ms: dict[str, float] | None = None, label: str | None = None,
-               progress: bool = True) -> BenchResult:
+               progress: bool = True, profile: bool = False) -> BenchResult:
     """The coroutine behind :func:`run` (same arguments), for callers with their own loop."""
     shape = LoadShape(request_rate, burstiness, max_concurrency, max_requests, duration_s, num_warmups,
                       data_parallel_size, seed)
@@ -205,7 +224,7 @@ async def arun(base_url: str, model: str, workload: Workload | Sequence[SampleRe
     gc.collect()
     gc.freeze()  # as vLLM's client: what exists now is never scanned during the run (shorter GC pauses)
     try:
-        records, duration_s, unix0 = await _drive(config, samples, shape, tok, progress)
+        records, duration_s, unix0 = await _drive(config, samples, shape, tok, progress, profile)
     finally:
         gc.unfreeze()
     table = M.request_table(records)
@@ -214,7 +233,7 @@ async def arun(base_url: str, model: str, workload: Workload | Sequence[SampleRe
            "tokenizer": tokenizer if isinstance(tokenizer, str) else None, "workload": wl_meta,
            "num_prompts": len(samples), **asdict(shape), "ignore_eos": ignore_eos,
            "headers": sorted((headers or {}).keys()), "percentiles": list(percentiles),
-           "goodput_slos_ms": goodput_slos_ms}
+           "goodput_slos_ms": goodput_slos_ms, "profile": profile}
     return BenchResult(metrics, table, cfg, _metadata(unix0))
 
 
@@ -226,7 +245,8 @@ def run(base_url: str, model: str, workload: Workload | Sequence[SampleRequest],
     ``headers``, ``timeout_s``, ``ignore_eos``, ``request_rate``, ``burstiness``,
     ``max_concurrency``, ``max_requests``, ``duration_s``, ``num_warmups``,
     ``data_parallel_size``, ``seed``, ``percentiles``, ``goodput_slos_ms``, ``label``,
-    ``progress``. Failed requests are rows of the result, never exceptions; bad arguments
+    ``progress``, ``profile`` (the server's torch profiler over the measured requests: POST
+    /start_profile after the warm-ups, /stop_profile after the last request, as ``vllm bench serve --profile``). Failed requests are rows of the result, never exceptions; bad arguments
     raise ``ValueError`` before anything is sent. Works inside Jupyter.
     """
     return _in_worker_thread_if_loop_running(lambda: arun(base_url, model, workload, **kwargs))

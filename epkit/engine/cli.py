@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transfer-config", default=None,
                    help="JSON object as for vLLM, e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}': "
                    "disaggregated prefill/decode with NixlConnector's protocol (docs/engine.md)")
+    p.add_argument("--profiler-config", default=None,
+                   help="JSON object as for vLLM, e.g. '{\"profiler\":\"torch\",\"torch_profiler_dir\":\"/abs/dir\"}': "
+                   "adds POST /start_profile and /stop_profile; each DP rank writes a torch-profiler trace of its steps "
+                   "(docs/engine.md)")
     p.add_argument("--hf-overrides", default=None,
                    help="JSON object merged into the model's config.json (e.g. '{\"router_skew\": 3.0}' for a skewed router)")
     p.add_argument("--write-model-dir", metavar="DIR", default=None,
@@ -138,14 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _eplb_dotted(argv: list[str]) -> tuple[list[str], dict]:
-    """Pull ``--eplb-config.KEY VALUE`` pairs out of argv (vLLM's per-key spelling)."""
+def _dotted(argv: list[str], flag: str) -> tuple[list[str], dict]:
+    """Pull ``FLAG.KEY VALUE`` (or ``FLAG.KEY=VALUE``) pairs out of argv (vLLM's per-key spelling of a config flag)."""
     rest, extra = [], {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--eplb-config."):
-            key, _, value = arg[len("--eplb-config."):].partition("=")
+        if arg.startswith(flag + "."):
+            key, _, value = arg[len(flag) + 1:].partition("=")
             if not value:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
@@ -170,7 +174,8 @@ def config_from_args(argv: list[str]):
 def _parse(argv: list[str]):
     from epkit.engine.config import EngineConfig
 
-    argv, dotted = _eplb_dotted(argv)
+    argv, dotted = _dotted(argv, "--eplb-config")
+    argv, profiler_dotted = _dotted(argv, "--profiler-config")
     args = build_parser().parse_args(argv)
     values = {name: getattr(args, name) for name in FLAG_FIELDS.values() if getattr(args, name) is not None}
     model = args.model_flag or args.model
@@ -182,6 +187,9 @@ def _parse(argv: list[str]):
         values["hf_overrides"] = _json_object("--hf-overrides", args.hf_overrides)
     if args.kv_transfer_config:
         values["kv_transfer_config"] = _json_object("--kv-transfer-config", args.kv_transfer_config)
+    if args.profiler_config or profiler_dotted:
+        profiler = _json_object("--profiler-config", args.profiler_config) if args.profiler_config else {}
+        values["profiler_config"] = {**profiler, **profiler_dotted}
     if args.startup_timeout_s is not None:
         values["startup_timeout_s"] = args.startup_timeout_s
     if args.enable_chunked_prefill is not None:

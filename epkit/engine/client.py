@@ -41,8 +41,9 @@ class EngineClient:
         self.on_output: Callable[[RequestOutput], None] = lambda out: None
         self.on_eplb_stats: Callable[[dict], None] = lambda stats: None
         self.on_kv_stats: Callable[[int, int, int], None] = lambda rank, requests, blocks: None
-        self._eplb_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._eplb_lock: asyncio.Lock | None = None
+        # replies to questions asked of every rank (eplb_dumps, profile), by (kind, rank)
+        self._waiters: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._ask_locks: dict[str, asyncio.Lock] = {}
         authkey = store.get(STORE_PREFIX + "authkey")
         deadline = time.time() + cfg.startup_timeout_s
         for rank in range(self.dp_size):
@@ -66,8 +67,8 @@ class EngineClient:
                     log.info("engine core DP rank %d stopped", rank)
                     self.closing = True
                     continue
-                if kind == "eplb":
-                    waiter = self._eplb_waiters.pop(rank, None)
+                if kind in ("eplb", "profile"):
+                    waiter = self._waiters.pop((kind, rank), None)
                     if waiter is not None:
                         loop, future = waiter
                         loop.call_soon_threadsafe(lambda f=future, p=outputs: f.done() or f.set_result(p))
@@ -138,20 +139,28 @@ class EngineClient:
 
     async def eplb_dumps(self, timeout: float = 60.0) -> list[dict | None]:
         """Every DP rank's :meth:`Rebalancer.dump` (None where EPLB is off), in rank order."""
-        if self._eplb_lock is None:
-            self._eplb_lock = asyncio.Lock()
-        async with self._eplb_lock:
+        return await self._ask_every_rank("eplb", ("eplb_dump",), timeout)
+
+    async def profile(self, action: str, overrides: dict | None = None, timeout: float = 900.0) -> list[tuple[bool, str]]:
+        """``start`` or ``stop`` the torch profiler on every DP rank: each rank's ``(ok, message)`` in rank order
+        (a stop returns once every rank has written its trace, which takes a while for a long session)."""
+        return await self._ask_every_rank("profile", ("profile", action, overrides or {}), timeout)
+
+    async def _ask_every_rank(self, kind: str, message: tuple, timeout: float) -> list:
+        lock = self._ask_locks.setdefault(kind, asyncio.Lock())
+        async with lock:
             loop = asyncio.get_running_loop()
             futures = []
             for rank in range(self.dp_size):
                 future = loop.create_future()
-                self._eplb_waiters[rank] = (loop, future)
+                self._waiters[(kind, rank)] = (loop, future)
                 futures.append(future)
-                self._post(rank, ("eplb_dump",))
+                self._post(rank, message)
             try:
                 return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
             finally:
-                self._eplb_waiters.clear()
+                for rank in range(self.dp_size):
+                    self._waiters.pop((kind, rank), None)
 
     def close(self) -> None:
         self.closing = True

@@ -102,6 +102,7 @@ class EngineConfig:
     uvicorn_log_level: str = "warning"
     startup_timeout_s: float = 600.0
     kv_transfer_config: dict[str, Any] | None = None  # vLLM's --kv-transfer-config (NixlConnector's protocol)
+    profiler_config: dict[str, Any] | None = None  # vLLM's --profiler-config (torch profiler; epkit/engine/profiler.py)
 
     def __post_init__(self) -> None:
         # all2all.BACKENDS' names, in its order; not all2all itself: it imports moe, whose kernels read this module
@@ -161,6 +162,10 @@ class EngineConfig:
             from epkit.engine.kv_transfer import check_kv_transfer_config
 
             object.__setattr__(self, "kv_transfer_config", check_kv_transfer_config(self.kv_transfer_config))
+        if self.profiler_config is not None:
+            from epkit.engine.profiler import check_profiler_config
+
+            object.__setattr__(self, "profiler_config", check_profiler_config(self.profiler_config))
         self._check_prefill_knobs()
         _check(self.prefix_caching_hash_algo in PREFIX_CACHING_HASH_ALGOS,
                f"prefix_caching_hash_algo={self.prefix_caching_hash_algo!r}; allowed: {', '.join(PREFIX_CACHING_HASH_ALGOS)}")

@@ -196,6 +196,11 @@ class EngineCore:
         self.store.set(f"{STORE_PREFIX}core/{dp_rank}", "%s:%d" % self._listener.address)
         self.steps = 0
         self._eplb_sent = -1
+        self.profiler = None
+        if (cfg.profiler_config or {}).get("profiler") == "torch":
+            from epkit.engine.profiler import StepProfiler
+
+            self.profiler = StepProfiler(cfg.profiler_config, dp_rank, device.type)
 
     def _accept(self) -> None:
         while True:
@@ -250,6 +255,22 @@ class EngineCore:
                 conn.send(("eplb", payload, self._stats()))
             except (OSError, ValueError):
                 pass
+        elif kind == "profile":
+            self._profile(conn, message[1], message[2])
+
+    def _profile(self, conn: Connection, action: str, overrides: dict) -> None:
+        """/start_profile or /stop_profile (the reply: ``(ok, what happened or the error)``)."""
+        try:
+            if self.profiler is None:
+                raise EngineError("profiling is off: start the engine with --profiler-config "
+                                  "'{\"profiler\":\"torch\",\"torch_profiler_dir\":\"/abs/dir\"}'")
+            reply = (True, self.profiler.start(overrides) if action == "start" else self.profiler.stop())
+        except EngineError as exc:
+            reply = (False, str(exc))
+        try:
+            conn.send(("profile", reply, self._stats()))
+        except (OSError, ValueError):
+            pass
 
     def _abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -354,7 +375,12 @@ class EngineCore:
             if not busy:
                 self._idle_period += 1
                 continue
-            sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
+            if self.profiler is None:
+                sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
+            else:
+                with self.profiler.around(batch):
+                    sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
+                self.profiler.after_step()
             self._send(self.scheduler.postprocess(batch, sampled, self.runner.step_logprobs, self.runner.step_prompt_logprobs))
             self.steps += 1
 

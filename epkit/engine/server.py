@@ -8,6 +8,7 @@ the SSE helpers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -72,7 +73,40 @@ def build_app(api: Api) -> FastAPI:
     add_openai_routes(app, api)
     if api.cfg.kv_transfer_config is not None:
         _add_kv_release(app, api.cfg.kv_transfer_config["engine_id"])
+    if (api.cfg.profiler_config or {}).get("profiler") == "torch":
+        _add_profile_routes(app, api.engine)
     return app
+
+
+def _add_profile_routes(app: FastAPI, engine: EngineClient) -> None:
+    """vLLM's ``POST /start_profile`` (optional body: ``profile_prefix``, ``delay_iterations``, ``max_iterations``)
+    and ``POST /stop_profile``; present only with ``--profiler-config``. 200 with every DP rank's answer (the trace
+    files a stop wrote), 400 for a bad override."""
+
+    async def ask(action: str, overrides: dict) -> JSONResponse:
+        answers = await engine.profile(action, overrides)
+        failed = [message for ok, message in answers if not ok]
+        if failed:
+            raise ApiError(400, failed[0])
+        return JSONResponse({"ranks": [message for _, message in answers]})
+
+    @app.post("/start_profile")
+    async def start_profile(request: Request):
+        body = await request.body()
+        try:
+            overrides = json.loads(body) if body.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"body must be a JSON object or empty: {exc}")
+        if not isinstance(overrides, dict):
+            raise ApiError(400, f"body must be a JSON object or empty, got {type(overrides).__name__}")
+        keys = ("profile_prefix", "delay_iterations", "max_iterations")
+        log.info("Starting profiler...")
+        return await ask("start", {k: v for k, v in overrides.items() if k in keys and v is not None})
+
+    @app.post("/stop_profile")
+    async def stop_profile():
+        log.info("Stopping profiler...")
+        return await ask("stop", {})
 
 
 def _add_kv_release(app: FastAPI, engine_id: str) -> None:

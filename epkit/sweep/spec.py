@@ -40,7 +40,7 @@ from epkit.topology import Topology
 SPEC_KEYS = ("name", "model", "engine", "vllm_version", "vllm_bin", "executor", "slurm", "defaults", "topologies", "workloads",
              "plan", "run", "max_parallel", "results_dir")
 WORKLOAD_LOAD_KEYS = ("request_rate", "max_concurrency", "num_warmups", "max_requests", "duration_s", "burstiness",
-                      "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos")
+                      "repeats", "name", "dataset", "seed_load", "endpoint", "ignore_eos", "profile")
 RUN_KEYS = ("startup_timeout_s", "hang_timeout_s", "grace_s", "lease_timeout_s", "request_timeout_s",
             "point_estimate_s", "startup_estimate_s")
 PLAN_KEYS = ("gpus", "runtime_reserve_gib", "allow_unfit")  # read by epkit.topology.spec.plan_block, as in `epkit plan` specs
@@ -244,10 +244,11 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
         repeats = item.pop("repeats", 1)
         endpoint = item.pop("endpoint", "/v1/completions")
         load_fixed = {k: item.pop(k) for k in ("num_warmups", "max_requests", "duration_s", "burstiness") if k in item}
-        if "ignore_eos" in item:  # a request option, not a load shape: checked here, passed to the client
-            if not isinstance(item["ignore_eos"], bool):
-                raise TopologyError(f"sweep: workloads[{i}].ignore_eos={item['ignore_eos']!r} must be true or false")
-            load_fixed["ignore_eos"] = item.pop("ignore_eos")
+        for key in ("ignore_eos", "profile"):  # client options, not a load shape: checked here, passed to the client
+            if key in item:
+                if not isinstance(item[key], bool):
+                    raise TopologyError(f"sweep: workloads[{i}].{key}={item[key]!r} must be true or false")
+                load_fixed[key] = item.pop(key)
         if name is not None and not isinstance(name, str):
             raise TopologyError(f"sweep: workloads[{i}].name={name!r} must be a string (it names result files)")
         if not isinstance(dataset, str) or dataset not in DATASETS:
@@ -262,7 +263,7 @@ def expand_workloads(items: Any) -> list[WorkloadPoint]:
         for rate, conc in itertools.product(rates, concs):
             load = {"request_rate": rate, "max_concurrency": conc, **load_fixed}
             try:
-                LoadShape(**{k: v for k, v in load.items() if k != "ignore_eos"})
+                LoadShape(**{k: v for k, v in load.items() if k not in ("ignore_eos", "profile")})
             except (TypeError, ValueError) as exc:
                 raise TopologyError(f"sweep: workloads[{i}] ({base}) load {load}: {exc}") from exc
             wid = base + (f"_rate{_fmt(rate)}" if len(rates) > 1 or not math.isinf(rate) else "")

@@ -66,6 +66,10 @@ def test_invalid_point_is_named_before_anything_starts():
         parse_sweep(_spec(topologies={"grid": {"dp": [1, 3]}}))
     with pytest.raises(TopologyError, match="workloads\\[0\\].*request_rate"):
         parse_sweep(_spec(workloads=[{"dataset": "random", "num_prompts": 4, "request_rate": [-1]}]))
+    with pytest.raises(TopologyError, match=r"workloads\[0\]\.profile='yes' must be true or false"):
+        parse_sweep(_spec(workloads=[{"dataset": "random", "num_prompts": 4, "profile": "yes"}]))
+    profiled = parse_sweep(_spec(workloads=[{"dataset": "random", "num_prompts": 4, "profile": True}]))
+    assert profiled.workloads[0].load["profile"] is True  # passed to the client as epkit.bench.arun(profile=True)
     with pytest.raises(TopologyError, match="unknown key.*colour"):
         parse_sweep(_spec(colour="red"))
     with pytest.raises(TopologyError, match="timeout_min is required"):
