@@ -72,6 +72,10 @@ class ProfileError(EpkitError, ValueError):
     """A trace that cannot be read or holds no engine step annotations."""
 
 
+class NoStepsError(ProfileError):
+    """A readable trace without engine step annotations (vLLM's frontend profile, a trace of something else)."""
+
+
 def kernel_category(name: str) -> str:
     """The category of a GPU kernel by its name (first regex of :data:`KERNEL_CATEGORIES` that matches)."""
     for category, pattern in _CATEGORY_RES:
@@ -127,17 +131,18 @@ def load_events(path: str | Path) -> list[dict]:
     return events
 
 
-def trace_files(paths: list[str | Path]) -> list[Path]:
-    """The trace files named: a file as given, a folder's ``*.json`` and ``*.json.gz`` files (sorted)."""
+def trace_files(paths: list[str | Path]) -> list[tuple[Path, bool]]:
+    """The trace files named, each with whether it came from a folder: a file as given, a folder's ``*.json`` and
+    ``*.json.gz`` files (sorted)."""
     out = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith((".json", ".json.gz")))
             if not found:
                 raise ProfileError(f"{path}: folder holds no trace (*.json or *.json.gz); expected {TRACE_FORM}")
-            out += found
+            out += [(p, True) for p in found]
         elif path.exists():
-            out.append(path)
+            out.append((path, False))
         else:
             raise ProfileError(f"{path}: no such file or folder; expected {TRACE_FORM} or a folder of them")
     return out
@@ -316,7 +321,7 @@ def summarize(path: str | Path, top: int = 10, label: str | None = None) -> dict
     path = Path(path)
     steps, unattributed, has_gpu = attribute(load_events(path))
     if not steps:
-        raise ProfileError(f"{path}: no engine step annotations (user_annotation events named {STEP_FORMAT}); "
+        raise NoStepsError(f"{path}: no engine step annotations (user_annotation events named {STEP_FORMAT}); "
                            "profile the engine with its torch profiler (vLLM's --profiler-config or "
                            "epkit serve's, then POST /start_profile and /stop_profile)")
     by_kind = defaultdict(list)
@@ -330,12 +335,26 @@ def summarize(path: str | Path, top: int = 10, label: str | None = None) -> dict
     }
 
 
-def summarize_all(paths: list[str | Path], top: int = 10) -> list[dict]:
+def summarize_all(paths: list[str | Path], top: int = 10, skipped: list[str] | None = None) -> list[dict]:
     """:func:`summarize` of every trace that ``paths`` name (folders expanded); a label (the file name) that two
-    traces share becomes the path as given."""
+    traces share becomes the path as given. A trace found in a folder that has no step annotations (vLLM's
+    frontend profile lies beside the workers') is left out, its message appended to ``skipped``; a file named
+    itself, or a folder with no step annotations in any trace, is an error."""
     files = trace_files(paths)
-    names = Counter(p.name for p in files)
-    return [summarize(p, top, p.name if names[p.name] == 1 else str(p)) for p in files]
+    names = Counter(p.name for p, _ in files)
+    out, left_out = [], []
+    for path, in_folder in files:
+        try:
+            out.append(summarize(path, top, path.name if names[path.name] == 1 else str(path)))
+        except NoStepsError as exc:
+            if not in_folder:
+                raise
+            left_out.append(str(exc))
+    if not out:
+        raise NoStepsError("; ".join(left_out))
+    if skipped is not None:
+        skipped += left_out
+    return out
 
 
 # ---- tables: the same rows as plain text (stdout) and markdown (docs/benchmarks.md) ----

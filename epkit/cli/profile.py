@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.top < 1:
         return fail(f"--top {args.top}: must be at least 1")
+    skipped: list[str] = []
     try:
-        summaries = summarize_all(args.traces, top=args.top)
+        summaries = summarize_all(args.traces, top=args.top, skipped=skipped)
     except ProfileError as exc:
         return fail(str(exc))
+    for message in skipped:
+        print(f"epkit profile: skipped {message}", file=sys.stderr)
     doc = json.dumps({"traces": summaries}, indent=2) + "\n"
     if args.json == "-":
         sys.stdout.write(doc)

@@ -221,3 +221,19 @@ def test_cli_bad_inputs(gpu_trace, tmp_path):
     empty.mkdir()
     run = epkit(empty)
     assert run.returncode == 2 and str(empty) in run.stderr and "holds no trace" in run.stderr
+
+
+def test_cli_folder_skips_traces_without_steps(gpu_trace, tmp_path):
+    """vLLM's frontend profile lies beside the workers' traces: in a folder it is left out with a note."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "worker.pt.trace.json").write_text(gpu_trace.read_text())
+    (folder / "frontend.pt.trace.json").write_text(json.dumps(gpu_trace_doc(with_steps=False)))
+    (folder / "notes.txt").write_text("not a trace, not read")
+    run = epkit(folder)
+    assert run.returncode == 0, run.stderr
+    assert "skipped" in run.stderr and "frontend.pt.trace.json" in run.stderr
+    assert "worker.pt.trace.json: steps by kind" in run.stdout and "frontend.pt.trace.json:" not in run.stdout
+    (folder / "worker.pt.trace.json").unlink()
+    run = epkit(folder)
+    assert run.returncode == 2 and "no engine step annotations" in run.stderr
