@@ -20,6 +20,7 @@ self time stand in for the kernels. Pure: reads trace files, returns plain dicts
 from __future__ import annotations
 
 import bisect
+import functools
 import gzip
 import json
 import re
@@ -76,6 +77,7 @@ class NoStepsError(ProfileError):
     """A readable trace without engine step annotations (vLLM's frontend profile, a trace of something else)."""
 
 
+@functools.lru_cache(maxsize=4096)  # a trace repeats a few hundred kernel names millions of times
 def kernel_category(name: str) -> str:
     """The category of a GPU kernel by its name (first regex of :data:`KERNEL_CATEGORIES` that matches)."""
     for category, pattern in _CATEGORY_RES:
@@ -154,15 +156,16 @@ class _ThreadSteps:
     def __init__(self, steps: list[Step]):
         self.steps = sorted(steps, key=lambda s: s.start_us)
         self.starts = [s.start_us for s in self.steps]
+        self.max_end, end = [], float("-inf")  # latest end among steps[: i + 1]
+        for s in self.steps:
+            end = max(end, s.end_us)
+            self.max_end.append(end)
 
     def at(self, ts: float) -> Step | None:
         i = bisect.bisect_right(self.starts, ts) - 1
-        while i >= 0:  # steps do not overlap on a thread; a nested one (never seen) falls back to its parent
-            step = self.steps[i]
-            if ts <= step.end_us:
-                return step
-            if i == 0 or self.steps[i - 1].end_us < step.start_us:
-                return None
+        while i >= 0 and self.max_end[i] >= ts:  # steps do not overlap on a thread; were one nested, the
+            if ts <= self.steps[i].end_us:       # innermost that holds ts wins
+                return self.steps[i]
             i -= 1
         return None
 

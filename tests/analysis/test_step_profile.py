@@ -237,3 +237,12 @@ def test_cli_folder_skips_traces_without_steps(gpu_trace, tmp_path):
     (folder / "worker.pt.trace.json").unlink()
     run = epkit(folder)
     assert run.returncode == 2 and "no engine step annotations" in run.stderr
+
+
+def test_step_lookup_back_to_back_and_nested():
+    """Steps that end where the next begins, and (never seen, but legal) a step nested in another: the innermost
+    range that holds the launch wins."""
+    steps = [P.Step("a", {}, 0, 10), P.Step("b", {}, 10, 20), P.Step("outer", {}, 30, 60), P.Step("inner", {}, 35, 40)]
+    index = P._ThreadSteps(steps)
+    assert [index.at(t).name if index.at(t) else None for t in (5, 10, 15, 25, 32, 37, 50, 61)] == \
+        ["a", "b", "b", None, "outer", "inner", "outer", None]
