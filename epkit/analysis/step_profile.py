@@ -403,8 +403,9 @@ def _trace_tables(s: dict) -> list[Table]:
     kinds = list(s["kinds"])
     note = (f"GPU time launched outside every step: {_fmt(s['unattributed_gpu_ms'])} ms "
             f"({s['unattributed_gpu_events']} events)" if s["unattributed_gpu_events"] else "")
-    out = [Table(f"{s['trace']}: steps by kind", ["kind"] + [label for label, _ in _PER_KIND],
-                 [[k] + [_fmt(s["kinds"][k].get(key), key) for _, key in _PER_KIND] for k in kinds], note)]
+    columns = _PER_KIND if s["gpu"] else _PER_KIND[:6]  # a CPU trace has no GPU columns
+    out = [Table(f"{s['trace']}: steps by kind", ["kind"] + [label for label, _ in columns],
+                 [[k] + [_fmt(s["kinds"][k].get(key), key) for _, key in columns] for k in kinds], note)]
     used = _used_categories(list(s["kinds"].values()))
     if used:
         rows = [[c] + [_fmt(s["kinds"][k]["category_ms_per_step"][c]) for k in kinds] for c in used]
@@ -424,18 +425,29 @@ def _trace_tables(s: dict) -> list[Table]:
     return out
 
 
+def _cpu_op_rows(present: list[dict | None], per_trace: int = 5) -> list[list[str]]:
+    """Self ms/step of the union of each trace's top cpu ops ("-": not among that trace's listed ones)."""
+    listed = [{o["name"]: o["self_ms_per_step"] for o in p["top_cpu_ops"]} if p else {} for p in present]
+    names = dict.fromkeys(n for p in present if p for n in [o["name"] for o in p["top_cpu_ops"][:per_trace]])
+    return [[f"{n} self ms/step"] + [_fmt(op.get(n)) for op in listed] for n in names]
+
+
 def _side_by_side(summaries: list[dict]) -> list[Table]:
-    """Per step kind, one table with a column per trace: the headline numbers and GPU ms/step per category."""
+    """Per step kind, one table with a column per trace: the headline numbers and GPU ms/step per category (CPU
+    traces only: self ms/step of the top cpu ops)."""
     out = []
     labels = [s["trace"] for s in summaries]
+    gpu = any(s["gpu"] for s in summaries)
     for kind in KINDS:
         present = [s["kinds"].get(kind) for s in summaries]
         if not any(present):
             continue
-        rows = [[label] + [_fmt(p.get(key), key) if p else "-" for p in present] for label, key in _HEADLINE]
+        headline = _HEADLINE if gpu else _HEADLINE[:4]
+        rows = [[label] + [_fmt(p.get(key), key) if p else "-" for p in present] for label, key in headline]
         for c in _used_categories([p for p in present if p]):
             rows.append([f"{c} GPU ms/step"] + [_fmt(p["category_ms_per_step"][c]) if p and "category_ms_per_step"
                                                  in p else "-" for p in present])
+        rows += [] if gpu else _cpu_op_rows(present)
         out.append(Table(f"{kind} steps, side by side", [""] + labels, rows))
     return out
 

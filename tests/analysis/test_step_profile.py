@@ -246,3 +246,10 @@ def test_step_lookup_back_to_back_and_nested():
     index = P._ThreadSteps(steps)
     assert [index.at(t).name if index.at(t) else None for t in (5, 10, 15, 25, 32, 37, 50, 61)] == \
         ["a", "b", "b", None, "outer", "inner", "outer", None]
+
+
+def test_side_by_side_cpu_traces(cpu_traces):
+    """Two CPU traces: the side-by-side tables carry no GPU rows but the top cpu ops' self ms/step."""
+    text = P.to_markdown([P.summarize(cpu_traces["json"]), P.summarize(cpu_traces["gz"])])
+    decode = text.split("**decode steps, side by side**")[1].split("**")[0]
+    assert "| steps | 2 | 2 |" in decode and "| aten::mm self ms/step |" in decode and "GPU" not in decode
