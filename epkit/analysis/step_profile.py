@@ -13,8 +13,10 @@ step's range on the same thread — not to the step whose range it ran in: under
 kernels run while step N+1's range is open. Kernels replayed from a CUDA graph carry the correlation of their
 ``cudaGraphLaunch``. A step's **GPU busy** time is the union of its GPU events' intervals (overlapping streams
 count once); **host** time is wall minus GPU busy (what the GPU idled inside a step that synchronises at its end;
-negative where the GPU ran past the CPU range). Without GPU events (a CPU trace) the top ``cpu_op`` names by
-self time stand in for the kernels. Pure: reads trace files, returns plain dicts.
+negative where the GPU ran past the CPU range). Where that host time went — the top ``cpu_op`` names by self time,
+the CUDA runtime/driver calls (host sync, launches) and the time outside every recorded op — is
+:mod:`epkit.analysis.step_profile_host`'s (a CPU trace gets the cpu ops and python/other time only). Pure: reads
+trace files, returns plain dicts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epkit.analysis.step_profile_host import (HOST_COLUMNS_GPU, PYTHON_COLUMN, blocks_host, host_tables,
+                                              kind_host_summary, nesting, top_entries, union_us)
 from epkit.errors import EpkitError
 
 STEP_FORMAT = ("execute_context_{n}({tokens})_generation_{m}({tokens}) — vLLM's annotate_profile, or its detailed "
@@ -110,6 +114,8 @@ class Step:
     gpu: list[tuple[float, float, str, str]] = field(default_factory=list)  # (start, end, name, category)
     graph: bool = False
     cpu_ops: list[tuple[str, float]] = field(default_factory=list)  # (name, self µs)
+    op_spans: list[tuple[float, float]] = field(default_factory=list)  # top-level cpu ops' (start, end)
+    runtime: list[tuple[float, float, str, bool]] = field(default_factory=list)  # (start, end, name, blocks host)
 
     @property
     def kind(self) -> str:
@@ -200,27 +206,6 @@ def _collect(events: list[dict]) -> tuple[list[Step], list[dict], list[dict], li
     return steps, cpu_ops, launches, gpu
 
 
-def _self_times(cpu_ops: list[dict]) -> list[tuple[dict, float]]:
-    """Each cpu_op with its self time: its duration less that of the cpu_ops nested directly in it (same thread)."""
-    by_thread = defaultdict(list)
-    for e in cpu_ops:
-        by_thread[_thread(e)].append(e)
-    out = []
-    for ops in by_thread.values():
-        ops.sort(key=lambda e: (float(e.get("ts", 0.0)), -float(e.get("dur", 0.0))))
-        stack: list[list] = []  # [event, end, children µs]
-        for e in ops:
-            start, end = _span(e)
-            while stack and start >= stack[-1][1]:
-                done = stack.pop()
-                out.append((done[0], float(done[0].get("dur", 0.0)) - done[2]))
-            if stack:
-                stack[-1][2] += end - start
-            stack.append([e, end, 0.0])
-        out += [(d[0], float(d[0].get("dur", 0.0)) - d[2]) for d in stack]
-    return out
-
-
 def attribute(events: list[dict]) -> tuple[list[Step], list[tuple[float, float, str, str]], bool]:
     """The steps with their GPU work (by launch) and cpu ops, the GPU events no step launched, and whether the
     trace has GPU events at all."""
@@ -234,16 +219,21 @@ def attribute(events: list[dict]) -> tuple[list[Step], list[tuple[float, float, 
         t = index.get(_thread(e))
         return t.at(float(e.get("ts", 0.0))) if t else None
 
+    copies = {(e.get("args") or {}).get("correlation"): str(e.get("name", "")) for e in gpu
+              if _GPU_CATS[str(e.get("cat")).lower()] == MEMCPY}
     launched_by = {}
-    for e in launches:
+    for e, _, top_level in nesting(launches):
         step = step_at(e)
         corr = (e.get("args") or {}).get("correlation")
         if step is None:
             continue
         if corr is not None:
             launched_by[corr] = step
-        if "GraphLaunch" in str(e.get("name", "")):
+        name = str(e.get("name", ""))
+        if "GraphLaunch" in name:
             step.graph = True
+        if top_level:  # a driver call inside a runtime call is not counted twice
+            step.runtime.append((*_span(e), name, blocks_host(name, copies.get(corr))))
     unattributed = []
     for e in gpu:
         start, end = _span(e)
@@ -251,32 +241,13 @@ def attribute(events: list[dict]) -> tuple[list[Step], list[tuple[float, float, 
         item = (start, end, name, _GPU_CATS[str(e.get("cat")).lower()] or kernel_category(name))
         step = launched_by.get((e.get("args") or {}).get("correlation"))
         (step.gpu if step is not None else unattributed).append(item)
-    for e, self_us in _self_times(cpu_ops):
+    for e, self_us, top_level in nesting(cpu_ops):
         step = step_at(e)
         if step is not None:
             step.cpu_ops.append((str(e.get("name", "")), self_us))
+            if top_level:
+                step.op_spans.append(_span(e))
     return steps, unattributed, bool(gpu)
-
-
-def union_us(intervals: list[tuple[float, float]], lo: float | None = None, hi: float | None = None) -> float:
-    """Length of the union of ``(start, end)`` intervals, optionally clipped to ``[lo, hi]``."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        start, end = max(start, lo) if lo is not None else start, min(end, hi) if hi is not None else end
-        if end <= start:
-            continue
-        if cur_end is None or start > cur_end:
-            total += (cur_end - cur_start) if cur_end is not None else 0.0
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    return total + ((cur_end - cur_start) if cur_end is not None else 0.0)
-
-
-def _top(sums: dict[str, float], calls: Counter, n_steps: int, top: int, extra=None) -> list[dict]:
-    ranked = sorted(sums.items(), key=lambda kv: -kv[1])[:top]
-    return [{"name": name, **(extra(name) if extra else {}), "ms_per_step": us / 1e3 / n_steps,
-             "calls_per_step": calls[name] / n_steps} for name, us in ranked]
 
 
 def _kind_summary(steps: list[Step], has_gpu: bool, top: int) -> dict:
@@ -305,15 +276,9 @@ def _kind_summary(steps: list[Step], has_gpu: bool, top: int) -> dict:
                    gpu_ms_per_1k_ctx_tokens=sum(busy) / ctx_tokens * 1e3 if ctx_tokens else None,
                    graph_step_share=mean([float(s.graph) for s in steps]),
                    category_ms_per_step={c: categories.get(c, 0.0) / 1e3 / n for c in CATEGORIES},
-                   top_kernels=_top(kernels, calls, n, top, lambda k: {"category": kernel_category_of[k]}))
-    ops, op_calls = defaultdict(float), Counter()
-    for s in steps:
-        for name, self_us in s.cpu_ops:
-            ops[name] += self_us
-            op_calls[name] += 1
-    out["top_cpu_ops"] = _top(ops, op_calls, n, top)
-    for entry in out["top_cpu_ops"]:
-        entry["self_ms_per_step"] = entry.pop("ms_per_step")
+                   top_kernels=top_entries(kernels, calls, n, top,
+                                           lambda k: {"category": kernel_category_of[k]}))
+    out.update(kind_host_summary(steps, has_gpu, top))
     return out
 
 
@@ -403,7 +368,8 @@ def _trace_tables(s: dict) -> list[Table]:
     kinds = list(s["kinds"])
     note = (f"GPU time launched outside every step: {_fmt(s['unattributed_gpu_ms'])} ms "
             f"({s['unattributed_gpu_events']} events)" if s["unattributed_gpu_events"] else "")
-    columns = _PER_KIND if s["gpu"] else _PER_KIND[:6]  # a CPU trace has no GPU columns
+    columns = _PER_KIND + HOST_COLUMNS_GPU if s["gpu"] else _PER_KIND[:6]  # a CPU trace has no GPU columns
+    columns += (PYTHON_COLUMN,)
     out = [Table(f"{s['trace']}: steps by kind", ["kind"] + [label for label, _ in columns],
                  [[k] + [_fmt(s["kinds"][k].get(key), key) for _, key in columns] for k in kinds], note)]
     used = _used_categories(list(s["kinds"].values()))
@@ -417,11 +383,7 @@ def _trace_tables(s: dict) -> list[Table]:
                     for t in s["kinds"][k]["top_kernels"]]
             out.append(Table(f"{s['trace']}: top kernels, {k} steps", ["kernel", "category", "ms/step", "calls/step"],
                              rows))
-        elif not s["gpu"] and s["kinds"][k]["top_cpu_ops"]:
-            rows = [[_short(t["name"]), _fmt(t["self_ms_per_step"]), _fmt(t["calls_per_step"])]
-                    for t in s["kinds"][k]["top_cpu_ops"]]
-            out.append(Table(f"{s['trace']}: top cpu ops by self time, {k} steps",
-                             ["cpu op", "self ms/step", "calls/step"], rows))
+        out += [Table(*t) for t in host_tables(s["trace"], k, s["kinds"][k], _fmt, _short)]
     return out
 
 
@@ -433,8 +395,8 @@ def _cpu_op_rows(present: list[dict | None], per_trace: int = 5) -> list[list[st
 
 
 def _side_by_side(summaries: list[dict]) -> list[Table]:
-    """Per step kind, one table with a column per trace: the headline numbers and GPU ms/step per category (CPU
-    traces only: self ms/step of the top cpu ops)."""
+    """Per step kind, one table with a column per trace: the headline and host numbers, GPU ms/step per category
+    and the self ms/step of each trace's top five cpu ops."""
     out = []
     labels = [s["trace"] for s in summaries]
     gpu = any(s["gpu"] for s in summaries)
@@ -442,12 +404,12 @@ def _side_by_side(summaries: list[dict]) -> list[Table]:
         present = [s["kinds"].get(kind) for s in summaries]
         if not any(present):
             continue
-        headline = _HEADLINE if gpu else _HEADLINE[:4]
+        headline = (_HEADLINE + HOST_COLUMNS_GPU if gpu else _HEADLINE[:4]) + (PYTHON_COLUMN,)
         rows = [[label] + [_fmt(p.get(key), key) if p else "-" for p in present] for label, key in headline]
         for c in _used_categories([p for p in present if p]):
             rows.append([f"{c} GPU ms/step"] + [_fmt(p["category_ms_per_step"][c]) if p and "category_ms_per_step"
                                                  in p else "-" for p in present])
-        rows += [] if gpu else _cpu_op_rows(present)
+        rows += _cpu_op_rows(present)
         out.append(Table(f"{kind} steps, side by side", [""] + labels, rows))
     return out
 

@@ -14,15 +14,16 @@ def parser() -> argparse.ArgumentParser:
         prog="epkit profile", description="Sum torch-profiler chrome traces of vLLM or `epkit serve` "
         "(--profiler-config, POST /start_profile, /stop_profile) by engine step kind (prefill / mixed / decode, from "
         "vLLM's execute_context_N(T)_generation_M(T) step annotations): wall, GPU busy (union of the kernels the "
-        "step launched) and host ms per step, GPU ms per kernel category and the top kernels (a CPU trace: the top "
-        "cpu ops by self time). Several traces: side-by-side tables per step kind (docs/analysis.md).")
+        "step launched) and host ms per step, GPU ms per kernel category and the top kernels; the host view: the top "
+        "cpu ops by self time, CUDA runtime/driver calls (host sync ms, launches per step) and python/other host "
+        "time outside every recorded op. Several traces: side-by-side tables per step kind (docs/analysis.md).")
     p.add_argument("traces", nargs="+", metavar="TRACE_OR_DIR",
                    help="a trace file (*.json, *.json.gz) or a folder: every *.json / *.json.gz in it")
     p.add_argument("--markdown", default=None, metavar="OUT.md", help="also write the tables as markdown")
     p.add_argument("--json", default=None, metavar="OUT.json", help="also write the summaries as JSON "
                    "('-': JSON on stdout instead of the tables)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="kernels (cpu ops) listed per step kind "
-                   "(default 10)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="kernels, cpu ops and runtime calls listed "
+                   "per step kind (default 10)")
     return p
 
 

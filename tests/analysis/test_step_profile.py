@@ -66,8 +66,14 @@ def test_real_cpu_trace(cpu_traces):
             assert ops["aten::mm"]["calls_per_step"] == 1
             # self time: aten::matmul only wraps aten::mm, so its self time is below mm's
             assert ops["aten::mm"]["self_ms_per_step"] > ops["aten::matmul"]["self_ms_per_step"] >= 0
+            # host view: no runtime calls on a CPU trace; wall = inside top-level ops + python/other
+            assert kind["cpu_op_ms_per_step"] > 0 and kind["python_other_ms_per_step"] >= 0
+            assert kind["cpu_op_ms_per_step"] + kind["python_other_ms_per_step"] == pytest.approx(
+                kind["wall_ms_per_step"])
+            assert "runtime_calls" not in kind and "host_sync_ms_per_step" not in kind
     text = P.to_text([P.summarize(cpu_traces["json"])])
     assert "top cpu ops by self time, prefill steps" in text and "aten::mm" in text
+    assert "python/other host ms/step" in text and "CUDA runtime/driver calls" not in text
 
 
 # ---- a hand-written chrome trace: the GPU side -------------------------------------------------------------
@@ -86,7 +92,11 @@ def _kernel(name, ts, dur, corr, stream=7, cat="kernel"):
 
 
 def gpu_trace_doc(with_steps: bool = True) -> dict:
-    """Three steps on one thread (µs): prefill [0, 100], decode [200, 250] (a CUDA graph), mixed [300, 400]."""
+    """Three steps on one thread (µs): prefill [0, 100], decode [200, 250] (a CUDA graph), mixed [300, 400]. Host
+    side: in the prefill step aten::linear [5, 35] holds aten::mm [8, 25] (which holds two launches) and a pinned
+    HtoD copy; aten::item [60, 80] holds _local_scalar_dense [61, 79] which holds a cudaStreamSynchronize [65, 77];
+    a launch at [90, 92] lies in no op. The mixed step copies DtoH into pageable memory [340, 350] (a blocking
+    copy) and its first launch holds a driver call of its own (not counted twice)."""
     steps = [_x("user_annotation", "execute_context_2(1000)_generation_0(0)", 0, 100),
              _x("user_annotation", "execute_context_0(0)_generation_4(4)", 200, 50),
              _x("user_annotation", "execute_1004_context_1(sq1000sk1000sqsq1000000sqsk1000000)_generation_4(sq4sk400"
@@ -101,7 +111,12 @@ def gpu_trace_doc(with_steps: bool = True) -> dict:
                 _x("cuda_runtime", "cudaLaunchKernel", 310, 2, corr=20), _x("cuda_driver", "cuLaunchKernel", 320, 2,
                                                                             corr=21),
                 _x("cuda_runtime", "cudaLaunchKernel", 150, 2, corr=30),  # between steps
-                _x("cuda_runtime", "cudaLaunchKernel", 50, 2, tid=2, corr=40)]  # another thread, inside S1's time
+                _x("cuda_runtime", "cudaLaunchKernel", 50, 2, tid=2, corr=40),  # another thread, inside S1's time
+                _x("cuda_runtime", "cudaStreamSynchronize", 65, 12), _x("cuda_driver", "cuLaunchKernel", 310.5, 1),
+                _x("cuda_runtime", "cudaMemcpyAsync", 340, 10, corr=22)]
+    ops = [_x("cpu_op", "aten::linear", 5, 30), _x("cpu_op", "aten::mm", 8, 17), _x("cpu_op", "aten::item", 60, 20),
+           _x("cpu_op", "aten::_local_scalar_dense", 61, 18),
+           _x("cpu_op", "aten::copy_", 40, 20, tid=2)]  # another thread: no step's
     kernels = [
         # prefill: attention [15, 45] and a GEMM [40, 60] on two streams overlap by 5; a copy [60, 65]; a MoE GEMM
         # launched at 90 that runs [205, 245], after the step's CPU range ended and inside the decode step's
@@ -116,10 +131,11 @@ def gpu_trace_doc(with_steps: bool = True) -> dict:
         # mixed: an all-gather [310, 330] with a fused pointwise kernel [315, 325] inside it on another stream
         _kernel("ncclDevKernel_AllGather_RING_LL(ncclDevComm*, unsigned long, ncclWork*)", 310, 20, 20),
         _kernel("triton_poi_fused_add_0", 315, 10, 21, stream=8),
+        _kernel("Memcpy DtoH (Device -> Pageable)", 345, 2, 22, cat="gpu_memcpy"),
         _kernel("some_kernel", 150, 5, 30), _kernel("another_kernel", 55, 3, 40)]
     meta = [{"ph": "M", "name": "process_name", "pid": CPU, "tid": 0, "args": {"name": "python"}},
             {"ph": "s", "id": 1, "pid": CPU, "tid": 1, "ts": 10, "cat": "ac2g", "name": "ac2g"}]
-    return {"schemaVersion": 1, "traceEvents": meta + (steps if with_steps else steps[3:]) + launches + kernels}
+    return {"schemaVersion": 1, "traceEvents": meta + (steps if with_steps else steps[3:]) + launches + ops + kernels}
 
 
 @pytest.fixture
@@ -152,9 +168,59 @@ def test_gpu_trace_exact(gpu_trace):
     assert mixed["ctx_tokens_per_step"] == 1000 and mixed["gen_tokens_per_step"] == 4
     assert mixed["category_ms_per_step"]["communication"] == approx(0.020)
     assert mixed["category_ms_per_step"]["norm_act"] == approx(0.010)
-    assert mixed["gpu_busy_ms_per_step"] == approx(0.020) and mixed["gpu_ms_per_1k_ctx_tokens"] == approx(0.020)
+    assert mixed["category_ms_per_step"]["memcpy"] == approx(0.002)
+    assert mixed["gpu_busy_ms_per_step"] == approx(0.022) and mixed["gpu_ms_per_1k_ctx_tokens"] == approx(0.022)
     # launched between steps and from another thread: no step's
     assert s["unattributed_gpu_events"] == 2 and s["unattributed_gpu_ms"] == approx(0.008)
+
+
+def _r(*values) -> tuple:
+    return tuple(round(v, 9) for v in values)
+
+
+def test_gpu_trace_host_view(gpu_trace):
+    """Exact host numbers of the hand-written trace (see gpu_trace_doc's docstring for the events)."""
+    kinds = P.summarize(gpu_trace, top=10)["kinds"]
+    pre, mixed, dec = kinds["prefill"], kinds["mixed"], kinds["decode"]
+    approx = pytest.approx
+    assert {o["name"]: _r(o["self_ms_per_step"], o["calls_per_step"]) for o in pre["top_cpu_ops"]} == {
+        "aten::_local_scalar_dense": (0.018, 1), "aten::mm": (0.017, 1), "aten::linear": (0.013, 1),
+        "aten::item": (0.002, 1)}
+    assert [o["name"] for o in pre["top_cpu_ops"]][:2] == ["aten::_local_scalar_dense", "aten::mm"]
+    assert {r["name"]: _r(r["ms_per_step"], r["calls_per_step"], r["sync_ms_per_step"]) for r in pre["runtime_calls"]} \
+        == {"cudaStreamSynchronize": (0.012, 1, 0.012), "cudaLaunchKernel": (0.006, 3, 0),
+            "cudaMemcpyAsync": (0.002, 1, 0)}  # the pinned HtoD copy does not block
+    # wall 100 µs = top-level ops [5, 35] + [60, 80] (50) + the launch outside ops (2) + python/other (48)
+    assert (pre["cpu_op_ms_per_step"], pre["runtime_outside_ops_ms_per_step"], pre["python_other_ms_per_step"]) \
+        == approx((0.050, 0.002, 0.048))
+    assert (pre["host_sync_ms_per_step"], pre["launches_per_step"], pre["graph_launches_per_step"]) == \
+        approx((0.012, 3, 0))
+    # decode: one graph launch [210, 215], no op
+    assert (dec["launches_per_step"], dec["graph_launches_per_step"], dec["host_sync_ms_per_step"]) == (0, 1, 0)
+    assert (dec["runtime_outside_ops_ms_per_step"], dec["python_other_ms_per_step"]) == approx((0.005, 0.045))
+    assert dec["top_cpu_ops"] == []
+    # mixed: the pageable DtoH copy blocks; the driver call inside the first cudaLaunchKernel is not counted again
+    assert {r["name"]: _r(r["ms_per_step"], r["calls_per_step"], r["sync_ms_per_step"])
+            for r in mixed["runtime_calls"]} == {"cudaMemcpyAsync": (0.010, 1, 0.010),
+                                                 "cudaLaunchKernel": (0.002, 1, 0), "cuLaunchKernel": (0.002, 1, 0)}
+    assert (mixed["host_sync_ms_per_step"], mixed["launches_per_step"]) == approx((0.010, 2))
+    assert (mixed["cpu_op_ms_per_step"], mixed["runtime_outside_ops_ms_per_step"],
+            mixed["python_other_ms_per_step"]) == approx((0, 0.014, 0.086))
+    text = P.to_text([P.summarize(gpu_trace)])
+    for title in ("after.json: top cpu ops by self time, prefill steps", "after.json: CUDA runtime/driver calls, "
+                  "mixed steps"):
+        assert title in text
+
+
+@pytest.mark.parametrize("name, copy, blocks", [
+    ("cudaStreamSynchronize", None, True), ("cudaDeviceSynchronize", None, True), ("cudaEventSynchronize", None, True),
+    ("cuStreamSynchronize", None, True), ("cuCtxSynchronize", None, True), ("cudaMemcpy", None, True),
+    ("cuMemcpyDtoH_v2", None, True), ("cudaMemcpyAsync", "Memcpy DtoH (Device -> Pageable)", True),
+    ("cudaMemcpyAsync", "Memcpy DtoH (Device -> Pinned)", False), ("cudaMemcpyAsync", None, False),
+    ("cudaLaunchKernel", None, False), ("cudaStreamWaitEvent", None, False), ("cudaEventQuery", None, False),
+])
+def test_blocks_host(name, copy, blocks):
+    assert P.blocks_host(name, copy) is blocks
 
 
 @pytest.mark.parametrize("name, category", [
@@ -195,6 +261,9 @@ def test_cli_side_by_side(cpu_traces, gpu_trace, tmp_path):
     prefill = text.split("**prefill steps, side by side**")[1].split("**")[0]
     assert "| GPU busy ms/step | - | - | 0.090 |" in prefill and "| attention GPU ms/step | - | - | 0.030 |" in prefill
     assert "| steps | 2 | 2 | 1 |" in prefill
+    assert "| host sync ms/step | - | - | 0.012 |" in prefill and "| launches/step | - | - | 3 |" in prefill
+    assert "| aten::_local_scalar_dense self ms/step | - | - | 0.018 |" in prefill
+    assert "| python/other host ms/step |" in prefill
     doc = json.loads(js.read_text())
     assert [t["trace"] for t in doc["traces"]] == ["before.json", cpu_traces["gz"].name, "after.json"]
     assert doc["traces"][2]["kinds"]["decode"]["graph_step_share"] == 1
