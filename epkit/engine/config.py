@@ -73,7 +73,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.92  # vLLM's default since 0.2x (0.92 in 0.26 and 0.32)
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     data_parallel_size_local: int | None = None

@@ -192,17 +192,22 @@ class Weights:
 
     def build_experts(self, i: int, logical_ids: list[int]) -> LocalExperts:
         """Layer ``i``'s routed experts for the given logical ids, in that (slot) order."""
-        w13, w2 = [], []
-        shards = self.shards
-        for e in logical_ids:
-            a, b = self._mlp(("expert", i, e), f"model.layers.{i}.mlp.experts.{e}.", self.cfg.moe_intermediate_size)
-            if shards is not None and self.device.type != "cpu":  # a GPU holds one expert whole at a time at most
+        shards, prefix, inter = self.shards, f"model.layers.{i}.mlp.experts.", self.cfg.moe_intermediate_size
+        if shards is not None and self.device.type == "cpu":  # sliced after the whole columns' fixed point is taken
+            pairs = [self._mlp(("expert", i, e), f"{prefix}{e}.", inter) for e in logical_ids]
+            return SlicedExperts.of(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), shards)
+        w13 = w2 = None
+        for j, e in enumerate(logical_ids):
+            a, b = self._mlp(("expert", i, e), f"{prefix}{e}.", inter)
+            if shards is not None:  # a GPU holds one expert whole at a time at most
                 a, b = shards.w13(a), shards.w2(b)
-            w13.append(a)
-            w2.append(b)
-        if shards is not None:  # on CPU sliced there, after the whole columns' fixed point is taken
-            return SlicedExperts.of(torch.stack(w13), torch.stack(w2), shards)
-        return LocalExperts(torch.stack(w13), torch.stack(w2))
+            if w13 is None:  # the layer's tensors first, each expert copied in: no list of them and no stack to
+                # leave the allocator with freed blocks between the weights
+                w13 = torch.empty((len(logical_ids), *a.shape), dtype=a.dtype, device=a.device)
+                w2 = torch.empty((len(logical_ids), *b.shape), dtype=b.dtype, device=b.device)
+            w13[j].copy_(a)
+            w2[j].copy_(b)
+        return LocalExperts(w13, w2)
 
 
 def model_config_of(cfg) -> tuple[dict[str, Any], Path | None]:

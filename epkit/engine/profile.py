@@ -6,7 +6,11 @@ for it, then the logits of each dummy sequence's last row; then, as vLLM's ``_du
 a top-k + top-p draw of ``max_num_seqs`` rows (the sampling step of a full decode batch). The peak memory above the
 baseline is what a step may need on top of the weights; the KV budget is
 
-    total * gpu_memory_utilization - (total - free after the profile) - peak - CUDA-graph reserve - margin
+    total * gpu_memory_utilization - in use - peak - CUDA-graph reserve - margin
+
+where "in use" is, as vLLM counts it, the live tensors after the profile (weights, buffers) plus the memory outside
+torch's allocator taken since the runner started (the CUDA context and NCCL before it are not charged, nor blocks
+torch's allocator keeps cached),
 
 where the CUDA-graph reserve covers the graphs captured after the KV cache (their private pool, up to
 ``MAX_GRAPH_TOKENS`` rows: the forward's peak scaled to that many rows, times 2) and the margin covers allocator
@@ -63,13 +67,12 @@ def graph_reserve(forward_peak: int, tokens: int, graphs: bool) -> int:
     return int(forward_peak * min(1.0, MAX_GRAPH_TOKENS / tokens) * GRAPH_RESERVE_FACTOR)
 
 
-def kv_budget(total: int, free: int, util: float, peak: int | None, tokens: int, graphs: bool = True,
+def kv_budget(total: int, used: int, util: float, peak: int | None, tokens: int, graphs: bool = True,
               forward_peak: int | None = None) -> int:
-    """Bytes for the KV cache on a GPU of ``total`` bytes with ``free`` free (after the profile run).
+    """Bytes for the KV cache on a GPU of ``total`` bytes with ``used`` bytes in use (after the profile run).
 
     ``peak`` is the profiled step's peak (None: the profile did not run, the fixed reserve applies);
     ``forward_peak`` (default ``peak``) sizes the CUDA-graph reserve, ``graphs`` says whether graphs are captured."""
-    used = total - free
     if peak is None:
         return int(total * util) - used - GPU_ACTIVATION_RESERVE_BYTES
     reserve = graph_reserve(peak if forward_peak is None else forward_peak, tokens, graphs)

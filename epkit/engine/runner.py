@@ -147,6 +147,9 @@ class ModelRunner:
         experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
         weights_dir, self.weights_from = weight_source(cfg, model_dir)
         shards = expert_shards(cfg.data_parallel_size, cfg.enable_expert_parallel, dp_rank, self.mcfg.moe_intermediate_size)
+        # GPU memory in use before the weights (CUDA context, NCCL): not charged to the KV budget, as in vLLM
+        self._used_at_start = (lambda free, total: total - free)(*torch.cuda.mem_get_info(device)) \
+            if device.type == "cuda" else 0
         weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, weights_dir, experts_of_layer, shards)
         static_map = StaticExpertMap(self.placement, device)
         for layer in weights.layers:
@@ -230,21 +233,27 @@ class ModelRunner:
                             self.comm.rank, why, GPU_ACTIVATION_RESERVE_BYTES / 2**30)
             torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
+        allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        non_torch = max(0, total - free - reserved - self._used_at_start)
+        used = allocated + non_torch  # as vLLM: live tensors + memory others took since start, not the allocator's cache
         util, gib = self.cfg.gpu_memory_utilization, 2**30
         if profile is None:
-            budget = kv_budget(total, free, util, None, 0)
+            budget = kv_budget(total, used, util, None, 0)
             reserves = f"fixed activation reserve {GPU_ACTIVATION_RESERVE_BYTES / gib:.2f} GiB ({why})"
         else:
             graphs = graph_mode(self)[0] == "cuda"
-            budget = kv_budget(total, free, util, profile.peak, profile.tokens, graphs, profile.forward_peak)
+            budget = kv_budget(total, used, util, profile.peak, profile.tokens, graphs, profile.forward_peak)
             reserves = (f"profiled step of {profile.tokens} tokens ({profile.seqs} seqs): activation peak "
                         f"{profile.peak / gib:.2f} GiB (forward {profile.forward_peak / gib:.2f}, sampler "
                         f"{profile.sampler_peak / gib:.2f}), CUDA-graph reserve "
                         f"{graph_reserve(profile.forward_peak, profile.tokens, graphs) / gib:.2f} GiB, "
                         f"margin {KV_MARGIN_BYTES / gib:.2f} GiB")
-        log.info("DP rank %d: KV cache sizing: %.2f GiB total x %.2f, %.2f GiB in use; %s. "
-                 "Available KV cache memory: %.2f GiB; GPU KV cache size: %d tokens", self.comm.rank, total / gib, util,
-                 (total - free) / gib, reserves, budget / gib, max(budget // block_bytes - 1, 0) * self.block_size)
+        log.info("DP rank %d: KV cache sizing: %.2f GiB total x %.2f; %.2f GiB in use = %.2f GiB of tensors (weights, "
+                 "buffers) + %.2f GiB non-torch since start (not counted: %.2f GiB in use at start, %.2f GiB cached by "
+                 "the allocator); %s. Available KV cache memory: %.2f GiB; GPU KV cache size: %d tokens", self.comm.rank,
+                 total / gib, util, used / gib, allocated / gib, non_torch / gib, self._used_at_start / gib,
+                 (reserved - allocated) / gib, reserves, budget / gib,
+                 max(budget // block_bytes - 1, 0) * self.block_size)
         return budget
 
     # ---- one step ---------------------------------------------------------------------

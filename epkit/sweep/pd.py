@@ -117,7 +117,7 @@ def split(base: Topology, options: Mapping[str, Any]):
     if share:
         fields = base.to_dict()
         fields.update(data_parallel_rpc_port=None, master_port=None,
-                      gpu_memory_utilization=round((base.gpu_memory_utilization or 0.9) / (p + d), 4))
+                      gpu_memory_utilization=round((base.gpu_memory_utilization or 0.92) / (p + d), 4))
     else:
         fields = _instance_fields(base, pd_name(pd), p + d)
     # no kv_transfer_config: the seed's NixlConnector with kv_both, and no kv_buffer_device (vLLM 0.32.0 takes the

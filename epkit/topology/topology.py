@@ -124,7 +124,7 @@ class Topology:
     gloo_socket_ifname: str | None = None
     nccl_socket_ifname: str | None = None
     max_model_len: int | None = None  # --max-model-len; None: the model's (what the memory plan assumes too)
-    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization; None: vLLM's 0.9
+    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization; None: vLLM's default (0.92 in 0.26 and 0.32)
     engine: str = "vllm"
     vllm_version: str = vllm_versions.DEFAULT_VLLM_VERSION
     allow_replaced_backend: bool = False

@@ -123,16 +123,16 @@ def test_dummy_lengths_and_graph_reserve():
 def test_kv_budget_arithmetic():
     from epkit.engine.profile import GPU_ACTIVATION_RESERVE_BYTES, KV_MARGIN_BYTES, kv_budget
 
-    total, free = 80 * GiB, 20 * GiB  # 60 GiB in use after the profile (weights)
+    total, used = 80 * GiB, 60 * GiB  # the second argument: bytes in use after the profile (weights)
     # 0.9 * 80 = 72 GiB; - 60 in use - 2 GiB peak - 2 GiB * 1024 / 8192 * 2 graphs - 0.5 GiB margin
-    assert kv_budget(total, free, 0.9, 2 * GiB, 8192) == int(72 * GiB) - 60 * GiB - 2 * GiB - GiB // 2 - KV_MARGIN_BYTES
-    assert kv_budget(total, free, 0.9, 2 * GiB, 8192) == int(9.0 * GiB)
-    assert kv_budget(total, free, 0.9, 2 * GiB, 8192, graphs=False) == int(9.5 * GiB)
+    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(72 * GiB) - 60 * GiB - 2 * GiB - GiB // 2 - KV_MARGIN_BYTES
+    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(9.0 * GiB)
+    assert kv_budget(total, used, 0.9, 2 * GiB, 8192, graphs=False) == int(9.5 * GiB)
     # the graph reserve follows the forward's peak, the activation reserve the larger (sampler) one
-    assert kv_budget(total, free, 0.9, 3 * GiB, 8192, forward_peak=GiB) == int(72 * GiB) - 63 * GiB - GiB // 4 - KV_MARGIN_BYTES
+    assert kv_budget(total, used, 0.9, 3 * GiB, 8192, forward_peak=GiB) == int(72 * GiB) - 63 * GiB - GiB // 4 - KV_MARGIN_BYTES
     # the fallback (profile off or failed): the fixed 6 GiB reserve, as before
     assert GPU_ACTIVATION_RESERVE_BYTES == 6 * GiB
-    assert kv_budget(total, free, 0.9, None, 8192) == int(72 * GiB) - 60 * GiB - 6 * GiB
+    assert kv_budget(total, used, 0.9, None, 8192) == int(72 * GiB) - 60 * GiB - 6 * GiB
 
 
 def test_kv_blocks_and_the_too_small_error():
@@ -141,7 +141,7 @@ def test_kv_blocks_and_the_too_small_error():
 
     block_bytes = 16 * 96 * 1024  # 16 tokens of 96 KiB (48 layers x 4 KV heads x 128 x K+V x bf16)
     assert kv_blocks(9 * GiB, block_bytes, 16, 10240) == 9 * GiB // block_bytes - 1  # one block: the scratch block
-    budget = kv_budget(80 * GiB, 9 * GiB, 0.9, GiB, 8192)  # 71 GiB in use: little left
+    budget = kv_budget(80 * GiB, 71 * GiB, 0.9, GiB, 8192)  # 71 GiB in use: little left
     assert budget < 0
     with pytest.raises(EngineError, match=r"KV cache budget of 0\.0 MiB holds 0 blocks of 16 tokens, fewer than one "
                                           r"sequence of max_model_len=10240 needs \(640\); raise --kv-cache-memory-bytes"):
@@ -157,9 +157,14 @@ def test_gpu_budget_profiles_logs_and_falls_back(monkeypatch, caplog):
     from epkit.engine import runner as runner_mod
     from epkit.engine.profile import StepProfile
 
-    runner = _runner(monkeypatch)
+    runner = _runner(monkeypatch, gpu_memory_utilization=0.9)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * GiB, 80 * GiB))
+    # 61 GiB in use on the device: 0.5 GiB before the runner started (CUDA context), 60.5 GiB reserved by torch's
+    # allocator of which 60 GiB are live tensors: only those 60 GiB count, as in vLLM
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (19 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 60 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: int(60.5 * GiB))
+    runner._used_at_start = GiB // 2
     monkeypatch.setattr(runner_mod, "graph_mode", lambda r: ("cuda", "CUDA graphs"))
     runs = []
 
@@ -171,6 +176,8 @@ def test_gpu_budget_profiles_logs_and_falls_back(monkeypatch, caplog):
     block_bytes = 16 * 96 * 1024
     caplog.set_level(logging.INFO, logger="epkit.engine")
     assert runner._gpu_budget(block_bytes) == 9 * GiB and runs == [runner]
+    assert ("60.00 GiB in use = 60.00 GiB of tensors (weights, buffers) + 0.00 GiB non-torch since start (not counted: "
+            "0.50 GiB in use at start, 0.50 GiB cached by the allocator)" in caplog.text)
     assert ("activation peak 2.00 GiB (forward 2.00, sampler 1.00), CUDA-graph reserve 0.50 GiB, margin 0.50 GiB. "
             f"Available KV cache memory: 9.00 GiB; GPU KV cache size: {(9 * GiB // block_bytes - 1) * 16} tokens"
             in caplog.text)

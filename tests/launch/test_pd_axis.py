@@ -201,4 +201,4 @@ def test_the_one_gpu_pd_launcher_expands():
         assert split.share_gpus and split.gpus == 1
         for _, topo in split.parts():
             args = list(topo.extra_args)
-            assert args[args.index("--kv-cache-memory-bytes") + 1] == "8000000000" and topo.gpu_memory_utilization == 0.45
+            assert args[args.index("--kv-cache-memory-bytes") + 1] == "8000000000" and topo.gpu_memory_utilization == 0.46
