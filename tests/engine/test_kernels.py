@@ -37,8 +37,14 @@ for heads, kvh, dim, bs, dtype in [(32, 4, 128, 16, torch.float32), (4, 2, 64, 1
     # a sequence sees only its own blocks: changing another table's blocks leaves it unchanged
     kc2 = kc.clone(); kc2[tables[0, 1:].repeat_interleave(bs) * bs + torch.arange(bs).repeat(W - 1)] = 1e3
     same = paged_decode_attention(q[:1], kc2, vc, tables[:1], ctx[:1], bs).float()
-    out.append(dict(case=[heads, kvh, dim, bs, str(dtype)], err=(got - want).abs().max().item(),
+    # flash-decoding: contexts cut into 2, 3 or 16 tile-aligned parts (the longest spans two tiles: some parts
+    # empty) merged by the second kernel; and the default split for 6 sequences on the interpreter's 16 "SMs"
+    split_err = max((paged_decode_attention(q, kc, vc, tables, ctx, bs, sp).float() - want).abs().max().item()
+                    for sp in (2, 3, 16))
+    out.append(dict(case=[heads, kvh, dim, bs, str(dtype)], err=(got - want).abs().max().item(), split_err=split_err,
                     scale=want.abs().max().item(), own_blocks_only=(same - got[:1]).abs().max().item()))
+from epkit.engine.kernels.attention import decode_splits
+splits = [decode_splits(b, 4, torch.device("cpu")) for b in (1, 3, 4, 8, 16)]
 # fused RMSNorm and q/k-norm + RoPE against the PyTorch chains they replace
 from epkit.engine import kernels
 from epkit.engine.model import rope_cache, torch_norm_rope, torch_rms_norm, ModelConfig
@@ -92,7 +98,7 @@ for dtype, inter in [(torch.float32, 96), (torch.float16, 768)]:
                  kernels.silu_mul_enabled(h)))
 bad = unsupported_reason(torch.zeros(1, 4, 48), torch.zeros(16, 2, 48))
 enabled = decode_kernel_enabled(torch.zeros(1, 4, 64), torch.zeros(16, 2, 64), 16, torch_decode)
-print(json.dumps(dict(cases=out, bad=bad, enabled=enabled, fused=fused, routes=routes, moe_rows=moe_rows, silu=silu)))
+print(json.dumps(dict(cases=out, splits=splits, bad=bad, enabled=enabled, fused=fused, routes=routes, moe_rows=moe_rows, silu=silu)))
 """
 
 
@@ -106,9 +112,12 @@ def test_paged_decode_kernel_matches_pytorch():
     for case in result["cases"]:
         tol = 1e-5 if case["case"][-1] == "torch.float32" else 2e-3
         assert case["err"] <= tol * max(1.0, case["scale"]), case
+        assert case["split_err"] <= tol * max(1.0, case["scale"]), case  # the same softmax, merged in parts
         # exact by construction: one program per (sequence, KV head), no tiling that depends on the batch, reads
         # only its own sequence's blocks
         assert case["own_blocks_only"] == 0.0, case
+    # 4 KV heads on 16 stand-in SMs: about two programs per SM, at most 16 parts, none once the batch fills them
+    assert result["splits"] == [8, 4, 1, 1, 1]
     assert result["bad"] == "head_dim=48 is not a power of two >= 16"
     assert result["enabled"] is True  # the start-up self-check passes, so the engine would use it
     for name, dim, dtype, err in result["fused"]:

@@ -6,12 +6,14 @@ context, no padding to a common length). One program per (sequence, KV head) han
 query heads of that GQA group together (so each K/V tile is read once), walks the context in
 tiles of ``BLOCK_N`` tokens with an online softmax in float32, and writes ``[B, heads, head_dim]``.
 The loop bound is each sequence's own context length, read on the device, so one launch serves
-any context and a CUDA graph can hold it. ``prefill_attention`` attends several sequences' new tokens
+any context and a CUDA graph can hold it. A small batch (fewer programs than SMs) cuts each context into up to 16
+tile-aligned splits run by programs of their own, merged by a second kernel (flash-decoding). ``prefill_attention`` attends several sequences' new tokens
 (whole prompts or chunked-prefill continuations) causally over their paged K/V, a GQA group's heads in one tile.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,19 +22,32 @@ from epkit.engine.config import env_value
 from epkit.engine.kernels.registry import fused_kernels_off, kernel_serves, mismatch, prefill_choice, tl, triton
 
 BLOCK_N = 64  # context tokens per tile
+# decode splits (flash-decoding): up to this many parts per context, aiming at this many programs per SM
+MAX_DECODE_SPLITS, DECODE_PROGRAMS_PER_SM = 16, 2
+CPU_SM_STAND_IN = 16  # what _sm_count says for the interpreter (tests)
 PREFILL_ROWS, PREFILL_BLOCK_N = 128, 64  # query rows (tokens x GQA group) and keys per tile of the prefill kernel
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["stride_tb"])  # eager steps' block tables change width: no recompiles
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tb,
                              stride_ob, stride_oh, scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr):
+        # Program (b, kvh, s): split s of sequence b's context for KV head kvh's GQA group. SPLITS == 1: the whole
+        # context, the normalised output stored; else a tile-aligned 1/SPLITS of it, its running max, denominator
+        # and unnormalised sum stored for _decode_combine_kernel (an empty split stores -inf, 0, 0).
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         ctx = tl.load(ctx_ptr + b)
+        if SPLITS == 1:
+            lo = 0
+            hi = ctx
+        else:
+            chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), TILE) * TILE
+            lo = tl.program_id(2) * chunk
+            hi = tl.minimum(ctx, lo + chunk)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kvh * GROUP + g
@@ -41,9 +56,9 @@ if triton is not None:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         den = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for start in range(0, ctx, TILE):
+        for start in range(lo, hi, TILE):
             pos = start + tl.arange(0, TILE)
-            pmask = pos < ctx
+            pmask = pos < hi
             block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=pmask, other=0)
             slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
             k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=pmask[:, None], other=0.0)
@@ -56,9 +71,39 @@ if triton is not None:
             v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=pmask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if SPLITS == 1:
+            out = acc / den[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        else:
+            part = (b * tl.num_programs(1) + kvh) * SPLITS + tl.program_id(2)
+            tl.store(part_m_ptr + part * GROUP_PAD + g, m)
+            tl.store(part_l_ptr + part * GROUP_PAD + g, den)
+            tl.store(part_acc_ptr + (part * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :], acc)
+
+    @triton.jit
+    def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, stride_ob, stride_oh,
+                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               SPLITS: tl.constexpr):
+        # Program (b, kvh): the splits' partial softmaxes of one GQA group merged in split order (log-sum-exp).
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        base = (b * tl.num_programs(1) + kvh) * SPLITS
+        top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for s in tl.static_range(SPLITS):
+            top = tl.maximum(top, tl.load(part_m_ptr + (base + s) * GROUP_PAD + g))
+        den = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for s in tl.static_range(SPLITS):
+            w = tl.exp(tl.load(part_m_ptr + (base + s) * GROUP_PAD + g) - top)  # an empty split: exp(-inf) = 0
+            den += tl.load(part_l_ptr + (base + s) * GROUP_PAD + g) * w
+            acc += tl.load(part_acc_ptr + ((base + s) * GROUP_PAD + g[:, None]) * HEAD_DIM + d[None, :]) * w[:, None]
+        heads = kvh * GROUP + g
         out = acc / den[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
+                 mask=(g < GROUP)[:, None])
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -138,22 +183,55 @@ def unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     return None
 
 
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Context splits per (sequence, KV head) for a decode batch: 1 when ``batch * kv_heads`` programs fill the GPU's
+    SMs, else the smallest power of two (at most ``MAX_DECODE_SPLITS``) giving about two programs per SM. A function of
+    the batch size only, so a CUDA graph captured for a size keeps its split for any context."""
+    programs, sms = batch * kv_heads, _sm_count(device)
+    splits = 1
+    while programs * splits < DECODE_PROGRAMS_PER_SM * sms and splits < MAX_DECODE_SPLITS and programs < sms:
+        splits *= 2
+    return splits
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SM_STAND_IN  # Triton's interpreter: splits are exercised as on a GPU of this many SMs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           ctx_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+                           ctx_lens: torch.Tensor, block_size: int, splits: int | None = None) -> torch.Tensor:
     """``q`` ``[B, heads, head_dim]``; caches ``[slots, kv_heads, head_dim]``; ``tables`` ``[B, W]`` block ids;
-    ``ctx_lens`` ``[B]`` tokens to attend to (>= 1). Returns ``[B, heads, head_dim]`` in ``q``'s dtype."""
+    ``ctx_lens`` ``[B]`` tokens to attend to (>= 1). Returns ``[B, heads, head_dim]`` in ``q``'s dtype.
+    ``splits`` (default :func:`decode_splits`): with more than 1, each context is cut into that many tile-aligned
+    parts run by programs of their own and merged by a second kernel (flash-decoding), so a few sequences still
+    occupy every SM."""
     B, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     if B == 0:
         return out
-    _paged_decode_kernel[(B, kv_heads)](
-        q, k_cache, v_cache, tables, ctx_lens, out,
+    splits = splits or decode_splits(B, kv_heads, q.device)
+    pad = max(16, triton.next_power_of_2(group))
+    consts = dict(GROUP=group, GROUP_PAD=pad, HEAD_DIM=dim)
+    if splits > 1:
+        part_m = torch.empty((B * kv_heads * splits, pad), device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((B * kv_heads * splits, pad, dim), device=q.device, dtype=torch.float32)
+    else:
+        part_m = part_l = part_acc = out  # not read
+    _paged_decode_kernel[(B, kv_heads, splits)](
+        q, k_cache, v_cache, tables, ctx_lens, out, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         tables.stride(0), out.stride(0), out.stride(1), dim ** -0.5,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE=BLOCK_N,
+        BLOCK_SIZE=block_size, TILE=BLOCK_N, SPLITS=splits, **consts,
     )
+    if splits > 1:
+        _decode_combine_kernel[(B, kv_heads)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1),
+                                              SPLITS=splits, **consts)
     return out
 
 
@@ -225,18 +303,20 @@ def decode_kernel_enabled(q: torch.Tensor, k_cache: torch.Tensor, block_size: in
 def _decode_self_check(q: torch.Tensor, k_cache: torch.Tensor, block_size: int, reference) -> str | None:
     gen = torch.Generator(device=q.device).manual_seed(0)
     heads, dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[1]
-    blocks, B = 12, 3
+    blocks, B, W = 40, 3, 12
     shape = (blocks * block_size, kv_heads, dim)
     kc = torch.randn(shape, generator=gen, device=q.device, dtype=torch.float32).to(q.dtype)
     vc = torch.randn(shape, generator=gen, device=q.device, dtype=torch.float32).to(q.dtype)
     qq = torch.randn((B, heads, dim), generator=gen, device=q.device, dtype=torch.float32).to(q.dtype)
-    tables = torch.tensor([[7, 2, 9, 0], [1, 0, 0, 0], [11, 4, 3, 5]], device=q.device)
-    ctx = torch.tensor([3 * block_size - 5, 1, 4 * block_size], device=q.device)
-    got = paged_decode_attention(qq, kc, vc, tables, ctx, block_size).float()
+    tables = torch.randperm(blocks, generator=torch.Generator().manual_seed(1))[: B * W].view(B, W).to(q.device)
+    ctx = torch.tensor([3 * block_size - 5, 1, W * block_size], device=q.device)
     want = reference(qq, kc, vc, tables, ctx, block_size).float()
-    err = (got - want).abs().max().item()
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
-    return None if err <= tol else f"self-check max error {err:.3g} > {tol}"
+    for splits in (1, 4):  # one program per context, and contexts cut in parts (some of them empty) merged
+        err = (paged_decode_attention(qq, kc, vc, tables, ctx, block_size, splits).float() - want).abs().max().item()
+        if err > tol:
+            return f"self-check ({splits} split{'s' if splits > 1 else ''}) max error {err:.3g} > {tol}"
+    return None
 
 
 def write_kv_enabled(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
