@@ -28,5 +28,15 @@ PYTHONPATH=$site:$PWD timeout -s INT -k 45 "$secs" python3 -m epkit.cli sweep "$
 echo "sweep exit $?"
 tail -60 "/tmp/$name.log"
 cp "/tmp/$name.log" "$OUT/" 2>/dev/null
-tar -czf "$OUT/$name.tgz" -C "$results" . 2>/dev/null
+# torch-profiler traces of a workload with profile: true (the spec's --profiler-config dir, /tmp/prof): too large to
+# come back, so summed here by `epkit profile`; each file named after the engine that wrote it
+if compgen -G "/tmp/prof/*.pt.trace.json*" > /dev/null; then
+  for f in /tmp/prof/*.pt.trace.json*; do
+    case $(basename "$f") in epkit_*|vllm_*) ;; *) mv "$f" "/tmp/prof/vllm_$(basename "$f")" ;; esac  # the engine's: epkit_dp*
+  done
+  PYTHONPATH=$site:$PWD python3 -m epkit.cli profile /tmp/prof --markdown "$OUT/$name-profile.md" \
+      --json "$OUT/$name-profile.json" > "$OUT/$name-profile.txt" 2>&1; echo "epkit profile exit $?"
+  grep -A14 "side by side" "$OUT/$name-profile.txt" | head -60
+fi
+tar -czf "$OUT/$name.tgz" --exclude="*.pt.trace.json*" -C "$results" . 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader

@@ -31,7 +31,7 @@ def cells(folder: Path, engine_folder: Path | None) -> list[dict]:
     vllm, ours = vllm.set_index("workload_id"), ours.set_index("workload_id")
     rows = []
     for w in vllm.index:
-        if w.startswith("warmup"):
+        if w.startswith("warmup") or "profile" in w:  # the warm-up, and a run under the profiler: not cells
             continue
         v = vllm.loc[w]
         e = ours.loc[w] if w in ours.index else None

@@ -3,7 +3,7 @@
 ``epkit serve ... --profiler-config '{"profiler": "torch", "torch_profiler_dir": "/abs/dir"}'`` adds vLLM's
 ``POST /start_profile`` and ``POST /stop_profile`` routes (``vllm bench serve --profile`` and ``epkit bench
 --profile`` call them around a run). Between the two every DP rank records its steps with ``torch.profiler`` and
-writes ``<dir>/<prefix>dp<rank>_<time>.pt.trace.json[.gz]`` (a chrome trace) and ``profiler_out_<rank>.txt`` (the
+writes ``<dir>/<prefix>epkit_dp<rank>_<time>.pt.trace.json[.gz]`` (a chrome trace) and ``profiler_out_<rank>.txt`` (the
 op table) when profiling stops. Each step is one ``record_function`` range named as vLLM's worker names it,
 ``execute_context_<prefilling requests>(<their tokens>)_generation_<decoding requests>(<their tokens>)``, so one
 reader (``epkit profile``) sums the traces of both engines by step kind. ``delay_iterations`` skips that many steps
@@ -162,7 +162,7 @@ class StepProfiler:
         os.makedirs(self.cfg["torch_profiler_dir"], exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         suffix = ".pt.trace.json.gz" if self.cfg["torch_profiler_use_gzip"] else ".pt.trace.json"
-        path = os.path.join(self.cfg["torch_profiler_dir"], f"{self.prefix}dp{self.rank}_{stamp}{suffix}")
+        path = os.path.join(self.cfg["torch_profiler_dir"], f"{self.prefix}epkit_dp{self.rank}_{stamp}{suffix}")
         started = time.perf_counter()
         prof.export_chrome_trace(path)
         sort = "self_cuda_time_total" if self.device_type == "cuda" and self.cfg["torch_profiler_dump_cuda_time_total"] \

@@ -35,7 +35,7 @@ def test_bench_profile_writes_one_trace_whose_steps_add_up_to_the_prompts_and_ou
     result = bench.run(d.url, "epkit-tiny-moe", workload, request_rate=40.0, num_warmups=2, progress=False,
                        profile=True)
     assert result["completed"] == 8
-    traces = sorted(out.glob("dp0_*.pt.trace.json.gz"))
+    traces = sorted(out.glob("epkit_dp0_*.pt.trace.json.gz"))
     assert len(traces) == 1 and (out / "profiler_out_0.txt").read_text().strip()
     steps = steps_of(traces[0])
     # the profiler ran from after the warm-ups to after the last request: every measured prompt token was
@@ -52,7 +52,7 @@ def test_bench_profile_writes_one_trace_whose_steps_add_up_to_the_prompts_and_ou
     assert httpx.post(d.url + "/start_profile", json={"max_iterations": 3, "profile_prefix": "short_"},
                       timeout=30).status_code == 200
     d.complete([5, 6, 7], max_tokens=8)
-    short = sorted(out.glob("short_dp0_*.pt.trace.json*"))
+    short = sorted(out.glob("short_epkit_dp0_*.pt.trace.json*"))
     assert len(short) == 1 and len(steps_of(short[0])) == 3
 
 
