@@ -115,6 +115,14 @@ def step_inputs(batch: list[tuple[Sequence, int]], block_size: int, device: torc
             meta)
 
 
+def device_memory_in_use(device: torch.device) -> int:
+    """Bytes in use on ``device`` by anyone (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
 class ModelRunner:
     """Builds this rank's share of the model and runs one step for a scheduled batch."""
 
@@ -147,9 +155,7 @@ class ModelRunner:
         experts_of_layer = self.rebalancer.local_experts if self.rebalancer else None
         weights_dir, self.weights_from = weight_source(cfg, model_dir)
         shards = expert_shards(cfg.data_parallel_size, cfg.enable_expert_parallel, dp_rank, self.mcfg.moe_intermediate_size)
-        # GPU memory in use before the weights (CUDA context, NCCL): not charged to the KV budget, as in vLLM
-        self._used_at_start = (lambda free, total: total - free)(*torch.cuda.mem_get_info(device)) \
-            if device.type == "cuda" else 0
+        self._used_at_start = device_memory_in_use(device)  # CUDA context, NCCL: not charged to the KV cache (vLLM)
         weights = Weights(self.mcfg, self.placement, cfg.seed, device, self.dtype, weights_dir, experts_of_layer, shards)
         static_map = StaticExpertMap(self.placement, device)
         for layer in weights.layers:
