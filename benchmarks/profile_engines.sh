@@ -34,13 +34,15 @@ bench() {  # this checkout's client
 traces=()
 for item in "$@"; do
   label=${item%%=*} root=${item#*=}
-  dir=$out/$label; mkdir -p "$dir"
+  dir=$(realpath -m "$out/$label"); mkdir -p "$dir"
   prof="{\"profiler\":\"torch\",\"torch_profiler_dir\":\"$dir/trace\",\"torch_profiler_with_stack\":false,\"ignore_frontend\":true,\"delay_iterations\":${DELAY:-100},\"max_iterations\":${MAX:-400}}"
   flags=("$model" --port $port --max-model-len ${MAXLEN:-10240} --load-format dummy --profiler-config "$prof")
   if [ "$label" = vllm ]; then
     PYTHONPATH=$site ${PY:-python3} -m vllm.entrypoints.cli.main serve "${flags[@]}" > "$dir/server.log" 2>&1 &
   else
-    PYTHONPATH=$site:$(realpath "$root") ${PY:-python3} -m epkit.cli serve "${flags[@]}" > "$dir/server.log" 2>&1 &
+    # from inside ROOT: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
+    (cd "$root" && echo "serving epkit from $(PYTHONPATH=$site:$PWD ${PY:-python3} -c 'import epkit; print(epkit.__file__)')" \
+        && PYTHONPATH=$site:$PWD exec ${PY:-python3} -m epkit.cli serve "${flags[@]}") > "$dir/server.log" 2>&1 &
   fi
   pid=$!
   for _ in $(seq 420); do curl -sf localhost:$port/health > /dev/null && break; kill -0 $pid 2>/dev/null || break; sleep 1; done
