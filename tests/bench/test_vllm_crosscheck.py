@@ -235,3 +235,44 @@ def test_epkit_result_file_has_exactly_vllms_keys(runs):
     res = load_result(d / "epkit0.json")
     assert len(res.requests) == 40 and res.requests["success"].all()
     assert res.recompute(percentiles=(50, 90, 99))["median_ttft_ms"] == pytest.approx(epkit_doc["median_ttft_ms"])
+
+
+def test_vllm_bench_serve_profile_drives_the_engines_profiler(byte_tokenizer_dir, tmp_path):
+    """`vllm bench serve --profile` (vLLM's own client) against `epkit serve --profiler-config`: the client's
+    /start_profile and /stop_profile reach every rank, the trace is written, and `epkit profile` reads its steps,
+    named as vLLM's worker names them, back to the prompt tokens the client sent."""
+    from epkit.analysis.step_profile import summarize
+
+    epkit = str(Path(sys.executable).parent / "epkit")
+    if not Path(epkit).exists():
+        epkit = shutil.which("epkit")
+    port, prof = _free_port(), tmp_path / "prof"
+    config = json.dumps({"profiler": "torch", "torch_profiler_dir": str(prof), "torch_profiler_with_stack": False})
+    proc = subprocess.Popen([epkit, "serve", "epkit-tiny-moe", "--port", str(port), "--no-enable-prefix-caching",
+                             "--profiler-config", config], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, proc, 300)
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+        out = tmp_path / "vllm.json"
+        cmd = [str(VLLM), "bench", "serve", "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+               "--model", "epkit-tiny-moe", "--tokenizer", byte_tokenizer_dir, "--dataset-name", "random",
+               "--random-input-len", "32", "--random-output-len", "6", "--num-prompts", "6", "--ignore-eos",
+               "--seed", "0", "--profile", "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
+               "--result-filename", out.name, "--disable-tqdm"]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "Profiler started" in p.stdout and "Profiler stopped" in p.stdout, p.stdout[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    traces = sorted(prof.glob("epkit_dp0_*.pt.trace.json.gz"))
+    assert len(traces) == 1
+    kinds = summarize(traces[0])["kinds"]
+    result = json.loads(out.read_text())
+    # vLLM's client sends its own test prompt first (before /start_profile): the recorded steps hold exactly the
+    # measured prompts' tokens (and one decode token per request per step after its first)
+    ctx = sum(k["ctx_tokens_per_step"] * k["steps"] for k in kinds.values())
+    assert round(ctx) == sum(result["input_lens"])
+    gen = sum(k["gen_tokens_per_step"] * k["steps"] for k in kinds.values())
+    assert round(gen) == sum(n - 1 for n in result["output_lens"])
