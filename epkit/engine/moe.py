@@ -265,8 +265,7 @@ class LocalExperts:
         if local_share < 1.0 and rows * row_bytes > EXACT_ROWS_MIN_BYTES and x.device.type == "cuda" and \
                 not torch.cuda.is_current_stream_capturing():
             # EP, a large eager prefill: buffers of this rank's pairs only, for one host read per layer. Without EP
-            # every pair is this rank's: ``rows`` is exact and no read stalls the launches (a read per layer left
-            # the GPU idle ~40 % of a 1,300-token mixed step on 1x H100, epkit profile of class (b))
+            # every pair is this rank's: ``rows`` is exact already and no read is needed
             rows = int(counts.sum())
         if x.device.type == "cuda":
             block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
