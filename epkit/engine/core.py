@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from multiprocessing.connection import Connection, Listener, wait
 
@@ -375,11 +376,9 @@ class EngineCore:
             if not busy:
                 self._idle_period += 1
                 continue
-            if self.profiler is None:
+            with self.profiler.around(batch) if self.profiler is not None else nullcontext():
                 sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
-            else:
-                with self.profiler.around(batch):
-                    sampled = self.runner.execute(batch, counts, [(decode, ctx) for _, _, decode, ctx in info])
+            if self.profiler is not None:
                 self.profiler.after_step()
             self._send(self.scheduler.postprocess(batch, sampled, self.runner.step_logprobs, self.runner.step_prompt_logprobs))
             self.steps += 1

@@ -68,13 +68,17 @@ def check_profiler_config(value: dict) -> dict:
         raise EngineError(f"profiler_config.torch_profiler_activities={activities!r} must be a non-empty list without "
                           f"duplicates of {', '.join(ACTIVITIES)}")
     for key in ("delay_iterations", "max_iterations"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise EngineError(f"profiler_config.{key}={cfg[key]!r} must be an integer >= 0")
+        _check_count(f"profiler_config.{key}", cfg[key])
     for key in ("torch_profiler_with_stack", "torch_profiler_with_flops", "torch_profiler_use_gzip",
                 "torch_profiler_dump_cuda_time_total", "torch_profiler_record_shapes", "torch_profiler_with_memory"):
         if not isinstance(cfg[key], bool):
             raise EngineError(f"profiler_config.{key}={cfg[key]!r} must be true or false")
     return cfg
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EngineError(f"{name}={value!r} must be an integer >= 0")
 
 
 def step_annotation(batch) -> str:
@@ -106,9 +110,8 @@ class StepProfiler:
         if self.armed:
             return "already profiling"
         for key in ("delay_iterations", "max_iterations"):
-            if key in overrides and (isinstance(overrides[key], bool) or not isinstance(overrides[key], int)
-                                     or overrides[key] < 0):
-                raise EngineError(f"{key}={overrides[key]!r} must be an integer >= 0")
+            if key in overrides:
+                _check_count(key, overrides[key])
         self.delay = overrides.get("delay_iterations", self.cfg["delay_iterations"])
         self.max = overrides.get("max_iterations", self.cfg["max_iterations"])
         self.prefix = str(overrides.get("profile_prefix") or "")
