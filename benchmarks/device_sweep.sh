@@ -37,6 +37,9 @@ if compgen -G "/tmp/prof/*.pt.trace.json*" > /dev/null; then
   PYTHONPATH=$site:$PWD python3 -m epkit.cli profile /tmp/prof --markdown "$OUT/$name-profile.md" \
       --json "$OUT/$name-profile.json" > "$OUT/$name-profile.txt" 2>&1; echo "epkit profile exit $?"
   grep -A14 "side by side" "$OUT/$name-profile.txt" | head -60
+  # the traces that fit what comes back (16 MiB a file; at most 3, beside the 5 files below), for a closer look here
+  find /tmp/prof -name "*.pt.trace.json.gz" -size -15M -printf "%s %p\n" | sort -n | head -3 | cut -d' ' -f2 |
+    xargs -r cp -t "$OUT/"
 fi
 tar -czf "$OUT/$name.tgz" --exclude="*.pt.trace.json*" -C "$results" . 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader

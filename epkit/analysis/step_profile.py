@@ -13,7 +13,9 @@ step's range on the same thread — not to the step whose range it ran in: under
 kernels run while step N+1's range is open. Kernels replayed from a CUDA graph carry the correlation of their
 ``cudaGraphLaunch``. A step's **GPU busy** time is the union of its GPU events' intervals (overlapping streams
 count once); **host** time is wall minus GPU busy (what the GPU idled inside a step that synchronises at its end;
-negative where the GPU ran past the CPU range). Where that host time went — the top ``cpu_op`` names by self time,
+negative where the GPU ran past the CPU range), split by where in the range the GPU idled: before the step's first
+GPU event, in the gaps between its events (inside a CUDA graph: the per-kernel scheduling cost), after its last.
+Where that host time went — the top ``cpu_op`` names by self time,
 the CUDA runtime/driver calls (host sync, launches) and the time outside every recorded op — is
 :mod:`epkit.analysis.step_profile_host`'s (a CPU trace gets the cpu ops and python/other time only). Pure: reads
 trace files, returns plain dicts.
@@ -273,6 +275,7 @@ def _kind_summary(steps: list[Step], has_gpu: bool, top: int) -> dict:
         out.update(gpu_busy_ms_per_step=mean(busy), gpu_busy_ms_total=sum(busy),
                    host_ms_per_step=mean([w - b for w, b in zip(wall, busy)]),
                    gpu_idle_in_step_ms_per_step=mean([w - b for w, b in zip(wall, inside)]),
+                   **_idle_split(steps),
                    gpu_ms_per_1k_ctx_tokens=sum(busy) / ctx_tokens * 1e3 if ctx_tokens else None,
                    graph_step_share=mean([float(s.graph) for s in steps]),
                    category_ms_per_step={c: categories.get(c, 0.0) / 1e3 / n for c in CATEGORIES},
@@ -280,6 +283,28 @@ def _kind_summary(steps: list[Step], has_gpu: bool, top: int) -> dict:
                                            lambda k: {"category": kernel_category_of[k]}))
     out.update(kind_host_summary(steps, has_gpu, top))
     return out
+
+
+def _idle_split(steps: list[Step]) -> dict:
+    """Where a step's GPU idles, in ms per step: before its first GPU event starts (the host preparing and launching
+    it), in the gaps between its first and last events (launch gaps: inside a CUDA graph, the per-kernel scheduling
+    cost; in an eager step, the host keeping up), and after its last event ends until the step's range closes
+    (sampling on the host, output processing). Steps without GPU events count zero each; all clipped to the range."""
+    before, between, after, kernels = [], [], [], []
+    for s in steps:
+        spans = [(max(a, s.start_us), min(b, s.end_us)) for a, b, _, _ in s.gpu]
+        spans = [(a, b) for a, b in spans if b > a]
+        kernels.append(len(s.gpu))
+        if not spans:
+            before.append(0.0), between.append(0.0), after.append(0.0)
+            continue
+        first, last = min(a for a, _ in spans), max(b for _, b in spans)
+        before.append((first - s.start_us) / 1e3)
+        between.append((last - first - union_us(spans)) / 1e3)
+        after.append((s.end_us - last) / 1e3)
+    n = len(steps)
+    return {"gpu_idle_before_ms_per_step": sum(before) / n, "gpu_idle_between_ms_per_step": sum(between) / n,
+            "gpu_idle_after_ms_per_step": sum(after) / n, "gpu_events_per_step": sum(kernels) / n}
 
 
 def summarize(path: str | Path, top: int = 10, label: str | None = None) -> dict:
@@ -330,7 +355,10 @@ def summarize_all(paths: list[str | Path], top: int = 10, skipped: list[str] | N
 _HEADLINE = (("steps", "steps"), ("ctx tok/step", "ctx_tokens_per_step"), ("gen tok/step", "gen_tokens_per_step"),
              ("wall ms/step", "wall_ms_per_step"), ("GPU busy ms/step", "gpu_busy_ms_per_step"),
              ("host ms/step (wall - busy)", "host_ms_per_step"), ("GPU ms / 1k ctx tok", "gpu_ms_per_1k_ctx_tokens"),
-             ("CUDA-graph steps", "graph_step_share"))
+             ("CUDA-graph steps", "graph_step_share"), ("GPU events/step", "gpu_events_per_step"),
+             ("GPU idle before 1st event ms/step", "gpu_idle_before_ms_per_step"),
+             ("GPU idle between events ms/step", "gpu_idle_between_ms_per_step"),
+             ("GPU idle after last event ms/step", "gpu_idle_after_ms_per_step"))
 _PER_KIND = (("steps", "steps"), ("ctx req/step", "ctx_requests_per_step"), ("ctx tok/step", "ctx_tokens_per_step"),
              ("gen req/step", "gen_requests_per_step"), ("gen tok/step", "gen_tokens_per_step"),
              *_HEADLINE[3:])

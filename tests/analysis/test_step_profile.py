@@ -170,6 +170,11 @@ def test_gpu_trace_exact(gpu_trace):
     assert mixed["category_ms_per_step"]["norm_act"] == approx(0.010)
     assert mixed["category_ms_per_step"]["memcpy"] == approx(0.002)
     assert mixed["gpu_busy_ms_per_step"] == approx(0.022) and mixed["gpu_ms_per_1k_ctx_tokens"] == approx(0.022)
+    # where the GPU idled inside each range: before its first event, in the gaps, after its last (clipped to the range)
+    split = ("gpu_idle_before_ms_per_step", "gpu_idle_between_ms_per_step", "gpu_idle_after_ms_per_step")
+    assert [pre[k] for k in split] == approx([0.015, 0.0, 0.035]) and pre["gpu_events_per_step"] == 4
+    assert [dec[k] for k in split] == approx([0.015, 0.0, 0.0]) and dec["gpu_events_per_step"] == 4
+    assert [mixed[k] for k in split] == approx([0.010, 0.015, 0.053]) and mixed["gpu_events_per_step"] == 3
     # launched between steps and from another thread: no step's
     assert s["unattributed_gpu_events"] == 2 and s["unattributed_gpu_ms"] == approx(0.008)
 
