@@ -254,6 +254,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch_rms_norm(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + r, rms_norm(x + r))``: a block's output added to the residual stream, then the next norm - one fused
+    Triton launch where it passed its check (the sum bit for bit PyTorch's), else PyTorch's add and :func:`rms_norm`."""
+    if use_triton(x):
+        from epkit.engine import kernels
+
+        if kernels.add_rms_norm_enabled(x, r, torch_rms_norm):
+            return kernels.add_rms_norm(x, r, weight, eps)
+    s = x + r
+    return s, rms_norm(s, weight, eps)
+
+
 def torch_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> torch.Tensor:
     """Per-head RMSNorm (if ``weight``) then RoPE at ``positions`` (``cos``/``sin`` are the whole tables)."""
@@ -328,8 +340,12 @@ class MoEModel:
         cos, sin = (None, None) if fused else (self.cos[positions], self.sin[positions])
         if meta.paged is not None:  # how the multi-token sequences attend, decided once for every layer
             meta.planned(x.new_empty((0, cfg.num_heads, d)), kv_caches[0][0])
+        block_out = None  # the previous layer's MLP/MoE output: added to x by the next norm's launch
         for i, layer in enumerate(self.w.layers):
-            h = rms_norm(x, layer["input_norm"], cfg.rms_norm_eps)
+            if block_out is None:
+                h = rms_norm(x, layer["input_norm"], eps)
+            else:
+                x, h = add_rms_norm(x, block_out, layer["input_norm"], eps)
             qkv = linear(h, layer["qkv"])
             q = qkv[:, :nq].reshape(T, cfg.num_heads, d)
             k = qkv[:, nq : nq + nkv].reshape(T, cfg.num_kv_heads, d)
@@ -343,10 +359,9 @@ class MoEModel:
                     k = torch_rms_norm(k, layer["k_norm"], eps)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             attn = paged_attention(q, k, v, kv_caches[i][0], kv_caches[i][1], meta)
-            x = x + linear(attn, layer["o"])
-            h = rms_norm(x, layer["post_norm"], cfg.rms_norm_eps)
-            x = x + (self._moe(h, layer, counts) if "experts" in layer else swiglu(h, *layer["mlp"]))
-        return x
+            x, h = add_rms_norm(x, linear(attn, layer["o"]), layer["post_norm"], eps)
+            block_out = self._moe(h, layer, counts) if "experts" in layer else swiglu(h, *layer["mlp"])
+        return x + block_out if block_out is not None else x
 
     def _moe(self, h: torch.Tensor, layer: dict[str, Any], counts: list[int]) -> torch.Tensor:
         logits, cfg = linear(h, layer["router"]), self.cfg

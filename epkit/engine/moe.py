@@ -244,8 +244,9 @@ class LocalExperts:
         return self._padded_bmm(x, expert_idx)
 
     def partial(self, x: torch.Tensor, expert_idx: torch.Tensor, pair_weights: torch.Tensor, k: int,
-                local_share: float = 1.0) -> torch.Tensor:
-        """Weighted expert outputs summed per row of ``x``: ``[rows, hidden]`` in the accumulation dtype.
+                local_share: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Weighted expert outputs summed per row of ``x``: ``[rows, hidden]`` in the accumulation dtype (or
+        ``out_dtype``).
 
         Pair ``i`` is (row ``i // k``, local expert ``expert_idx[i]``, weight ``pair_weights[i]``);
         pairs with ``expert_idx == num_local`` belong to other ranks and are skipped. Only this rank's
@@ -253,10 +254,21 @@ class LocalExperts:
         kernels that read the pair count on the device: no host sync, no work on other ranks' pairs, each
         output row written once). Same products and sums as ``weighted_sum`` over ``__call__``'s output.
         ``local_share``: the expected fraction of the pairs that are this rank's (1 / EP size), which picks
-        the GEMM: Triton tiles sized for decode-sized groups, or ``torch._grouped_mm`` for large ones."""
+        the GEMM: Triton tiles sized for decode-sized groups, or ``torch._grouped_mm`` for large ones.
+        ``out_dtype``: the dtype the sums are written as (default the accumulation dtype; the model's where no
+        other rank adds to them)."""
         from epkit.engine import kernels
 
-        pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
+        block_m = None
+        if x.device.type == "cuda":
+            block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
+            if block_m and not kernels.moe_gemm_enabled(x, self.w13, self.w2, block_m, self._grouped_rows):
+                block_m = None
+        offs = tiles = None
+        if block_m and kernels.sort_pairs_enabled(expert_idx, self.num_local):  # one launch: sort and tile sums
+            pos, src, counts, offs, tiles = kernels.sort_pairs(expert_idx, self.num_local, k, block_m)
+        else:
+            pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
         rows = expert_idx.shape[0]  # buffers sized by every pair of every rank; fine up to graph-step sizes
         # gathered row, gate/up, act and output of the torch._grouped_mm path (the Triton GEMMs need less: no
@@ -268,9 +280,10 @@ class LocalExperts:
             # every pair is this rank's: ``rows`` is exact already and no read is needed
             rows = int(counts.sum())
         if x.device.type == "cuda":
-            block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
-            if block_m and kernels.moe_gemm_enabled(x, self.w13, self.w2, block_m, self._grouped_rows):
-                offs, tiles = kernels.moe_tiles(counts, block_m)  # the gather rides in the first GEMM's loads
+            if block_m:
+                if offs is None:
+                    offs, tiles = kernels.moe_tiles(counts, block_m)
+                # the gather rides in the first GEMM's loads
                 act = kernels.moe_gemm(x, self.w13, offs, tiles, block_m, rows, src=src, gated=True)
                 y = kernels.moe_gemm(act, self.w2, offs, tiles, block_m, rows)
                 del act
@@ -287,7 +300,7 @@ class LocalExperts:
                 sorted_e[pos[own].long()] = expert_idx[own]
                 y[:valid] = self._exact(xs[:valid], sorted_e[:valid], count=False)
         return kernels.combine_rows(y, pos, expert_idx, pair_weights, k, self.num_local, x.shape[0],
-                                    accumulation_dtypes(x.dtype)[1])
+                                    accumulation_dtypes(x.dtype)[1], out_dtype)
 
     def _grouped_rows(self, x: torch.Tensor, src: torch.Tensor, counts: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Expert-sorted rows ``x[src[r]]`` (groups of ``counts``) through ``torch._grouped_mm``: ``[rows, hidden]``."""
@@ -436,7 +449,7 @@ class ReplicatedMoE:
     def __call__(self, x, ids, weights, experts: LocalExperts, counts: list[int]) -> torch.Tensor:
         n, k = ids.shape
         if n and fused_rows_ok(x, experts):
-            return experts.partial(x, ids.reshape(-1), weights.reshape(-1), k).to(x.dtype)
+            return experts.partial(x, ids.reshape(-1), weights.reshape(-1), k, out_dtype=x.dtype)
         token_idx = torch.div(torch.arange(n * k, device=x.device), k, rounding_mode="floor")  # no host sync
         y = experts(x[token_idx], ids.reshape(-1))
         return weighted_sum(y, weights.reshape(-1), token_idx, n).to(x.dtype)

@@ -189,7 +189,8 @@ def test_padded_decode_steps_same_tokens(name, baseline, reference, deploy, monk
     if "eplb" in name:
         assert "EPLB rebalance 3 at step" in log
     for kernel in ("decode attention: Triton paged kernel", "RMSNorm: Triton kernel", "q/k-norm + RoPE: Triton kernel",
-                   "router softmax + top-k: Triton kernel", "MoE row sort / gather / combine: Triton kernel"):
+                   "router softmax + top-k: Triton kernel", "MoE row sort / gather / combine: Triton kernel",
+                   "residual add + RMSNorm: Triton kernel"):
         assert (kernel in log) == ("triton" in name), (kernel, log[-2000:])
 
 

@@ -202,6 +202,61 @@ def test_moe_gemm_kernel_matches_per_expert_matmuls():
         assert case["enabled"] is True, case  # the first-use check passes (no timing off CUDA)
 
 
+SORT_AND_ADD_NORM = r"""
+import json, torch
+from epkit.engine import kernels
+from epkit.engine.kernels.moe import PAIR_BLOCK, SORT_ONE_PROGRAM_PAIRS
+from epkit.engine.model import torch_rms_norm
+
+torch.manual_seed(0)
+sorts = []
+# a decode step, more pairs than one loop chunk, one expert, and past the one-program limit (the multi-kernel path)
+for pairs, num_local, k, block_m in [(24, 128, 8, 16), (2 * PAIR_BLOCK + 37, 12, 4, 16), (9, 1, 3, 1),
+                                     (SORT_ONE_PROGRAM_PAIRS + 8, 16, 8, 16)]:
+    e = torch.randint(0, num_local + 1, (pairs,))  # num_local: another rank's pair
+    pos, src, counts, offs, tiles = kernels.sort_pairs(e, num_local, k, block_m)
+    _, _, want = kernels.group_pairs(e, num_local, k)
+    want_offs, want_tiles = kernels.moe_tiles(want, block_m)
+    own = (e < num_local).nonzero().flatten()
+    rows = pos[own].long()
+    sorted_e = torch.empty(len(own), dtype=torch.long)
+    sorted_e[rows] = e[own]
+    sorts.append(dict(pairs=pairs, counts=torch.equal(counts, want) and counts.dtype == torch.long,
+                      sums=torch.equal(offs, want_offs) and torch.equal(tiles, want_tiles),
+                      rows=sorted(rows.tolist()) == list(range(len(own))),
+                      grouped=sorted_e.tolist() == sorted(e[own].tolist()), src=torch.equal(src[rows], own // k)))
+adds = []
+for D, dtype in [(2048, torch.float32), (100, torch.float16), (64, torch.float32)]:
+    x = (torch.randn(7, D) * 3).to(dtype)
+    r = (torch.randn(7, 2 * D) * 3).to(dtype)[:, :D]  # strided rows: a slice
+    w = (torch.rand(D) + 0.5).to(dtype)
+    s, h = kernels.add_rms_norm(x, r, w, 1e-6)
+    adds.append(dict(D=D, dtype=str(dtype), sum_exact=torch.equal(s, x + r),
+                     err=(h.float() - torch_rms_norm(x + r, w, 1e-6).float()).abs().max().item()))
+print(json.dumps(dict(sorts=sorts, adds=adds, sort_ok=kernels.sort_pairs_enabled(torch.zeros(1, dtype=torch.long), 128),
+                      add_ok=kernels.add_rms_norm_enabled(torch.zeros(2, 64), torch.zeros(2, 64), torch_rms_norm),
+                      rows_ok=kernels.moe_rows_enabled(torch.zeros(2, 64, dtype=torch.float16), torch.float32))))
+"""
+
+
+def test_one_program_pair_sort_and_fused_residual_norm():
+    """The MoE pair sort with its tile sums in one program (what a graph step runs: one launch for ~15) against the
+    three-kernel sort + PyTorch cumsums, and the residual add + RMSNorm in one launch against PyTorch's."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", SORT_AND_ADD_NORM], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    for case in result["sorts"]:  # exact by construction: integer counts and sums, a grouping of the same pairs
+        assert all(case[key] for key in ("counts", "sums", "rows", "grouped", "src")), case
+    for case in result["adds"]:
+        # the sum is PyTorch's add bit for bit (the residual stream the invariance tests compare); the norm is the
+        # RMSNorm kernel's arithmetic: float32 reduction order only, float16 one rounding step of the stored value
+        assert case["sum_exact"], case
+        assert case["err"] <= (2e-5 if case["dtype"] == "torch.float32" else 1.6e-2), case
+    # the first-use self-checks pass (the combine written as the model dtype is part of the row kernels' check)
+    assert result["sort_ok"] and result["add_ok"] and result["rows_ok"]
+
+
 PREFILL = r"""
 import json, os, torch
 from epkit.engine import kernels

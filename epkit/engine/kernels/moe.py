@@ -20,6 +20,7 @@ log = logging.getLogger("epkit.engine")
 MOE_BLOCK_M = ((16, 16),)
 MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
 PAIR_BLOCK = 1024  # (token, expert) pairs per program of the counting sort
+SORT_ONE_PROGRAM_PAIRS = 16384  # up to this many pairs (2,048 tokens at top-8) the sort runs as one program
 
 if triton is not None:
 
@@ -76,6 +77,36 @@ if triton is not None:
         tl.store(pos_ptr + i, p, mask=m)
         tl.store(src_ptr + p.to(tl.int64), (i // K).to(tl.int64), mask=m)
 
+    @triton.jit(do_not_specialize=["P", "BLOCK_M"])  # pair counts and tile rows change every step
+    def _sort_pairs_kernel(e_ptr, cursor_ptr, pos_ptr, src_ptr, counts_ptr, offs_ptr, tiles_ptr, P, K, NUM_LOCAL,
+                           BLOCK_M, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        # One program does what _count_pairs_kernel, two cumsums, _place_pairs_kernel and moe_tiles' five small
+        # kernels do (a decode step's ~15 launches a layer): count the pairs per expert (the sentinel bin
+        # NUM_LOCAL and above takes other ranks' pairs and the padding), prefix-sum the counts and the tiles,
+        # then give each local pair its row through atomics on the groups' cursors
+        ev = tl.arange(0, E_PAD)
+        emask = ev < NUM_LOCAL
+        counts = tl.zeros([E_PAD], tl.int32)
+        for start in range(0, P, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            e = tl.minimum(tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL), NUM_LOCAL).to(tl.int32)
+            counts += tl.histogram(e, E_PAD)
+        counts = tl.where(emask, counts, 0)
+        offs = tl.cumsum(counts, 0)
+        tiles = tl.cumsum((counts + BLOCK_M - 1) // BLOCK_M, 0)
+        tl.store(counts_ptr + ev, counts.to(tl.int64), mask=emask)
+        tl.store(offs_ptr + ev, offs, mask=emask)
+        tl.store(tiles_ptr + ev, tiles, mask=emask)
+        tl.store(cursor_ptr + ev, offs - counts, mask=emask)
+        tl.debug_barrier()  # the cursors are in memory before any thread's atomics read them
+        for start in range(0, P, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            e = tl.load(e_ptr + i, mask=i < P, other=NUM_LOCAL)
+            m = e < NUM_LOCAL
+            p = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=m, sem="relaxed")
+            tl.store(pos_ptr + i, p, mask=m)
+            tl.store(src_ptr + p.to(tl.int64), (i // K).to(tl.int64), mask=m)
+
     @triton.jit
     def _silu_mul_kernel(h_ptr, n_ptr, out_ptr, stride_h, INTER, BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -92,20 +123,22 @@ if triton is not None:
 
     @triton.jit
     def _combine_rows_kernel(y_ptr, pos_ptr, e_ptr, w_ptr, out_ptr, stride_y, H, NUM_LOCAL,
-                             K: tl.constexpr, BLOCK: tl.constexpr):
+                             K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        # the sums in ACC (the accumulation dtype), written as out's dtype (the model's, where no other rank adds
+        # to them: one cast here instead of a kernel after)
         t = tl.program_id(0).to(tl.int64)
         for c in range(0, H, BLOCK):
             cols = c + tl.arange(0, BLOCK)
             m = cols < H
-            acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+            acc = tl.zeros([BLOCK], dtype=ACC)
             for j in tl.static_range(K):
                 i = t * K + j
                 width = tl.where(tl.load(e_ptr + i) < NUM_LOCAL, H, 0)  # another rank's pair reads nothing
                 p = tl.load(pos_ptr + i).to(tl.int64)
                 w = tl.load(w_ptr + i).to(tl.float32)
                 prod = tl.load(y_ptr + p * stride_y + cols, mask=cols < width, other=0.0).to(tl.float32) * w
-                acc += prod.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + t * H + cols, acc, mask=m)
+                acc += prod.to(ACC)
+            tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _moe_gemm_kernel(a_ptr, src_ptr, w_ptr, out_ptr, offs_ptr, tiles_ptr, stride_a, stride_we, stride_wk,
@@ -200,19 +233,77 @@ def group_pairs(expert_idx: torch.Tensor, num_local: int, k: int) -> tuple[torch
     return pos, src, counts.long()
 
 
+def sort_pairs(expert_idx: torch.Tensor, num_local: int, k: int, block_m: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`group_pairs` and :func:`moe_tiles` at ``block_m``-row tiles together: ``(pos, src, counts, offs,
+    tiles)``. Up to ``SORT_ONE_PROGRAM_PAIRS`` pairs (every CUDA-graph step) in one launch of one program, which
+    :func:`sort_pairs_enabled` checked; more pairs (a large eager prefill, where a single program would be slow)
+    through the multi-program kernels."""
+    P = expert_idx.shape[0]
+    if P > SORT_ONE_PROGRAM_PAIRS or not P:
+        pos, src, counts = group_pairs(expert_idx, num_local, k)
+        return (pos, src, counts, *moe_tiles(counts, block_m))
+    dev = expert_idx.device
+    cursor = torch.empty(num_local, dtype=torch.int32, device=dev)
+    pos = torch.empty(P, dtype=torch.int32, device=dev)
+    src = torch.empty(P, dtype=torch.long, device=dev)
+    counts = torch.empty(num_local, dtype=torch.long, device=dev)
+    offs = torch.empty(num_local, dtype=torch.int32, device=dev)
+    tiles = torch.empty(num_local, dtype=torch.int32, device=dev)
+    _sort_pairs_kernel[(1,)](expert_idx, cursor, pos, src, counts, offs, tiles, P, k, num_local, block_m,
+                             E_PAD=triton.next_power_of_2(num_local + 1), BLOCK=min(PAIR_BLOCK, triton.next_power_of_2(P)),
+                             num_warps=8)
+    return pos, src, counts, offs, tiles
+
+
+def sort_pairs_enabled(expert_idx: torch.Tensor, num_local: int) -> bool:
+    """Whether :func:`sort_pairs`'s one-program kernel serves ``num_local`` experts here (checked once against
+    :func:`group_pairs` + :func:`moe_tiles`: the same counts, prefix sums and a grouping of the same pairs)."""
+    if fused_kernels_off():
+        return False
+
+    def check() -> str | None:
+        gen = torch.Generator(device=expert_idx.device).manual_seed(7)
+        for pairs, block_m in ((8, 16), (2 * PAIR_BLOCK + 37, 16), (300, 1)):
+            e = torch.randint(0, num_local + 1, (pairs,), generator=gen, device=expert_idx.device)  # + other ranks'
+            pos, src, counts, offs, tiles = sort_pairs(e, num_local, 2, block_m)
+            _, _, want = group_pairs(e, num_local, 2)
+            want_offs, want_tiles = moe_tiles(want, block_m)
+            if not (torch.equal(counts, want) and torch.equal(offs, want_offs) and torch.equal(tiles, want_tiles)):
+                return f"self-check: counts or prefix sums differ ({pairs} pairs)"
+            own = (e < num_local).nonzero().flatten()
+            rows = pos[own].long()
+            n = int(counts.sum())
+            if sorted(rows.tolist()) != list(range(n)):
+                return f"self-check: the local pairs' rows are not 0..{n - 1} ({pairs} pairs)"
+            sorted_e = torch.empty(n, dtype=torch.long, device=e.device)
+            sorted_e[rows] = e[own]
+            if sorted_e.tolist() != sorted(e[own].tolist()) or not torch.equal(src[rows], own // 2):
+                return f"self-check: rows are not grouped by expert or point at other tokens ({pairs} pairs)"
+        return None
+
+    key = ("sort_pairs", expert_idx.device, num_local)
+    return kernel_serves("MoE pair sort + tile sums (one program)", key, expert_idx, check,
+                         fallback="three sort kernels + PyTorch cumsums")
+
+
 def combine_rows(y: torch.Tensor, pos: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, k: int,
-                 num_local: int, num_rows: int, acc_dtype: torch.dtype) -> torch.Tensor:
+                 num_local: int, num_rows: int, acc_dtype: torch.dtype, out_dtype: torch.dtype | None = None
+                 ) -> torch.Tensor:
     """``out[t] = sum_j acc(float32(y[pos[t*k+j]]) * weights[t*k+j])`` over the slots ``j`` whose expert is local.
 
     One program per output row adds its own pairs in slot order and writes the row once: no zero-fill,
     no atomics; rows without a local pair are written as zeros. Products are rounded to ``acc_dtype``
-    before the sum, as :func:`epkit.engine.moe.weighted_sum` does."""
+    before the sum, as :func:`epkit.engine.moe.weighted_sum` does; the sums are written as ``out_dtype``
+    (default ``acc_dtype``), the same values as ``.to(out_dtype)`` after."""
     H = y.shape[1]
-    out = torch.empty((num_rows, H), dtype=acc_dtype, device=y.device)
+    out = torch.empty((num_rows, H), dtype=out_dtype or acc_dtype, device=y.device)
     if num_rows:
         # no fused multiply-add: each product is rounded before the sum, as in weighted_sum
         _combine_rows_kernel[(num_rows,)](y, pos, expert_idx, weights, out, y.stride(0), H, num_local, K=k,
-                                          BLOCK=min(2048, triton.next_power_of_2(H)), enable_fp_fusion=False)
+                                          BLOCK=min(2048, triton.next_power_of_2(H)),
+                                          ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+                                          enable_fp_fusion=False)
     return out
 
 
@@ -320,6 +411,8 @@ def moe_rows_enabled(x: torch.Tensor, acc_dtype: torch.dtype) -> bool:
         want = torch.zeros((3, H), dtype=acc_dtype, device=x.device).index_add_(
             0, torch.arange(6, device=x.device) // 2,
             torch.where(own.unsqueeze(1), (xx[:6].float() * w.unsqueeze(1)).to(acc_dtype), 0))
+        if not torch.equal(combine_rows(y, pos, e, w, 2, 3, 3, acc_dtype, x.dtype), out.to(x.dtype)):
+            return "self-check: the combine written as the model dtype differs from its sums cast after"
         return mismatch(out, want, torch.float32)
 
     key = ("moe_rows", x.device, x.dtype, acc_dtype, x.shape[1])

@@ -28,6 +28,24 @@ if triton is not None:
         y = (xf * rstd).to(x.dtype) * w
         tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_r, eps, D: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        # the residual add as PyTorch's (float32 sum, rounded to the dtype) written back, then _rms_norm_kernel's
+        # arithmetic on the rounded sum
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        cmask = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cmask, other=0.0)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=cmask, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * D + cols, s, mask=cmask)
+        sf = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, 0) / D + eps)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+        y = (sf * rstd).to(x.dtype) * w
+        tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+
     @triton.jit(do_not_specialize=["R"])  # rows change every step
     def _norm_rope_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, R, H, stride_t, stride_h, eps,
                           HALF: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr):
@@ -68,6 +86,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, rms_norm(s))`` with ``s = x + r`` (the residual stream after a block) in one launch: ``x`` and ``r`` are
+    ``[T, D]`` with contiguous rows; ``s`` is what ``x + r`` gives in PyTorch, bit for bit."""
+    T, D = x.shape
+    s = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    if T:
+        _add_rms_norm_kernel[(T,)](x, r, weight, s, out, x.stride(0), r.stride(0), eps, D=D, BLOCK=triton.next_power_of_2(D))
+    return s, out
+
+
 def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> torch.Tensor:
     """Per-head RMSNorm (when ``weight`` is given) then rotate-half RoPE at ``positions``, in one launch.
@@ -98,6 +127,28 @@ def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
         return mismatch(rms_norm(xx, w, 1e-6), reference(xx, w, 1e-6), x.dtype, 4.0)
 
     return kernel_serves("RMSNorm", ("rms_norm", x.device, x.dtype, D), x, check)
+
+
+def add_rms_norm_enabled(x: torch.Tensor, r: torch.Tensor, reference) -> bool:
+    """Whether :func:`add_rms_norm` serves ``x + r`` rows like these (checked once: the sum bit for bit against
+    PyTorch's add, the norm against ``reference(s, w, eps)``)."""
+    if fused_kernels_off() or x.dtype != r.dtype or x.stride(-1) != 1 or r.stride(-1) != 1:
+        return False
+    D = x.shape[-1]
+
+    def check() -> str | None:
+        if D > 16384:
+            return f"row length {D} > 16384"
+        gen = torch.Generator(device=x.device).manual_seed(8)
+        xx = (torch.randn((5, D), generator=gen, device=x.device) * 3).to(x.dtype)
+        rr = (torch.randn((5, 2 * D), generator=gen, device=x.device) * 3).to(x.dtype)[:, D:]  # strided rows
+        w = (torch.rand(D, generator=gen, device=x.device) + 0.5).to(x.dtype)
+        s, got = add_rms_norm(xx, rr, w, 1e-6)
+        if not torch.equal(s, xx + rr):
+            return "self-check: the residual sum differs from PyTorch's add"
+        return mismatch(got, reference(s, w, 1e-6), x.dtype, 4.0)
+
+    return kernel_serves("residual add + RMSNorm", ("add_rms_norm", x.device, x.dtype, D), x, check)
 
 
 def norm_rope_enabled(x: torch.Tensor, head_dim: int, with_norm: bool, reference) -> bool:
