@@ -26,6 +26,7 @@ from datetime import timedelta
 from multiprocessing.connection import Connection, Listener, wait
 
 from epkit.engine.config import EngineConfig, env_value
+from epkit.engine.gc_heap import freeze_startup_heap
 from epkit.engine.sequence import EngineRequest, RequestOutput
 from epkit.errors import EngineError
 
@@ -401,6 +402,7 @@ def run_engine_core(cfg: EngineConfig, dp_rank: int, local_index: int) -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         core = EngineCore(cfg, dp_rank, local_index)
+        freeze_startup_heap(f"DP rank {dp_rank}")
         log.info("DP rank %d ready", dp_rank)
         core.run()
     except EngineError as exc:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from epkit.engine.client import EngineClient
 from epkit.engine.config import EngineConfig
 from epkit.engine.eplb_export import add_eplb_routes
+from epkit.engine.gc_heap import freeze_startup_heap
 from epkit.engine.metrics import Metrics
 from epkit.engine.openai_api import Api, add_openai_routes
 from epkit.engine.protocol import ApiError
@@ -181,6 +182,7 @@ def run_api_server(cfg: EngineConfig, server_index: int) -> None:
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started:
+            freeze_startup_heap(f"API server {server_index}")
             log.info("epkit serve ready: http://%s:%d/v1 (model %s, dp=%d, ep=%d, all2all %s, api server %d/%d)",
                      cfg.host, sock.getsockname()[1], cfg.model_name, cfg.data_parallel_size, cfg.ep_size,
                      cfg.all2all_backend if cfg.ep_size > 1 else "none", server_index + 1, cfg.api_server_count)

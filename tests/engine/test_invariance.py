@@ -157,8 +157,12 @@ def test_two_cpu_threads_same_tokens_as_dp1(baseline, deploy, monkeypatch):
     deployment = deploy(["-dp", "2", "--enable-expert-parallel"])
     got = outputs(deployment)
     assert got == baseline
+    log = deployment.nodes[0].log()
     for rank in (0, 1):
-        assert f"DP rank {rank}: 2 torch CPU threads (EPKIT_CPU_THREADS)" in deployment.nodes[0].log()
+        assert f"DP rank {rank}: 2 torch CPU threads (EPKIT_CPU_THREADS)" in log
+        # every engine-core and API-server process keeps its start-up heap out of the collector (epkit.engine.gc_heap)
+        assert f"DP rank {rank}: froze the start-up heap for the garbage collector" in log
+    assert "API server 0: froze the start-up heap for the garbage collector" in log
 
 
 @pytest.mark.parametrize("name", list(PADDED))
