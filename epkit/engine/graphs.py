@@ -57,7 +57,10 @@ log = logging.getLogger("epkit.engine")
 
 CTX_BUCKET = 256  # context lengths are padded up to a multiple of this (and of the block size)
 MAX_CAPTURE_SIZE = 256  # vLLM's classic default largest decode graph
-MAX_GRAPH_TOKENS = 1024  # largest mixed (prefill + decode) step run as a graph; larger ones run eager
+# largest mixed (prefill + decode) step run as a graph; larger ones run eager. An eager step of ~1,500 tokens spent
+# 85 ms for 47 ms of GPU work on an H100 (docs/benchmarks.md, class (b)'s profile): its ~1,600 launches are issued
+# from Python, and the GPU waits for them. MAX_ROW_CONTEXT keeps the long prompts eager.
+MAX_GRAPH_TOKENS = 2048
 MIXED_STEP = 64  # capture sizes above MAX_CAPTURE_SIZE grow by this many tokens
 # Each prompt row of a graph step reads its whole context through the paged kernel (no K/V reuse across
 # rows): a step is graphed only while its multi-token rows read at most this many (row, context token)

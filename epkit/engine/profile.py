@@ -61,7 +61,8 @@ def dummy_lengths(tokens: int, max_model_len: int, max_num_seqs: int) -> list[in
 
 
 def graph_reserve(forward_peak: int, tokens: int, graphs: bool) -> int:
-    """Memory kept for the CUDA graphs captured after the KV cache: ``forward_peak * min(1, 1024 / tokens) * 2``."""
+    """Memory kept for the CUDA graphs captured after the KV cache: ``forward_peak * min(1, MAX_GRAPH_TOKENS / tokens)
+    * 2``."""
     if not graphs or tokens <= 0:
         return 0
     return int(forward_peak * min(1.0, MAX_GRAPH_TOKENS / tokens) * GRAPH_RESERVE_FACTOR)

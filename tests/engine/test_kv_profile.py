@@ -115,8 +115,8 @@ def test_dummy_lengths_and_graph_reserve():
     assert dummy_lengths(8192, 10240, 1024) == [8192]
     assert dummy_lengths(8192, 3000, 1024) == [3000, 3000, 2192]
     assert dummy_lengths(8192, 100, 4) == [100] * 4  # at most max_num_seqs sequences
-    assert graph_reserve(GiB, 8192, True) == GiB // 4  # 1 GiB * 1024 / 8192 * 2
-    assert graph_reserve(GiB, 512, True) == 2 * GiB  # a step of <= 1,024 tokens: the whole peak, twice
+    assert graph_reserve(GiB, 8192, True) == GiB // 2  # 1 GiB * 2048 (MAX_GRAPH_TOKENS) / 8192 * 2
+    assert graph_reserve(GiB, 512, True) == 2 * GiB  # a step of <= 2,048 tokens: the whole peak, twice
     assert graph_reserve(GiB, 8192, False) == 0  # no graphs captured (--enforce-eager)
 
 
@@ -124,12 +124,12 @@ def test_kv_budget_arithmetic():
     from epkit.engine.profile import GPU_ACTIVATION_RESERVE_BYTES, KV_MARGIN_BYTES, kv_budget
 
     total, used = 80 * GiB, 60 * GiB  # the second argument: bytes in use after the profile (weights)
-    # 0.9 * 80 = 72 GiB; - 60 in use - 2 GiB peak - 2 GiB * 1024 / 8192 * 2 graphs - 0.5 GiB margin
-    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(72 * GiB) - 60 * GiB - 2 * GiB - GiB // 2 - KV_MARGIN_BYTES
-    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(9.0 * GiB)
+    # 0.9 * 80 = 72 GiB; - 60 in use - 2 GiB peak - 2 GiB * 2048 / 8192 * 2 graphs - 0.5 GiB margin
+    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(72 * GiB) - 60 * GiB - 2 * GiB - GiB - KV_MARGIN_BYTES
+    assert kv_budget(total, used, 0.9, 2 * GiB, 8192) == int(8.5 * GiB)
     assert kv_budget(total, used, 0.9, 2 * GiB, 8192, graphs=False) == int(9.5 * GiB)
     # the graph reserve follows the forward's peak, the activation reserve the larger (sampler) one
-    assert kv_budget(total, used, 0.9, 3 * GiB, 8192, forward_peak=GiB) == int(72 * GiB) - 63 * GiB - GiB // 4 - KV_MARGIN_BYTES
+    assert kv_budget(total, used, 0.9, 3 * GiB, 8192, forward_peak=GiB) == int(72 * GiB) - 63 * GiB - GiB // 2 - KV_MARGIN_BYTES
     # the fallback (profile off or failed): the fixed 6 GiB reserve, as before
     assert GPU_ACTIVATION_RESERVE_BYTES == 6 * GiB
     assert kv_budget(total, used, 0.9, None, 8192) == int(72 * GiB) - 60 * GiB - 6 * GiB
@@ -175,11 +175,11 @@ def test_gpu_budget_profiles_logs_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(runner_mod, "profile_step", profiled)
     block_bytes = 16 * 96 * 1024
     caplog.set_level(logging.INFO, logger="epkit.engine")
-    assert runner._gpu_budget(block_bytes) == 9 * GiB and runs == [runner]
+    assert runner._gpu_budget(block_bytes) == int(8.5 * GiB) and runs == [runner]
     assert ("60.00 GiB in use = 60.00 GiB of tensors (weights, buffers) + 0.00 GiB non-torch since start (not counted: "
             "0.50 GiB in use at start, 0.50 GiB cached by the allocator)" in caplog.text)
-    assert ("activation peak 2.00 GiB (forward 2.00, sampler 1.00), CUDA-graph reserve 0.50 GiB, margin 0.50 GiB. "
-            f"Available KV cache memory: 9.00 GiB; GPU KV cache size: {(9 * GiB // block_bytes - 1) * 16} tokens"
+    assert ("activation peak 2.00 GiB (forward 2.00, sampler 1.00), CUDA-graph reserve 1.00 GiB, margin 0.50 GiB. "
+            f"Available KV cache memory: 8.50 GiB; GPU KV cache size: {(int(8.5 * GiB) // block_bytes - 1) * 16} tokens"
             in caplog.text)
 
     def oom(r):
