@@ -11,7 +11,7 @@ from multiprocessing.connection import Client, Connection
 from typing import AsyncIterator, Callable
 
 from epkit.engine.config import EngineConfig
-from epkit.engine.core import STORE_PREFIX
+from epkit.engine.core import STORE_PREFIX, without_nagle
 from epkit.engine.sequence import EngineRequest, RequestOutput, SamplingParams
 from epkit.errors import EngineError
 
@@ -55,7 +55,7 @@ class EngineClient:
                 except RuntimeError as exc:  # store timeout: report which rank never came up
                     raise EngineError(f"DP rank {rank} did not come up within {cfg.startup_timeout_s:.0f} s") from exc
             host, port = store.get(key).decode().rsplit(":", 1)
-            self.conns.append(Client((host, int(port)), authkey=authkey))
+            self.conns.append(without_nagle(Client((host, int(port)), authkey=authkey)))
         for rank, conn in enumerate(self.conns):
             threading.Thread(target=self._read, args=(rank, conn), daemon=True, name=f"core{rank}").start()
 

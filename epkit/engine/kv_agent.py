@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from epkit.engine.kv_transfer import (CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, ask, hold_timeout_s, prompt_digest, recv_message,
-                                      release, remote_decode_params, send_message, side_channel_address)
+from epkit.engine.kv_transfer import (CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, ask, hold_timeout_s, no_delay, prompt_digest,
+                                      recv_message, release, remote_decode_params, send_message, side_channel_address)
 from epkit.engine.sequence import RequestOutput, Sequence
 from epkit.errors import EngineError
 
@@ -95,7 +95,7 @@ class KVAgent:
                 sock, _ = self._server.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve_connection, args=(sock,), daemon=True, name="kv-peer").start()
+            threading.Thread(target=self._serve_connection, args=(no_delay(sock),), daemon=True, name="kv-peer").start()
 
     def _serve_connection(self, sock: socket.socket) -> None:
         with sock:
@@ -131,7 +131,8 @@ class KVAgent:
             held.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned))
             return held[0].numpy()
 
-        with socket.create_connection((params["remote_host"], int(params["remote_port"])), timeout=CONNECT_TIMEOUT_S) as sock:
+        with no_delay(socket.create_connection((params["remote_host"], int(params["remote_port"])),
+                                               timeout=CONNECT_TIMEOUT_S)) as sock:
             sock.settimeout(REPLY_TIMEOUT_S)
             send_message(sock, {"op": "pull", "engine_id": params["remote_engine_id"],
                                 "request_id": params["remote_request_id"], "transport": self.transport})

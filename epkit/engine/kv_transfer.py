@@ -137,6 +137,13 @@ def remote_decode_params(engine_id: str, request_id: str, block_ids: list[int], 
 
 
 # ---- wire format --------------------------------------------------------------------------
+def no_delay(sock: socket.socket) -> socket.socket:
+    """``sock`` with TCP_NODELAY: a message is its header then its payload, two writes, and with Nagle's algorithm
+    on the second would wait for the first's (delayed, up to 40 ms) ACK."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def send_message(sock: socket.socket, header: dict[str, Any], payload=None) -> None:
     """One message: the magic :data:`WIRE_MAGIC`, length, JSON header (with ``nbytes`` when a payload follows),
     payload."""
@@ -182,7 +189,7 @@ def recv_message(sock: socket.socket, alloc=None) -> tuple[dict[str, Any], Any]:
 
 def ask(host: str, port: int, header: dict[str, Any]) -> tuple[dict[str, Any], bytearray | None]:
     """Send ``header`` to a side channel and return its reply; OSError when it cannot be reached."""
-    with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+    with no_delay(socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)) as sock:
         sock.settimeout(REPLY_TIMEOUT_S)
         send_message(sock, header)
         return recv_message(sock)
