@@ -166,6 +166,10 @@ def test_rms_norm_kernel(D, dtype, record):
     xf = x.double()
     truth = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     assert_close("rms_norm", kernels.rms_norm(x, w, 1e-6), torch_rms_norm(x, w, 1e-6), truth, dtype, record)
+    # the residual add fused into the norm: the sum is PyTorch's add bit for bit, the norm the kernel's above
+    r = _rand((41, D), dtype, 4.0)
+    s, h = kernels.add_rms_norm(r, x, w, 1e-6)
+    assert torch.equal(s, r + x) and torch.equal(h, kernels.rms_norm(r + x, w, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -254,6 +258,18 @@ def test_moe_row_kernels(dtype, record):
         0, token[mine], y[mine].double() * w[mine].double().unsqueeze(1))
     assert not torch.isnan(got).any()
     assert_close("combine_rows", got, ref, truth, dtype, record)
+    # the sums written as the model dtype: the same values as the accumulation-dtype sums cast after
+    assert torch.equal(kernels.combine_rows(y_sorted, pos, expert_idx, w, k, E, R, acc, dtype), got.to(dtype))
+
+    # the one-program sort (a graph step's): the same counts, tile sums and a grouping of the same pairs
+    pos1, src1, counts1, offs1, tiles1 = kernels.sort_pairs(expert_idx, E, k, 16)
+    want_offs, want_tiles = kernels.moe_tiles(counts, 16)
+    assert torch.equal(counts1, counts) and torch.equal(offs1, want_offs) and torch.equal(tiles1, want_tiles)
+    rows1 = pos1[mine].long()
+    assert sorted(rows1.tolist()) == list(range(int(mine.sum())))
+    order1 = torch.empty_like(rows1)
+    order1[rows1] = mine.nonzero().flatten()
+    assert torch.equal(expert_idx[order1], expert_idx[mine].sort().values) and torch.equal(src1[rows1], mine.nonzero().flatten() // k)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
