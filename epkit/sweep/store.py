@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from epkit.bench.result import REQUESTS_PARQUET
 from epkit.errors import LaunchError
 
 STATUSES = ("ok", "failed")
@@ -97,7 +98,7 @@ class ResultStore:
         rp = self.requests_path(path)
         if requests is not None:
             tmp = rp.with_name(f".{rp.name}.tmp{os.getpid()}")
-            requests.to_parquet(tmp, index=False)
+            requests.to_parquet(tmp, index=False, **REQUESTS_PARQUET)
             os.replace(tmp, rp)
         elif rp.exists():
             rp.unlink()  # a failed retry must not leave an older run's table beside it
