@@ -132,8 +132,9 @@ def rms_norm_enabled(x: torch.Tensor, reference) -> bool:
 def add_rms_norm_enabled(x: torch.Tensor, r: torch.Tensor, reference) -> bool:
     """Whether :func:`add_rms_norm` serves ``x + r`` rows like these (checked once: the sum bit for bit against
     PyTorch's add, the norm against ``reference(s, w, eps)``)."""
-    if fused_kernels_off() or x.dtype != r.dtype or x.stride(-1) != 1 or r.stride(-1) != 1:
-        return False
+    if fused_kernels_off() or x.dim() != 2 or x.shape != r.shape or x.dtype != r.dtype or x.stride(-1) != 1 or \
+            r.stride(-1) != 1:
+        return False  # the kernel's form: [T, D] rows with a contiguous last dimension, one dtype
     D = x.shape[-1]
 
     def check() -> str | None:
