@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from epkit.bench import metrics as M
+from epkit.sweep.store import REQUESTS_PARQUET
 
 # Keys `vllm bench serve` writes before the metrics, in its order.
 _VLLM_HEAD = ("date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts",
@@ -146,10 +147,6 @@ class BenchResult:
         tmp.replace(path)
         self.requests.to_parquet(requests_path(path), index=False, **REQUESTS_PARQUET)
         return path
-
-
-# the per-request tables: zstd (each request's chunk times dominate; ~25 % smaller than pandas' default snappy)
-REQUESTS_PARQUET = {"compression": "zstd", "compression_level": 9}
 
 
 def requests_path(json_path: str | Path) -> Path:

@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from epkit.bench.result import REQUESTS_PARQUET
 from epkit.errors import LaunchError
+
+# the per-request tables: zstd (each request's chunk times dominate; ~25 % smaller than pandas' default snappy)
+REQUESTS_PARQUET = {"compression": "zstd", "compression_level": 9}
 
 STATUSES = ("ok", "failed")
 
