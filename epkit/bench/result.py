@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from epkit.bench import metrics as M
-from epkit.sweep.store import REQUESTS_PARQUET
+from epkit.tables import REQUESTS_PARQUET
 
 # Keys `vllm bench serve` writes before the metrics, in its order.
 _VLLM_HEAD = ("date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts",

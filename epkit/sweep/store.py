@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from epkit.errors import LaunchError
-
-# the per-request tables: zstd (each request's chunk times dominate; ~25 % smaller than pandas' default snappy)
-REQUESTS_PARQUET = {"compression": "zstd", "compression_level": 9}
+from epkit.tables import REQUESTS_PARQUET
 
 STATUSES = ("ok", "failed")
 
