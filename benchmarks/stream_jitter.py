@@ -12,17 +12,24 @@ the engine core and the API server, docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from epkit.bench import metrics  # noqa: E402
+
 
 def jitter(path: str) -> dict:
-    df = pd.read_parquet(path, columns=["chunk_s", "success"])
-    streams = [np.asarray(c, dtype=float) for c, ok in zip(df["chunk_s"], df["success"]) if ok and len(c) > 2]
-    if not streams:
+    df = metrics.derive(pd.read_parquet(path))  # itl_ms: each successful request's gaps between chunks
+    kept = df[df["itl_ms"].map(len) > 1]
+    if not len(kept):
         raise SystemExit(f"{path}: no successful request with more than two chunks")
-    gaps = [np.diff(c) * 1e3 for c in streams]
+    gaps = [np.asarray(g) for g in kept["itl_ms"]]
+    streams = [np.asarray(c, dtype=float) for c in kept["chunk_s"]]
     itl = np.concatenate(gaps)
     p50, p99 = np.percentile(itl, [50, 99])
     # a token at least 0.9x the p99 late, then the next at most 0.6x the median: delivered late, not computed late
