@@ -254,19 +254,20 @@ class LocalExperts:
         kernels that read the pair count on the device: no host sync, no work on other ranks' pairs, each
         output row written once). Same products and sums as ``weighted_sum`` over ``__call__``'s output.
         ``local_share``: the expected fraction of the pairs that are this rank's (1 / EP size), which picks
-        the GEMM: Triton tiles sized for decode-sized groups, or ``torch._grouped_mm`` for large ones.
+        the GEMM: the Triton tile of that band of group sizes where it beat ``torch._grouped_mm`` at first use,
+        else ``torch._grouped_mm``.
         ``out_dtype``: the dtype the sums are written as (default the accumulation dtype; the model's where no
         other rank adds to them)."""
         from epkit.engine import kernels
 
-        block_m = None
+        tile = None
         if x.device.type == "cuda":
-            block_m = kernels.moe_block_m(expert_idx.shape[0] * local_share / self.num_local)
-            if block_m and not kernels.moe_gemm_enabled(x, self.w13, self.w2, block_m, self._grouped_rows):
-                block_m = None
+            tile = kernels.moe_tile(expert_idx.shape[0] * local_share / self.num_local)
+            if tile and not kernels.moe_gemm_enabled(x, self.w13, self.w2, tile, self._grouped_rows):
+                tile = None
         offs = tiles = None
-        if block_m and kernels.sort_pairs_enabled(expert_idx, self.num_local):  # one launch: sort and tile sums
-            pos, src, counts, offs, tiles = kernels.sort_pairs(expert_idx, self.num_local, k, block_m)
+        if tile and kernels.sort_pairs_enabled(expert_idx, self.num_local):  # one launch: sort and tile sums
+            pos, src, counts, offs, tiles = kernels.sort_pairs(expert_idx, self.num_local, k, tile.block_m)
         else:
             pos, src, counts = kernels.group_pairs(expert_idx, self.num_local, k)
         self._count(counts)
@@ -280,13 +281,11 @@ class LocalExperts:
             # every pair is this rank's: ``rows`` is exact already and no read is needed
             rows = int(counts.sum())
         if x.device.type == "cuda":
-            if block_m:
+            if tile:
                 if offs is None:
-                    offs, tiles = kernels.moe_tiles(counts, block_m)
-                # the gather rides in the first GEMM's loads
-                act = kernels.moe_gemm(x, self.w13, offs, tiles, block_m, rows, src=src, gated=True)
-                y = kernels.moe_gemm(act, self.w2, offs, tiles, block_m, rows)
-                del act
+                    offs, tiles = kernels.moe_tiles(counts, tile.block_m)
+                # the gather rides in the first GEMM's loads, SiLU * up in its epilogue
+                y = kernels.moe_gemms(x, self.w13, self.w2, offs, tiles, tile, rows, src)
             else:
                 y = self._grouped_rows(x, src, counts, rows)
         else:  # the interpreter on CPU: the same rows through the CPU path's exact GEMMs (host reads are fine here)

@@ -276,11 +276,14 @@ def test_moe_row_kernels(dtype, record):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_moe_expert_gemm_kernel(block_m, dtype, record):
-    """Expert GEMMs over expert-sorted 16/32-row tiles: row gather + gate/up GEMM + SiLU * up, then the down GEMM."""
+@pytest.mark.parametrize("tile", [0, 1, 2, None], ids=["band0", "band1", "band2", "m32"])
+def test_moe_expert_gemm_kernel(tile, dtype, record):
+    """Expert GEMMs over expert-sorted tiles (each band's tile, and 32 rows at the default width): row gather +
+    gate/up GEMM + SiLU * up, then the down GEMM."""
     from epkit.engine import kernels
 
+    tile = kernels.MOE_TILES[tile] if tile is not None else kernels.MoeTile(32, 64, 128, 4, 4, most=32, timed=16)
+    block_m = tile.block_m
     E, H, I = 9, 2048, 768  # Qwen3-30B-A3B's hidden and expert sizes
     w13 = _rand((E, H, 2 * I), dtype, H ** -0.5)
     w2 = _rand((E, I, H), dtype, I ** -0.5)
@@ -289,8 +292,7 @@ def test_moe_expert_gemm_kernel(block_m, dtype, record):
     total = int(counts.sum())
     src = torch.randint(0, 60, (total,), device=device())
     offs, tiles = kernels.moe_tiles(counts, block_m)
-    act = kernels.moe_gemm(x, w13, offs, tiles, block_m, total + 7, src=src, gated=True)
-    got = kernels.moe_gemm(act, w2, offs, tiles, block_m, total + 7)[:total]
+    got = kernels.moe_gemms(x, w13, w2, offs, tiles, tile, total + 7, src)[:total]
     xs = x[src]
 
     def through(a, gate_up, down, rnd):  # per expert: silu(a @ gate) * (a @ up) @ down
@@ -330,7 +332,9 @@ def test_engine_serves_bfloat16_with_every_kernel(monkeypatch):
         "router": kernels.route_enabled(torch.zeros((1, 128), dtype=bf, device=device()), 8, True, None, route),
         "MoE rows": kernels.moe_rows_enabled(x, torch.float32),
         "SiLU * up": kernels.silu_mul_enabled(torch.zeros((1, 2 * 768), dtype=bf, device=device())),
-        "MoE GEMMs": kernels.moe_gemm_enabled(x, experts.w13, experts.w2, 16, experts._grouped_rows),
+        **{f"MoE GEMMs, {tile.block_m}-row tiles": kernels.moe_gemm_enabled(x, experts.w13, experts.w2, tile,
+                                                                            experts._grouped_rows)
+           for tile in kernels.MOE_TILES},
     }
     assert all(checks.values()), f"kernels left on PyTorch (see the log for why): {[k for k, ok in checks.items() if not ok]}"
 

@@ -171,19 +171,25 @@ for dtype in (torch.float32, torch.float16):
             start += c
         return torch.cat(ys)
 
-    for block_m in (16, 32):  # the engine uses 16; 32 checks the tiling with another size
+    # every tile the engine uses (through moe_gemms, as it runs them), and 32-row tiles of the default width
+    cases = [(tile.block_m, tile) for tile in kernels.MOE_TILES] + [(32, None)]
+    for block_m, tile in cases:
         counts = torch.tensor([0, 1, block_m, block_m + 3, 2])  # an empty expert, a tile boundary, a partial tile
         total = int(counts.sum())
         src = torch.randint(0, 30, (total,))
         offs, tiles = kernels.moe_tiles(counts, block_m)
         rows = total + 7  # an upper bound, as in a graph step: rows past the pairs stay unwritten
-        act = kernels.moe_gemm(x, w13, offs, tiles, block_m, rows, src=src, gated=True)
-        y = kernels.moe_gemm(act, w2, offs, tiles, block_m, rows)
+        if tile is None:
+            act = kernels.moe_gemm(x, w13, offs, tiles, block_m, rows, src=src, gated=True)
+            y = kernels.moe_gemm(act, w2, offs, tiles, block_m, rows)
+        else:
+            y = kernels.moe_gemms(x, w13, w2, offs, tiles, tile, rows, src)
         want = reference(x, src, counts)
         out.append(dict(dtype=str(dtype), block_m=block_m, shape=list(y.shape), scale=want.abs().max().item(),
                         err=(y[:total].float() - want.float()).abs().max().item(),
-                        enabled=kernels.moe_gemm_enabled(x, w13, w2, 16, reference)))
-print(json.dumps(dict(out=out, blocks=[kernels.moe_block_m(r) for r in (3, 16, 17, 100, 129)])))
+                        enabled=tile is None or kernels.moe_gemm_enabled(x, w13, w2, tile, reference)))
+bands = [getattr(kernels.moe_tile(r), "block_m", None) for r in (0, 3, 16, 17, 128, 129, 5000)]
+print(json.dumps(dict(out=out, bands=bands)))
 """
 
 
@@ -193,7 +199,7 @@ def test_moe_gemm_kernel_matches_per_expert_matmuls():
     p = subprocess.run([sys.executable, "-c", MOE_GEMM], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["blocks"] == [16, 16, None, None, None]  # decode-sized groups only
+    assert result["bands"] == [None, 16, 16, 64, 64, 128, 128]  # 16-row tiles for decode-sized groups
     for case in result["out"]:
         assert case["shape"][1] == 200, case
         # float32: summation order only; float16: one rounding of h, of SiLU * up, and of the output

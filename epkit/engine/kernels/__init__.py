@@ -17,8 +17,8 @@ callers write ``from epkit.engine import kernels`` and ``kernels.rms_norm(...)``
 from epkit.engine.kernels.attention import (decode_kernel_enabled, paged_decode_attention, prefill_attention,
                                             prefill_block_tokens, prefill_kernel_enabled, prefill_programs,
                                             unsupported_reason, write_kv, write_kv_enabled)
-from epkit.engine.kernels.moe import (combine_rows, gather_rows, group_pairs, moe_block_m, moe_gemm, moe_gemm_enabled,
-                                      moe_rows_enabled, moe_tiles, route, route_enabled, silu_mul, silu_mul_enabled,
+from epkit.engine.kernels.moe import (MOE_TILES, MoeTile, combine_rows, gather_rows, group_pairs, moe_gemm,
+                                      moe_gemm_enabled, moe_gemms, moe_rows_enabled, moe_tile, moe_tiles, route, route_enabled, silu_mul, silu_mul_enabled,
                                       sort_pairs, sort_pairs_enabled)
 from epkit.engine.kernels.norm_rope import (add_rms_norm, add_rms_norm_enabled, norm_rope, norm_rope_enabled, rms_norm,
                                             rms_norm_enabled)
@@ -27,8 +27,8 @@ from epkit.engine.kernels.registry import (check_environment, forget_verdicts, f
 
 __all__ = [
     "add_rms_norm", "add_rms_norm_enabled", "check_environment", "combine_rows", "decode_kernel_enabled", "forget_verdicts", "fused_kernels_off",
-    "gather_rows", "group_pairs", "kernel_choice", "moe_block_m", "moe_gemm", "moe_gemm_enabled", "moe_rows_enabled",
-    "moe_tiles", "norm_rope", "norm_rope_enabled", "paged_decode_attention", "prefill_attention",
+    "gather_rows", "group_pairs", "kernel_choice", "MOE_TILES", "MoeTile", "moe_gemm", "moe_gemm_enabled", "moe_gemms",
+    "moe_tile", "moe_rows_enabled", "moe_tiles", "norm_rope", "norm_rope_enabled", "paged_decode_attention", "prefill_attention",
     "prefill_block_tokens", "prefill_choice", "prefill_kernel_enabled", "prefill_programs", "rms_norm",
     "rms_norm_enabled", "route", "route_enabled", "silu_mul", "silu_mul_enabled", "sort_pairs", "sort_pairs_enabled", "unsupported_reason", "write_kv",
     "write_kv_enabled",
