@@ -4,7 +4,8 @@
   K/V cache write;
 - :mod:`~epkit.engine.kernels.norm_rope`: fused RMSNorm and fused (q/k-norm +) RoPE;
 - :mod:`~epkit.engine.kernels.moe`: the fused router and the MoE row kernels (counting sort of the (token,
-  expert) pairs, row gather, SiLU * up, weighted combine, expert-grouped GEMMs);
+  expert) pairs, row gather, SiLU * up, weighted combine);
+- :mod:`~epkit.engine.kernels.moe_gemm`: the expert-grouped GEMMs, one Triton tile per band of group size;
 - :mod:`~epkit.engine.kernels.registry`: which kernel serves (each kernel's first-use self-check against
   PyTorch, one verdict per device, dtype and shape family) and the ``EPKIT_*`` switches that choose;
 - :mod:`~epkit.engine.kernels.timing`: the CUDA-graph timing harness of the checks that also compare speed.
@@ -17,9 +18,10 @@ callers write ``from epkit.engine import kernels`` and ``kernels.rms_norm(...)``
 from epkit.engine.kernels.attention import (decode_kernel_enabled, paged_decode_attention, prefill_attention,
                                             prefill_block_tokens, prefill_kernel_enabled, prefill_programs,
                                             unsupported_reason, write_kv, write_kv_enabled)
-from epkit.engine.kernels.moe import (MOE_TILES, MoeTile, combine_rows, gather_rows, group_pairs, moe_gemm,
-                                      moe_gemm_enabled, moe_gemms, moe_rows_enabled, moe_tile, moe_tiles, route, route_enabled, silu_mul, silu_mul_enabled,
-                                      sort_pairs, sort_pairs_enabled)
+from epkit.engine.kernels.moe import (combine_rows, gather_rows, group_pairs, moe_rows_enabled, route, route_enabled,
+                                      silu_mul, silu_mul_enabled, sort_pairs, sort_pairs_enabled)
+from epkit.engine.kernels.moe_gemm import (MOE_TILES, MoeTile, moe_gemm, moe_gemm_enabled, moe_gemms, moe_tile,
+                                           moe_tiles)
 from epkit.engine.kernels.norm_rope import (add_rms_norm, add_rms_norm_enabled, norm_rope, norm_rope_enabled, rms_norm,
                                             rms_norm_enabled)
 from epkit.engine.kernels.registry import (check_environment, forget_verdicts, fused_kernels_off, kernel_choice,
