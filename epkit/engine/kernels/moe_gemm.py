@@ -4,7 +4,6 @@ loads, SiLU * up in its epilogue), chosen per band of group size where they beat
 from __future__ import annotations
 
 import logging
-import math
 from typing import NamedTuple
 
 import torch
@@ -27,12 +26,12 @@ class MoeTile(NamedTuple):
 
 
 # Bands of rows per expert, each used only where its tile beat torch._grouped_mm at first use (timed at ``timed``
-# rows per expert, as CUDA graph replays). Decode-sized groups read each expert's weights about once with 16-row
-# tiles; from prefill-sized groups on the work is the GEMMs themselves, and the Triton path saves the gathered copy
-# of the rows, the gate/up buffer and the SiLU pass (benchmarks/moe_gemm_bench.py; docs/benchmarks.md).
-MOE_TILES = (MoeTile(16, 64, 128, 4, 4, most=16, timed=8),
-             MoeTile(64, 64, 128, 4, 3, most=128, timed=64),
-             MoeTile(128, 128, 64, 8, 4, most=math.inf, timed=512))
+# rows per expert, as CUDA graph replays). Decode-sized groups only: with 16-row tiles each expert's weights are read
+# about once. Larger tiles for mixed and prefill steps (the Triton path also saves the gathered copy of the rows,
+# the gate/up buffer and the SiLU pass) lost on an H100 (benchmarks/moe_gemm_bench.py, docs/benchmarks.md): a
+# 64-row tile 0.554 against 0.516 ms at 64 rows per expert, the best 128-row tile 1.61 against 1.38 ms at 512; a
+# 128-row tile won only about 128 rows per expert (1.08x), too narrow a band to add.
+MOE_TILES = (MoeTile(16, 64, 128, 4, 4, most=16, timed=8),)
 MOE_BLOCK_N, MOE_BLOCK_K = 64, 128
 
 if triton is not None:
@@ -87,10 +86,11 @@ if triton is not None:
 
 
 def moe_tile(rows_per_expert: float) -> MoeTile | None:
-    """The tile of :func:`moe_gemm` for about ``rows_per_expert`` rows of each expert (None: no rows)."""
+    """The tile of :func:`moe_gemm` for about ``rows_per_expert`` rows of each expert (None: no rows, or more than
+    any band holds: ``torch._grouped_mm`` serves them)."""
     if rows_per_expert <= 0:
         return None
-    return next(tile for tile in MOE_TILES if rows_per_expert <= tile.most)
+    return next((tile for tile in MOE_TILES if rows_per_expert <= tile.most), None)
 
 
 def moe_tiles(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
