@@ -13,6 +13,7 @@ from epkit.engine.kernels.timing import graph_ms
 
 log = logging.getLogger("epkit.engine")
 
+
 class MoeTile(NamedTuple):
     """A tile of :func:`moe_gemm` and the band of group sizes it is meant for."""
 
