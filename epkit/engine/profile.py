@@ -4,8 +4,8 @@ Before the KV cache exists, each rank runs one eager forward of a dummy step of 
 tokens (one prompt, or several of at most ``max_model_len`` tokens) into a temporary KV cache just large enough
 for it, then the logits of each dummy sequence's last row; then, as vLLM's ``_dummy_sampler_run``, the logits and
 a top-k + top-p draw of ``max_num_seqs`` rows (the sampling step of a full decode batch). On a GPU the forward runs
-once before it is measured: the kernels' first-use checks at this size (a band of MoE GEMM tiles timed against
-``torch._grouped_mm`` among them) then happen at start and outside the peak. The peak memory above the baseline is
+once before it is measured: the kernels' first-use checks at this size (and the timing of any MoE GEMM band that
+covers it) then happen at start and outside the peak. The peak memory above the baseline is
 what a step may need on top of the weights; the KV budget is
 
     total * gpu_memory_utilization - in use - peak - CUDA-graph reserve - margin
