@@ -3,10 +3,8 @@
 Before the KV cache exists, each rank runs one eager forward of a dummy step of ``max_num_batched_tokens``
 tokens (one prompt, or several of at most ``max_model_len`` tokens) into a temporary KV cache just large enough
 for it, then the logits of each dummy sequence's last row; then, as vLLM's ``_dummy_sampler_run``, the logits and
-a top-k + top-p draw of ``max_num_seqs`` rows (the sampling step of a full decode batch). On a GPU the forward runs
-once before it is measured: the kernels' first-use checks at this size (and the timing of any MoE GEMM band that
-covers it) then happen at start and outside the peak. The peak memory above the baseline is
-what a step may need on top of the weights; the KV budget is
+a top-k + top-p draw of ``max_num_seqs`` rows (the sampling step of a full decode batch). The peak memory above the
+baseline is what a step may need on top of the weights; the KV budget is
 
     total * gpu_memory_utilization - in use - peak - CUDA-graph reserve - margin
 
@@ -132,7 +130,8 @@ def profile_step(runner: Any) -> StepProfile:
     shape = ((first + 1) * bs, mcfg.num_kv_heads, mcfg.head_dim)
     caches = [(torch.zeros(shape, dtype=runner.dtype, device=dev), torch.zeros(shape, dtype=runner.dtype, device=dev))
               for _ in range(mcfg.num_layers)]
-    def forward() -> torch.Tensor:
+    try:
+        base = _mark(cuda)
         # varied token ids (fixed seed): one id throughout would route every token to the same experts, which
         # sizes some MoE buffers for the worst skew and others for none
         ids = torch.randint(0, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -141,13 +140,7 @@ def profile_step(runner: Any) -> StepProfile:
         hidden = runner.model.forward(ids, positions, meta, caches, [n] * runner.comm.world_size)
         last = torch.tensor([sum(lengths[: i + 1]) - 1 for i in range(len(lengths))], device=dev)
         runner.model.logits(hidden[last])
-        return hidden
-
-    try:
-        if cuda:  # once unmeasured: the kernels' first-use checks at this size (their timings) run outside the peak
-            forward()
-        base = _mark(cuda)
-        hidden = forward()
+        del ids, positions, meta, last
         forward_peak = _peak(cuda, base)
         _mark(cuda)
         sampler_peak = _sampler_peak(runner, hidden, cuda, base) if generator is not None else 0
